@@ -1,0 +1,71 @@
+"""Node adapters: each maps the activation at one or more hook sites onto a space of nodes.
+
+The engine hands an adapter site values and gradients; the adapter says what its nodes are.
+Built-ins (``attn_q``, ``attn_k``, ``attn_v``, ``attn_z``, ``mlp_neurons``, ``resid_pre``) slice
+the site; ``SAEFeatures`` encodes it. Write your own by following ``NodeAdapter``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+
+from ..hosts import Host
+
+
+@runtime_checkable
+class NodeAdapter(Protocol):
+    """The contract a node type follows.
+
+    A node is one entry of ``encode(site_value)[group]`` at one position; nodes in the same
+    ``group`` form one score tensor, keyed ``name + group`` in the result (the main group is
+    ``""``). Every tensor below is ``[batch, pos, *node_dims, feat]``: ``feat`` is the vector a
+    node's dot product runs over (1 for scalar nodes).
+    """
+
+    name: str
+    #: "q" or "k" when the nodes are a layer's queries or keys (the QK fix applies), else None.
+    qk: Literal["q", "k"] | None
+
+    def hooks(self, host: Host) -> list[str]:
+        """Hook names this adapter reads, in score order (one per layer for layered adapters)."""
+
+    def groups(self, host: Host) -> dict[str, tuple[str, ...]]:
+        """Group suffix -> names of the score dimensions, e.g. ``{"": ("layer", "pos", "head")}``.
+
+        A leading ``"layer"`` dimension means one slice per hook; otherwise the adapter has one hook.
+        """
+
+    def encode(self, hook: str, act: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Node values of a site value: group -> ``[batch, pos, *node_dims, feat]``."""
+
+    def pullback(self, hook: str, act: torch.Tensor, grad: torch.Tensor) -> dict[str, torch.Tensor]:
+        """dL/d(node values) given dL/d(site value) at site value ``act``; same shapes as encode."""
+
+    def patch(self, hook: str, clean: torch.Tensor, noise: torch.Tensor,
+              masks: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The site value with the nodes selected by ``masks`` (group -> bool ``[batch, pos,
+        *node_dims]``) set to their values in ``noise`` and every other node left as in ``clean``."""
+
+
+def resolve(nodes: "str | NodeAdapter | list[str | NodeAdapter] | tuple", known: dict[str, NodeAdapter]) -> list[NodeAdapter]:
+    """Turn ``nodes=`` (names and/or adapter instances) into adapters, with a clear error."""
+    items = [nodes] if isinstance(nodes, (str, NodeAdapter)) else list(nodes)
+    if not items:
+        raise ValueError(f"nodes= is empty; choose from {sorted(known)} or pass NodeAdapter instances")
+    out: list[NodeAdapter] = []
+    for item in items:
+        if isinstance(item, str):
+            if item not in known:
+                raise ValueError(f"unknown node type {item!r}; known node types: {', '.join(sorted(known))}")
+            out.append(known[item])
+        elif isinstance(item, NodeAdapter):
+            out.append(item)
+        else:
+            raise TypeError(f"nodes= entries must be node type names or NodeAdapter instances, got {item!r}")
+    names = [a.name for a in out]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"node type(s) {dupes} requested twice; give each adapter a distinct name")
+    return out

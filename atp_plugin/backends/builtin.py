@@ -1,0 +1,71 @@
+"""The AtP family (``atp``, ``atp+qk``, ``atp+gd``, ``atp*``) and exact patching (``ap``)."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from ..hookspecs import hookimpl
+
+FEW_LAYERS = 3
+
+
+@dataclass(frozen=True)
+class FirstOrder:
+    """AtP with the QK fix (``qk``) and/or GradDrop (``graddrop``), DESIGN §1.
+
+    Scores are means over pairs of per-pair magnitudes; signed values are reported for the
+    variants without GradDrop (c_gd has no sign), NaN otherwise.
+    """
+
+    name: str
+    description: str
+    qk: bool
+    graddrop: bool
+
+    def run(self, engine):
+        n_layers = engine.host.n_layers
+        if self.graddrop and n_layers == 1:
+            warnings.warn(f"{self.name}: GradDrop is undefined for a one-layer model; "
+                          "the scores equal the method without GradDrop", stacklevel=3)
+        elif self.graddrop and n_layers <= FEW_LAYERS:
+            warnings.warn(
+                f"{self.name}: GradDrop degenerates with few layers (this model has {n_layers}): a node whose "
+                "effect runs through later layers only (e.g. a previous-token head feeding an induction head) "
+                "can score near zero. Compare with method='atp+qk'.", stacklevel=3)
+        sites = engine.sites(self.qk)
+        mean_abs, mean, gd = engine.first_order(qk=self.qk, graddrop=self.graddrop)
+        if gd is None:
+            return engine.assemble(mean_abs, sites), engine.assemble(mean, sites)
+        signed = {k: torch.full_like(v, float("nan")) for k, v in mean.items()}
+        return engine.assemble(gd, sites), engine.assemble(signed, sites)
+
+
+@dataclass(frozen=True)
+class ActivationPatching:
+    """Exact activation patching of every node, one patched copy per (pair, node), batched."""
+
+    name: str = "ap"
+    description: str = "exact activation patching of every node (the ground truth; slow)"
+
+    def run(self, engine):
+        sites = engine.sites()
+        mean = engine.exact()
+        return engine.assemble({k: v.abs() for k, v in mean.items()}, sites), engine.assemble(mean, sites)
+
+
+BUILTIN_BACKENDS = (
+    FirstOrder("atp", "attribution patching: first-order estimate from one clean backward", False, False),
+    FirstOrder("atp+qk", "AtP with the QK fix for query and key nodes", True, False),
+    FirstOrder("atp+gd", "AtP with GradDrop against cancellation", False, True),
+    FirstOrder("atp*", "AtP*: the QK fix and GradDrop (default)", True, True),
+    ActivationPatching(),
+)
+
+
+@hookimpl
+def atp_register_backends(register):
+    for backend in BUILTIN_BACKENDS:
+        register(backend)

@@ -1,0 +1,184 @@
+"""The shared gradient-and-fix core. It knows sites (hook points), never node types: adapters
+map sites to nodes, backends combine what the engine computes."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from ..hosts import Host
+from .estimates import Site, estimate_batch, sites_of
+from .pairs import Pairs
+from .patching import Masks, one_hot_masks, patched_run
+from .runs import run
+
+Metric = Callable[..., torch.Tensor]
+
+
+def bind_metric(metric: Metric) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Call ``metric(logits, indices)``, or ``metric(logits)`` when it takes one argument, and
+    check it returns one finite value per pair."""
+    if not callable(metric):
+        raise TypeError(f"metric must be callable as metric(logits, indices) or metric(logits), got {metric!r}")
+    try:
+        params = [p for p in inspect.signature(metric).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+        two = len(params) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
+    except (TypeError, ValueError):  # builtins without a signature: assume the documented form
+        two = True
+
+    def call(logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        out = metric(logits, indices) if two else metric(logits)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"metric must return a tensor with one value per pair, got {type(out).__name__}")
+        if out.shape != (logits.shape[0],):
+            raise ValueError(f"metric must return one value per pair: expected shape ({logits.shape[0]},) "
+                             f"for {logits.shape[0]} prompts, got {tuple(out.shape)}")
+        if not torch.isfinite(out).all():
+            bad = indices[~torch.isfinite(out).cpu()].tolist()
+            raise ValueError(f"metric returned non-finite values for pairs {bad[:10]}; check the metric and the answer ids")
+        return out
+
+    return call
+
+
+class Engine:
+    """Everything a backend needs: runs, gradients, the QK fix, GradDrop and exact patching over
+    the pairs, in batches of ``batch_size`` pairs (memory does not grow with the number of pairs)."""
+
+    def __init__(self, host: Host, pairs: Pairs, metric: Metric, adapters: list, *,
+                 batch_size: int, patch_batch_size: int = 64, progress: bool | None = None):
+        self.host, self.pairs, self.adapters = host, pairs, adapters
+        self.metric = bind_metric(metric)
+        self.batch_size, self.patch_batch_size = batch_size, patch_batch_size
+        self.progress = progress
+        self.acc = torch.float64 if host.dtype == torch.float64 else torch.float32
+        self.forward_passes = 0  # prompts run, counted as forward passes of one prompt
+
+    # --- layout -----------------------------------------------------------------------------
+    def sites(self, qk: bool = False) -> list[Site]:
+        return sites_of(self.host, self.adapters, qk)
+
+    def keys(self) -> dict[str, tuple[object, str]]:
+        """Result key (adapter name + group) -> (adapter, group)."""
+        return {a.name + grp: (a, grp) for a in self.adapters for grp in a.groups(self.host)}
+
+    def batches(self, desc: str) -> Iterator[torch.Tensor]:
+        idx = torch.arange(self.pairs.n, device=self.host.device)
+        chunks = list(idx.split(self.batch_size))
+        yield from tqdm(chunks, desc=desc, disable=self._quiet(len(chunks)), leave=False)
+
+    def _quiet(self, n: int) -> bool | None:
+        return True if self.progress is False or (self.progress is None and n < 4) else None
+
+    def assemble(self, per_site: dict[tuple[int, str], torch.Tensor], sites: list[Site]) -> dict[str, torch.Tensor]:
+        """Per-site tensors ``[pos, *node]`` -> result tensors, stacking layered adapters' sites."""
+        out: dict[str, list[torch.Tensor]] = {}
+        for (n, grp), v in per_site.items():
+            out.setdefault(sites[n].adapter.name + grp, []).append(v)
+        return {key: (torch.stack(vs) if "layer" in self._dims(key) else vs[0]) for key, vs in out.items()}
+
+    def _dims(self, key: str) -> tuple[str, ...]:
+        adapter, grp = self.keys()[key]
+        return adapter.groups(self.host)[grp]
+
+    def mean_over_pairs(self, sums: dict[tuple[int, str], torch.Tensor]) -> dict[tuple[int, str], torch.Tensor]:
+        """Divide sums over pairs by the number of pairs in which each position is real."""
+        count = self.pairs.mask.sum(0).to(self.acc)  # [pos]
+        return {k: v / count.clamp(min=1).reshape((-1,) + (1,) * (v.ndim - 1)) for k, v in sums.items()}
+
+    # --- first order ---------------------------------------------------------------------
+    def first_order(self, *, qk: bool, graddrop: bool) -> tuple[dict, dict, dict | None]:
+        """Means over pairs of |I|, I and (with GradDrop) c_gd, per site: ``[pos, *node]``."""
+        sites = self.sites(qk)
+        sums_abs, sums, sums_gd = {}, {}, {}
+        graddrop = graddrop and self.host.n_layers > 1
+        for idx in self.batches("attribution"):
+            first, gd = estimate_batch(
+                self.host, sites, self.pairs.clean[idx], self.pairs.corrupt[idx], self.pairs.mask[idx],
+                lambda logits: self.metric(logits, idx), graddrop=graddrop, acc=self.acc)
+            self.forward_passes += 2 * len(idx)
+            for k, v in first.items():
+                _add(sums_abs, k, v.abs().sum(0))
+                _add(sums, k, v.sum(0))
+                if gd is not None:
+                    _add(sums_gd, k, gd[k].sum(0) / (self.host.n_layers - 1))
+        gd_mean = self.mean_over_pairs(sums_gd) if graddrop else None
+        return self.mean_over_pairs(sums_abs), self.mean_over_pairs(sums), gd_mean
+
+    # --- exact patching ----------------------------------------------------------------
+    def noise_values(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Site values of the corrupt prompts of pairs ``idx``."""
+        with torch.no_grad():
+            _, acts = run(self.host, self.pairs.corrupt[idx], self.pairs.mask[idx], {s.hook for s in self.sites()})
+        self.forward_passes += len(idx)
+        return acts
+
+    def clean_metric(self, idx: torch.Tensor) -> torch.Tensor:
+        """The metric on the unpatched clean prompts of pairs ``idx``: ``[len(idx)]``."""
+        with torch.no_grad():
+            logits, _ = run(self.host, self.pairs.clean[idx], self.pairs.mask[idx])
+        self.forward_passes += len(idx)
+        return self.metric(logits, idx).to(self.acc)
+
+    def patched_metric(self, idx: torch.Tensor, noise: dict[str, torch.Tensor], masks: Masks) -> torch.Tensor:
+        """The metric on copies of clean prompts ``idx`` (``[copies]``) with ``masks`` patched in;
+        ``noise`` holds the matching corrupt site values ``[copies, ...]``."""
+        with torch.no_grad():
+            logits = patched_run(self.host, self.sites(), self.pairs.clean[idx], self.pairs.mask[idx], noise, masks)
+        self.forward_passes += len(idx)
+        return self.metric(logits, idx).to(self.acc)
+
+    def exact_effects(self, nodes: dict[tuple[int, str], torch.Tensor], desc: str = "exact patching") -> dict[tuple[int, str], torch.Tensor]:
+        """Mean over pairs of the exact effect I(n) = L(clean | n <- noise) - L(clean) of each node.
+
+        ``nodes``: (site number, group) -> flat indices into that site's ``[pos, *node]``; one
+        patched copy per (pair, node), skipping pairs where the node's position is padding.
+        """
+        sites = self.sites()
+        keys = list(nodes)
+        owner = torch.cat([torch.full((len(nodes[k]),), i, dtype=torch.long) for i, k in enumerate(keys)])
+        flat = torch.cat([nodes[k].cpu().long() for k in keys])
+        shapes, sums = {}, torch.zeros(len(flat), dtype=self.acc)
+        count = torch.zeros(len(flat), dtype=self.acc)
+        for idx in self.batches(desc):
+            noise = self.noise_values(idx)
+            base = self.clean_metric(idx).cpu()
+            for i, (n, grp) in enumerate(keys):
+                shapes[i] = tuple(sites[n].adapter.encode(sites[n].hook, noise[sites[n].hook][:1])[grp].shape[1:-1])
+            per_node = torch.tensor([math.prod(shapes[int(o)][1:]) for o in owner])
+            pos = flat // per_node  # [nodes]
+            real = self.pairs.mask[idx].cpu()[:, pos]  # [batch, nodes]
+            pair, m = real.nonzero(as_tuple=True)
+            for chunk in tqdm(torch.arange(len(pair)).split(self.patch_batch_size), desc=desc,
+                              disable=self._quiet(len(pair) // self.patch_batch_size), leave=False):
+                p, mm = pair[chunk], m[chunk]
+                masks: Masks = {}
+                for i in owner[mm].unique().tolist():
+                    n, grp = keys[i]
+                    sel = owner[mm] == i
+                    one = one_hot_masks(shapes[i], torch.where(sel, flat[mm], 0))
+                    masks.setdefault(n, {})[grp] = (one & sel.reshape((-1,) + (1,) * (one.ndim - 1))).to(self.host.device)
+                hooks = {sites[n].hook for n in masks}
+                vals = self.patched_metric(idx[p.to(idx.device)], {h: noise[h][p.to(idx.device)] for h in hooks}, masks)
+                sums.index_add_(0, mm, vals.cpu() - base[p])
+                count.index_add_(0, mm, torch.ones(len(mm), dtype=self.acc))
+        means = sums / count.clamp(min=1)
+        return {k: means[owner == i] for i, k in enumerate(keys)}
+
+    def exact(self) -> dict[tuple[int, str], torch.Tensor]:
+        """Mean over pairs of the exact effect of every node, per site ``[pos, *node]``."""
+        sites = self.sites()
+        probe = self.noise_values(torch.arange(1, device=self.host.device))  # one prompt, for the shapes
+        shapes = {(n, grp): tuple(enc.shape[1:-1]) for n, s in enumerate(sites)
+                  for grp, enc in s.adapter.encode(s.hook, probe[s.hook]).items()}
+        effects = self.exact_effects({k: torch.arange(math.prod(shape)) for k, shape in shapes.items()})
+        return {k: effects[k].reshape(shapes[k]).to(self.host.device) for k in shapes}
+
+
+def _add(acc: dict, key, value: torch.Tensor) -> None:
+    acc[key] = acc[key] + value if key in acc else value

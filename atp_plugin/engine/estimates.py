@@ -1,0 +1,134 @@
+"""Per-pair first-order estimates for one batch of pairs: AtP, the QK fix, and GradDrop.
+
+One noise run (no grad), one clean forward, one backward of the summed metric (pairs are
+independent, so it gives every pair's gradient), then, for GradDrop, one partial backward per
+layer through the layers below its cut, all on the same forward graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..hosts import Host, SitePosition
+from . import qk as qkfix
+from .runs import run
+
+
+@dataclass(frozen=True)
+class Site:
+    """One hook an adapter reads, where it sits, and its index in the adapter's score tensor."""
+
+    adapter: object
+    hook: str
+    index: int
+    pos: SitePosition
+    qk_fixed: bool
+
+
+def sites_of(host: Host, adapters: list, qk: bool) -> list[Site]:
+    """Every (adapter, hook) pair, with its position relative to the residual stream."""
+    return [Site(a, h, i, host.site_position(h), bool(qk and a.qk))
+            for a in adapters for i, h in enumerate(a.hooks(host))]
+
+
+def _expand_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``[batch, pos]`` -> broadcastable to ``like`` ``[batch, pos, *node]``."""
+    return mask.reshape(mask.shape + (1,) * (like.ndim - 2)).to(like.dtype)
+
+
+def estimate_batch(host: Host, sites: list[Site], tokens: torch.Tensor, corrupt: torch.Tensor,
+                   mask: torch.Tensor, metric, *, graddrop: bool, acc: torch.dtype
+                   ) -> tuple[dict[tuple[int, str], torch.Tensor], dict[tuple[int, str], torch.Tensor] | None]:
+    """Per-pair estimates for one batch.
+
+    Returns ``(first, gd)`` keyed by ``(site number, group)``: ``first`` the AtP estimate (the
+    QK-fix estimate for q/k sites when fixed) ``[batch, pos, *node]``; ``gd`` the GradDrop sum
+    ``sum_l |I_l|`` (None without GradDrop). Padding positions are 0.
+    """
+    geoms = {s.pos.layer: host.attention(s.pos.layer) for s in sites if s.qk_fixed}
+    site_hooks = {s.hook for s in sites}
+    qk_hooks = {h for g in geoms.values() for h in (g.q_hook, g.k_hook)}
+    with torch.no_grad():
+        _, noise = run(host, corrupt, mask, site_hooks | qk_hooks)
+
+    resid = [host.resid_hooks(layer) for layer in range(host.n_layers)] if graddrop else []
+    capture = site_hooks | qk_hooks | {h for g in geoms.values() for h in (g.scores_hook, g.pattern_hook)}
+    capture |= {h for pair in resid for h in pair}
+    with torch.enable_grad():
+        logits, clean = run(host, tokens, mask, capture)
+        values = metric(logits)
+        targets = sorted({s.hook for s in sites if not s.qk_fixed} | {g.pattern_hook for g in geoms.values()}
+                         | {post for _, post in resid})
+        grads = _grad(values.sum(), [clean[h] for h in targets], None, retain=graddrop)
+    full = dict(zip(targets, grads))
+
+    with torch.no_grad():
+        # what the QK fix needs besides G: [batch, head, t, s] per layer
+        fixes: dict[int, torch.Tensor] = {}
+        for s in sites:
+            if s.qk_fixed and (s.pos.layer, s.adapter.qk) not in fixes:
+                g = geoms[s.pos.layer]
+                sc, q, k = (clean[h].detach().to(acc) for h in (g.scores_hook, g.q_hook, g.k_hook))
+                if s.adapter.qk == "q":
+                    fixes[s.pos.layer, "q"] = qkfix.query_delta(sc, q, noise[g.q_hook].to(acc), k, g)
+                else:
+                    fixes[s.pos.layer, "k"] = qkfix.key_coefficients(sc, q, k, noise[g.k_hook].to(acc), g)
+        deltas = {}
+        for n, s in enumerate(sites):
+            if not s.qk_fixed:
+                enc_n, enc_c = s.adapter.encode(s.hook, noise[s.hook]), s.adapter.encode(s.hook, clean[s.hook].detach())
+                deltas[n] = {grp: (enc_n[grp] - enc_c[grp]).to(acc) for grp in enc_c}
+
+        def estimate(n: int, grad_of: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            s = sites[n]
+            if s.qk_fixed:
+                g = geoms[s.pos.layer]
+                G = grad_of[g.pattern_hook].to(acc)
+                if s.adapter.qk == "q":
+                    out = {"": qkfix.query_effect(fixes[s.pos.layer, "q"], G)}
+                else:
+                    A = clean[g.pattern_hook].detach().to(acc)
+                    out = {"": qkfix.key_effect(fixes[s.pos.layer, "k"], A, G, g.group)}
+            else:
+                pulled = s.adapter.pullback(s.hook, clean[s.hook].detach(), grad_of[s.hook])
+                out = {grp: (deltas[n][grp] * pulled[grp].to(acc)).sum(-1) for grp in pulled}
+            return {grp: v * _expand_mask(mask, v) for grp, v in out.items()}
+
+        first = {n: estimate(n, full) for n in range(len(sites))}
+    if not graddrop:
+        return _flat(first), None
+
+    gd = {n: {grp: torch.zeros_like(v) for grp, v in est.items()} for n, est in first.items()}
+    for layer in range(host.n_layers):
+        pre, post = resid[layer]
+        below = [n for n, s in enumerate(sites) if s.pos.layer < layer]
+        needed = sorted({geoms[sites[n].pos.layer].pattern_hook if sites[n].qk_fixed else sites[n].hook for n in below})
+        with torch.enable_grad():
+            cut = _grad(clean[pre], [clean[h] for h in needed], full[post], retain=True) if needed else []
+        with torch.no_grad():
+            variant = dict(zip(needed, cut))
+            for n, s in enumerate(sites):
+                if s.pos.layer > layer:
+                    est = first[n]
+                elif s.pos.layer == layer and not s.pos.on_resid:
+                    continue  # I_l = 0: the node's only path out is the write that was cut
+                elif s.pos.layer == layer:
+                    est = estimate(n, {s.hook: full[post]})
+                else:
+                    est = estimate(n, variant)
+                for grp, v in est.items():
+                    gd[n][grp] += v.abs()
+    return _flat(first), _flat(gd)
+
+
+def _grad(output: torch.Tensor, inputs: list[torch.Tensor], grad_output: torch.Tensor | None,
+          retain: bool) -> list[torch.Tensor]:
+    """Gradients of ``output`` at ``inputs``; an input the output does not depend on gets zeros."""
+    grads = torch.autograd.grad(output, inputs, grad_outputs=grad_output, retain_graph=retain, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+
+
+def _flat(per_site: dict[int, dict[str, torch.Tensor]]) -> dict[tuple[int, str], torch.Tensor]:
+    return {(n, grp): v for n, groups in per_site.items() for grp, v in groups.items()}

@@ -1,0 +1,86 @@
+"""Prompt pairs as token tensors: validated, left-padded so position -1 is every last token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..hosts import Host
+
+
+@dataclass
+class Pairs:
+    """N token-aligned prompt pairs.
+
+    ``clean``/``corrupt``: ``[N, T]`` token ids; ``mask``: ``[N, T]`` bool, False at left padding.
+    """
+
+    clean: torch.Tensor
+    corrupt: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return self.clean.shape[0]
+
+    @property
+    def padded(self) -> bool:
+        return not bool(self.mask.all())
+
+    @property
+    def alignment(self) -> str:
+        return ("left-padded: position -1 is every prompt's last token; pad positions have no nodes"
+                if self.padded else "unpadded: every prompt has the same length")
+
+
+def _as_tokens(x: torch.Tensor, what: str, d_vocab: int) -> torch.Tensor:
+    if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"{what} must hold integer token ids, got dtype {x.dtype}")
+    if x.ndim == 1:
+        x = x[None]
+    if x.ndim != 2:
+        raise ValueError(f"{what} must be token ids of shape [N, T], got shape {tuple(x.shape)}")
+    if x.numel() and (int(x.min()) < 0 or int(x.max()) >= d_vocab):
+        raise ValueError(f"{what} holds token ids outside the model's vocabulary [0, {d_vocab})")
+    return x.long()
+
+
+def make_pairs(host: Host, clean: torch.Tensor | Sequence[str], corrupt: torch.Tensor | Sequence[str]) -> Pairs:
+    """Validate and tokenize ``clean``/``corrupt`` (token tensors or lists of strings)."""
+    if isinstance(clean, str) or isinstance(corrupt, str):
+        raise TypeError("clean and corrupt must be lists of strings (one per pair), not a single string")
+    if len(clean) == 0:
+        raise ValueError("no prompt pairs given: clean is empty")
+    if len(clean) != len(corrupt):
+        raise ValueError(f"clean has {len(clean)} prompts but corrupt has {len(corrupt)}; give one corrupt prompt per clean prompt")
+    if isinstance(clean, torch.Tensor) != isinstance(corrupt, torch.Tensor):
+        raise TypeError("clean and corrupt must both be token tensors or both be lists of strings")
+    if isinstance(clean, torch.Tensor):
+        c = _as_tokens(clean, "clean", host.d_vocab)
+        n = _as_tokens(corrupt, "corrupt", host.d_vocab)
+        if c.shape != n.shape:
+            raise ValueError(f"clean tokens have shape {tuple(c.shape)} but corrupt tokens {tuple(n.shape)}; "
+                             "each pair must be token-aligned (same length)")
+        if c.shape[1] == 0:
+            raise ValueError("the prompts are empty (zero tokens)")
+        mask = torch.ones_like(c, dtype=torch.bool)
+        return Pairs(c.to(host.device), n.to(host.device), mask.to(host.device))
+    rows_c, rows_n = [], []
+    for i, (a, b) in enumerate(zip(clean, corrupt)):
+        ta, tb = host.tokenize(a), host.tokenize(b)
+        if len(ta) != len(tb):
+            raise ValueError(
+                f"pair {i} is not token-aligned: clean {a!r} has {len(ta)} tokens, corrupt {b!r} has {len(tb)}; "
+                "AtP needs the same length within a pair (change the corrupt prompt so its tokens line up)")
+        rows_c.append(ta)
+        rows_n.append(tb)
+    width = max(len(r) for r in rows_c)
+    pad = host.pad_id()
+
+    def padded(rows: list[list[int]]) -> torch.Tensor:
+        return torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+
+    mask = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows_c])
+    return Pairs(padded(rows_c).to(host.device), padded(rows_n).to(host.device), mask.to(host.device))

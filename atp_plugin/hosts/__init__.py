@@ -1,0 +1,72 @@
+"""Model hosts: what the engine needs from a model, behind one small interface.
+
+A host runs the model with TransformerLens-style hooks, tokenizes, and describes where each hook
+sits relative to the residual stream (for GradDrop) and how attention scores are formed (for the
+QK fix). ``HookedTransformer`` is built in; others register through ``atp_register_hosts``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+
+Hook = Callable[[torch.Tensor, Any], torch.Tensor | None]
+
+
+@dataclass(frozen=True)
+class SitePosition:
+    """Where a hook sits: inside layer ``layer``'s write (its attention or MLP), or on the
+    residual stream feeding layer ``layer`` (``on_resid``; ``layer == n_layers`` after the last)."""
+
+    layer: int
+    on_resid: bool
+
+
+@dataclass(frozen=True)
+class AttentionGeometry:
+    """How one layer turns queries and keys into scores, as the QK fix needs it.
+
+    ``q_hook``/``k_hook`` hold the vectors actually dotted (after rotary where the model has it);
+    score = softcap(q . k / scale); masked entries are -inf in ``scores_hook``; kv-head j feeds
+    query heads j*group .. (j+1)*group-1.
+    """
+
+    q_hook: str
+    k_hook: str
+    scores_hook: str
+    pattern_hook: str
+    scale: float
+    softcap: float | None
+    group: int
+
+
+class Host(Protocol):
+    """What the engine asks of a model."""
+
+    name: str
+    model: Any
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def accepts(cls, model: Any) -> bool: ...
+
+    def has_hook(self, name: str) -> bool: ...
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def pad_id(self) -> int: ...
+
+    def run(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
+            hooks: list[tuple[str, Hook]]) -> torch.Tensor: ...
+
+    def site_position(self, hook: str) -> SitePosition: ...
+
+    def resid_hooks(self, layer: int) -> tuple[str, str]: ...
+
+    def attention(self, layer: int) -> AttentionGeometry: ...

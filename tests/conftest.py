@@ -1,0 +1,62 @@
+"""Small float64 TransformerLens models with random weights, built fresh for tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+torch.set_num_threads(2)
+
+VARIANTS = {
+    "ln_gelu": dict(n_layers=3, normalization_type="LN", act_fn="gelu"),
+    "rms_rotary_gated": dict(n_layers=3, normalization_type="RMS", act_fn="silu", gated_mlp=True,
+                             positional_embedding_type="rotary", rotary_dim=8),
+    "gqa": dict(n_layers=3, normalization_type="RMS", act_fn="silu", gated_mlp=True, n_key_value_heads=2,
+                positional_embedding_type="rotary", rotary_dim=8),
+    "parallel": dict(n_layers=3, normalization_type="LN", act_fn="gelu", parallel_attn_mlp=True),
+    "attn_only": dict(n_layers=2, attn_only=True, normalization_type="LN"),
+    "softcap": dict(n_layers=2, normalization_type="LN", act_fn="gelu", attn_scores_soft_cap=5.0),
+}
+
+
+def make_model(seed: int = 0, *, d_model: int = 32, n_heads: int = 4, d_head: int = 8, d_mlp: int = 64,
+               d_vocab: int = 50, n_ctx: int = 16, **overrides) -> HookedTransformer:
+    """A random float64 HookedTransformer (weights scaled so attention is not uniform)."""
+    torch.manual_seed(seed)
+    cfg = dict(n_layers=2, d_model=d_model, n_heads=n_heads, d_head=d_head, d_mlp=d_mlp, d_vocab=d_vocab,
+               n_ctx=n_ctx, act_fn="gelu", normalization_type="LN", dtype=torch.float64, seed=seed,
+               default_prepend_bos=False)
+    cfg.update(overrides)
+    if cfg.get("attn_only"):
+        cfg.pop("d_mlp")
+        cfg.pop("act_fn")
+    model = HookedTransformer(HookedTransformerConfig(**cfg))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("W_Q", "W_K")):
+                p.mul_(3.0)
+            if name.endswith(("b_Q", "b_K", "b_V", "b_O", "b_in", "b_out")):
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def make_pairs(n: int = 4, t: int = 6, d_vocab: int = 50, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token pairs [n, t]; corrupt differs from clean at a few positions."""
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, d_vocab, (n, t), generator=g)
+    corrupt = clean.clone()
+    change = torch.rand(n, t, generator=g) < 0.5
+    corrupt[change] = torch.randint(0, d_vocab, (int(change.sum()),), generator=g)
+    return clean, corrupt
+
+
+def logit_diff_metric(n: int, d_vocab: int = 50, seed: int = 2):
+    from atp_plugin import metrics
+    g = torch.Generator().manual_seed(seed)
+    return metrics.logit_diff(torch.randint(0, d_vocab, (n,), generator=g), torch.randint(0, d_vocab, (n,), generator=g))
+
+
+@pytest.fixture(params=sorted(VARIANTS))
+def variant(request):
+    return request.param
