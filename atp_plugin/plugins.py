@@ -77,7 +77,7 @@ def make_manager() -> pluggy.PluginManager:
     except pluggy.PluginValidationError as e:
         known = ", ".join(KINDS.values())
         raise PluginError(
-            f"plugin {e.plugin_name!r} implements a hook that no spec defines ({e}); known hooks: {known}"
+            f"plugin {pm.get_name(e.plugin)!r} implements a hook that no spec defines ({e}); known hooks: {known}"
         ) from e
     return pm
 

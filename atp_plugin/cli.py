@@ -1,0 +1,32 @@
+"""The ``atp`` command: one sub-command per module in ``atp_plugin.commands``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: sub-command name -> module in atp_plugin.commands with ``add_arguments(parser)`` and ``run(args) -> int``
+COMMANDS = {
+    "demo": "demo",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="atp", description="AtP*: fast attribution patching for TransformerLens models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(f"atp_plugin.commands.{module_name}")
+        p = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0], description=module.__doc__)
+        module.add_arguments(p)
+        p.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

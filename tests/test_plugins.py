@@ -1,0 +1,105 @@
+"""Plugin discovery through a real entry point: a distribution's metadata on sys.path."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+
+from atp_plugin import attribute, plugins
+from conftest import logit_diff_metric, make_model, make_pairs
+
+BACKEND_PLUGIN = '''
+from dataclasses import dataclass
+from atp_plugin import hookimpl
+
+@dataclass(frozen=True)
+class SquaredAtP:
+    """AtP scores squared: a toy backend that combines the engine's first-order estimates."""
+    name: str = "atp-squared"
+    description: str = "mean |AtP|, squared"
+
+    def run(self, engine):
+        sites = engine.sites()
+        mean_abs, mean, _ = engine.first_order(qk=False, graddrop=False)
+        return (engine.assemble({k: v ** 2 for k, v in mean_abs.items()}, sites),
+                engine.assemble(mean, sites))
+
+@hookimpl
+def atp_register_backends(register):
+    register(SquaredAtP())
+'''
+
+
+def install_dist(root, dist: str, module: str, source: str) -> None:
+    """Write ``module.py`` and a ``dist-0.1.dist-info`` declaring it under group atp_plugin."""
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{dist}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[atp_plugin]\n{dist} = {module}\n")
+
+
+@pytest.fixture
+def site_dir(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv(plugins.ENV_VAR, raising=False)
+    yield tmp_path
+    monkeypatch.undo()
+    plugins.registries(reload=True)
+
+
+def test_entry_point_backend_is_found_and_runs(site_dir):
+    install_dist(site_dir, "toyplug", "toyplug_mod", BACKEND_PLUGIN)
+    regs = plugins.registries(reload=True)
+    assert regs["backends"].owners["atp-squared"] == "toyplug"
+    assert regs["backends"].owners["atp*"] == "atp_plugin.backends.builtin"
+    model = make_model(n_layers=2)
+    clean, corrupt = make_pairs(3, 5)
+    metric = logit_diff_metric(3)
+    squared = attribute(model, clean, corrupt, metric, nodes="attn_z", method="atp-squared")
+    plain = attribute(model, clean, corrupt, metric, nodes="attn_z", method="atp")
+    torch.testing.assert_close(squared.scores["attn_z"], plain.scores["attn_z"] ** 2, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("selection, loaded", [("", False), ("someother", False), ("toyplug", True),
+                                               ("someother, toyplug", True)])
+def test_environment_variable_restricts_external_plugins(site_dir, monkeypatch, selection, loaded):
+    install_dist(site_dir, "toyplug", "toyplug_mod", BACKEND_PLUGIN)
+    monkeypatch.setenv(plugins.ENV_VAR, selection)
+    backends = plugins.registries(reload=True)["backends"].items
+    assert ("atp-squared" in backends) is loaded
+    assert "atp*" in backends  # built-ins always load
+
+
+def test_unknown_hook_is_an_error_naming_the_plugin(site_dir):
+    install_dist(site_dir, "badplug", "badplug_mod", '''
+        from atp_plugin import hookimpl
+
+        @hookimpl
+        def atp_register_widgets(register):
+            pass
+    ''')
+    with pytest.raises(plugins.PluginError, match=r"'badplug'.*atp_register_widgets|atp_register_widgets.*'badplug'"):
+        plugins.registries(reload=True)
+
+
+def test_duplicate_name_is_an_error_naming_both_plugins(site_dir):
+    install_dist(site_dir, "dupplug", "dupplug_mod", '''
+        from atp_plugin import hookimpl
+        from atp_plugin.backends.builtin import FirstOrder
+
+        @hookimpl
+        def atp_register_backends(register):
+            register(FirstOrder("atp", "a second atp", False, False))
+    ''')
+    with pytest.raises(plugins.PluginError, match=r"'dupplug'.*'atp'.*'atp_plugin.backends.builtin'"):
+        plugins.registries(reload=True)
+
+
+def test_unknown_method_lists_the_registered_ones():
+    model = make_model(n_layers=1)
+    clean, corrupt = make_pairs(2, 4)
+    with pytest.raises(ValueError, match=r"unknown method 'atp\+\+'.*atp\*.*atp\+gd"):
+        attribute(model, clean, corrupt, logit_diff_metric(2), method="atp++")
