@@ -1,0 +1,51 @@
+"""Rank heads and neurons of the bundled IOI model with AtP*, verify the top ones, draw a heatmap.
+
+Runs offline on the model the project trained itself (atp_plugin/data): held-out pairs such as
+"When Mary and John went to the store, John gave a drink to" -> " Mary", corrupted by repeating
+the other name so the answer flips.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from .. import attribute, metrics, plugins
+from ..demo_task import ioi_pairs, load_demo_model
+from ..plots import layer_heatmap
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pairs", type=int, default=32, help="held-out IOI pairs to attribute (default 32)")
+    parser.add_argument("--method", default="atp*", help="attribution method (default atp*)")
+    parser.add_argument("--top", type=int, default=10, help="top nodes to verify by exact patching (default 10)")
+    parser.add_argument("--heatmap", default="atp_demo_heads.png", help="where to write the layer x head PNG")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out pair sample")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.method not in plugins.backends():
+        raise SystemExit(f"atp demo: unknown method {args.method!r}; known: {', '.join(sorted(plugins.backends()))}")
+    if args.pairs < 1 or args.top < 1:
+        raise SystemExit("atp demo: --pairs and --top must be at least 1")
+    torch.set_grad_enabled(True)
+    start = time.perf_counter()
+    model = load_demo_model()
+    task = ioi_pairs(args.pairs, seed=args.seed, split="test")
+    metric = metrics.logit_diff(metrics.token_ids(model, task.answers), metrics.token_ids(model, task.wrongs))
+    result = attribute(model, task.clean, task.corrupt, metric, nodes=["attn_z", "mlp_neurons"], method=args.method)
+    ranked = time.perf_counter() - start
+    table = result.verify(args.top)
+    total = time.perf_counter() - start
+    print(f"atp demo: {args.pairs} held-out IOI pairs, e.g. {task.clean[0]!r} -> {task.answers[0]!r}")
+    print(f"method {result.method}; metric: logit({task.answers[0]!r}) - logit({task.wrongs[0]!r}) at the last token\n")
+    shown = table[["node", "estimate", "effect", "abs_effect"]].rename(
+        columns={"estimate": "estimate", "effect": "verified effect", "abs_effect": "|verified|"})
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:9.4f}"))
+    path = layer_heatmap(result, "attn_z", args.heatmap, title=f"attention heads (attn_z), {result.method}")
+    print(f"\nranked {sum(v.numel() for v in result.scores.values())} nodes in {ranked:.1f}s; "
+          f"verified the top {args.top} by exact patching; total {total:.1f}s")
+    print(f"heatmap: {path}")
+    return 0
