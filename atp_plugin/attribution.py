@@ -72,7 +72,7 @@ def attribute(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Te
         raise ValueError(f"batch_size must be a positive number of pairs, got {batch_size}")
     engine = Engine(host, pairs, metric, adapters, batch_size=batch_size or DEFAULT_BATCH,
                     patch_batch_size=patch_batch_size, progress=progress)
-    if method in ("atp+qk", "atp*") or getattr(backends[method], "qk", False):
+    if getattr(backends[method], "qk", False):
         for s in engine.sites(qk=True):
             if s.qk_fixed:
                 host.attention(s.pos.layer)  # unsupported attention variants fail here, before any run
