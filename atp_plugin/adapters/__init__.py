@@ -49,6 +49,14 @@ class NodeAdapter(Protocol):
         *node_dims]``) set to their values in ``noise`` and every other node left as in ``clean``."""
 
 
+def __getattr__(name: str):
+    """``SAEFeatures`` is imported on first use: it needs SAE-Lens, which is slow to import."""
+    if name == "SAEFeatures":
+        from .sae import SAEFeatures
+        return SAEFeatures
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def resolve(nodes: "str | NodeAdapter | list[str | NodeAdapter] | tuple", known: dict[str, NodeAdapter]) -> list[NodeAdapter]:
     """Turn ``nodes=`` (names and/or adapter instances) into adapters, with a clear error."""
     items = [nodes] if isinstance(nodes, (str, NodeAdapter)) else list(nodes)

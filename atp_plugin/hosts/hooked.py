@@ -10,7 +10,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from ..hookspecs import hookimpl
-from . import AttentionGeometry, Hook, SitePosition
+from . import AttentionGeometry, Hook, SitePosition, spliced
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
@@ -42,7 +42,7 @@ class HookedTransformerHost:
         return isinstance(model, HookedTransformer)
 
     def has_hook(self, name: str) -> bool:
-        return name in self.model.hook_dict
+        return name in self.model.hook_dict or name in spliced.spliced(self.model)
 
     def tokenize(self, text: str) -> list[int]:
         if self.model.tokenizer is None:
@@ -56,7 +56,10 @@ class HookedTransformerHost:
 
     def run(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
             hooks: list[tuple[str, Hook]]) -> torch.Tensor:
-        return self.model.run_with_hooks(tokens, attention_mask=attention_mask, fwd_hooks=hooks)
+        wrappers = spliced.spliced(self.model)  # SAEs spliced into a HookedSAETransformer keep their sites
+        with spliced.error_gradients(wrappers) as first:
+            hooks = first + [(spliced.hook_name(name, wrappers), hook) for name, hook in hooks]
+            return self.model.run_with_hooks(tokens, attention_mask=attention_mask, fwd_hooks=hooks)
 
     def site_position(self, hook: str) -> SitePosition:
         m = _BLOCK.match(hook)

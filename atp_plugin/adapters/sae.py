@@ -1,0 +1,196 @@
+"""SAE features as nodes: any SAE-Lens SAE at its hook, its error term one more node per position.
+
+The site activation ``a`` splits into the reconstruction and an error term,
+``a = decode(f) + e`` with ``f = encode(a)`` and ``e = a - decode(f)`` (so the split is exact by
+definition). The error is frozen (DESIGN §4): ``dL/df = J_decode^T dL/da`` (``W_dec . dL/da``
+for a plain decoder) and ``dL/de = dL/da``. Patching feature ``i`` sets ``a`` to
+``decode(f') + e`` with ``f'`` the clean features but ``f'_i`` from the noise prompt, exactly what
+patching ``hook_sae_acts_post`` does in a ``HookedSAETransformer`` with the SAE spliced in
+(``use_error_term=True``); patching the error node adds ``e(noise) - e(clean)``.
+
+Everything goes through the SAE's own ``encode``/``decode``, so every SAE-Lens architecture works
+as SAE-Lens runs it: ReLU, top-k (with decoder-norm rescaling), JumpReLU, gated, ...; run-time
+input normalisation (the decoder's output is denormalised with the scale of the input being
+patched, as when spliced); ``hook_z`` SAEs that flatten the heads; SAEs on one head
+(``hook_head_index``). Every SAE-Lens decoder is affine in ``f`` for a given input, so a feature's
+patch moves ``a`` along its (scaled) decoder row and AtP is first order in the model only.
+
+Transcoders (features read at one hook, written at another) are not SAEs: see ``SAEFeatures``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..hosts import Host
+from ..hosts.spliced import spliced
+
+#: Trailing shape of TransformerLens hook values ``[batch, pos, ...]`` by the hook's last name,
+#: from the config; used to reject an SAE that does not fit the model before any run.
+_SHAPES = {
+    **{h: lambda c: (c.d_model,) for h in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post",
+                                            "hook_attn_out", "hook_mlp_out", "hook_embed", "hook_pos_embed")},
+    **{h: lambda c: (c.n_heads, c.d_head) for h in ("hook_q", "hook_rot_q", "hook_z")},
+    **{h: lambda c: (c.n_key_value_heads or c.n_heads, c.d_head) for h in ("hook_k", "hook_rot_k", "hook_v")},
+    **{h: lambda c: (c.d_mlp,) for h in ("hook_pre", "hook_pre_linear", "hook_post")},
+}
+
+
+class SAEFeatures:
+    """Nodes of one SAE-Lens SAE: its features at every position, and its error term.
+
+    Score tensors: ``name`` -> ``[pos, d_sae]`` (dims ``("pos", "feature")``) and
+    ``name + ".error"`` -> ``[pos]``. ``name`` defaults to ``"sae:<hook>"``; give SAEs at the same
+    hook distinct names. Works on a plain ``HookedTransformer`` and on a ``HookedSAETransformer``
+    with the SAE spliced in (``add_sae(sae, use_error_term=True)``), with the same numbers.
+
+    Transcoders are refused. Their features are read at one hook and written at another, but an
+    adapter site is one hook: the engine hands ``encode``/``pullback``/``patch`` the value (and
+    gradient) of that hook only, so the features (a function of the input hook) cannot be computed
+    where the gradient and the patch live (the output hook). The smallest extension that makes them
+    sound: an optional adapter method ``reads(hook) -> str`` naming a second hook whose clean and
+    noise values (no gradient) the engine captures in the same runs and passes along with the site
+    value; the input hook runs before the output hook, so patched runs can pass its current value.
+    """
+
+    qk = None
+
+    def __init__(self, sae: Any, name: str | None = None):
+        from sae_lens import SAE
+
+        if not isinstance(sae, SAE):
+            raise TypeError(f"SAEFeatures takes a SAE-Lens SAE, got {type(sae).__name__}")
+        cfg = sae.cfg
+        if hasattr(cfg, "d_out") or sae.W_dec.shape[-1] != cfg.d_in:
+            raise TypeError(
+                f"{type(sae).__name__} is a transcoder (it reads one hook and writes another); SAEFeatures "
+                "supports SAEs that reconstruct the activation they read. Transcoder nodes need an adapter that "
+                "reads two hooks, which the NodeAdapter protocol does not offer yet (see SAEFeatures' docstring)")
+        meta = getattr(cfg, "metadata", None)
+        hook = getattr(meta, "hook_name", None) or getattr(cfg, "hook_name", None)
+        if not hook:
+            raise ValueError("the SAE names no hook: set sae.cfg.metadata.hook_name to the TransformerLens hook "
+                             "it reads, e.g. 'blocks.0.hook_resid_post'")
+        head = getattr(meta, "hook_head_index", None)
+        self.sae = sae
+        self.hook: str = hook
+        self.head: int | None = getattr(cfg, "hook_head_index", None) if head is None else head
+        self.name: str = name or f"sae:{hook}"
+
+    # --- layout ------------------------------------------------------------------------------
+    def hooks(self, host: Host) -> list[str]:
+        """The SAE's hook, after checking that the SAE fits the model there."""
+        self._check(host)
+        return [self.hook]
+
+    def groups(self, host: Host) -> dict[str, tuple[str, ...]]:
+        return {"": ("pos", "feature"), ".error": ("pos",)}
+
+    def _check(self, host: Host) -> None:
+        if not host.has_hook(self.hook):
+            raise ValueError(f"{self.name}: the model has no hook {self.hook!r}; this SAE was trained on another "
+                             "model or layer (check sae.cfg.metadata.hook_name)")
+        model = getattr(host, "model", None)
+        if self.sae.W_dec.device != host.device:
+            raise ValueError(f"{self.name}: the SAE is on {self.sae.W_dec.device} but the model on {host.device}; "
+                             f"move it with sae.to({str(host.device)!r})")
+        wrapper = spliced(model).get(self.hook)
+        if wrapper is not None and not wrapper.use_error_term:
+            raise ValueError(f"{self.name}: an SAE is spliced at {self.hook!r} without its error term, so the "
+                             "model runs on the reconstruction there; splice it with "
+                             "model.add_sae(sae, use_error_term=True) or remove it with model.reset_saes()")
+        shape_of = _SHAPES.get(self.hook.rsplit(".", 1)[-1])
+        cfg = getattr(model, "cfg", None)
+        if shape_of is not None and cfg is not None:
+            self._fits(shape_of(cfg))
+
+    def _fits(self, shape: tuple[int, ...]) -> None:
+        """Check the SAE's input width against a site's trailing ``shape``; a clear error otherwise."""
+        d_in = self.sae.cfg.d_in
+        where = f"{self.name}: hook {self.hook!r} holds [batch, pos, {', '.join(map(str, shape))}]"
+        if self.head is not None:
+            if len(shape) != 2 or not 0 <= self.head < shape[0]:
+                raise ValueError(f"{where}, which has no head {self.head} (the SAE's hook_head_index)")
+            width = shape[1]
+        elif len(shape) == 2 and self.sae.cfg.reshape_activations != "hook_z":
+            raise ValueError(f"{where}: an SAE there must flatten the heads (reshape_activations='hook_z') or "
+                             "read one head (metadata.hook_head_index)")
+        else:
+            width = math.prod(shape)
+        if width != d_in:
+            raise ValueError(f"{where}, {width} values per position, but the SAE has d_in={d_in}; "
+                             "this SAE was trained on another model or hook")
+
+    # --- node values -------------------------------------------------------------------------
+    def _sae_in(self, act: torch.Tensor) -> torch.Tensor:
+        """What the SAE reads of a site value: ``[batch, pos, d_in]`` (or ``[batch, pos, head,
+        d_head]`` for a ``hook_z`` SAE, which flattens the heads itself)."""
+        x = act if self.head is None else act[:, :, self.head]
+        if x.ndim not in (3, 4):
+            raise ValueError(f"{self.name}: expected a site value [batch, pos, ...], got shape {tuple(act.shape)}")
+        self._fits(tuple(act.shape[2:]))
+        return x
+
+    def _site_out(self, act: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A site value with the SAE's part replaced by ``x``, in the site's dtype."""
+        if self.head is None:
+            return x.to(act.dtype)
+        out = act.clone()
+        out[:, :, self.head] = x.to(act.dtype)
+        return out
+
+    def _disabled(self):
+        """Run the SAE without firing its hook points (shared with the model when it is spliced).
+
+        Note: ``encode`` also records the input's run-time normalisation, which the next ``decode``
+        uses (and forgets), so each ``decode`` below follows an ``encode`` of the input it belongs to.
+        """
+        from sae_lens.saes.sae import _disable_hooks
+        return _disable_hooks(self.sae)
+
+    def encode(self, hook: str, act: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Features ``[batch, pos, d_sae, 1]`` and the error ``[batch, pos, d_in]``."""
+        x = self._sae_in(act)
+        with self._disabled():
+            f = self.sae.encode(x)
+            err = x - self.sae.decode(f)
+        return {"": f[..., None], ".error": _flat(err)}
+
+    def pullback(self, hook: str, act: torch.Tensor, grad: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``dL/df = J_decode^T dL/da`` (``W_dec . dL/da``) ``[batch, pos, d_sae, 1]``; ``dL/de = dL/da``."""
+        x, g = self._sae_in(act), self._sae_in(grad)
+        with self._disabled():
+            f = self.sae.encode(x).detach().requires_grad_(True)  # [batch, pos, d_sae]
+            with torch.enable_grad():
+                rec = self.sae.decode(f)
+            (grad_f,) = torch.autograd.grad(rec, f, g.to(rec.dtype))
+        return {"": grad_f[..., None], ".error": _flat(g)}
+
+    def patch(self, hook: str, clean: torch.Tensor, noise: torch.Tensor,
+              masks: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``decode(f') + e``: selected features (``masks[""]`` ``[batch, pos, d_sae]``) from the noise
+        prompt, the error from the noise prompt where ``masks[".error"]`` ``[batch, pos]`` is set."""
+        xc, xn = self._sae_in(clean), self._sae_in(noise)
+        with self._disabled():
+            f_noise = self.sae.encode(xn)                    # [batch, pos, d_sae]
+            err_noise = xn - self.sae.decode(f_noise)         # like x
+            f_clean = self.sae.encode(xc)
+            err_clean = xc - self.sae.decode(f_clean)
+            err = err_clean
+            if ".error" in masks:
+                m = masks[".error"]  # [batch, pos]
+                err = torch.where(m.reshape(m.shape + (1,) * (err.ndim - 2)), err_noise, err_clean)
+            if "" in masks:
+                self.sae.encode(xc)  # decode with the clean input's normalisation, as when spliced
+                out = self.sae.decode(torch.where(masks[""], f_noise, f_clean)) + err
+            else:
+                out = xc + (err - err_clean)
+        return self._site_out(clean, out)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """``[batch, pos, ...]`` -> ``[batch, pos, features]``."""
+    return x.reshape(x.shape[0], x.shape[1], -1)
