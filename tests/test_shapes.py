@@ -1,0 +1,98 @@
+"""Score shapes of the built-in node types (DESIGN §2) and the result's tables and views."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from atp_plugin import attribute
+from conftest import VARIANTS, logit_diff_metric, make_model, make_pairs
+
+N, T = 2, 5
+NODES = ["attn_q", "attn_k", "attn_v", "attn_z", "mlp_neurons", "resid_pre"]
+
+
+def expected_shapes(cfg) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """node type -> (dims, score shape), from the model config (DESIGN §2)."""
+    n_kv = cfg.n_key_value_heads or cfg.n_heads
+    head = ("layer", "pos", "head")
+    return {
+        "attn_q": (head, (cfg.n_layers, T, cfg.n_heads)),
+        "attn_k": (head, (cfg.n_layers, T, n_kv)),
+        "attn_v": (head, (cfg.n_layers, T, n_kv)),
+        "attn_z": (head, (cfg.n_layers, T, cfg.n_heads)),
+        "mlp_neurons": (("layer", "pos", "neuron"), (cfg.n_layers, T, cfg.d_mlp)),
+        "resid_pre": (("layer", "pos"), (cfg.n_layers, T)),
+    }
+
+
+def result_for(variant: str, method: str):
+    model = make_model(**VARIANTS[variant])
+    clean, corrupt = make_pairs(N, T)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model, attribute(model, clean, corrupt, logit_diff_metric(N), nodes=NODES, method=method)
+
+
+@pytest.mark.parametrize("method", ["atp", "atp*"])
+@pytest.mark.parametrize("variant", ["ln_gelu", "rms_rotary_gated", "gqa"])
+def test_score_shapes(variant: str, method: str) -> None:
+    model, result = result_for(variant, method)
+    if variant == "gqa":
+        assert model.cfg.n_key_value_heads < model.cfg.n_heads  # the case the k/v shapes are about
+    expected = expected_shapes(model.cfg)
+    assert set(result.scores) == set(result.signed) == set(NODES)
+    for nt, (dims, shape) in expected.items():
+        assert result.dims[nt] == dims, nt
+        assert tuple(result.scores[nt].shape) == shape, nt
+        assert tuple(result.signed[nt].shape) == shape, nt
+        assert result.scores[nt].dtype == torch.float64, nt
+        assert (result.scores[nt] >= 0).all(), nt
+    assert result.view == "per position"
+    assert result.n_pairs == N
+
+
+def test_frame_has_one_row_per_node() -> None:
+    model, result = result_for("gqa", "atp+qk")
+    frame = result.to_frame()
+    assert len(frame) == sum(s.numel() for s in result.scores.values())
+    for column in ("node_type", "layer", "pos", "head", "neuron", "score", "signed"):
+        assert column in frame.columns, column
+    assert frame.attrs["view"] == "per position"
+    for nt, score in result.scores.items():
+        rows = frame[frame["node_type"] == nt]
+        assert len(rows) == score.numel(), nt
+        index = tuple(torch.tensor(rows[d].to_numpy(dtype="int64")) for d in result.dims[nt])
+        # each row's coordinates point at its own score and signed value
+        torch.testing.assert_close(torch.tensor(rows["score"].to_numpy()), score[index], rtol=0, atol=0)
+        torch.testing.assert_close(torch.tensor(rows["signed"].to_numpy()), result.signed[nt][index], rtol=0, atol=0)
+        assert not rows.duplicated(list(result.dims[nt])).any(), nt
+        unused = {"head", "neuron"} - set(result.dims[nt])
+        assert all(rows[c].isna().all() for c in unused), nt
+
+
+def test_top_k() -> None:
+    _, result = result_for("ln_gelu", "atp*")
+    top = result.top(7)
+    assert len(top) == 7
+    everything = torch.cat([s.reshape(-1) for s in result.scores.values()])
+    expected = everything.topk(7).values
+    torch.testing.assert_close(torch.tensor(top["score"].to_numpy()), expected, rtol=0, atol=0)
+
+
+def test_sum_over_positions_is_labelled() -> None:
+    _, result = result_for("rms_rotary_gated", "atp")
+    summed = result.sum_over_positions()
+    assert summed.view == "summed over positions"
+    assert result.view == "per position"  # the original is untouched
+    for nt in NODES:
+        pos = result.dims[nt].index("pos")
+        assert summed.dims[nt] == tuple(d for d in result.dims[nt] if d != "pos")
+        torch.testing.assert_close(summed.scores[nt], result.scores[nt].sum(pos), rtol=1e-15, atol=0)
+        torch.testing.assert_close(summed.signed[nt], result.signed[nt].sum(pos), rtol=1e-15, atol=0)
+    frame = summed.to_frame()
+    assert frame.attrs["view"] == "summed over positions"
+    assert "pos" not in frame.columns
+    assert len(frame) == sum(s.numel() for s in summed.scores.values())
