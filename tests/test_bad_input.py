@@ -1,0 +1,197 @@
+"""Bad input gets a clear error (what is wrong, how to fix it) before any heavy work.
+
+"Before heavy work" is measured: a forward pre-hook on the model counts forward passes; input
+errors must be raised with none run, metric errors after the first batch only.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from typing import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from atp_plugin import attribute
+from atp_plugin.hosts.hooked import UnsupportedModelError
+from conftest import VARIANTS, logit_diff_metric, make_model, make_pairs
+from test_reference import tokenized_model
+
+ALL_NODES = ["attn_q", "attn_k", "attn_v", "attn_z", "mlp_neurons", "resid_pre"]
+ALL_METHODS = ["ap", "atp", "atp*", "atp+gd", "atp+qk"]
+
+
+@contextmanager
+def counting_forwards(model: torch.nn.Module) -> Iterator[list[int]]:
+    """Count the model's forward passes inside the block: ``calls[0]``."""
+    calls = [0]
+
+    def count(module, args) -> None:
+        calls[0] += 1
+
+    handle = model.register_forward_pre_hook(count)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def raises_before_any_forward(model, exc, match: str, *args, **kwargs) -> None:
+    with counting_forwards(model) as calls, pytest.raises(exc, match=match):
+        attribute(model, *args, **kwargs)
+    assert calls[0] == 0, f"{calls[0]} forward passes ran before the error"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model()
+
+
+def test_clean_and_corrupt_shapes_differ(model) -> None:
+    clean, corrupt = make_pairs(3, 6)
+    raises_before_any_forward(model, ValueError, r"clean tokens have shape \(3, 6\) but corrupt tokens \(3, 5\).*"
+                              r"token-aligned", clean, corrupt[:, :5], logit_diff_metric(3))
+    raises_before_any_forward(model, ValueError, "clean has 3 prompts but corrupt has 2", clean, corrupt[:2],
+                              logit_diff_metric(3))
+
+
+def test_string_pair_lengths_differ() -> None:
+    model = tokenized_model("ln_gelu")
+    clean = ["w1 w2 w3", "w4 w5 w6 w7", "w8 w9"]
+    corrupt = ["w1 w2 w0", "w4 w5 w6", "w8 w1"]
+    raises_before_any_forward(model, ValueError, r"pair 1 is not token-aligned: clean 'w4 w5 w6 w7' has 4 tokens, "
+                              r"corrupt 'w4 w5 w6' has 3", clean, corrupt, logit_diff_metric(3))
+
+
+def test_strings_without_tokenizer(model) -> None:
+    raises_before_any_forward(model, ValueError, "no tokenizer.*token tensors", ["a b"], ["a c"], logit_diff_metric(1))
+
+
+def test_unknown_node_type_lists_known_ones(model) -> None:
+    clean, corrupt = make_pairs(2, 4)
+    with pytest.raises(ValueError, match="unknown node type 'attn_x'; known node types: ") as err:
+        attribute(model, clean, corrupt, logit_diff_metric(2), nodes=["attn_z", "attn_x"])
+    assert all(name in str(err.value) for name in ALL_NODES)
+
+
+def test_unknown_method_lists_known_ones(model) -> None:
+    clean, corrupt = make_pairs(2, 4)
+    with pytest.raises(ValueError, match=r"unknown method 'atp\*\*'; known methods: ") as err:
+        attribute(model, clean, corrupt, logit_diff_metric(2), method="atp**")
+    assert all(name in str(err.value) for name in ALL_METHODS)
+
+
+def test_metric_wrong_shape(model) -> None:
+    clean, corrupt = make_pairs(4, 5)
+
+    def scalar(logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        return logits[:, -1, 0].mean()
+
+    with counting_forwards(model) as calls, pytest.raises(
+            ValueError, match=r"metric must return one value per pair: expected shape \(1,\) for 1 prompts, got \(\)"):
+        attribute(model, clean, corrupt, scalar, method="atp", batch_size=1)
+    assert calls[0] <= 2, "the metric was only checked after more than the first batch"  # noise + clean run
+
+    def not_a_tensor(logits: torch.Tensor) -> float:
+        return 1.0
+
+    with pytest.raises(TypeError, match="metric must return a tensor with one value per pair, got float"):
+        attribute(model, clean, corrupt, not_a_tensor, method="atp")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_metric_non_finite(model, bad: float) -> None:
+    clean, corrupt = make_pairs(4, 5)
+
+    def metric(logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        out = logits[:, -1, 0].clone()
+        return torch.where(indices == 2, torch.full_like(out, bad), out)
+
+    with counting_forwards(model) as calls, pytest.raises(ValueError, match=r"non-finite values for pairs \[2\]"):
+        attribute(model, clean, corrupt, metric, method="atp")
+    assert calls[0] <= 2
+
+
+def test_metric_answers_for_other_number_of_pairs(model) -> None:
+    clean, corrupt = make_pairs(3, 5)
+    raises_before_any_forward(model, ValueError, "the metric holds answers for 5 pairs but 3 pairs were given",
+                              clean, corrupt, logit_diff_metric(5))
+
+
+def test_model_lacks_hook() -> None:
+    model = make_model(**VARIANTS["attn_only"])
+    clean, corrupt = make_pairs(2, 4)
+    raises_before_any_forward(model, ValueError, r"lacks hook\(s\) \['blocks.0.mlp.hook_post'.*choose node types",
+                              clean, corrupt, logit_diff_metric(2), nodes=["attn_z", "mlp_neurons"])
+
+
+def test_empty_input(model) -> None:
+    metric = logit_diff_metric(2)
+    raises_before_any_forward(model, ValueError, "no prompt pairs given", [], [], metric)
+    empty = torch.zeros(0, 5, dtype=torch.long)
+    raises_before_any_forward(model, ValueError, "no prompt pairs given", empty, empty, metric)
+    no_tokens = torch.zeros(2, 0, dtype=torch.long)
+    raises_before_any_forward(model, ValueError, r"the prompts are empty \(zero tokens\)", no_tokens, no_tokens, metric)
+    clean, corrupt = make_pairs(2, 4)
+    raises_before_any_forward(model, ValueError, "nodes= is empty", clean, corrupt, metric, nodes=[])
+
+
+def test_malformed_tokens(model) -> None:
+    clean, corrupt = make_pairs(2, 4)
+    metric = logit_diff_metric(2)
+    raises_before_any_forward(model, ValueError, r"outside the model's vocabulary \[0, 50\)", clean + 50, corrupt, metric)
+    raises_before_any_forward(model, TypeError, "must hold integer token ids", clean.double(), corrupt.double(), metric)
+    raises_before_any_forward(model, TypeError, "not a single string", "w1 w2", "w1 w3", metric)
+    raises_before_any_forward(model, ValueError, "batch_size must be a positive", clean, corrupt, metric, batch_size=0)
+
+
+@pytest.mark.filterwarnings("ignore:.*GradDrop degenerates")
+def test_training_mode_warns_and_matches_eval() -> None:
+    """A dropout hook makes training mode visibly random; attribute() must run in eval mode (with
+    a warning) and leave the model as it found it."""
+    model = make_model()
+    model.add_hook("blocks.0.hook_resid_mid", lambda x, hook: F.dropout(x, 0.5, training=hook.training),
+                   is_permanent=True)
+    clean, corrupt = make_pairs(3, 5)
+    metric = logit_diff_metric(3)
+    try:
+        model.train()
+        assert not torch.equal(model(clean), model(clean))  # dropout is live in training mode
+        for method in ("atp*", "ap"):
+            model.train()
+            with pytest.warns(UserWarning, match="training mode.*eval mode.*model.eval\\(\\)"):
+                trained = attribute(model, clean, corrupt, metric, nodes=["attn_z", "attn_q"], method=method)
+            assert model.training, "attribute() must restore training mode"
+            model.eval()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", UserWarning)  # no training-mode warning in eval mode
+                warnings.filterwarnings("ignore", ".*GradDrop degenerates")
+                evaluated = attribute(model, clean, corrupt, metric, nodes=["attn_z", "attn_q"], method=method)
+            for nt in ("attn_z", "attn_q"):
+                assert torch.equal(trained.scores[nt], evaluated.scores[nt]), (method, nt)
+                assert torch.equal(trained.signed[nt].nan_to_num(), evaluated.signed[nt].nan_to_num()), (method, nt)
+    finally:
+        model.reset_hooks(including_permanent=True)
+
+
+@pytest.mark.parametrize("flag, what", [
+    (dict(use_attention_sinks=True), "attention sinks"),
+    (dict(use_logn_attn=True, positional_embedding_type="rotary", rotary_dim=8), "log-n attention scaling"),
+])
+def test_unsupported_attention_for_qk_fix(flag: dict, what: str) -> None:
+    model = make_model(**flag)
+    clean, corrupt = make_pairs(2, 5)
+    metric = logit_diff_metric(2)
+    for method in ("atp+qk", "atp*"):
+        raises_before_any_forward(model, UnsupportedModelError, f"QK fix cannot handle {what}.*method='atp'",
+                                  clean, corrupt, metric, nodes=["attn_z", "attn_k"], method=method)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for method in ("atp", "atp+gd"):
+            result = attribute(model, clean, corrupt, metric, nodes=["attn_q", "attn_k"], method=method)
+            assert result.scores["attn_k"].abs().sum() > 0
+        # the fix is needed only by q/k nodes: atp* on other node types still works
+        result = attribute(model, clean, corrupt, metric, nodes=["attn_z"], method="atp*")
+        assert result.scores["attn_z"].abs().sum() > 0
