@@ -1,0 +1,170 @@
+"""The built-in host for TransformerLens 3 ``TransformerBridge`` in compatibility mode.
+
+The bridge wraps a Hugging Face model and exposes TransformerLens-style hook names
+(``blocks.0.attn.hook_z``, ``blocks.0.hook_resid_pre``, ...). Two things differ from a
+``HookedTransformer`` and are handled here:
+
+* Some bridge hook points reshape the activation before the hook sees it and use the hook's
+  *return value* downstream; a hook point the wrapped model computes around (fires on a copy, or
+  under ``no_grad``) would make gradients vanish and patches do nothing, silently. Before a hook
+  is used for the first time the host checks, with one tiny forward and backward pass, that the
+  tensor its hook returns reaches the logits; a hook that does not is an error.
+* With left padding the bridge's backward pass turns fully masked (padding) query rows into NaN
+  gradients that spread to every earlier activation; the host zeroes them where they arise.
+* The attention scale differs between architectures (GPT-2 may scale by the inverse layer index,
+  Gemma uses ``query_pre_attn_scalar``...). The QK fix needs it exactly, so the host measures it
+  on a probe prompt (scores = softcap(q . k / scale)) and refuses layers where no single scale
+  reproduces the scores (ALiBi and other score biases).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+
+from ..hookspecs import hookimpl
+from . import AttentionGeometry, Hook
+from .hooked import HookedTransformerHost, UnsupportedModelError
+
+PROBE_LEN = 4  # tokens of the probe prompt used for the checks below
+
+
+class TransformerBridgeHost(HookedTransformerHost):
+    """Runs a ``TransformerBridge`` (compatibility mode) with forward hooks.
+
+    Hook naming, where hooks sit relative to the residual stream, tokenization and padding are
+    those of ``HookedTransformer`` (compatibility mode gives the same names and numerics).
+    """
+
+    name = "TransformerBridge"
+
+    def __init__(self, model: TransformerBridge):
+        if not getattr(model, "compatibility_mode", False):
+            raise ValueError("this TransformerBridge is not in compatibility mode: call "
+                             "model.enable_compatibility_mode() first (atp-plugin relies on its "
+                             "TransformerLens hook names and HookedTransformer numerics)")
+        super().__init__(model)  # type: ignore[arg-type]
+        self._checked: set[str] = set()
+        self._geometry: dict[int, AttentionGeometry] = {}
+
+    @classmethod
+    def accepts(cls, model: Any) -> bool:
+        return isinstance(model, TransformerBridge)
+
+    def run(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
+            hooks: list[tuple[str, Hook]]) -> torch.Tensor:
+        self._check_hooks([name for name, _ in hooks])
+        if attention_mask is not None and torch.is_grad_enabled() and not bool(attention_mask.all()):
+            hooks = hooks + [(f"blocks.{layer}.attn.hook_attn_scores", _zero_grad_of_masked_rows)
+                             for layer in range(self.n_layers)]
+        return self.model.run_with_hooks(tokens, attention_mask=attention_mask, fwd_hooks=hooks)
+
+    def _probe_tokens(self) -> torch.Tensor:
+        """A fixed probe prompt ``[1, PROBE_LEN]`` (distinct tokens, so attention is not uniform)."""
+        length = min(PROBE_LEN, self.cfg.n_ctx)
+        return (torch.arange(length, device=self.device) * 7 + 3).remainder(self.d_vocab)[None]
+
+    def _check_hooks(self, names: list[str]) -> None:
+        """Check that what a hook at each of ``names`` returns is what the model uses downstream:
+        add a zero leaf to every hook's output and require a gradient at each (raises otherwise)."""
+        new = sorted(set(names) - self._checked)
+        if not new:
+            return
+        leaves: dict[str, torch.Tensor] = {}
+
+        def add_leaf(name: str) -> Hook:
+            def hook(x: torch.Tensor, hook: Any = None) -> torch.Tensor:
+                if not x.is_floating_point():
+                    return x  # token ids: not a site anything can be attributed to
+                leaves[name] = torch.zeros_like(x, requires_grad=True)
+                return x + leaves[name]
+            return hook
+
+        with torch.enable_grad():
+            logits = self.model.run_with_hooks(self._probe_tokens(), fwd_hooks=[(n, add_leaf(n)) for n in new])
+            fired = [n for n in new if n in leaves]
+            grads = torch.autograd.grad(logits.sum(), [leaves[n] for n in fired], allow_unused=True)
+        reached = {n for n, g in zip(fired, grads) if g is not None}
+        dead = [n for n in new if n not in reached]
+        if dead:
+            raise UnsupportedModelError(
+                f"hook point(s) {dead} of this TransformerBridge ({self.cfg.architecture}) do not feed the model's "
+                "output: what a hook there returns never reaches the logits (the hook point does not fire, the bridge "
+                "ignores its return value, or a hook or no_grad block detaches it), so gradients would vanish and "
+                "patches would do nothing. Choose other node types (nodes=) or remove the detaching hook.")
+        self._checked.update(new)
+
+    def attention(self, layer: int) -> AttentionGeometry:
+        if layer not in self._geometry:
+            self._geometry[layer] = self._measure_attention(layer)
+        return self._geometry[layer]
+
+    def _measure_attention(self, layer: int) -> AttentionGeometry:
+        """The layer's geometry, its scale measured on the probe prompt and checked to reproduce
+        the scores the bridge computes (to float rounding)."""
+        rot = f"blocks.{layer}.attn.hook_rot_q"
+        post = "rot_" if self.has_hook(rot) else ""
+        cap = getattr(self.cfg, "attn_scores_soft_cap", None)
+        geom = AttentionGeometry(
+            q_hook=f"blocks.{layer}.attn.hook_{post}q", k_hook=f"blocks.{layer}.attn.hook_{post}k",
+            scores_hook=f"blocks.{layer}.attn.hook_attn_scores", pattern_hook=f"blocks.{layer}.attn.hook_pattern",
+            scale=1.0, softcap=float(cap) if cap is not None and cap > 0 else None,
+            group=self.n_heads // self.n_kv_heads)
+        missing = [h for h in (geom.q_hook, geom.k_hook, geom.scores_hook, geom.pattern_hook) if not self.has_hook(h)]
+        if missing:
+            raise UnsupportedModelError(f"the QK fix needs hook(s) {missing}, which this TransformerBridge lacks; "
+                                        "use method='atp' or 'atp+gd' for attn_q/attn_k nodes")
+        acts: dict[str, torch.Tensor] = {}
+
+        def keep(name: str) -> Hook:
+            def hook(x: torch.Tensor, hook: Any = None) -> torch.Tensor:
+                acts[name] = x.detach()
+                return x
+            return hook
+
+        hooks = [(h, keep(h)) for h in (geom.q_hook, geom.k_hook, geom.scores_hook)]
+        with torch.no_grad():
+            self.run(self._probe_tokens(), None, hooks)
+        q, k = acts[geom.q_hook].double(), acts[geom.k_hook].double().repeat_interleave(geom.group, dim=2)
+        raw = torch.einsum("bthd,bshd->bhts", q, k)  # q . k, [batch, head, t, s]
+        scores = acts[geom.scores_hook].double()
+        live = torch.isfinite(scores)
+        target = scores[live]
+        if geom.softcap is not None:
+            target = geom.softcap * torch.atanh((target / geom.softcap).clamp(-1 + 1e-12, 1 - 1e-12))
+        inv = float((raw[live] * target).sum() / (raw[live] ** 2).sum())  # least squares 1/scale
+        geom = AttentionGeometry(geom.q_hook, geom.k_hook, geom.scores_hook, geom.pattern_hook, 1.0 / inv,
+                                 geom.softcap, geom.group)
+        rebuilt = raw * inv
+        if geom.softcap is not None:
+            rebuilt = geom.softcap * torch.tanh(rebuilt / geom.softcap)
+        tol = 1e-9 if self.dtype == torch.float64 else 1e-4
+        err = float((rebuilt[live] - scores[live]).abs().max()) / max(float(scores[live].abs().max()), 1e-30)
+        if not err <= tol:
+            raise UnsupportedModelError(
+                f"layer {layer} of this TransformerBridge ({self.cfg.architecture}) forms attention scores that are not "
+                f"softcap(q . k / scale) (relative mismatch {err:.2g}; e.g. ALiBi or another score bias), so the QK "
+                "fix cannot recompute them; use method='atp' or 'atp+gd' for attn_q/attn_k nodes")
+        return geom
+
+
+def _zero_grad_of_masked_rows(scores: torch.Tensor, hook: Any = None) -> torch.Tensor:
+    """Give fully masked query rows (left padding) a zero gradient instead of NaN.
+
+    The bridge adds the padding mask to the scores (-inf) and replaces the NaN softmax of a fully
+    masked row by zeros in the forward pass, but the softmax backward of such a row is NaN and the
+    addition passes it on to q and k, poisoning every gradient upstream. The pattern of such a row
+    is the constant 0, so its true gradient is 0. ``[batch, head, query_pos, key_pos]``.
+    """
+    if scores.requires_grad:
+        dead = ~torch.isfinite(scores).any(-1, keepdim=True)  # [batch, head, query_pos, 1]
+        if bool(dead.any()):
+            scores.register_hook(lambda grad: grad.masked_fill(dead, 0.0))
+    return scores
+
+
+@hookimpl
+def atp_register_hosts(register):
+    register(TransformerBridgeHost)

@@ -1,0 +1,89 @@
+"""Tiny Hugging Face models with random float64 weights, saved to a local directory, and the two
+ways TransformerLens loads them offline: a ``TransformerBridge`` in compatibility mode and a
+``HookedTransformer`` built the way ``HookedTransformer.from_pretrained`` builds one (which only
+accepts hub names, so its steps are spelled out here for a local directory)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformer_lens import HookedTransformer
+from transformer_lens import loading_from_pretrained as loading
+from transformer_lens.model_bridge import TransformerBridge
+
+D_VOCAB = 50
+WORDS = ["<pad>", "<bos>"] + [f"w{i}" for i in range(D_VOCAB - 2)]  # token id of "w{i}" is i + 2
+
+
+def save_tokenizer(path: Path) -> None:
+    """A word-level tokenizer over ``WORDS`` that prepends <bos>, saved with the model."""
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>",
+                                         eos_token="<bos>", unk_token="<pad>").save_pretrained(path)
+
+
+def save_gpt2(path: Path, seed: int = 0, n_layer: int = 2, qk_gain: float = 2.0, **overrides) -> Path:
+    """A random GPT-2 (d_model 32, 4 heads, d_mlp 128) saved with its tokenizer under ``path``.
+
+    Query/key weights are multiplied by ``qk_gain`` so attention is far from uniform (the QK fix
+    then differs visibly from AtP).
+    """
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_layer=n_layer, n_embd=32, n_head=4, vocab_size=D_VOCAB, n_positions=16,
+                                  n_ctx=16, bos_token_id=1, eos_token_id=1, pad_token_id=0, initializer_range=0.1,
+                                  **overrides)
+    model = transformers.GPT2LMHeadModel(cfg).to(torch.float64)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_attn.weight[:, : 2 * cfg.n_embd].mul_(qk_gain)
+            for p in (block.attn.c_attn.bias, block.attn.c_proj.bias, block.mlp.c_fc.bias):
+                p.normal_(0, 0.1)
+    model.save_pretrained(path)
+    save_tokenizer(path)
+    return path
+
+
+def save_llama(path: Path, seed: int = 0, qk_gain: float = 8.0) -> Path:
+    """A random 2-layer Llama (rotary, grouped-query attention with 2 kv-heads) under ``path``."""
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=D_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                                   bos_token_id=1, eos_token_id=1, pad_token_id=0, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.float64)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(qk_gain)
+            layer.self_attn.k_proj.weight.mul_(qk_gain)
+    model.save_pretrained(path)
+    save_tokenizer(path)
+    return path
+
+
+def load_bridge(path: Path, compatibility: bool = True) -> TransformerBridge:
+    """The saved model as a float64 ``TransformerBridge``, offline."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
+    bridge = TransformerBridge.boot_transformers(str(path), hf_model=hf_model, tokenizer=tokenizer, dtype=torch.float64)
+    if compatibility:
+        bridge.enable_compatibility_mode(disable_warnings=True)
+    return bridge.eval()
+
+
+def load_hooked(path: Path) -> HookedTransformer:
+    """The saved model as a float64 ``HookedTransformer`` with from_pretrained's default processing
+    (fold LayerNorm, center writing weights and unembedding, fold value biases)."""
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
+    cfg = loading.get_pretrained_model_config(str(path), dtype=torch.float64, fold_ln=True)
+    state = loading.get_pretrained_state_dict(str(path), cfg, hf_model, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = HookedTransformer(cfg, transformers.AutoTokenizer.from_pretrained(path))
+    model.load_and_process_state_dict(state, fold_ln=True, center_writing_weights=True, center_unembed=True,
+                                      fold_value_biases=True)
+    return model.eval()
