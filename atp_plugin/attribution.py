@@ -10,6 +10,7 @@ import torch
 
 from . import plugins
 from .adapters import NodeAdapter, resolve
+from .backends import Backend
 from .engine import Engine, Metric
 from .engine.pairs import make_pairs
 from .result import AttributionResult
@@ -45,7 +46,7 @@ def eval_mode(model: Any) -> Iterator[None]:
 
 def attribute(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Tensor | Sequence[str],
               metric: Metric, *, nodes: str | NodeAdapter | Sequence[str | NodeAdapter] = DEFAULT_NODES,
-              method: str = "atp*", batch_size: int | None = None, patch_batch_size: int = 64,
+              method: "str | Backend" = "atp*", batch_size: int | None = None, patch_batch_size: int = 64,
               progress: bool | None = None) -> AttributionResult:
     """Score every node of the requested types by how much patching it from ``corrupt`` into
     ``clean`` changes ``metric``.
@@ -53,11 +54,19 @@ def attribute(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Te
     ``clean``/``corrupt``: token tensors ``[N, T]`` or lists of N strings (pairs token-aligned;
     pairs of different lengths are left-padded). ``metric(logits, indices) -> [batch]`` (or
     ``metric(logits)``). ``nodes``: node type names or adapter instances. ``method``: a registered
-    backend (``atp*`` by default). ``batch_size`` pairs are processed at a time.
+    backend's name (``atp*`` by default) or a backend instance (e.g. a configured
+    ``Subsampling(n_subsets=64)``). ``batch_size`` pairs are processed at a time.
     """
     backends = plugins.backends()
-    if method not in backends:
-        raise ValueError(f"unknown method {method!r}; known methods: {', '.join(sorted(backends))}")
+    if isinstance(method, str):
+        if method not in backends:
+            raise ValueError(f"unknown method {method!r}; known methods: {', '.join(sorted(backends))}")
+        backend = backends[method]
+    elif isinstance(getattr(method, "name", None), str) and callable(getattr(method, "run", None)):
+        backend, method = method, method.name
+    else:
+        raise TypeError(f"method must be a backend name ({', '.join(sorted(backends))}) or an object with "
+                        f"`name` and `run(engine)`, got {method!r}")
     adapters = resolve(nodes, plugins.adapters())
     host = host_for(model)
     missing = sorted({h for a in adapters for h in a.hooks(host) if not host.has_hook(h)})
@@ -72,12 +81,12 @@ def attribute(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Te
         raise ValueError(f"batch_size must be a positive number of pairs, got {batch_size}")
     engine = Engine(host, pairs, metric, adapters, batch_size=batch_size or DEFAULT_BATCH,
                     patch_batch_size=patch_batch_size, progress=progress)
-    if getattr(backends[method], "qk", False):
+    if getattr(backend, "qk", False):
         for s in engine.sites(qk=True):
             if s.qk_fixed:
                 host.attention(s.pos.layer)  # unsupported attention variants fail here, before any run
     with eval_mode(model):
-        scores, signed = backends[method].run(engine)
+        scores, signed = backend.run(engine)
     dims = {key: adapter.groups(host)[grp] for key, (adapter, grp) in engine.keys().items()}
     pad = ~pairs.mask.any(0)
     return AttributionResult(method, scores, signed, dims, pad.cpu(), pairs.alignment, pairs.n, engine=engine)

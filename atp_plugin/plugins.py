@@ -21,6 +21,7 @@ ENV_VAR = "ATP_PLUGINS"
 BUILTINS = (
     "atp_plugin.adapters.builtin",
     "atp_plugin.backends.builtin",
+    "atp_plugin.backends.baselines",
     "atp_plugin.hosts.hooked",
 )
 KINDS = {"backends": "atp_register_backends", "adapters": "atp_register_adapters", "hosts": "atp_register_hosts"}

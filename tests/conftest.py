@@ -51,6 +51,28 @@ def make_pairs(n: int = 4, t: int = 6, d_vocab: int = 50, seed: int = 1) -> tupl
     return clean, corrupt
 
 
+def make_additive_model(seed: int = 3, *, planted_head: int | None = None, scale: float = 20.0) -> HookedTransformer:
+    """A 1-layer attention-only float64 model without LayerNorm: the metric is linear in every
+    value vector and attention patterns do not depend on values, so the effects of attn_v nodes
+    patched jointly add up exactly. ``planted_head``'s W_O is scaled by ``scale``."""
+    model = make_model(seed, n_layers=1, attn_only=True, normalization_type=None)
+    if planted_head is not None:
+        with torch.no_grad():
+            model.blocks[0].attn.W_O[planted_head] *= scale
+    return model
+
+
+def make_planted_pairs(n: int = 3, t: int = 6, positions: tuple[int, ...] = (1, 3), d_vocab: int = 50,
+                       seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token pairs [n, t] whose corrupt prompt differs from the clean one exactly at ``positions``."""
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, d_vocab, (n, t), generator=g)
+    corrupt = clean.clone()
+    shift = torch.randint(1, d_vocab, (n, len(positions)), generator=g)
+    corrupt[:, list(positions)] = (clean[:, list(positions)] + shift) % d_vocab
+    return clean, corrupt
+
+
 def logit_diff_metric(n: int, d_vocab: int = 50, seed: int = 2):
     from atp_plugin import metrics
     g = torch.Generator().manual_seed(seed)

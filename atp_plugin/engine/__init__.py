@@ -58,6 +58,10 @@ class Engine:
         self.progress = progress
         self.acc = torch.float64 if host.dtype == torch.float64 else torch.float32
         self.forward_passes = 0  # prompts run, counted as forward passes of one prompt
+        # backward passes of one prompt; a partial one (GradDrop, below a cut) counts as the
+        # fraction of the layers it runs through
+        self.backward_passes = 0.0
+        self._shapes: dict[tuple[int, str], tuple[int, ...]] | None = None
 
     # --- layout -----------------------------------------------------------------------------
     def sites(self, qk: bool = False) -> list[Site]:
@@ -73,7 +77,11 @@ class Engine:
         yield from tqdm(chunks, desc=desc, disable=self._quiet(len(chunks)), leave=False)
 
     def _quiet(self, n: int) -> bool | None:
-        return True if self.progress is False or (self.progress is None and n < 4) else None
+        """tqdm's ``disable``: forced by ``progress=True/False``; by default off for short loops
+        and (tqdm's None) off where stderr is not a terminal."""
+        if self.progress is not None:
+            return not self.progress
+        return True if n < 4 else None
 
     def assemble(self, per_site: dict[tuple[int, str], torch.Tensor], sites: list[Site]) -> dict[str, torch.Tensor]:
         """Per-site tensors ``[pos, *node]`` -> result tensors, stacking layered adapters' sites."""
@@ -102,6 +110,8 @@ class Engine:
                 self.host, sites, self.pairs.clean[idx], self.pairs.corrupt[idx], self.pairs.mask[idx],
                 lambda logits: self.metric(logits, idx), graddrop=graddrop, acc=self.acc)
             self.forward_passes += 2 * len(idx)
+            # one full backward, plus GradDrop's cut at layer l running through l of the L layers
+            self.backward_passes += len(idx) * (1 + ((self.host.n_layers - 1) / 2 if graddrop else 0))
             for k, v in first.items():
                 _add(sums_abs, k, v.abs().sum(0))
                 _add(sums, k, v.sum(0))
@@ -170,12 +180,17 @@ class Engine:
         means = sums / count.clamp(min=1)
         return {k: means[owner == i] for i, k in enumerate(keys)}
 
+    def node_shapes(self) -> dict[tuple[int, str], tuple[int, ...]]:
+        """(site number, group) -> node grid ``(pos, *node)``, from one probe run (cached)."""
+        if self._shapes is None:
+            probe = self.noise_values(torch.arange(1, device=self.host.device))  # one prompt, for the shapes
+            self._shapes = {(n, grp): tuple(enc.shape[1:-1]) for n, s in enumerate(self.sites())
+                            for grp, enc in s.adapter.encode(s.hook, probe[s.hook]).items()}
+        return self._shapes
+
     def exact(self) -> dict[tuple[int, str], torch.Tensor]:
         """Mean over pairs of the exact effect of every node, per site ``[pos, *node]``."""
-        sites = self.sites()
-        probe = self.noise_values(torch.arange(1, device=self.host.device))  # one prompt, for the shapes
-        shapes = {(n, grp): tuple(enc.shape[1:-1]) for n, s in enumerate(sites)
-                  for grp, enc in s.adapter.encode(s.hook, probe[s.hook]).items()}
+        shapes = self.node_shapes()
         effects = self.exact_effects({k: torch.arange(math.prod(shape)) for k, shape in shapes.items()})
         return {k: effects[k].reshape(shapes[k]).to(self.host.device) for k in shapes}
 

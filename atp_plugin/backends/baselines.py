@@ -1,0 +1,276 @@
+"""Baseline backends, the methods AtP* is compared against (DESIGN §1, "Cost of verification").
+
+- ``iterative``: exhaustive patching, one node at a time (the numbers of ``ap``).
+- ``subsampling``: the paper's Algorithm 1. Patch random subsets of nodes jointly (each node in a
+  subset with probability ``p``); a node's estimate is the mean effect over the subsets that
+  contain it minus the mean over those that do not.
+- ``hierarchical`` / ``blocks``: patch contiguous groups of nodes jointly and recurse into the
+  groups whose effect is large; a node reached as a single-node group scores its exact effect,
+  every node in a pruned group scores 0.
+
+Everything runs through ``Engine.patched_metric`` (multi-node masks, many patched copies per
+forward pass), so ``Engine.forward_passes`` counts their cost like any other backend's. Options
+live on the backend instance: register a configured instance from a plugin, or pass one as
+``attribute(..., method=Subsampling(n_subsets=64))``. ``joint_effects`` and ``subsample`` are the
+shared machinery (the false-negative bound in ``atp_plugin.bound`` reuses ``subsample``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..hookspecs import hookimpl
+from .builtin import ActivationPatching
+
+#: (site number, group) -> flat indices into that site's node grid ``[pos, *node]``. A node set
+#: of U nodes is ordered by concatenating its keys' indices in dict order.
+NodeSet = dict[tuple[int, str], torch.Tensor]
+#: ``sets(start, stop) -> bool [stop - start, U]``: membership of the U nodes in sets start..stop-1.
+#: Called again for every batch of pairs, so it must return the same rows every time.
+SetRows = Callable[[int, int], torch.Tensor]
+
+STATS_CHUNK = 256  # subsets per step when accumulating per-node statistics
+
+
+def real_nodes(engine) -> NodeSet:
+    """Every node of the engine's sites at a position that is real (not padding) in some pair."""
+    real = engine.pairs.mask.any(0).cpu()  # [pos]
+    out: NodeSet = {}
+    for key, shape in engine.node_shapes().items():
+        per_pos = math.prod(shape[1:])
+        out[key] = (torch.nonzero(real).reshape(-1, 1) * per_pos + torch.arange(per_pos)).reshape(-1)
+    return out
+
+
+def node_positions(engine, nodes: NodeSet) -> torch.Tensor:
+    """The token position of each of the U nodes: ``[U]``."""
+    shapes = engine.node_shapes()
+    return torch.cat([nodes[k].cpu().long() // math.prod(shapes[k][1:]) for k in nodes])
+
+
+def joint_effects(engine, nodes: NodeSet, sets: SetRows, n_sets: int, desc: str) -> torch.Tensor:
+    """Per-pair effect of patching each set of nodes jointly,
+    L(clean | S <- noise) - L(clean): ``[n_sets, n_pairs]`` (float64, CPU).
+
+    One patched copy of every clean prompt per set, many copies per forward pass; a node is patched
+    only in the pairs where its position is real.
+    """
+    shapes, sites = engine.node_shapes(), engine.sites()
+    keys = list(nodes)
+    bounds = np.cumsum([0] + [len(nodes[k]) for k in keys])
+    device = engine.host.device
+    out = torch.zeros(n_sets, engine.pairs.n, dtype=torch.float64)
+    for idx in engine.batches(desc):
+        noise = engine.noise_values(idx)
+        base = engine.clean_metric(idx).double().cpu()  # [batch]
+        real = engine.pairs.mask[idx]  # [batch, pos]
+        per_pass = max(1, engine.patch_batch_size // len(idx))
+        starts = range(0, n_sets, per_pass)
+        for start in tqdm(starts, desc=desc, disable=engine._quiet(len(starts)), leave=False):
+            stop = min(start + per_pass, n_sets)
+            member = sets(start, stop)  # [sets, U]
+            copies = torch.arange(len(idx), device=device).repeat(stop - start)  # copy c: pair c % batch
+            masks: dict[int, dict[str, torch.Tensor]] = {}
+            for i, (n, grp) in enumerate(keys):
+                part = member[:, bounds[i]:bounds[i + 1]]
+                if not part.any():
+                    continue
+                shape = shapes[n, grp]
+                grid = torch.zeros(stop - start, math.prod(shape), dtype=torch.bool)
+                grid[:, nodes[n, grp].cpu().long()] = part
+                grid = grid.reshape(stop - start, 1, *shape).to(device)  # [sets, 1, pos, *node]
+                grid = grid & real.reshape(1, len(idx), shape[0], *(1,) * (len(shape) - 1))
+                masks.setdefault(n, {})[grp] = grid.flatten(0, 1)  # [copies, pos, *node]
+            hooks = {sites[n].hook for n in masks}
+            vals = engine.patched_metric(idx[copies], {h: noise[h][copies] for h in hooks}, masks)
+            effect = vals.double().cpu() - base[copies.cpu()]  # [copies]
+            out[start:stop, idx.cpu()] = effect.reshape(stop - start, len(idx))
+    return out
+
+
+def random_subsets(seed: int, p: float, n_nodes: int) -> SetRows:
+    """Subset j holds each node independently with probability ``p``; row j is drawn from its own
+    generator (seeded by ``(seed, j)``), so any range of rows can be redrawn identically."""
+    def rows(start: int, stop: int) -> torch.Tensor:
+        return torch.from_numpy(np.stack(
+            [np.random.default_rng([seed, j]).random(n_nodes) < p for j in range(start, stop)]))
+    return rows
+
+
+def check_subsampling(n_subsets: int, p: float) -> None:
+    """Clear errors for subsampling parameters that cannot give a variance on both sides."""
+    if not 0 < p < 1:
+        raise ValueError(f"p (the probability that a node is in a subset) must be in (0, 1), got {p}")
+    if n_subsets * min(p, 1 - p) < 2:
+        raise ValueError(f"n_subsets={n_subsets} with p={p} puts each node in about {n_subsets * p:.1f} subsets and "
+                         f"leaves it out of about {n_subsets * (1 - p):.1f}; both need to be at least 2: "
+                         f"raise n_subsets to {math.ceil(2 / min(p, 1 - p))} or more")
+
+
+@dataclass(frozen=True)
+class SubsetEstimates:
+    """Per node (``[U]`` each): its subsampling estimate, the difference between the mean effect
+    over subsets that contain it and over subsets that do not, with Welch's standard error and
+    degrees of freedom. Effects are means over the pairs where the node's position is real."""
+
+    estimate: torch.Tensor
+    std_error: torch.Tensor  # sqrt(var_in / n_in + var_out / n_out); inf with fewer than 2 on a side
+    df: torch.Tensor         # Welch-Satterthwaite; nan where std_error is 0 or inf
+    n_in: torch.Tensor
+    n_out: torch.Tensor
+
+
+def subsample(engine, nodes: NodeSet, *, n_subsets: int, p: float, seed: int,
+              desc: str = "subsampling") -> SubsetEstimates:
+    """Patch ``n_subsets`` random subsets of ``nodes`` jointly (one forward pass per subset per
+    pair) and estimate every node's effect as the difference of means (the paper's Algorithm 1).
+
+    With additive effects the estimate is unbiased, and its variance is about
+    sum_{m != n} I(m)^2 / n_subsets whatever ``p``; interactions grow with ``p``.
+    """
+    check_subsampling(n_subsets, p)
+    n_nodes = sum(len(v) for v in nodes.values())
+    rows = random_subsets(seed, p, n_nodes)
+    per_pair = joint_effects(engine, nodes, rows, n_subsets, desc)  # [S, N]
+    real = engine.pairs.mask.cpu().double()  # [N, pos]
+    z = per_pair @ (real / real.sum(0).clamp(min=1))  # [S, pos]: mean over the pairs where pos is real
+    z = z - z.mean(0)  # a shift per position: differences unchanged, sums of squares well conditioned
+    pos = node_positions(engine, nodes)
+    stats = torch.zeros(2, 3, n_nodes, dtype=torch.float64)  # [in/out, (count, sum, sum of squares), U]
+    for start in range(0, n_subsets, STATS_CHUNK):
+        stop = min(start + STATS_CHUNK, n_subsets)
+        member = rows(start, stop)  # [m, U]
+        zu = z[start:stop][:, pos]  # [m, U]
+        for side, sel in enumerate((member, ~member)):
+            w = sel.double()
+            stats[side] += torch.stack([w.sum(0), (w * zu).sum(0), (w * zu * zu).sum(0)])
+    n, s, ss = stats.unbind(1)  # [2, U] each
+    mean = s / n
+    var = ((ss - s * mean) / (n - 1)).clamp(min=0)
+    v = var / n  # [2, U]
+    few = (n < 2).any(0)
+    se = torch.where(few, torch.full_like(v[0], math.inf), v.sum(0).sqrt())
+    df = v.sum(0) ** 2 / (v[0] ** 2 / (n[0] - 1) + v[1] ** 2 / (n[1] - 1))
+    df = torch.where(few | (se == 0), torch.full_like(df, math.nan), df)
+    return SubsetEstimates(mean[0] - mean[1], se, df, n[0], n[1])
+
+
+def scatter(engine, nodes: NodeSet, values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-node values ``[U]`` -> result tensors (0 for nodes not in ``nodes``)."""
+    shapes, per_site = engine.node_shapes(), {}
+    offset = 0
+    for key, flat in nodes.items():
+        grid = torch.zeros(math.prod(shapes[key]), dtype=engine.acc)
+        grid[flat.cpu().long()] = values[offset:offset + len(flat)].to(engine.acc)
+        per_site[key] = grid.reshape(shapes[key]).to(engine.host.device)
+        offset += len(flat)
+    return engine.assemble(per_site, engine.sites())
+
+
+@dataclass(frozen=True)
+class Subsampling:
+    """The paper's Algorithm 1: ``n_subsets`` random joint patches, each node included with
+    probability ``p``; score = |difference of means|, signed = the difference. Cost: one forward
+    pass per subset per pair, whatever the number of nodes."""
+
+    name: str = "subsampling"
+    description: str = "subsampling (Algorithm 1): difference of mean effects over random joint patches"
+    n_subsets: int = 200
+    p: float = 0.1
+    seed: int = 0
+
+    def run(self, engine):
+        check_subsampling(self.n_subsets, self.p)
+        nodes = real_nodes(engine)
+        est = subsample(engine, nodes, n_subsets=self.n_subsets, p=self.p, seed=self.seed, desc=self.name).estimate
+        if torch.isnan(est).any():
+            warnings.warn(f"{self.name}: {int(torch.isnan(est).sum())} node(s) fell on one side of every subset "
+                          "and score 0; raise n_subsets", stacklevel=3)
+            est = torch.nan_to_num(est, nan=0.0)
+        return scatter(engine, nodes, est.abs()), scatter(engine, nodes, est)
+
+
+def contiguous_groups(groups: list[tuple[int, int]], n_nodes: int) -> SetRows:
+    """Set j holds the nodes ``groups[j][0] .. groups[j][1] - 1`` of ``n_nodes`` (node order: site,
+    then flat index)."""
+    def rows(start: int, stop: int) -> torch.Tensor:
+        member = torch.zeros(stop - start, n_nodes, dtype=torch.bool)
+        for j, (a, b) in enumerate(groups[start:stop]):
+            member[j, a:b] = True
+        return member
+    return rows
+
+
+@dataclass(frozen=True)
+class GroupPatching:
+    """Hierarchical patching: split the nodes (in site order, then layer, position, head ...) into
+    contiguous groups of ``block_size`` (default: ``branching`` groups), patch each group jointly
+    (one forward pass per group per pair), split every group with |effect| >= threshold into
+    ``branching`` contiguous parts, and repeat down to single nodes.
+
+    A node reached alone scores |its exact effect| (signed: the effect, the numbers of ``ap``);
+    a node in a pruned group scores 0. ``threshold`` is in metric units; by default it is
+    ``rel_threshold`` times the largest |effect| of a first-level group. Effects that cancel
+    inside a group hide its nodes: the weakness AtP* avoids.
+    """
+
+    name: str = "hierarchical"
+    description: str = "hierarchical patching: recurse into contiguous groups of nodes with large joint effect"
+    branching: int = 4
+    block_size: int | None = None
+    threshold: float | None = None
+    rel_threshold: float = 0.05
+
+    def run(self, engine):
+        if self.branching < 2:
+            raise ValueError(f"{self.name}: branching must be at least 2, got {self.branching}")
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"{self.name}: block_size must be a positive number of nodes, got {self.block_size}")
+        if (self.threshold is not None and self.threshold < 0) or self.rel_threshold < 0:
+            raise ValueError(f"{self.name}: thresholds must be non-negative")
+        nodes = real_nodes(engine)
+        pos = node_positions(engine, nodes)  # [U]
+        n_nodes = len(pos)
+        real = engine.pairs.mask.cpu()  # [N, pos]
+        signed = torch.zeros(n_nodes, dtype=torch.float64)
+        size = self.block_size or math.ceil(n_nodes / self.branching)
+        groups = [(a, min(a + size, n_nodes)) for a in range(0, n_nodes, size)]
+        threshold, level = self.threshold, 0
+        while groups:
+            per_pair = joint_effects(engine, nodes, contiguous_groups(groups, n_nodes), len(groups),
+                                     f"{self.name} level {level}")  # [G, N]
+            has = torch.stack([real[:, pos[a:b]].any(1) for a, b in groups]).double()  # [G, N]
+            effect = (per_pair * has).sum(1) / has.sum(1).clamp(min=1)  # mean over pairs with a real node
+            if threshold is None:
+                threshold = self.rel_threshold * float(effect.abs().max())
+            deeper = []
+            for (a, b), e in zip(groups, effect.tolist()):
+                if b - a == 1:
+                    signed[a] = e
+                elif e != 0 and abs(e) >= threshold:
+                    deeper += [(int(part[0]), int(part[-1]) + 1)
+                               for part in np.array_split(np.arange(a, b), min(self.branching, b - a))]
+            groups, level = deeper, level + 1
+        return scatter(engine, nodes, signed.abs()), scatter(engine, nodes, signed)
+
+
+BASELINE_BACKENDS = (
+    ActivationPatching("iterative", "exhaustive patching, one node at a time (the paper's iterative baseline; = ap)"),
+    Subsampling(),
+    GroupPatching(),
+    GroupPatching("blocks", "blocks of 16 contiguous nodes patched jointly; large blocks patched node by node",
+                  branching=16, block_size=16),
+)
+
+
+@hookimpl
+def atp_register_backends(register):
+    for backend in BASELINE_BACKENDS:
+        register(backend)
