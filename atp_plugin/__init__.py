@@ -8,9 +8,12 @@ in a few forward and backward passes instead of one patched run per node.
 from . import metrics
 from .adapters import NodeAdapter
 from .attribution import attribute
+from .bound import FalseNegativeBound, false_negative_bound
+from .evaluate import Evaluation, evaluate
 from .hookspecs import hookimpl
 from .result import AttributionResult
 from .verify import verify
 
-__all__ = ["attribute", "AttributionResult", "NodeAdapter", "hookimpl", "metrics", "verify"]
+__all__ = ["attribute", "AttributionResult", "Evaluation", "FalseNegativeBound", "NodeAdapter", "evaluate",
+           "false_negative_bound", "hookimpl", "metrics", "verify"]
 __version__ = "0.1.0"

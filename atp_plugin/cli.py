@@ -9,6 +9,7 @@ import sys
 #: sub-command name -> module in atp_plugin.commands with ``add_arguments(parser)`` and ``run(args) -> int``
 COMMANDS = {
     "demo": "demo",
+    "evaluate": "evaluate",
 }
 
 

@@ -2,34 +2,41 @@
 
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import pandas as pd
 import torch
 
 
-def locate(result, row) -> tuple[tuple[int, str], int]:
-    """A frame row -> the engine's (site number, group) and flat index into its ``[pos, *node]``."""
+def locate(result, frame: pd.DataFrame) -> dict[tuple[int, str], tuple[np.ndarray, torch.Tensor]]:
+    """Node rows of ``frame`` (from ``result.to_frame()``) -> the engine's (site number, group)
+    -> (positions of those rows in ``frame``, flat indices into the site's ``[pos, *node]``)."""
     engine = result.engine
-    adapter, grp = engine.keys()[row.node_type]
-    dims = result.dims[row.node_type]
-    layer = int(row.layer) if dims[0] == "layer" else 0
-    n = next(i for i, s in enumerate(engine.sites()) if s.adapter is adapter and s.index == layer)
-    inner = dims[1:] if dims[0] == "layer" else dims
-    shape = tuple(result.scores[row.node_type].shape[len(dims) - len(inner):])
-    flat = sum(int(getattr(row, c)) * math.prod(shape[i + 1:]) for i, c in enumerate(inner))
-    return (n, grp), flat
+    site_of = {(id(s.adapter), s.index): n for n, s in enumerate(engine.sites())}
+    out: dict[tuple[int, str], tuple[list, list]] = {}
+    for node_type, rows in frame.groupby("node_type", sort=False).indices.items():
+        adapter, grp = engine.keys()[node_type]
+        dims = result.dims[node_type]
+        shape = tuple(result.scores[node_type].shape)
+        coords = np.stack([frame[c].iloc[rows].to_numpy(dtype=np.int64) for c in dims])  # [dims, rows]
+        layered = dims[0] == "layer"
+        flat = np.ravel_multi_index(tuple(coords[1:] if layered else coords), shape[1:] if layered else shape)
+        layers = coords[0] if layered else np.zeros(len(rows), dtype=np.int64)
+        for layer in np.unique(layers):
+            sel = layers == layer
+            got = out.setdefault((site_of[id(adapter), int(layer)], grp), ([], []))
+            got[0].append(rows[sel])
+            got[1].append(flat[sel])
+    return {key: (np.concatenate(r), torch.from_numpy(np.concatenate(f))) for key, (r, f) in out.items()}
 
 
-def exact_effects_of(result, frame: pd.DataFrame, desc: str = "verifying") -> list[float]:
-    """Exact effect (mean over pairs) of every node row of ``frame``, in row order."""
-    located = [locate(result, row) for row in frame.itertuples(index=False)]
-    refs: dict[tuple[int, str], list[int]] = {}
-    for key, flat in located:
-        refs.setdefault(key, []).append(flat)
-    effects = result.engine.exact_effects({k: torch.tensor(v) for k, v in refs.items()}, desc=desc)
-    walk = {k: iter(v.tolist()) for k, v in effects.items()}
-    return [next(walk[key]) for key, _ in located]
+def exact_effects_of(result, frame: pd.DataFrame, desc: str = "verifying") -> np.ndarray:
+    """Exact effect (mean over pairs) of every node row of ``frame``, in row order: ``[rows]``."""
+    located = locate(result, frame)
+    effects = result.engine.exact_effects({key: flat for key, (_, flat) in located.items()}, desc=desc)
+    out = np.empty(len(frame))
+    for key, (rows, _) in located.items():
+        out[rows] = effects[key].double().cpu().numpy()
+    return out
 
 
 def verify(result, k: int = 10) -> pd.DataFrame:

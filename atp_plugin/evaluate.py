@@ -1,0 +1,139 @@
+"""Cost-of-verification curves (DESIGN §1, "Cost of verification"): how the paper compares methods.
+
+A method ranks the nodes; a user then verifies nodes by exact patching in that order. The cost to
+find the true top-x nodes is the method's own cost plus the cost of verifying nodes down to the
+last of the true top x in the method's order. Ground truth is exhaustive patching (``ap``); an
+oracle (the true order, free) gives the diagonal.
+
+Cost unit: forward passes of one prompt, as ``Engine.forward_passes`` counts them for every
+backend, plus ``BACKWARD_COST`` = 2 forward passes per backward pass of one prompt
+(``Engine.backward_passes``; GradDrop's partial backward passes count by the fraction of layers
+they run through). Verifying one node costs one patched forward pass per pair (``n_pairs``); the
+clean and corrupt runs verification shares are not charged. Nodes the method scores equally are
+verified in a random order, the same for every method (``seed``); NaN scores rank last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .adapters import NodeAdapter
+from .attribution import DEFAULT_NODES, attribute
+from .backends import Backend
+from .engine import Metric
+from .result import AttributionResult
+
+BACKWARD_COST = 2.0  # forward passes per backward pass
+GROUND_TRUTH = "ap"
+
+
+@dataclass
+class Evaluation:
+    """Cost-of-verification curves.
+
+    ``curves``: index ``x`` = 1..top_x (true top nodes found), one column per method plus
+    ``"oracle"``: forward passes spent to have verified all of the true top x. ``method_cost``:
+    each method's own cost (forward passes, backward passes counted as ``BACKWARD_COST``).
+    ``ranks``: per method, the 1-based rank in its order of each of the true top-x nodes.
+    ``truth``: the ``ap`` result the curves are measured against.
+    """
+
+    curves: pd.DataFrame
+    method_cost: dict[str, float]
+    ranks: pd.DataFrame
+    truth: AttributionResult
+    n_pairs: int
+    n_nodes: int
+
+    def table(self) -> pd.DataFrame:
+        """The curves with each method's own cost as a first row ``x = 0``."""
+        own = pd.DataFrame([{**self.method_cost, "oracle": 0.0}], index=pd.Index([0], name="x"))
+        return pd.concat([own, self.curves])
+
+    def plot(self, path: str | Path, *, title: str | None = None) -> Path:
+        """Write the curves as a PNG: x = true top nodes found, y = cost (log scale)."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        x = self.curves.index.to_numpy()
+        for method in self.curves.columns:
+            style = dict(color="black", linestyle="--") if method == "oracle" else {}
+            ax.step(x, self.curves[method].to_numpy(), where="post", label=method, **style)
+        ax.set_yscale("log")
+        ax.set_xlabel("true top nodes found (x)")
+        ax.set_ylabel("cost: forward passes (backward = 2)")
+        ax.set_title(title or f"cost of verification: {self.n_nodes} nodes, {self.n_pairs} pairs", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def cost_of(result: AttributionResult) -> float:
+    """A result's own cost: forward passes + ``BACKWARD_COST`` x backward passes of its engine."""
+    return result.engine.forward_passes + BACKWARD_COST * result.engine.backward_passes
+
+
+def rank_order(scores: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
+    """Node indices by descending score, ties by ``tiebreak`` (a permutation), NaN last."""
+    key = np.where(np.isnan(scores), -np.inf, scores)
+    return np.lexsort((tiebreak, -key))
+
+
+def evaluate(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Tensor | Sequence[str],
+             metric: Metric, *, nodes: str | NodeAdapter | Sequence[str | NodeAdapter] = DEFAULT_NODES,
+             methods: Sequence[str | Backend] = ("atp", "atp+qk", "atp*", "subsampling", "hierarchical", "blocks"),
+             top_x: int = 20, seed: int = 0, batch_size: int | None = None, patch_batch_size: int = 64,
+             progress: bool | None = None) -> Evaluation:
+    """Cost-of-verification curves of ``methods`` (registered backend names or backend instances)
+    on one model and task, against exhaustive patching.
+
+    Runs ``ap`` once for the ground truth (so it is slow where ``ap`` is), then every method.
+    The true top-x nodes are the ``top_x`` nodes with the largest |mean effect| (padding excluded).
+    """
+    if not methods:
+        raise ValueError("methods is empty; name at least one backend, e.g. methods=['atp*']")
+    names = [m if isinstance(m, str) else getattr(m, "name", None) for m in methods]
+    if len(set(names)) != len(names) or "oracle" in names:
+        raise ValueError(f"methods must have distinct names other than 'oracle', got {names}")
+    if top_x < 1:
+        raise ValueError(f"top_x must be at least 1, got {top_x}")
+    options = dict(nodes=nodes, batch_size=batch_size, patch_batch_size=patch_batch_size, progress=progress)
+    truth = attribute(model, clean, corrupt, metric, method=GROUND_TRUTH, **options)
+    frame = truth.to_frame()
+    real = ~frame["pad"].eq(True).to_numpy() if "pad" in frame else np.ones(len(frame), dtype=bool)
+    n_nodes = int(real.sum())
+    if top_x > n_nodes:
+        raise ValueError(f"top_x={top_x} exceeds the {n_nodes} nodes of nodes={nodes!r}; lower top_x")
+    tiebreak = np.random.default_rng(seed).permutation(n_nodes)
+    true_order = rank_order(frame["score"].to_numpy()[real], tiebreak)[:top_x]  # indices of the true top x
+
+    results = {name: truth if name == GROUND_TRUTH else attribute(model, clean, corrupt, metric, method=m, **options)
+               for name, m in zip(names, methods)}
+    n_pairs = truth.n_pairs
+    x = np.arange(1, top_x + 1)
+    curves, ranks, own = {}, {}, {}
+    for name, result in results.items():
+        order = rank_order(result.to_frame()["score"].to_numpy()[real], tiebreak)
+        position = np.empty(n_nodes, dtype=np.int64)
+        position[order] = np.arange(1, n_nodes + 1)  # node -> its 1-based rank
+        ranks[name] = position[true_order]
+        own[name] = cost_of(result)
+        curves[name] = own[name] + n_pairs * np.maximum.accumulate(ranks[name])
+    curves["oracle"] = (n_pairs * x).astype(float)
+    index = pd.Index(x, name="x")
+    node_labels = frame["node"].to_numpy()[real][true_order]
+    return Evaluation(pd.DataFrame(curves, index=index), own, pd.DataFrame(ranks, index=pd.Index(node_labels, name="node")),
+                      truth, n_pairs, n_nodes)
