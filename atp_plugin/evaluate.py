@@ -26,6 +26,7 @@ import torch
 from .adapters import NodeAdapter
 from .attribution import DEFAULT_NODES, attribute
 from .backends import Backend
+from .backends.builtin import FEW_LAYERS
 from .engine import Metric
 from .result import AttributionResult
 
@@ -41,7 +42,8 @@ class Evaluation:
     ``"oracle"``: forward passes spent to have verified all of the true top x. ``method_cost``:
     each method's own cost (forward passes, backward passes counted as ``BACKWARD_COST``).
     ``ranks``: per method, the 1-based rank in its order of each of the true top-x nodes.
-    ``truth``: the ``ap`` result the curves are measured against.
+    ``truth``: the ``ap`` result the curves are measured against. With ``n_layers`` <= 3 the plot
+    notes that GradDrop degenerates (DESIGN §1).
     """
 
     curves: pd.DataFrame
@@ -50,6 +52,7 @@ class Evaluation:
     truth: AttributionResult
     n_pairs: int
     n_nodes: int
+    n_layers: int
 
     def table(self) -> pd.DataFrame:
         """The curves with each method's own cost as a first row ``x = 0``."""
@@ -62,18 +65,21 @@ class Evaluation:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        fig, ax = plt.subplots(figsize=(8.0, 4.6))
         x = self.curves.index.to_numpy()
         for method in self.curves.columns:
             style = dict(color="black", linestyle="--") if method == "oracle" else {}
-            ax.step(x, self.curves[method].to_numpy(), where="post", label=method, **style)
+            ax.plot(x, self.curves[method].to_numpy(), marker="o", markersize=3, label=method, **style)
         ax.set_yscale("log")
         ax.set_xlabel("true top nodes found (x)")
         ax.set_ylabel("cost: forward passes (backward = 2)")
         ax.set_title(title or f"cost of verification: {self.n_nodes} nodes, {self.n_pairs} pairs", fontsize=10)
+        if self.n_layers <= FEW_LAYERS:
+            fig.text(0.01, 0.01, f"{self.n_layers} layers: GradDrop (atp*, atp+gd) degenerates; nodes acting only "
+                     "through later layers can score near 0", fontsize=7)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)
@@ -136,4 +142,4 @@ def evaluate(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Ten
     index = pd.Index(x, name="x")
     node_labels = frame["node"].to_numpy()[real][true_order]
     return Evaluation(pd.DataFrame(curves, index=index), own, pd.DataFrame(ranks, index=pd.Index(node_labels, name="node")),
-                      truth, n_pairs, n_nodes)
+                      truth, n_pairs, n_nodes, truth.engine.host.n_layers)
