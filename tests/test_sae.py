@@ -211,6 +211,25 @@ def test_spliced_and_plain_models_give_the_same_numbers(two_ways, method: str) -
             close(spl.signed[key], plain.signed[key], f"{method}: signed of {key}")
 
 
+@pytest.mark.parametrize("method", ["atp", "atp*"])
+def test_a_spliced_transcoder_and_bypassed_tokens_keep_the_models_gradients(method: str) -> None:
+    """SAE-Lens computes the error term under no_grad: spliced, the MLP under a transcoder would get
+    no gradient at all, and positions where the SAE is bypassed would get it twice, without the
+    host's restoring term."""
+    model = make_model(n_layers=2)
+    cfg = TranscoderConfig(d_in=32, d_sae=12, d_out=32, dtype="float64", apply_b_dec_to_input=False)
+    cfg.metadata.hook_name, cfg.metadata.hook_name_out = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
+    torch.manual_seed(4)
+    transcoder = Transcoder(cfg).eval()
+    with_saes = spliced(model, [transcoder])
+    clean, _ = make_pairs(N, T)
+    with_saes.add_sae(make_sae("standard", "blocks.0.hook_resid_post"), use_error_term=True,
+                      exclude_special_tokens=clean[:, 1].tolist())
+    nodes = ["attn_z", "mlp_neurons", "resid_pre"]
+    plain, spl = run(model, nodes, method), run(with_saes, nodes, method)
+    for key in nodes:
+        close(spl.scores[key], plain.scores[key], f"{method}: {key} under a spliced transcoder and SAE")
+
 def test_several_saes_at_one_hook_with_distinct_names() -> None:
     model = make_model(n_layers=1, normalization_type=None)
     hook = "blocks.0.hook_resid_post"
@@ -235,6 +254,21 @@ def test_frame_labels_features() -> None:
     errors = frame[frame.node_type == "sae0.error"]
     assert len(errors) == T and errors.feature.isna().all()
 
+
+@pytest.mark.parametrize("method", ["atp*", "ap"])
+def test_transformer_bridge_gives_the_numbers_of_hooked_transformer(tmp_path, method: str) -> None:
+    from hf_models import D_VOCAB, load_bridge, load_hooked, save_gpt2
+
+    path = save_gpt2(tmp_path / "gpt2")
+    sae = make_sae("jumprelu_no_b_dec_in", "blocks.0.hook_resid_post")
+    clean, corrupt = make_pairs(N, T, d_vocab=D_VOCAB)
+    metric = logit_diff_metric(N, d_vocab=D_VOCAB)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge, hooked = (attribute(load(path), clean, corrupt, metric, nodes=[SAEFeatures(sae)], method=method)
+                          for load in (load_bridge, load_hooked))
+        for key in hooked.scores:
+            close(bridge.scores[key], hooked.scores[key], f"{method} on the bridge: {key}")
 
 # --- clear errors ------------------------------------------------------------------------------
 def test_an_sae_that_does_not_fit_the_model_is_a_clear_error() -> None:
