@@ -1,0 +1,335 @@
+"""Rank the components of a model for a behaviour given by prompt pairs (AtP* by default).
+
+The behaviour is logit(answer) - logit(wrong) at each clean prompt's last token; a node's score
+says how much patching it with its value on the corrupt prompt changes that.
+
+  atp rank --model demo --clean "When Mary and John went to the store, John gave a drink to" \\
+           --corrupt "When Mary and John went to the store, Mary gave a drink to" --answer " Mary" --wrong " John"
+  atp rank --model ./my-hf-model --pairs pairs.jsonl --nodes attn_z,mlp_neurons --verify 10 --out-csv ranks.csv
+  atp rank --model gpt2 --pairs pairs.csv --report report.html
+
+--model: ``demo`` (the bundled IOI model), a local Hugging Face model directory (loaded as a
+TransformerBridge in compatibility mode) or a TransformerLens model name (HookedTransformer,
+downloaded from the hub). --pairs: a JSONL file (one object per line) or a CSV file (header row)
+with the fields clean, corrupt, answer, wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import attribute, metrics, plugins
+from ..attribution import host_for
+
+FIELDS = ("clean", "corrupt", "answer", "wrong")
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+class UsageError(Exception):
+    """A bad argument or input file: reported in one line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    clean: str
+    corrupt: str
+    answer: str
+    wrong: str
+    where: str  # "pairs.jsonl line 3", "--clean #2": for error messages
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--model", required=True,
+                        help="'demo', a local Hugging Face model directory, or a TransformerLens model name")
+    given = parser.add_argument_group("pairs on the command line (repeat each option once per pair)")
+    helps = {"clean": "clean prompt", "corrupt": "corrupt prompt, token-aligned with the clean one",
+             "answer": "the correct next token on the clean prompt, e.g. ' Mary'", "wrong": "the competing token"}
+    for field in FIELDS:
+        given.add_argument(f"--{field}", action="append", default=[], metavar="TEXT", help=helps[field])
+    parser.add_argument("--pairs", metavar="FILE", help="JSONL or CSV file with the fields clean, corrupt, answer, wrong")
+    parser.add_argument("--nodes", default="attn_z,mlp_neurons", help="comma-separated node types (default attn_z,mlp_neurons)")
+    parser.add_argument("--method", default="atp*", help="attribution method (default atp*)")
+    parser.add_argument("--top-k", type=int, default=20,
+                        help="nodes in the table and the output files (default 20; 0 = every node in the files)")
+    parser.add_argument("--verify", type=int, default=0, metavar="K",
+                        help="verify the top K nodes by exact activation patching (default 0)")
+    parser.add_argument("--out-csv", metavar="PATH", help="write the ranked nodes as CSV")
+    parser.add_argument("--out-json", metavar="PATH", help="write the ranked nodes and the run's settings as JSON")
+    parser.add_argument("--report", metavar="PATH", help="write a self-contained HTML report (figures next to it)")
+    parser.add_argument("--batch-size", type=int, default=16, help="pairs per forward/backward pass (default 16)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _rank(args)
+    except UsageError as e:
+        print(f"atp rank: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _rank(args: argparse.Namespace) -> int:
+    nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
+    _check_options(args, nodes)
+    pairs = _read_pairs(Path(args.pairs)) if args.pairs else _given_pairs(args)
+    _check_outputs(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    start = time.perf_counter()
+    model, model_label = load_model(args.model, device, DTYPES[args.dtype], quiet=args.quiet)
+    answers, wrongs = _answer_ids(model, pairs)
+    _check_alignment(model, pairs)
+    metric = metrics.logit_diff(answers, wrongs)
+    torch.set_grad_enabled(True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = attribute(model, [p.clean for p in pairs], [p.corrupt for p in pairs], metric, nodes=nodes,
+                               method=args.method, batch_size=args.batch_size, progress=not args.quiet)
+        except ValueError as e:  # e.g. a node type this model lacks
+            raise UsageError(str(e)) from e
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            print(f"atp rank: warning: {w.message}", file=sys.stderr)
+    verified = result.verify(args.verify) if args.verify else None
+    elapsed = time.perf_counter() - start
+    table = ranked_table(result, verified, args.top_k)
+
+    print(f"atp rank: {model_label}; {len(pairs)} pair(s); method {result.method}; "
+          f"{table.attrs['n_nodes']} nodes ({', '.join(nodes)}); {elapsed:.1f}s")
+    print("metric: logit(answer) - logit(wrong) at the last token" + (
+        f"; top {args.verify} verified by exact patching" if args.verify else ""))
+    shown = table.head(args.top_k or 20)
+    columns = ["rank", "node", "score"] + [c for c in ("signed", "effect") if c in shown and shown[c].notna().any()]
+    print(shown[columns].to_string(index=False, float_format=lambda v: f"{v:10.5f}"))
+
+    written = []
+    if args.out_csv:
+        table.to_csv(args.out_csv, index=False)
+        written.append(args.out_csv)
+    if args.out_json:
+        Path(args.out_json).write_text(json.dumps({
+            "model": model_label, "method": result.method, "nodes": nodes, "n_pairs": len(pairs),
+            "metric": "logit(answer) - logit(wrong) at the last token", "alignment": result.alignment,
+            "verified": args.verify, "ranked": _records(table)}, indent=1))
+        written.append(args.out_json)
+    if args.report:
+        from ..report import write_report
+        write_report(result, args.report, verified=verified, top_k=args.top_k or 20, model_label=model_label,
+                     metric_label="logit(answer) - logit(wrong) at the last token",
+                     prompt_labels=[f"{p.answer!r} vs {p.wrong!r}" for p in pairs])
+        written.append(args.report)
+    if written:
+        print("wrote " + ", ".join(written))
+    return 0
+
+
+def _check_options(args: argparse.Namespace, nodes: list[str]) -> None:
+    backends, adapters = plugins.backends(), plugins.adapters()
+    if args.method not in backends:
+        raise UsageError(f"unknown --method {args.method!r}; known: {', '.join(sorted(backends))}")
+    unknown = [n for n in nodes if n not in adapters]
+    if unknown or not nodes:
+        raise UsageError(f"unknown node type(s) {unknown or [args.nodes]} in --nodes; known: {', '.join(sorted(adapters))}")
+    for name, value, least in (("--top-k", args.top_k, 0), ("--verify", args.verify, 0), ("--batch-size", args.batch_size, 1)):
+        if value < least:
+            raise UsageError(f"{name} must be at least {least}, got {value}")
+    if args.pairs and any(getattr(args, f) for f in FIELDS):
+        raise UsageError("give pairs either with --pairs FILE or with --clean/--corrupt/--answer/--wrong, not both")
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    for option, path in (("--out-csv", args.out_csv), ("--out-json", args.out_json), ("--report", args.report)):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise UsageError(f"{option} {path}: the directory {Path(path).resolve().parent} does not exist")
+
+
+def _given_pairs(args: argparse.Namespace) -> list[Pair]:
+    counts = {f: len(getattr(args, f)) for f in FIELDS}
+    if not any(counts.values()):
+        raise UsageError("no prompt pairs: give --pairs FILE, or --clean, --corrupt, --answer and --wrong")
+    if len(set(counts.values())) != 1:
+        raise UsageError("give --clean, --corrupt, --answer and --wrong once per pair each; got "
+                         + ", ".join(f"{n} --{f}" for f, n in counts.items()))
+    return [Pair(*values, where=f"pair #{i + 1} on the command line")
+            for i, values in enumerate(zip(*(getattr(args, f) for f in FIELDS)))]
+
+
+def _read_pairs(path: Path) -> list[Pair]:
+    """Pairs from a JSONL or CSV file, each with the line it came from."""
+    if not path.is_file():
+        raise UsageError(f"--pairs {path}: {'not a regular file' if path.exists() else 'no such file'}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--pairs {path}: cannot read it as UTF-8 text ({e})") from e
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        pairs = _jsonl_pairs(str(path), text)
+    elif suffix in (".csv", ".tsv"):
+        pairs = _csv_pairs(str(path), text, "\t" if suffix == ".tsv" else ",")
+    else:
+        raise UsageError(f"--pairs {path}: unknown file type {suffix!r}; use .jsonl (one JSON object per line) or .csv")
+    if not pairs:
+        raise UsageError(f"--pairs {path}: the file holds no pairs")
+    return pairs
+
+
+def _pair(fields: dict[str, Any], where: str) -> Pair:
+    missing = [f for f in FIELDS if f not in fields or fields[f] is None]
+    if missing:
+        raise UsageError(f"{where}: missing field(s) {missing}; every pair needs {', '.join(FIELDS)}")
+    for f in FIELDS:
+        if not isinstance(fields[f], str):
+            raise UsageError(f"{where}: field {f!r} must be a string, got {type(fields[f]).__name__} {fields[f]!r}")
+        if not fields[f].strip():
+            raise UsageError(f"{where}: field {f!r} is empty")
+    return Pair(*(fields[f] for f in FIELDS), where=where)
+
+
+def _jsonl_pairs(name: str, text: str) -> list[Pair]:
+    pairs = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{name} line {number}: not valid JSON ({e.msg} at column {e.colno})") from e
+        if not isinstance(obj, dict):
+            raise UsageError(f"{name} line {number}: expected a JSON object with fields {', '.join(FIELDS)}, "
+                             f"got {type(obj).__name__}")
+        pairs.append(_pair(obj, f"{name} line {number}"))
+    return pairs
+
+
+def _csv_pairs(name: str, text: str, delimiter: str) -> list[Pair]:
+    reader = csv.reader(text.splitlines(), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return []
+    header = [h.strip() for h in header]
+    missing = [f for f in FIELDS if f not in header]
+    if missing:
+        raise UsageError(f"{name} line 1: the header lacks column(s) {missing}; it must name {', '.join(FIELDS)} "
+                         f"(got {header})")
+    pairs = []
+    for row in reader:
+        number = reader.line_num
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            raise UsageError(f"{name} line {number}: {len(row)} column(s), the header has {len(header)} "
+                             "(quote fields that contain the delimiter)")
+        pairs.append(_pair(dict(zip(header, row)), f"{name} line {number}"))
+    return pairs
+
+
+def load_model(spec: str, device: str, dtype: torch.dtype, quiet: bool = False) -> tuple[Any, str]:
+    """The model named by ``--model`` and a label for it: the bundled demo model, a local Hugging
+    Face directory (TransformerBridge, compatibility mode) or a TransformerLens name (hub)."""
+    note = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
+    if spec == "demo":
+        from ..demo_task import load_demo_model
+        try:
+            return load_demo_model(device=device, dtype=dtype), "bundled IOI demo model"
+        except FileNotFoundError as e:
+            raise UsageError(f"the bundled demo model is missing ({e}); reinstall atp-plugin") from e
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"--model {spec}: the directory has no config.json; give a Hugging Face model directory "
+                             "(save_pretrained), 'demo', or a TransformerLens model name")
+        from transformer_lens.model_bridge import TransformerBridge
+        note(f"loading {spec} as a TransformerBridge (compatibility mode)...")
+        if quiet:
+            import transformers
+            transformers.utils.logging.disable_progress_bar()
+        try:
+            bridge = TransformerBridge.boot_transformers(str(path), device=device, dtype=dtype)
+            bridge.enable_compatibility_mode(disable_warnings=True)
+        except Exception as e:  # noqa: BLE001 - any failure to load is reported as what it is
+            raise UsageError(f"--model {spec}: could not load the Hugging Face model ({type(e).__name__}: {e})") from e
+        return bridge.eval(), f"{spec} (TransformerBridge)"
+    if path.exists() or spec.startswith((".", "/", "~")):
+        raise UsageError(f"--model {spec}: {'not a directory' if path.exists() else 'no such directory'}; give "
+                         "'demo', a Hugging Face model directory, or a TransformerLens model name")
+    from transformer_lens import HookedTransformer
+    note(f"loading {spec} with HookedTransformer.from_pretrained...")
+    try:
+        model = HookedTransformer.from_pretrained(spec, device=device, dtype=dtype)
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"--model {spec}: could not load it as a TransformerLens model "
+                         f"({type(e).__name__}: {str(e)[:300]})") from e
+    return model.eval(), f"{spec} (HookedTransformer)"
+
+
+def _answer_ids(model: Any, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of every answer and wrong token (each must be one token)."""
+    if getattr(model, "tokenizer", None) is None:
+        raise UsageError("the model has no tokenizer, so text prompts cannot be used with it")
+    ids: dict[str, list[int]] = {"answer": [], "wrong": []}
+    for p in pairs:
+        for field in ids:
+            text = getattr(p, field)
+            tokens = model.to_tokens(text, prepend_bos=False)[0].tolist()
+            if len(tokens) != 1:
+                raise UsageError(f"{p.where}: {field} {text!r} is {len(tokens)} tokens; it must be exactly one token "
+                                 "(e.g. with a leading space, ' Mary')")
+            ids[field].append(tokens[0])
+    return torch.tensor(ids["answer"]), torch.tensor(ids["wrong"])
+
+
+def _check_alignment(model: Any, pairs: list[Pair]) -> None:
+    host = host_for(model)
+    for p in pairs:
+        n_clean, n_corrupt = len(host.tokenize(p.clean)), len(host.tokenize(p.corrupt))
+        if n_clean != n_corrupt:
+            raise UsageError(f"{p.where}: clean has {n_clean} tokens but corrupt has {n_corrupt}; a pair must be "
+                             "token-aligned (same length)")
+
+
+def ranked_table(result: Any, verified: pd.DataFrame | None, top_k: int) -> pd.DataFrame:
+    """Nodes ranked by score (padding excluded), with ``effect``/``abs_effect`` for the verified
+    ones (NaN otherwise); the top ``top_k`` (all when 0)."""
+    frame = result.to_frame()
+    pad = frame["pad"].eq(True).to_numpy() if "pad" in frame else None
+    if pad is not None:
+        frame = frame[~pad]
+    frame = frame.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+    frame.insert(0, "rank", range(1, len(frame) + 1))
+    coords = [c for c in frame.columns if c not in ("rank", "node_type", "node", "score", "signed", "pad")]
+    frame = frame[["rank", "node_type", "node", *coords, "score", "signed"]]
+    if verified is not None:
+        effects = verified.set_index("node")
+        frame["effect"] = frame["node"].map(effects["effect"])
+        frame["abs_effect"] = frame["node"].map(effects["abs_effect"])
+    n_nodes = len(frame)
+    frame = frame.head(top_k) if top_k else frame
+    frame.attrs["n_nodes"] = n_nodes
+    return frame
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows as JSON-ready dicts: missing values (NaN, NA) become null, numpy scalars Python ones."""
+    def plain(v: Any) -> Any:
+        if v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+            return None
+        return v.item() if isinstance(v, np.generic) else v
+    return [{k: plain(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
