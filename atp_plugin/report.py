@@ -175,7 +175,7 @@ def write_report(result: AttributionResult, path: str | Path, *, verified: pd.Da
     summary = [("model", model_label), ("method", result.method), ("metric", metric_label),
                ("pairs", str(result.n_pairs)), ("node types", ", ".join(result.scores)), ("nodes", str(n_nodes)),
                ("alignment", result.alignment)]
-    parts = [f"<h1>AtP attribution report</h1><table class=\"summary\">"
+    parts = ['<h1>AtP attribution report</h1><table class="summary">'
              + "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in summary if v)
              + "</table>"]
 

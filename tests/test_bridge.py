@@ -109,7 +109,7 @@ def test_exact_patching_matches_a_naive_loop_on_the_bridge(bridge):
         for layer, pos, head in [(0, 1, 2), (1, 2, 0), (1, 4, 3)]:
             name = f"blocks.{layer}.attn.hook_z"
 
-            def patch(z, hook):
+            def patch(z, hook, name=name, pos=pos, head=head):
                 z = z.clone()
                 z[:, pos, head] = noise[name][:, pos, head]
                 return z

@@ -96,7 +96,7 @@ def test_the_baseline_is_the_corrupted_run_and_the_estimate_is_the_gradient_dot_
         name = f"blocks.{layer}.attn.hook_q"
         kept = {}
 
-        def keep(q, hook):
+        def keep(q, hook, kept=kept):
             kept["q"] = q
             return q
 

@@ -1,7 +1,7 @@
 """The built-in host for TransformerLens 3 ``TransformerBridge`` in compatibility mode.
 
 The bridge wraps a Hugging Face model and exposes TransformerLens-style hook names
-(``blocks.0.attn.hook_z``, ``blocks.0.hook_resid_pre``, ...). Two things differ from a
+(``blocks.0.attn.hook_z``, ``blocks.0.hook_resid_pre``, ...). Three things differ from a
 ``HookedTransformer`` and are handled here:
 
 * Some bridge hook points reshape the activation before the hook sees it and use the hook's
