@@ -21,12 +21,14 @@ import hashlib
 import json
 import random
 import re
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,9 @@ from safetensors.torch import save_file as save_safetensors_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizerFast
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
 
 __all__ = [
     "NAMES",
@@ -47,6 +52,7 @@ __all__ = [
     "build_tokenizer",
     "ioi_pairs",
     "load_demo_model",
+    "load_demo_sae",
     "train_demo_model",
     "evaluate_demo_model",
 ]
@@ -111,6 +117,7 @@ MODEL_CONFIG: dict[str, object] = {
 _WEIGHTS_FILE = "model.safetensors"
 _CONFIG_FILE = "config.json"
 _TOKENIZER_FILE = "tokenizer.json"
+_SAE_DIR = "sae"  # SAE-Lens save format (cfg.json + sae_weights.safetensors), scripts/train_demo_sae.py
 _TEST_FRACTION_PERCENT = 20  # share of (names, place, object, template) families held out
 
 
@@ -236,6 +243,26 @@ def load_demo_model(device: str = "cpu", dtype: torch.dtype = torch.float32) -> 
     model = _new_model(config, tokenizer, device, dtype)
     model.load_state_dict(load_safetensors_bytes(_read_data_file(_WEIGHTS_FILE)))
     return model.eval()
+
+
+def load_demo_sae(device: str = "cpu", dtype: torch.dtype = torch.float32) -> SAE:
+    """Load the SAE shipped with the demo model: top-k (k=16), 512 features, on
+    ``blocks.2.hook_resid_pre``, trained by ``scripts/train_demo_sae.py`` with SAE-Lens's runner.
+
+    Read with SAE-Lens's own ``SAE.load_from_disk`` from the package data; when the package is not a
+    plain directory (a zip), its two files are copied to a temporary directory first.
+    """
+    # imported here, not at the top: SAE-Lens is slow to import and only this function needs it
+    from sae_lens import SAE
+
+    dtype_name = str(dtype).removeprefix("torch.")
+    root = files("atp_plugin").joinpath("data", _SAE_DIR)
+    if isinstance(root, Path):
+        return SAE.load_from_disk(root, device=device, dtype=dtype_name).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        for item in root.iterdir():
+            (Path(tmp) / item.name).write_bytes(item.read_bytes())
+        return SAE.load_from_disk(tmp, device=device, dtype=dtype_name).eval()
 
 
 def _batch_loss(

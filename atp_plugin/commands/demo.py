@@ -1,5 +1,8 @@
 """Rank heads and neurons of the bundled IOI model with AtP*, verify the top ones, draw a heatmap.
 
+With ``--sae``: rank the features (and error nodes) of the bundled SAE on ``blocks.2.hook_resid_pre``
+instead, and verify the top ones the same way (no heatmap).
+
 Runs offline on the model the project trained itself (atp_plugin/data): held-out pairs such as
 "When Mary and John went to the store, John gave a drink to" -> " Mary", corrupted by repeating
 the other name so the answer flips.
@@ -13,7 +16,7 @@ import time
 import torch
 
 from .. import attribute, metrics, plugins
-from ..demo_task import ioi_pairs, load_demo_model
+from ..demo_task import ioi_pairs, load_demo_model, load_demo_sae
 from ..plots import layer_heatmap
 
 
@@ -23,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top", type=int, default=10, help="top nodes to verify by exact patching (default 10)")
     parser.add_argument("--heatmap", default="atp_demo_heads.png", help="where to write the layer x head PNG")
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out pair sample")
+    parser.add_argument("--sae", action="store_true",
+                        help="rank the bundled SAE's features on blocks.2.hook_resid_pre instead of heads and neurons")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,7 +40,13 @@ def run(args: argparse.Namespace) -> int:
     model = load_demo_model()
     task = ioi_pairs(args.pairs, seed=args.seed, split="test")
     metric = metrics.logit_diff(metrics.token_ids(model, task.answers), metrics.token_ids(model, task.wrongs))
-    result = attribute(model, task.clean, task.corrupt, metric, nodes=["attn_z", "mlp_neurons"], method=args.method)
+    if args.sae:
+        # imported here: it imports SAE-Lens, which would slow down every other command
+        from ..adapters import SAEFeatures
+        nodes = [SAEFeatures(load_demo_sae())]
+    else:
+        nodes = ["attn_z", "mlp_neurons"]
+    result = attribute(model, task.clean, task.corrupt, metric, nodes=nodes, method=args.method)
     ranked = time.perf_counter() - start
     table = result.verify(args.top)
     total = time.perf_counter() - start
@@ -44,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
     shown = table[["node", "estimate", "effect", "abs_effect"]].rename(
         columns={"estimate": "estimate", "effect": "verified effect", "abs_effect": "|verified|"})
     print(shown.to_string(index=False, float_format=lambda v: f"{v:9.4f}"))
+    if args.sae:
+        print(f"\nranked {sum(v.numel() for v in result.scores.values())} SAE features and error nodes in "
+              f"{ranked:.1f}s; verified the top {args.top} by exact patching; total {total:.1f}s")
+        return 0
     path = layer_heatmap(result, "attn_z", args.heatmap, title=f"attention heads (attn_z), {result.method}")
     print(f"\nranked {sum(v.numel() for v in result.scores.values())} nodes in {ranked:.1f}s; "
           f"verified the top {args.top} by exact patching; total {total:.1f}s")
