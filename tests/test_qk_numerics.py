@@ -1,7 +1,7 @@
 """Numerics of the O(T^2) key-node QK fix (``atp_plugin.engine.qk``) against exact arithmetic.
 
 For one softmax row with logits x, gradient G and key s's logit changed by d, the QK fix needs
-sum_s' (A'_s' - A_s') G_s' (DESIGN §1). ``key_coefficients`` + ``key_effect`` compute it in closed
+sum_s' (A'_s' - A_s') G_s' (DESIGN §1). ``key_fix`` + ``key_effect`` compute it in closed
 form; here it is recomputed with mpmath at 400 digits straight from the definition (two softmaxes)
 and compared entry by entry with a relative tolerance, in the regimes where float64 formulas break:
 saturated rows (1 - p ~ 1e-21), logit changes of +-800 (e^800 overflows), probabilities down to
@@ -48,7 +48,7 @@ def exact_row_change(x: list[float], g: list[float], s: int, d: float) -> float:
 
 
 def engine_row_change(x: list[float], g: list[float], d: list[float]) -> torch.Tensor:
-    """The same for every key s of one row at once, through key_coefficients + key_effect.
+    """The same for every key s of one row at once, through key_fix + key_effect.
 
     One head, one query row; q = 1, k = 0, k_noise = d and scale 1 make the logit change of key s
     exactly d_s.
@@ -60,8 +60,7 @@ def engine_row_change(x: list[float], g: list[float], d: list[float]) -> torch.T
     k_noise = torch.tensor(d, dtype=torch.float64).reshape(1, n, 1, 1)
     pattern = torch.softmax(scores, dim=-1)
     grad = torch.tensor(g, dtype=torch.float64).reshape(1, 1, 1, n)
-    coeff = qk.key_coefficients(scores, q, k, k_noise, geometry())
-    return qk.key_effect(coeff, scores, pattern, grad, 1)[0, :, 0]  # [s]
+    return qk.key_effect(qk.key_fix(scores, pattern, q, k, k_noise, geometry()), grad, 1)[0, :, 0]  # [s]
 
 
 def random_grad(n: int, seed: int) -> list[float]:
@@ -121,7 +120,7 @@ def test_key_effect_matches_direct_formula_full_geometry() -> None:
     scores = scores_of(k)
     pattern = torch.softmax(scores, dim=-1)
     grad = torch.randn(b, heads, t, t, generator=g, dtype=torch.float64)
-    got = qk.key_effect(qk.key_coefficients(scores, q, k, k_noise, geom), scores, pattern, grad, geom.group)
+    got = qk.key_effect(qk.key_fix(scores, pattern, q, k, k_noise, geom), grad, geom.group)
 
     expected = torch.zeros(b, t, kv, dtype=torch.float64)
     for s in range(t):

@@ -33,9 +33,17 @@ def sites_of(host: Host, adapters: list, qk: bool) -> list[Site]:
             for a in adapters for i, h in enumerate(a.hooks(host))]
 
 
-def _expand_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``[batch, pos]`` -> broadcastable to ``like`` ``[batch, pos, *node]``."""
-    return mask.reshape(mask.shape + (1,) * (like.ndim - 2)).to(like.dtype)
+def _masked(est: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Estimates ``[batch, pos, *node]`` with padding positions (``mask`` ``[batch, pos]`` False) set to 0."""
+    if bool(mask.all()):
+        return est
+    return {grp: v * mask.reshape(mask.shape + (1,) * (v.ndim - 2)).to(v.dtype) for grp, v in est.items()}
+
+
+def _dot(delta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """delta . grad over the last axis (a node's vector); scalar nodes (axis of size 1) skip the reduction."""
+    prod = delta * grad
+    return prod.squeeze(-1) if prod.shape[-1] == 1 else prod.sum(-1)
 
 
 def estimate_batch(host: Host, sites: list[Site], tokens: torch.Tensor, corrupt: torch.Tensor,
@@ -65,8 +73,8 @@ def estimate_batch(host: Host, sites: list[Site], tokens: torch.Tensor, corrupt:
     full = dict(zip(targets, grads))
 
     with torch.no_grad():
-        # what the QK fix needs besides G: [batch, head, t, s] per layer
-        fixes: dict[int, torch.Tensor] = {}
+        # what the QK fix needs besides G, per layer: A' - A [batch, head, t, s] for queries
+        fixes: dict[tuple[int, str], torch.Tensor | qkfix.KeyFix] = {}
         for s in sites:
             if s.qk_fixed and (s.pos.layer, s.adapter.qk) not in fixes:
                 g = geoms[s.pos.layer]
@@ -74,7 +82,8 @@ def estimate_batch(host: Host, sites: list[Site], tokens: torch.Tensor, corrupt:
                 if s.adapter.qk == "q":
                     fixes[s.pos.layer, "q"] = qkfix.query_delta(sc, q, noise[g.q_hook].to(acc), k, g)
                 else:
-                    fixes[s.pos.layer, "k"] = qkfix.key_coefficients(sc, q, k, noise[g.k_hook].to(acc), g)
+                    A = clean[g.pattern_hook].detach().to(acc)
+                    fixes[s.pos.layer, "k"] = qkfix.key_fix(sc, A, q, k, noise[g.k_hook].to(acc), g)
         deltas = {}
         for n, s in enumerate(sites):
             if not s.qk_fixed:
@@ -89,18 +98,18 @@ def estimate_batch(host: Host, sites: list[Site], tokens: torch.Tensor, corrupt:
                 if s.adapter.qk == "q":
                     out = {"": qkfix.query_effect(fixes[s.pos.layer, "q"], G)}
                 else:
-                    A = clean[g.pattern_hook].detach().to(acc)
-                    out = {"": qkfix.key_effect(fixes[s.pos.layer, "k"], A, G, g.group)}
+                    out = {"": qkfix.key_effect(fixes[s.pos.layer, "k"], G, g.group)}
             else:
                 pulled = s.adapter.pullback(s.hook, clean[s.hook].detach(), grad_of[s.hook])
-                out = {grp: (deltas[n][grp] * pulled[grp].to(acc)).sum(-1) for grp in pulled}
-            return {grp: v * _expand_mask(mask, v) for grp, v in out.items()}
+                out = {grp: _dot(deltas[n][grp], pulled[grp].to(acc)) for grp in pulled}
+            return out  # padding positions are zeroed once, at the end
 
-        first = {n: estimate(n, full) for n in range(len(sites))}
+        first = {n: _masked(estimate(n, full), mask) for n in range(len(sites))}
     if not graddrop:
         return _flat(first), None
 
-    gd = {n: {grp: torch.zeros_like(v) for grp, v in est.items()} for n, est in first.items()}
+    # every cut below a node's layer leaves its gradient unchanged: I_l = Iatp for those l
+    gd = {n: {grp: v.abs() * sites[n].pos.layer for grp, v in est.items()} for n, est in first.items()}
     for layer in range(host.n_layers):
         pre, post = resid[layer]
         below = [n for n, s in enumerate(sites) if s.pos.layer < layer]
@@ -111,7 +120,7 @@ def estimate_batch(host: Host, sites: list[Site], tokens: torch.Tensor, corrupt:
             variant = dict(zip(needed, cut))
             for n, s in enumerate(sites):
                 if s.pos.layer > layer:
-                    est = first[n]
+                    continue  # counted in gd's initial value
                 elif s.pos.layer == layer and not s.pos.on_resid:
                     continue  # I_l = 0: the node's only path out is the write that was cut
                 elif s.pos.layer == layer:
@@ -120,7 +129,7 @@ def estimate_batch(host: Host, sites: list[Site], tokens: torch.Tensor, corrupt:
                     est = estimate(n, variant)
                 for grp, v in est.items():
                     gd[n][grp] += v.abs()
-    return _flat(first), _flat(gd)
+    return _flat(first), _flat({n: _masked(est, mask) for n, est in gd.items()})
 
 
 def _grad(output: torch.Tensor, inputs: list[torch.Tensor], grad_output: torch.Tensor | None,

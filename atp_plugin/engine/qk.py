@@ -8,6 +8,7 @@ their gradients are ``[batch, head, query_pos, key_pos]``, masked entries ``-inf
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -23,6 +24,16 @@ def _raw_scores(q: torch.Tensor, k: torch.Tensor, geom: AttentionGeometry) -> to
     return raw
 
 
+def _raw_change(q: torch.Tensor, k: torch.Tensor, q_new: torch.Tensor, k_new: torch.Tensor,
+                geom: AttentionGeometry) -> torch.Tensor:
+    """softcap(q_new . k_new / scale) - softcap(q . k / scale) where only q or only k changes:
+    ``[batch, head, t, s]``. Without soft-capping the scores are bilinear, so one product of the
+    difference does (cheaper, and no cancellation between two large scores)."""
+    if geom.softcap is None:
+        return _raw_scores(q_new - q, k, geom) if k_new is k else _raw_scores(q, k_new - k, geom)
+    return _raw_scores(q_new, k_new, geom) - _raw_scores(q, k, geom)
+
+
 def query_delta(scores: torch.Tensor, q: torch.Tensor, q_noise: torch.Tensor, k: torch.Tensor,
                 geom: AttentionGeometry) -> torch.Tensor:
     """A'_t - A_t for every query row t, with only q_t patched (keys clean): ``[batch, head, t, s]``.
@@ -30,7 +41,7 @@ def query_delta(scores: torch.Tensor, q: torch.Tensor, q_noise: torch.Tensor, k:
     The new scores are the clean ones plus the change in softcap(q.k/scale), so masks and additive
     position biases carry over unchanged.
     """
-    new = scores + (_raw_scores(q_noise, k, geom) - _raw_scores(q, k, geom))
+    new = scores + _raw_change(q, k, q_noise, k, geom)
     delta = torch.softmax(new, dim=-1) - torch.softmax(scores, dim=-1)
     return torch.nan_to_num(delta, nan=0.0)  # fully masked (padding) rows
 
@@ -40,34 +51,52 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < math.log(2.0), torch.log(-torch.expm1(-x)), torch.log1p(-torch.exp(-x)))
 
 
-def _log_one_minus_softmax(scores: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """log(1 - A) without cancellation: for each row's largest entry (the only one that can be
-    near 1) the log of the sum of the other entries, elsewhere log1mexp."""
-    out = _log1mexp(-logp)
-    top = scores.argmax(dim=-1, keepdim=True)
-    others = torch.logsumexp(scores.scatter(-1, top, float("-inf")), dim=-1, keepdim=True)
-    return out.scatter(-1, top, others - torch.logsumexp(scores, dim=-1, keepdim=True))
+@dataclass(frozen=True)
+class KeyFix:
+    """What the key-node estimate of one layer needs besides G (``key_fix``); ``[batch, head, t, s]``
+    unless noted. The top entry of a row is its largest, the only one whose A_ts can be near 1."""
+
+    coeff: torch.Tensor      # p (e^d - 1) / Z, 0 at each row's top entry and at masked entries
+    top: torch.Tensor        # [batch, head, t, 1] index of each row's top entry
+    coeff_top: torch.Tensor  # [batch, head, t, 1] p (e^d - 1) (1 - p) / Z at the top entry
+    pattern: torch.Tensor    # A
+    rest: torch.Tensor       # each row's softmax without its top entry (0 in a row with one key)
 
 
-def key_coefficients(scores: torch.Tensor, q: torch.Tensor, k: torch.Tensor, k_noise: torch.Tensor,
-                     geom: AttentionGeometry) -> torch.Tensor:
-    """C_ts = p (e^d - 1) (1 - p) / Z for every query row t and key s, ``[batch, head, t, s]``, where
-    p = A_ts, d = the change of logit s when only key s is patched, Z = 1 + p (e^d - 1).
+def key_fix(scores: torch.Tensor, pattern: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+            k_noise: torch.Tensor, geom: AttentionGeometry) -> KeyFix:
+    """Coefficients of the key-node estimate for every query row t and key s, where p = A_ts,
+    d = the change of logit s when only key s is patched, Z = 1 + p (e^d - 1).
 
-    Row t then changes by sum_s' (A'_ts' - A_ts') G_ts' = [p (e^d - 1) / Z] (G_ts - sum_s' A_ts' G_ts')
-    = C_ts (G_ts - Gbar_ts), Gbar_ts the mean of G over row t's other keys weighted by the pattern
-    renormalized without s (``key_effect``). The factor (1 - p) is moved into C because
-    p (e^d - 1) / Z alone overflows when p -> 1 and d << 0 while G_ts - sum_s' A_ts' G_ts' -> 0.
-    In log space, log Z = logaddexp(log(1 - p), log p + d): no overflow for large d, no
-    cancellation as p -> 1, tiny p never clamped; a row with one key cannot change (C = 0).
+    Row t changes by sum_s' (A'_ts' - A_ts') G_ts' = [p (e^d - 1) / Z] (G_ts - sum_s' A_ts' G_ts').
+    Every entry but a row's top has p <= 1/2, so Z >= 1/2: there the coefficient is x / (1 + x)
+    with x = p (e^d - 1), taken from log p when d > 0 (p may underflow where p e^d does not). At
+    the top entry p (e^d - 1) / Z overflows as p -> 1 with d << 0 while the bracket -> 0, so there
+    the bracket is written (1 - p) (G_ts - Gbar_ts), Gbar_ts the mean of G over the other keys
+    under ``rest``, and (1 - p) moves into ``coeff_top``, computed in log space: log Z =
+    logaddexp(log(1 - p), log p + d), log(1 - p) from the sum of the other entries (no
+    cancellation as p -> 1). A row with one key cannot change: 0.
     """
-    d = _raw_scores(q, k_noise, geom) - _raw_scores(q, k, geom)
-    logp = torch.log_softmax(scores, dim=-1)
-    log_1mp = _log_one_minus_softmax(scores, logp)
-    log_z = torch.logaddexp(log_1mp, logp + d)
-    log_abs_expm1 = torch.where(d > 0, d + _log1mexp(d), _log1mexp(-d))  # log|e^d - 1|
-    coeff = torch.sign(d) * torch.exp(logp + log_abs_expm1 + log_1mp - log_z)
-    return torch.where(torch.isfinite(scores), coeff, torch.zeros_like(coeff))
+    d = _raw_change(q, k, q, k_noise, geom)
+    top = scores.argmax(dim=-1, keepdim=True)  # [batch, head, t, 1]
+    others = scores.scatter(-1, top, float("-inf"))
+    lse_others = torch.logsumexp(others, dim=-1, keepdim=True)
+    lse = torch.logaddexp(scores.gather(-1, top), lse_others)
+    logp = scores - lse
+    rest = torch.nan_to_num(torch.exp(others - lse_others), nan=0.0)  # 0 in one-key rows
+
+    # x = p (e^d - 1), where d > 0 as exp(log p + d) (1 - e^-d); x / (1 + x) as 1 / (1 + 1/x) for
+    # large x (which may overflow to inf) and as is for small x (1/x would overflow for subnormal x)
+    x = torch.where(d > 0, torch.exp(logp + d) * -torch.expm1(-d), pattern * torch.expm1(d))
+    coeff = torch.where(x > 1, 1 / (1 + 1 / x), x / (1 + x))
+    coeff = torch.where(torch.isfinite(scores), coeff, torch.zeros_like(coeff)).scatter(-1, top, 0.0)
+
+    logp_top, d_top, log_1mp = logp.gather(-1, top), d.gather(-1, top), lse_others - lse  # [batch, head, t, 1]
+    log_z = torch.logaddexp(log_1mp, logp_top + d_top)
+    log_abs_expm1 = torch.relu(d_top) + _log1mexp(d_top.abs())  # log|e^d - 1|
+    coeff_top = torch.sign(d_top) * torch.exp(logp_top + log_abs_expm1 + log_1mp - log_z)
+    coeff_top = torch.where(torch.isfinite(logp_top), coeff_top, torch.zeros_like(coeff_top))  # fully masked rows
+    return KeyFix(coeff, top, coeff_top, pattern, rest)
 
 
 def query_effect(delta: torch.Tensor, grad_pattern: torch.Tensor) -> torch.Tensor:
@@ -75,19 +104,11 @@ def query_effect(delta: torch.Tensor, grad_pattern: torch.Tensor) -> torch.Tenso
     return torch.einsum("bhts,bhts->bth", delta, grad_pattern)
 
 
-def key_effect(coeff: torch.Tensor, scores: torch.Tensor, pattern: torch.Tensor, grad_pattern: torch.Tensor,
-               group: int) -> torch.Tensor:
+def key_effect(fix: KeyFix, grad_pattern: torch.Tensor, group: int) -> torch.Tensor:
     """Iqk of every key node, summed over query rows and the heads its kv-head feeds:
-    sum_h sum_t C_ts (G_ts - Gbar_ts): ``[batch, s, kv_head]`` (``coeff`` from ``key_coefficients``).
-
-    Gbar_ts = sum_{s' != s} A_ts' G_ts' / (1 - A_ts). Only a row's largest entry can have A_ts near 1;
-    there the weights are the softmax of the scores without that entry (no 0/0 when the other
-    entries underflow), elsewhere (sum_s' A_ts' G_ts' - A_ts G_ts) / (1 - A_ts) with 1 - A_ts >= 1/2.
-    """
-    weighted = (pattern * grad_pattern).sum(-1, keepdim=True)  # [batch, head, t, 1]
-    others = (weighted - pattern * grad_pattern) / (1 - pattern)  # [batch, head, t, s]; top entry replaced below
-    top = scores.argmax(dim=-1, keepdim=True)
-    rest = torch.nan_to_num(torch.softmax(scores.scatter(-1, top, float("-inf")), dim=-1), nan=0.0)  # one-key rows
-    others = others.scatter(-1, top, (rest * grad_pattern).sum(-1, keepdim=True))
-    per_head = torch.einsum("bhts,bhts->bsh", coeff, grad_pattern - others)
+    ``[batch, s, kv_head]`` (``fix`` from ``key_fix``, the same for every GradDrop variant)."""
+    centred = grad_pattern - (fix.pattern * grad_pattern).sum(-1, keepdim=True)  # [batch, head, t, s]
+    at_top = fix.coeff_top * (grad_pattern.gather(-1, fix.top) - (fix.rest * grad_pattern).sum(-1, keepdim=True))
+    per_row = (fix.coeff * centred).scatter(-1, fix.top, at_top)  # [batch, head, t, s]
+    per_head = per_row.sum(2).transpose(1, 2)  # [batch, s, head]
     return per_head.unflatten(-1, (-1, group)).sum(-1)
