@@ -10,6 +10,7 @@ import sys
 COMMANDS = {
     "demo": "demo",
     "evaluate": "evaluate",
+    "rank": "rank",
 }
 
 

@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+import torch  # noqa: E402
+
 from .result import AttributionResult  # noqa: E402
 
 
@@ -23,13 +25,21 @@ def layer_heatmap(result: AttributionResult, key: str, path: str | Path, *, titl
     dims = summed.dims[key]
     if scores.ndim == 1:
         scores = scores[None]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * scores.shape[1], 1.0 + 0.45 * scores.shape[0]))
-    image = ax.imshow(scores.numpy(), cmap="viridis", aspect="auto")
-    ax.set_xlabel(dims[-1] if len(dims) > 1 else "")
-    ax.set_ylabel(dims[0] if len(dims) > 1 else "")
-    ax.set_xticks(range(scores.shape[1]))
-    ax.set_yticks(range(scores.shape[0]))
-    ax.set_title(title or f"{key}: {result.method} score, summed over positions", fontsize=9)
+    return heatmap(scores, path, xlabel=dims[-1] if len(dims) > 1 else "", ylabel=dims[0] if len(dims) > 1 else "",
+                   title=title or f"{key}: {result.method} score, summed over positions")
+
+
+def heatmap(values: torch.Tensor, path: str | Path, *, xlabel: str, ylabel: str, title: str) -> Path:
+    """Draw a ``[rows, cols]`` matrix as a PNG heatmap with a colour bar; returns the path."""
+    values = values.detach().double().cpu()
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 + 0.45 * min(values.shape[1], 40)),
+                                    1.0 + 0.45 * min(values.shape[0], 40)))  # wide enough for the title
+    image = ax.imshow(values.numpy(), cmap="viridis", aspect="auto")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_xticks(range(0, values.shape[1], max(1, values.shape[1] // 20)))
+    ax.set_yticks(range(0, values.shape[0], max(1, values.shape[0] // 20)))
+    ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     path = Path(path)

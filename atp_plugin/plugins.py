@@ -23,6 +23,7 @@ BUILTINS = (
     "atp_plugin.backends.builtin",
     "atp_plugin.backends.baselines",
     "atp_plugin.hosts.hooked",
+    "atp_plugin.hosts.bridge",
 )
 KINDS = {"backends": "atp_register_backends", "adapters": "atp_register_adapters", "hosts": "atp_register_hosts"}
 

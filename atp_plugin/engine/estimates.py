@@ -69,7 +69,7 @@ def estimate_batch(host: Host, sites: list[Site], tokens: torch.Tensor, corrupt:
         values = metric(logits)
         targets = sorted({s.hook for s in sites if not s.qk_fixed} | {g.pattern_hook for g in geoms.values()}
                          | {post for _, post in resid})
-        grads = _grad(values.sum(), [clean[h] for h in targets], None, retain=graddrop)
+        grads = _grad(values.sum(), {h: clean[h] for h in targets}, None, retain=graddrop)
     full = dict(zip(targets, grads))
 
     with torch.no_grad():
@@ -115,7 +115,7 @@ def estimate_batch(host: Host, sites: list[Site], tokens: torch.Tensor, corrupt:
         below = [n for n, s in enumerate(sites) if s.pos.layer < layer]
         needed = sorted({geoms[sites[n].pos.layer].pattern_hook if sites[n].qk_fixed else sites[n].hook for n in below})
         with torch.enable_grad():
-            cut = _grad(clean[pre], [clean[h] for h in needed], full[post], retain=True) if needed else []
+            cut = _grad(clean[pre], {h: clean[h] for h in needed}, full[post], retain=True) if needed else []
         with torch.no_grad():
             variant = dict(zip(needed, cut))
             for n, s in enumerate(sites):
@@ -132,11 +132,24 @@ def estimate_batch(host: Host, sites: list[Site], tokens: torch.Tensor, corrupt:
     return _flat(first), _flat({n: _masked(est, mask) for n, est in gd.items()})
 
 
-def _grad(output: torch.Tensor, inputs: list[torch.Tensor], grad_output: torch.Tensor | None,
+def _grad(output: torch.Tensor, inputs: dict[str, torch.Tensor], grad_output: torch.Tensor | None,
           retain: bool) -> list[torch.Tensor]:
-    """Gradients of ``output`` at ``inputs``; an input the output does not depend on gets zeros."""
-    grads = torch.autograd.grad(output, inputs, grad_outputs=grad_output, retain_graph=retain, allow_unused=True)
-    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+    """Gradients of ``output`` at the captured site values ``inputs`` (hook name -> tensor).
+
+    Every site lies upstream of the logits, so a missing gradient means the model computed its
+    output from something other than the tensor the hook returned (a hook point whose return
+    value is ignored, a detach or no_grad in between): an error, never zeros that would pass for
+    "no effect".
+    """
+    grads = torch.autograd.grad(output, list(inputs.values()), grad_outputs=grad_output, retain_graph=retain,
+                                allow_unused=True)
+    dead = [h for h, g in zip(inputs, grads) if g is None]
+    if dead:
+        raise RuntimeError(
+            f"the metric's gradient does not reach hook(s) {dead[:5]}: the model does not use what the hook returns "
+            "downstream, or something detaches in between (a hook returning x.detach(), a no_grad block), so AtP "
+            "cannot estimate effects there; remove the detaching hook or choose other node types")
+    return list(grads)
 
 
 def _flat(per_site: dict[int, dict[str, torch.Tensor]]) -> dict[tuple[int, str], torch.Tensor]:
