@@ -25,7 +25,9 @@ the per-position estimates (exact for AtP; for keys the QK fix is then applied k
 The clean tokens are recovered from ``clean_cache["hook_embed"]`` (rows of the embedding matrix);
 pass ``clean_tokens=`` for models whose ``hook_embed`` is not ``W_E[tokens]``. The cache is checked
 against a run of those tokens before anything else. Works with ``HookedTransformer`` and
-``TransformerBridge`` (compatibility mode). Not covered: attention-pattern patching
+``TransformerBridge`` (compatibility mode). Neurons, which TransformerLens patches only through
+``generic_activation_patch`` on ``hook_post``, get ``get_act_patch_mlp_neurons_by_pos`` and
+``get_act_patch_mlp_neurons_all_pos`` in the same style. Not covered: attention-pattern patching
 (``get_act_patch_attn_head_pattern_*`` and the ``*_every`` helpers that include it); the
 ``index_df``/``return_index_df`` options of ``generic_activation_patch``.
 """
@@ -208,6 +210,14 @@ get_act_patch_attn_head_k_all_pos = _patcher(
 get_act_patch_attn_head_v_all_pos = _patcher(
     "get_act_patch_attn_head_v_all_pos", ["attn_v"], True,
     "Each kv-head's value at all positions at once: [n_layers, n_kv_heads].")
+get_act_patch_mlp_neurons_by_pos = _patcher(
+    "get_act_patch_mlp_neurons_by_pos", ["mlp_neurons"], False,
+    "Each MLP neuron (hook_post), by position: [n_layers, pos, d_mlp]. TransformerLens has no named function "
+    "for neurons; its equivalent is generic_activation_patch(..., patch_setter=layer_pos_head_vector_patch_setter, "
+    "activation_name='post', index_df=<every layer, pos, neuron>) reshaped to [n_layers, pos, d_mlp].")
+get_act_patch_mlp_neurons_all_pos = _patcher(
+    "get_act_patch_mlp_neurons_all_pos", ["mlp_neurons"], True,
+    "Each MLP neuron (hook_post) at all positions at once: [n_layers, d_mlp].")
 get_act_patch_block_every = _patcher(
     "get_act_patch_block_every", ["resid_pre", ATTN_OUT, MLP_OUT], False,
     "resid_pre, attn_out and mlp_out by position, stacked: [3, n_layers, pos].")

@@ -3,7 +3,10 @@ the first-order estimate is exact, and a naive gradient reference elsewhere."""
 
 from __future__ import annotations
 
+import itertools
 from contextlib import contextmanager
+
+import pandas as pd
 
 import pytest
 import torch
@@ -53,11 +56,14 @@ def test_every_function_has_the_shape_of_the_original():
                 "attn_head_k_by_pos": (2, 4, 2), "attn_head_v_by_pos": (2, 4, 2),
                 "attn_head_out_all_pos": (2, 4), "attn_head_q_all_pos": (2, 4),
                 "attn_head_k_all_pos": (2, 2), "attn_head_v_all_pos": (2, 2), "block_every": (3, 2, 4)}
-    assert sorted(patching.__all__) == sorted(f"get_act_patch_{k}" for k in expected)
+    assert sorted(patching.__all__) == sorted([f"get_act_patch_{k}" for k in expected]
+                                              + ["get_act_patch_mlp_neurons_by_pos", "get_act_patch_mlp_neurons_all_pos"])
     for suffix, shape in expected.items():
         ours, theirs = both(f"get_act_patch_{suffix}", model, corrupt, cache, metric)
         assert tuple(ours.shape) == tuple(theirs.shape) == shape, suffix
         assert torch.isfinite(ours).all()
+    for suffix, shape in {"mlp_neurons_by_pos": (2, 4, 64), "mlp_neurons_all_pos": (2, 64)}.items():
+        assert tuple(getattr(patching, f"get_act_patch_{suffix}")(model, corrupt, cache, metric).shape) == shape
 
 
 @pytest.mark.parametrize("name", [f"get_act_patch_attn_head_{h}_by_pos" for h in HEADS]
@@ -81,6 +87,34 @@ def test_mlp_out_equals_transformer_lens_in_a_one_layer_model_without_layernorm(
     _, cache = model.run_with_cache(clean)
     ours, theirs = both("get_act_patch_mlp_out", model, corrupt, cache, batch_metric())
     torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
+
+
+def tl_neurons(model, corrupt, cache, metric) -> torch.Tensor:
+    """Every neuron patched by transformer_lens.patching's generic patcher: [n_layers, pos, d_mlp]."""
+    shape = (model.cfg.n_layers, corrupt.shape[1], model.cfg.d_mlp)
+    index = pd.DataFrame(list(itertools.product(*map(range, shape))), columns=["layer", "pos", "neuron"])
+    with float64_default():
+        flat = tl_patching.generic_activation_patch(model, corrupt, cache, metric,
+                                                    tl_patching.layer_pos_head_vector_patch_setter, "post",
+                                                    index_df=index)
+    return flat.reshape(shape)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_neurons_equal_transformer_lens_where_first_order_is_exact(gated):
+    """One layer, no LayerNorm, a logit difference: the logits are linear in each neuron's output."""
+    model = make_model(n_layers=1, normalization_type=None, d_mlp=16, gated_mlp=gated)
+    clean, corrupt = make_pairs(N, T)
+    _, cache = model.run_with_cache(clean)
+    metric = batch_metric()
+    theirs = tl_neurons(model, corrupt, cache, metric)
+    ours = patching.get_act_patch_mlp_neurons_by_pos(model, corrupt, cache, metric)
+    assert (theirs - metric(model(corrupt))).abs().max() > 1e-3
+    torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
+    all_pos = patching.get_act_patch_mlp_neurons_all_pos(model, corrupt, cache, metric)
+    assert all_pos.shape == (1, 16)
+    torch.testing.assert_close(all_pos, metric(model(corrupt)) + (theirs - metric(model(corrupt))).sum(1),
+                               rtol=1e-9, atol=1e-12)
 
 
 def test_the_baseline_is_the_corrupted_run_and_the_estimate_is_the_gradient_dot_product():
