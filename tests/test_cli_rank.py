@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from atp_plugin import attribute, cli, metrics
-from hf_models import load_bridge, save_gpt2
+from hf_models import load_bridge, load_hooked, save_gpt2
 
 PAIRS = [  # token ids: "w{i}" is i + 2
     {"clean": "w1 w2 w3 w4", "corrupt": "w1 w5 w3 w4", "answer": "w6", "wrong": "w7"},
@@ -212,3 +213,30 @@ def test_the_demo_model_ranks_ioi_pairs(tmp_path):
                 "--out-csv", out) == 0
     table = pd.read_csv(out)
     assert table["effect"].notna().sum() == 3 and table["score"].is_monotonic_decreasing
+
+
+def test_a_transformer_lens_name_loads_through_from_pretrained(tmp_path):
+    """``--model gpt2`` takes HookedTransformer.from_pretrained's real path: here it finds a tiny GPT-2
+    saved as the hub cache's "gpt2" (offline), and ranks as that model loaded step by step."""
+    revision = "0" * 40
+    repo = tmp_path / "hf" / "hub" / "models--gpt2"
+    snapshot = save_gpt2(repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    pairs, out = write_jsonl(tmp_path / "pairs.jsonl", PAIRS), tmp_path / "ranks.csv"
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "atp_plugin.cli", "rank", "--model", "gpt2", "--pairs", str(pairs),
+                           "--dtype", "float64", "--method", "atp+qk", "--nodes", "attn_z,attn_q", "--top-k", "0",
+                           "--out-csv", str(out), "--quiet"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "gpt2 (HookedTransformer)" in done.stdout
+
+    ids = lambda key: [int(r[key][1:]) + 2 for r in PAIRS]  # noqa: E731
+    result = attribute(load_hooked(snapshot), [r["clean"] for r in PAIRS], [r["corrupt"] for r in PAIRS],
+                       metrics.logit_diff(ids("answer"), ids("wrong")), nodes=["attn_z", "attn_q"], method="atp+qk")
+    expected = result.to_frame()
+    expected = expected[~expected["pad"]].sort_values("score", ascending=False, kind="stable")
+    table = pd.read_csv(out)
+    assert table["node"].tolist() == expected["node"].tolist()
+    torch.testing.assert_close(torch.tensor(table["score"].to_numpy()), torch.tensor(expected["score"].to_numpy()),
+                               rtol=1e-10, atol=1e-14)
