@@ -7,7 +7,8 @@
 - The adapter's exact patch of a feature equals patching ``hook_sae_acts_post`` in a
   ``HookedSAETransformer`` with the SAE spliced in; its error node equals patching ``hook_sae_error``.
 - Every backend gives the same numbers with the SAEs spliced in and without.
-- SAEs that do not fit the model, transcoders, and spliced SAEs without error term are clear errors.
+- SAEs that do not fit the model, transcoders (sent to ``TranscoderFeatures``), and spliced SAEs
+  without error term are clear errors.
 
 SAEs are built from SAE-Lens config classes with random float64 weights (no downloads).
 """
@@ -293,11 +294,11 @@ def test_an_sae_that_does_not_fit_the_model_is_a_clear_error() -> None:
         SAEFeatures(model)
 
 
-def test_a_transcoder_is_a_clear_error() -> None:
+def test_a_transcoder_is_sent_to_transcoder_features() -> None:
     cfg = TranscoderConfig(d_in=32, d_sae=8, d_out=32, dtype="float64", apply_b_dec_to_input=False)
     cfg.metadata.hook_name = "blocks.0.ln2.hook_normalized"
     cfg.metadata.hook_name_out = "blocks.0.hook_mlp_out"
-    with pytest.raises(TypeError, match="transcoder"):
+    with pytest.raises(TypeError, match=r"is a transcoder .*TranscoderFeatures\(transcoder\)"):
         SAEFeatures(Transcoder(cfg))
 
 

@@ -2,7 +2,8 @@
 
 The engine hands an adapter site values and gradients; the adapter says what its nodes are.
 Built-ins (``attn_q``, ``attn_k``, ``attn_v``, ``attn_z``, ``mlp_neurons``, ``resid_pre``) slice
-the site; ``SAEFeatures`` encodes it. Write your own by following ``NodeAdapter``.
+the site; ``SAEFeatures`` encodes it; ``TranscoderFeatures`` encodes an earlier hook and writes
+the site. Write your own by following ``NodeAdapter``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ class NodeAdapter(Protocol):
     ``group`` form one score tensor, keyed ``name + group`` in the result (the main group is
     ``""``). Every tensor below is ``[batch, pos, *node_dims, feat]``: ``feat`` is the vector a
     node's dot product runs over (1 for scalar nodes).
+
+    Optional: ``reads(hook) -> tuple[str, ...]``, hooks besides ``hook`` whose values the nodes
+    are computed from (a transcoder's input hook). They must run before ``hook``; they are read,
+    never patched, and get no gradient: the nodes' effect on the model passes through ``hook``
+    alone. Where ``reads(hook)`` is not empty the adapter gets, wherever a site value is passed
+    below (``act``, ``clean``, ``noise``), a dict hook name -> value holding ``hook`` and every hook
+    it reads (in a patched run, their current values); ``grad`` stays dL/d(``hook``) and ``patch``
+    still returns the new value of ``hook``.
     """
 
     name: str
@@ -50,10 +59,14 @@ class NodeAdapter(Protocol):
 
 
 def __getattr__(name: str):
-    """``SAEFeatures`` is imported on first use: it needs SAE-Lens, which is slow to import."""
+    """``SAEFeatures`` and ``TranscoderFeatures`` are imported on first use: they need SAE-Lens,
+    which is slow to import."""
     if name == "SAEFeatures":
         from .sae import SAEFeatures
         return SAEFeatures
+    if name == "TranscoderFeatures":
+        from .transcoder import TranscoderFeatures
+        return TranscoderFeatures
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -15,7 +15,8 @@ patched, as when spliced); ``hook_z`` SAEs that flatten the heads; SAEs on one h
 (``hook_head_index``). Every SAE-Lens decoder is affine in ``f`` for a given input, so a feature's
 patch moves ``a`` along its (scaled) decoder row and AtP is first order in the model only.
 
-Transcoders (features read at one hook, written at another) are not SAEs: see ``SAEFeatures``.
+Transcoders (features read at one hook, written at another) are ``TranscoderFeatures``
+(``adapters/transcoder.py``), which reuses this class with its input and output split apart.
 """
 
 from __future__ import annotations
@@ -47,13 +48,8 @@ class SAEFeatures:
     hook distinct names. Works on a plain ``HookedTransformer`` and on a ``HookedSAETransformer``
     with the SAE spliced in (``add_sae(sae, use_error_term=True)``), with the same numbers.
 
-    Transcoders are refused. Their features are read at one hook and written at another, but an
-    adapter site is one hook: the engine hands ``encode``/``pullback``/``patch`` the value (and
-    gradient) of that hook only, so the features (a function of the input hook) cannot be computed
-    where the gradient and the patch live (the output hook). The smallest extension that makes them
-    sound: an optional adapter method ``reads(hook) -> str`` naming a second hook whose clean and
-    noise values (no gradient) the engine captures in the same runs and passes along with the site
-    value; the input hook runs before the output hook, so patched runs can pass its current value.
+    Transcoders (features read at one hook, written at another) are refused here: use
+    ``TranscoderFeatures``.
     """
 
     qk = None
@@ -67,8 +63,8 @@ class SAEFeatures:
         if hasattr(cfg, "d_out") or sae.W_dec.shape[-1] != cfg.d_in:
             raise TypeError(
                 f"{type(sae).__name__} is a transcoder (it reads one hook and writes another); SAEFeatures "
-                "supports SAEs that reconstruct the activation they read. Transcoder nodes need an adapter that "
-                "reads two hooks, which the NodeAdapter protocol does not offer yet (see SAEFeatures' docstring)")
+                "supports SAEs that reconstruct the activation they read: use "
+                "atp_plugin.adapters.TranscoderFeatures(transcoder) for transcoders")
         meta = getattr(cfg, "metadata", None)
         hook = getattr(meta, "hook_name", None) or getattr(cfg, "hook_name", None)
         if not hook:
@@ -90,6 +86,15 @@ class SAEFeatures:
         return {"": ("pos", "feature"), ".error": ("pos",)}
 
     def _check(self, host: Host) -> None:
+        self._check_site(host)
+        shape_of = _SHAPES.get(self.hook.rsplit(".", 1)[-1])
+        cfg = getattr(getattr(host, "model", None), "cfg", None)
+        if shape_of is not None and cfg is not None:
+            self._fits(shape_of(cfg))
+
+    def _check_site(self, host: Host) -> None:
+        """The site ``self.hook`` exists, the SAE is on the model's device, and an SAE spliced there
+        keeps its error term."""
         if not host.has_hook(self.hook):
             raise ValueError(f"{self.name}: the model has no hook {self.hook!r}; this SAE was trained on another "
                              "model or layer (check sae.cfg.metadata.hook_name)")
@@ -102,10 +107,6 @@ class SAEFeatures:
             raise ValueError(f"{self.name}: an SAE is spliced at {self.hook!r} without its error term, so the "
                              "model runs on the reconstruction there; splice it with "
                              "model.add_sae(sae, use_error_term=True) or remove it with model.reset_saes()")
-        shape_of = _SHAPES.get(self.hook.rsplit(".", 1)[-1])
-        cfg = getattr(model, "cfg", None)
-        if shape_of is not None and cfg is not None:
-            self._fits(shape_of(cfg))
 
     def _fits(self, shape: tuple[int, ...]) -> None:
         """Check the SAE's input width against a site's trailing ``shape``; a clear error otherwise."""
@@ -125,6 +126,15 @@ class SAEFeatures:
                              "this SAE was trained on another model or hook")
 
     # --- node values -------------------------------------------------------------------------
+    def _read(self, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the SAE encodes of a site value, and the part of the site it writes (the same here)."""
+        x = self._sae_in(act)
+        return x, x
+
+    def _part(self, grad: torch.Tensor) -> torch.Tensor:
+        """The part of a site gradient that the SAE's decoder writes to."""
+        return self._sae_in(grad)
+
     def _sae_in(self, act: torch.Tensor) -> torch.Tensor:
         """What the SAE reads of a site value: ``[batch, pos, d_in]`` (or ``[batch, pos, head,
         d_head]`` for a ``hook_z`` SAE, which flattens the heads itself)."""
@@ -152,16 +162,16 @@ class SAEFeatures:
         return _disable_hooks(self.sae)
 
     def encode(self, hook: str, act: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Features ``[batch, pos, d_sae, 1]`` and the error ``[batch, pos, d_in]``."""
-        x = self._sae_in(act)
+        """Features ``[batch, pos, d_sae, 1]`` and the error ``[batch, pos, d_in]`` (``d_out`` for a transcoder)."""
+        x, a = self._read(act)
         with self._disabled():
             f = self.sae.encode(x)
-            err = x - self.sae.decode(f)
+            err = a - self.sae.decode(f)
         return {"": f[..., None], ".error": _flat(err)}
 
     def pullback(self, hook: str, act: torch.Tensor, grad: torch.Tensor) -> dict[str, torch.Tensor]:
         """``dL/df = J_decode^T dL/da`` (``W_dec . dL/da``) ``[batch, pos, d_sae, 1]``; ``dL/de = dL/da``."""
-        x, g = self._sae_in(act), self._sae_in(grad)
+        (x, _), g = self._read(act), self._part(grad)
         with self._disabled():
             f = self.sae.encode(x).detach().requires_grad_(True)  # [batch, pos, d_sae]
             with torch.enable_grad():
@@ -173,12 +183,12 @@ class SAEFeatures:
               masks: dict[str, torch.Tensor]) -> torch.Tensor:
         """``decode(f') + e``: selected features (``masks[""]`` ``[batch, pos, d_sae]``) from the noise
         prompt, the error from the noise prompt where ``masks[".error"]`` ``[batch, pos]`` is set."""
-        xc, xn = self._sae_in(clean), self._sae_in(noise)
+        (xc, ac), (xn, an) = self._read(clean), self._read(noise)
         with self._disabled():
             f_noise = self.sae.encode(xn)                    # [batch, pos, d_sae]
-            err_noise = xn - self.sae.decode(f_noise)         # like x
+            err_noise = an - self.sae.decode(f_noise)         # like a
             f_clean = self.sae.encode(xc)
-            err_clean = xc - self.sae.decode(f_clean)
+            err_clean = ac - self.sae.decode(f_clean)
             err = err_clean
             if ".error" in masks:
                 m = masks[".error"]  # [batch, pos]
@@ -187,7 +197,7 @@ class SAEFeatures:
                 self.sae.encode(xc)  # decode with the clean input's normalisation, as when spliced
                 out = self.sae.decode(torch.where(masks[""], f_noise, f_clean)) + err
             else:
-                out = xc + (err - err_clean)
+                out = ac + (err - err_clean)
         return self._site_out(clean, out)
 
 

@@ -88,7 +88,7 @@ def joint_effects(engine, nodes: NodeSet, sets: SetRows, n_sets: int, desc: str)
                 grid = grid.reshape(stop - start, 1, *shape).to(device)  # [sets, 1, pos, *node]
                 grid = grid & real.reshape(1, len(idx), shape[0], *(1,) * (len(shape) - 1))
                 masks.setdefault(n, {})[grp] = grid.flatten(0, 1)  # [copies, pos, *node]
-            hooks = {sites[n].hook for n in masks}
+            hooks = {h for n in masks for h in sites[n].needs}
             vals = engine.patched_metric(idx[copies], {h: noise[h][copies] for h in hooks}, masks)
             effect = vals.double().cpu() - base[copies.cpu()]  # [copies]
             out[start:stop, idx.cpu()] = effect.reshape(stop - start, len(idx))

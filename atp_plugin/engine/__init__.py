@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..hosts import Host
-from .estimates import Site, estimate_batch, sites_of
+from .estimates import Site, check_order, estimate_batch, sites_of
 from .pairs import Pairs
 from .patching import Masks, one_hot_masks, patched_run
 from .runs import run
@@ -122,9 +122,11 @@ class Engine:
 
     # --- exact patching ----------------------------------------------------------------
     def noise_values(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Site values of the corrupt prompts of pairs ``idx``."""
+        """Site values (and the values of hooks adapters read) of the corrupt prompts of pairs ``idx``."""
+        sites = self.sites()
         with torch.no_grad():
-            _, acts = run(self.host, self.pairs.corrupt[idx], self.pairs.mask[idx], {s.hook for s in self.sites()})
+            _, acts = run(self.host, self.pairs.corrupt[idx], self.pairs.mask[idx], {h for s in sites for h in s.needs})
+        check_order(sites, acts)
         self.forward_passes += len(idx)
         return acts
 
@@ -137,7 +139,7 @@ class Engine:
 
     def patched_metric(self, idx: torch.Tensor, noise: dict[str, torch.Tensor], masks: Masks) -> torch.Tensor:
         """The metric on copies of clean prompts ``idx`` (``[copies]``) with ``masks`` patched in;
-        ``noise`` holds the matching corrupt site values ``[copies, ...]``."""
+        ``noise`` holds the matching corrupt values ``[copies, ...]`` of the patched sites' ``needs``."""
         with torch.no_grad():
             logits = patched_run(self.host, self.sites(), self.pairs.clean[idx], self.pairs.mask[idx], noise, masks)
         self.forward_passes += len(idx)
@@ -159,7 +161,8 @@ class Engine:
             noise = self.noise_values(idx)
             base = self.clean_metric(idx).cpu()
             for i, (n, grp) in enumerate(keys):
-                shapes[i] = tuple(sites[n].adapter.encode(sites[n].hook, noise[sites[n].hook][:1])[grp].shape[1:-1])
+                one = sites[n].value({h: noise[h][:1] for h in sites[n].needs})  # one prompt, for the shape
+                shapes[i] = tuple(sites[n].adapter.encode(sites[n].hook, one)[grp].shape[1:-1])
             per_node = torch.tensor([math.prod(shapes[int(o)][1:]) for o in owner])
             pos = flat // per_node  # [nodes]
             real = self.pairs.mask[idx].cpu()[:, pos]  # [batch, nodes]
@@ -173,7 +176,7 @@ class Engine:
                     sel = owner[mm] == i
                     one = one_hot_masks(shapes[i], torch.where(sel, flat[mm], 0))
                     masks.setdefault(n, {})[grp] = (one & sel.reshape((-1,) + (1,) * (one.ndim - 1))).to(self.host.device)
-                hooks = {sites[n].hook for n in masks}
+                hooks = {h for n in masks for h in sites[n].needs}
                 vals = self.patched_metric(idx[p.to(idx.device)], {h: noise[h][p.to(idx.device)] for h in hooks}, masks)
                 sums.index_add_(0, mm, vals.cpu() - base[p])
                 count.index_add_(0, mm, torch.ones(len(mm), dtype=self.acc))
@@ -185,7 +188,7 @@ class Engine:
         if self._shapes is None:
             probe = self.noise_values(torch.arange(1, device=self.host.device))  # one prompt, for the shapes
             self._shapes = {(n, grp): tuple(enc.shape[1:-1]) for n, s in enumerate(self.sites())
-                            for grp, enc in s.adapter.encode(s.hook, probe[s.hook]).items()}
+                            for grp, enc in s.adapter.encode(s.hook, s.value(probe)).items()}
         return self._shapes
 
     def exact(self) -> dict[tuple[int, str], torch.Tensor]:

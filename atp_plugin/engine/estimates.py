@@ -18,19 +18,58 @@ from .runs import run
 
 @dataclass(frozen=True)
 class Site:
-    """One hook an adapter reads, where it sits, and its index in the adapter's score tensor."""
+    """One hook an adapter reads, where it sits, and its index in the adapter's score tensor.
+
+    ``reads``: further hooks whose values the adapter's nodes are computed from (an adapter's
+    optional ``reads(hook)``, e.g. a transcoder's input hook); they carry no gradient and are
+    never patched, and must run before ``hook`` in the forward pass.
+    """
 
     adapter: object
     hook: str
     index: int
     pos: SitePosition
     qk_fixed: bool
+    reads: tuple[str, ...] = ()
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """Every hook whose value the adapter's methods take for this site."""
+        return (self.hook, *self.reads)
+
+    def value(self, values: dict[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
+        """What the adapter's ``encode``/``pullback``/``patch`` take as the site value: the hook's
+        value, or for an adapter with ``reads`` a dict hook -> value over ``needs``."""
+        return {h: values[h] for h in self.needs} if self.reads else values[self.hook]
 
 
 def sites_of(host: Host, adapters: list, qk: bool) -> list[Site]:
-    """Every (adapter, hook) pair, with its position relative to the residual stream."""
-    return [Site(a, h, i, host.site_position(h), bool(qk and a.qk))
-            for a in adapters for i, h in enumerate(a.hooks(host))]
+    """Every (adapter, hook) pair, with its position relative to the residual stream.
+
+    A site's position is its written hook's: an adapter's nodes change the model only there, so
+    GradDrop treats them as part of that hook's layer wherever their ``reads`` sit.
+    """
+    sites = []
+    for a in adapters:
+        for i, h in enumerate(a.hooks(host)):
+            reads = tuple(a.reads(h)) if hasattr(a, "reads") else ()
+            sites.append(Site(a, h, i, host.site_position(h), bool(qk and a.qk), reads))
+    return sites
+
+
+def check_order(sites: list[Site], acts: dict[str, torch.Tensor]) -> None:
+    """Fail unless every site's ``reads`` fired before its hook; ``acts`` holds values in firing order.
+
+    A node computed from a hook that runs after the node's own write would change when it is
+    patched: no exact patch or first-order estimate is defined for it.
+    """
+    order = {h: i for i, h in enumerate(acts)}
+    for s in sites:
+        late = [r for r in s.reads if order[r] > order[s.hook]]
+        if late:
+            raise ValueError(f"{getattr(s.adapter, 'name', s.adapter)}: its nodes are written at {s.hook!r} but read "
+                             f"{late}, which the model runs later; an adapter can only read hooks that run before "
+                             "the hook it writes")
 
 
 def _masked(est: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -56,7 +95,7 @@ def estimate_batch(host: Host, sites: list[Site], tokens: torch.Tensor, corrupt:
     ``sum_l |I_l|`` (None without GradDrop). Padding positions are 0.
     """
     geoms = {s.pos.layer: host.attention(s.pos.layer) for s in sites if s.qk_fixed}
-    site_hooks = {s.hook for s in sites}
+    site_hooks = {h for s in sites for h in s.needs}
     qk_hooks = {h for g in geoms.values() for h in (g.q_hook, g.k_hook)}
     with torch.no_grad():
         _, noise = run(host, corrupt, mask, site_hooks | qk_hooks)
@@ -66,6 +105,7 @@ def estimate_batch(host: Host, sites: list[Site], tokens: torch.Tensor, corrupt:
     capture |= {h for pair in resid for h in pair}
     with torch.enable_grad():
         logits, clean = run(host, tokens, mask, capture)
+        check_order(sites, clean)
         values = metric(logits)
         targets = sorted({s.hook for s in sites if not s.qk_fixed} | {g.pattern_hook for g in geoms.values()}
                          | {post for _, post in resid})
@@ -84,10 +124,11 @@ def estimate_batch(host: Host, sites: list[Site], tokens: torch.Tensor, corrupt:
                 else:
                     A = clean[g.pattern_hook].detach().to(acc)
                     fixes[s.pos.layer, "k"] = qkfix.key_fix(sc, A, q, k, noise[g.k_hook].to(acc), g)
+        fixed = {h: v.detach() for h, v in clean.items()}  # clean site values, no graph
         deltas = {}
         for n, s in enumerate(sites):
             if not s.qk_fixed:
-                enc_n, enc_c = s.adapter.encode(s.hook, noise[s.hook]), s.adapter.encode(s.hook, clean[s.hook].detach())
+                enc_n, enc_c = s.adapter.encode(s.hook, s.value(noise)), s.adapter.encode(s.hook, s.value(fixed))
                 deltas[n] = {grp: (enc_n[grp] - enc_c[grp]).to(acc) for grp in enc_c}
 
         def estimate(n: int, grad_of: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -100,7 +141,7 @@ def estimate_batch(host: Host, sites: list[Site], tokens: torch.Tensor, corrupt:
                 else:
                     out = {"": qkfix.key_effect(fixes[s.pos.layer, "k"], G, g.group)}
             else:
-                pulled = s.adapter.pullback(s.hook, clean[s.hook].detach(), grad_of[s.hook])
+                pulled = s.adapter.pullback(s.hook, s.value(fixed), grad_of[s.hook])
                 out = {grp: _dot(deltas[n][grp], pulled[grp].to(acc)) for grp in pulled}
             return out  # padding positions are zeroed once, at the end
 

@@ -1,0 +1,113 @@
+"""Transcoder features as nodes: read at the transcoder's input hook, written at its output hook.
+
+A SAE-Lens transcoder reads ``x`` at ``cfg.metadata.hook_name`` and its decoder writes at
+``cfg.metadata.hook_name_out`` (e.g. ``blocks.L.ln2.hook_normalized`` -> ``blocks.L.hook_mlp_out``).
+In the replacement-model view the output site ``a`` splits into the transcoder's output and an
+error term, ``a = decode(f) + e`` with ``f = encode(x)`` and ``e = a - decode(f)``, the error frozen
+(DESIGN §4, with the SAE's input and output split apart). Nodes: feature ``i`` at position ``t``,
+value ``f_i(x[t])``, and the error ``e[t]``. Patching feature ``i`` adds ``(f_i' - f_i) W_dec[i]`` to
+``a`` (``x`` and so every other feature and the error stay as they are); patching the error node
+sets ``e`` to its noise value. AtP: ``(f_i' - f_i) (W_dec[i] . dL/da)`` and ``(e' - e) . dL/da``.
+
+This is what ``HookedSAETransformer.add_sae(transcoder, use_error_term=True)`` runs: its wrapper at
+the output hook returns ``decode(encode(x)) + e`` with ``x`` captured at the input hook, so patching
+its ``hook_sae_acts_post`` is patching a feature here, and the numbers are the same spliced or not.
+A skip transcoder's ``W_skip x`` is not part of SAE-Lens's ``decode``: as when spliced, it lies in
+the error node (it does not change when a feature is patched, since ``x`` does not).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..hosts import Host
+from .sae import _SHAPES, SAEFeatures
+
+
+class TranscoderFeatures(SAEFeatures):
+    """Nodes of one SAE-Lens transcoder (``Transcoder``, ``SkipTranscoder``, ``JumpReLUTranscoder``,
+    ``JumpReLUSkipTranscoder``): its features at every position, and its error term.
+
+    Score tensors: ``name`` -> ``[pos, d_sae]`` (dims ``("pos", "feature")``) and
+    ``name + ".error"`` -> ``[pos]``, as for ``SAEFeatures``. ``name`` defaults to
+    ``"transcoder:<hook_name>-><hook_name_out>"``. Works on a plain ``HookedTransformer`` (the
+    adapter encodes the input hook's value itself) and on a ``HookedSAETransformer`` with the
+    transcoder spliced in (``add_sae(transcoder, use_error_term=True)``), with the same numbers.
+
+    The adapter's site is the output hook; it ``reads`` the input hook, which must run before it
+    (any hook of the same or an earlier layer that feeds the output: checked on the first run).
+    GradDrop places the nodes where they write: a transcoder on ``blocks.L.hook_mlp_out`` is part
+    of layer L's MLP write (its own cut gives 0, every cut below L leaves its estimate unchanged),
+    wherever its input hook sits, because a feature changes the model only through the output hook.
+    Transcoders read and write whole vectors ``[batch, pos, d]``: one-head hooks are refused.
+    """
+
+    def __init__(self, transcoder: Any, name: str | None = None):
+        from sae_lens import Transcoder
+
+        if not isinstance(transcoder, Transcoder):
+            raise TypeError(f"TranscoderFeatures takes a SAE-Lens Transcoder (Transcoder, SkipTranscoder, "
+                            f"JumpReLUTranscoder, ...), got {type(transcoder).__name__}; for an SAE use SAEFeatures")
+        meta = transcoder.cfg.metadata
+        hook_in, hook_out = meta.hook_name, meta.hook_name_out
+        if not hook_in or not hook_out:
+            raise ValueError("the transcoder does not name both its hooks: set transcoder.cfg.metadata.hook_name (the "
+                             "hook it reads) and hook_name_out (the hook it writes), e.g. "
+                             "'blocks.0.ln2.hook_normalized' and 'blocks.0.hook_mlp_out'")
+        if hook_in == hook_out:
+            raise ValueError(f"the transcoder reads and writes {hook_in!r}; a transcoder maps one hook to another: "
+                             "set cfg.metadata.hook_name_out to the hook its decoder writes")
+        if meta.hook_head_index is not None or meta.hook_head_index_out is not None:
+            raise ValueError("the transcoder reads or writes one attention head (metadata.hook_head_index[_out]); "
+                             "SAE-Lens transcoders read and write whole vectors [batch, pos, d], one-head hooks "
+                             "are not supported")
+        self.sae = transcoder
+        self.hook: str = hook_out  # the site: where the features write
+        self.hook_in: str = hook_in
+        self.head = None
+        self.name: str = name or f"transcoder:{hook_in}->{hook_out}"
+
+    def reads(self, hook: str) -> tuple[str, ...]:
+        """The input hook: the features are computed from its value."""
+        return (self.hook_in,)
+
+    def _check(self, host: Host) -> None:
+        """Both hooks exist and hold vectors of the transcoder's ``d_in`` and ``d_out`` (checked here
+        where the model's config gives a hook's shape, else on the values of the first run)."""
+        for hook, key in ((self.hook_in, "hook_name"), (self.hook, "hook_name_out")):
+            if not host.has_hook(hook):
+                raise ValueError(f"{self.name}: the model has no hook {hook!r}; this transcoder was trained on another "
+                                 f"model or layer (check transcoder.cfg.metadata.{key})")
+        self._check_site(host)
+        cfg = getattr(getattr(host, "model", None), "cfg", None)
+        for hook in (self.hook_in, self.hook):
+            shape_of = _SHAPES.get(hook.rsplit(".", 1)[-1])
+            if shape_of is not None and cfg is not None:
+                self._vector(hook, shape_of(cfg))
+
+    def _vector(self, hook: str, shape: tuple[int, ...]) -> None:
+        """Check a hook's trailing ``shape`` against the transcoder's width there; a clear error otherwise."""
+        what, width = ("d_in", self.sae.cfg.d_in) if hook == self.hook_in else ("d_out", self.sae.cfg.d_out)
+        if tuple(shape) != (width,):
+            raise ValueError(f"{self.name}: hook {hook!r} holds [batch, pos, {', '.join(map(str, shape))}], but the "
+                             f"transcoder has {what}={width} there; this transcoder was trained on another model or "
+                             "hook")
+
+    # --- node values: the SAE's code with the input (x) and the written site (a) apart ---------
+    def _read(self, act: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input hook's value ``[batch, pos, d_in]`` and the output site's ``[batch, pos, d_out]``."""
+        return self._flat(self.hook_in, act[self.hook_in]), self._part(act[self.hook])
+
+    def _part(self, grad: torch.Tensor) -> torch.Tensor:
+        return self._flat(self.hook, grad)
+
+    def _flat(self, hook: str, t: torch.Tensor) -> torch.Tensor:
+        if t.ndim < 3:
+            raise ValueError(f"{self.name}: expected a value [batch, pos, ...] at {hook!r}, got shape {tuple(t.shape)}")
+        self._vector(hook, tuple(t.shape[2:]))
+        return t
+
+    def _site_out(self, act: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return x.to(act[self.hook].dtype)
