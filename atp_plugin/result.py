@@ -28,6 +28,15 @@ class AttributionResult:
     view: str = "per position"
     engine: Any = field(default=None, repr=False)
 
+    def __repr__(self) -> str:
+        """What the result holds, not its numbers (a notebook cell would otherwise print every tensor)."""
+        lines = [f"AttributionResult(method={self.method!r}, {self.n_pairs} pair(s), {self.view}; {self.alignment})"]
+        for key, score in self.scores.items():
+            shape = ", ".join(f"{d}={n}" for d, n in zip(self.dims[key], score.shape))
+            lines.append(f"  {key}: [{shape}]")
+        lines.append("  see .top(k), .to_frame()" + (", .verify(k)" if self.view == "per position" else ""))
+        return "\n".join(lines)
+
     def to_frame(self) -> pd.DataFrame:
         """One row per node: node_type, its coordinates (layer, pos, head/neuron/feature, …),
         score, signed, and ``pad`` (the position is padding in every pair)."""

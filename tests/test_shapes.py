@@ -96,3 +96,14 @@ def test_sum_over_positions_is_labelled() -> None:
     assert frame.attrs["view"] == "summed over positions"
     assert "pos" not in frame.columns
     assert len(frame) == sum(s.numel() for s in summed.scores.values())
+
+
+def test_repr_names_the_method_view_and_shapes() -> None:
+    _, result = result_for("ln_gelu", "atp")
+    text = repr(result)
+    assert text.startswith("AttributionResult(method='atp', ") and "per position" in text
+    for nt in NODES:
+        shape = ", ".join(f"{d}={n}" for d, n in zip(result.dims[nt], result.scores[nt].shape))
+        assert f"  {nt}: [{shape}]" in text
+    assert ".verify(k)" in text and ".verify(k)" not in repr(result.sum_over_positions())
+    assert "summed over positions" in repr(result.sum_over_positions())
