@@ -33,6 +33,7 @@ paper does: a diagnostic of what the verification could have missed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -70,9 +71,13 @@ class FalseNegativeBound:
         return float(node_p_values(self.estimates, theta).max(initial=0.0))
 
     def __str__(self) -> str:
-        return (f"with {self.confidence:.0%} confidence no node outside the verified top {self.k} has |effect| above "
-                f"{self.theta:.4g} ({len(self.estimates)} unverified nodes, {self.n_subsets} random joint patches, "
-                f"p={self.p})")
+        setting = f"{len(self.estimates)} unverified nodes, {self.n_subsets} random joint patches, p={self.p}"
+        if math.isfinite(self.theta):
+            return (f"with {self.confidence:.0%} confidence no node outside the verified top {self.k} has |effect| "
+                    f"above {self.theta:.4g} ({setting})")
+        short = int((~np.isfinite(self.estimates["std_error"].to_numpy(dtype=float))).sum())
+        return (f"no bound: {short} of the unverified nodes were in, or out of, fewer than 2 of the random subsets, "
+                f"so their effect is not estimated ({setting}); raise n_subsets (or bring p nearer 0.5)")
 
 
 def node_p_values(estimates: pd.DataFrame, theta: float) -> np.ndarray:

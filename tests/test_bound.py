@@ -111,3 +111,14 @@ def test_nonadditive_model_runs():
     bound = false_negative_bound(model, clean, corrupt, metric, truth, k=3, n_subsets=100, p=0.1)
     assert np.isfinite(bound.estimates["upper"]).all()
     assert bound.theta >= truth.to_frame()["score"].nlargest(4).iloc[3]
+
+
+def test_too_few_subsets_give_no_bound_and_say_why(planted):
+    """With 20 subsets at p=0.1 (the least the input check allows) some nodes land in fewer than 2 of
+    them by chance: no standard error for those, so no theta."""
+    model, clean, corrupt, metric, truth = planted
+    bound = false_negative_bound(model, clean, corrupt, metric, truth, k=1, n_subsets=20, p=0.1)
+    short = ((bound.estimates["n_in"] < 2) | (bound.estimates["n_out"] < 2)).sum()
+    assert short > 0 and bound.theta == float("inf")
+    assert str(bound).startswith(f"no bound: {short} of the unverified nodes were in, or out of, fewer than 2")
+    assert "raise n_subsets" in str(bound)
