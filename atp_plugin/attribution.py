@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
@@ -13,6 +14,7 @@ from .adapters import NodeAdapter, resolve
 from .backends import Backend
 from .engine import Engine, Metric
 from .engine.pairs import make_pairs
+from .metrics import check_metric
 from .result import AttributionResult
 
 DEFAULT_NODES = ("attn_z", "mlp_neurons")
@@ -30,11 +32,12 @@ def host_for(model: Any):
 
 
 @contextmanager
-def eval_mode(model: Any) -> Iterator[None]:
-    """Run in eval mode: dropout would make every estimate and patch noisy."""
+def eval_mode(model: Any, caller: str = "attribute()") -> Iterator[None]:
+    """Run in eval mode: dropout would make every estimate and patch noisy. ``caller`` names the
+    function in the warning."""
     training = bool(getattr(model, "training", False))
     if training:
-        warnings.warn("the model is in training mode; dropout breaks the estimates, so attribute() runs it in "
+        warnings.warn(f"the model is in training mode; dropout breaks the estimates, so {caller} runs it in "
                       "eval mode (call model.eval() to silence this)", stacklevel=4)
         model.eval()
     try:
@@ -42,6 +45,25 @@ def eval_mode(model: Any) -> Iterator[None]:
     finally:
         if training:
             model.train()
+
+
+def positive_int(value: Any, name: str, fix: str) -> int:
+    """``value`` if it is a positive int (not a bool), else a ValueError/TypeError saying ``fix``."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__}); {fix}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value}; {fix}")
+    return int(value)
+
+
+def check_length(host: Any, n_tokens: int) -> None:
+    """Fail before any run when prompts are longer than the model's context ``n_ctx`` (its
+    positional embeddings and causal mask stop there; ALiBi has no such limit)."""
+    cfg = getattr(host, "cfg", None)
+    n_ctx = getattr(cfg, "n_ctx", None)
+    if n_ctx is not None and getattr(cfg, "positional_embedding_type", None) != "alibi" and n_tokens > n_ctx:
+        raise ValueError(f"the prompts are {n_tokens} tokens long (after padding to the longest) but the model's "
+                         f"context length n_ctx is {n_ctx}; shorten the prompts to at most {n_ctx} tokens")
 
 
 def attribute(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Tensor | Sequence[str],
@@ -67,6 +89,10 @@ def attribute(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Te
     else:
         raise TypeError(f"method must be a backend name ({', '.join(sorted(backends))}) or an object with "
                         f"`name` and `run(engine)`, got {method!r}")
+    if batch_size is not None:
+        batch_size = positive_int(batch_size, "batch_size", "it is the number of pairs run at a time")
+    patch_batch_size = positive_int(patch_batch_size, "patch_batch_size",
+                                    "it is the number of patched prompts run at a time")
     adapters = resolve(nodes, plugins.adapters())
     host = host_for(model)
     missing = sorted({h for a in adapters for h in a.hooks(host) if not host.has_hook(h)})
@@ -74,11 +100,8 @@ def attribute(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Te
         raise ValueError(f"the model lacks hook(s) {missing[:5]} needed by nodes={[a.name for a in adapters]}; "
                          "choose node types this model has")
     pairs = make_pairs(host, clean, corrupt)
-    n_metric = getattr(metric, "n_pairs", None)
-    if n_metric is not None and n_metric != pairs.n:
-        raise ValueError(f"the metric holds answers for {n_metric} pairs but {pairs.n} pairs were given")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be a positive number of pairs, got {batch_size}")
+    check_length(host, pairs.clean.shape[1])
+    check_metric(metric, pairs.n, pairs.clean.shape[1], host.d_vocab)
     engine = Engine(host, pairs, metric, adapters, batch_size=batch_size or DEFAULT_BATCH,
                     patch_batch_size=patch_batch_size, progress=progress)
     if getattr(backend, "qk", False):

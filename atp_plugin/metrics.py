@@ -1,5 +1,7 @@
 """Built-in metrics: one scalar per pair from the logits, called as ``metric(logits, indices)``
-with ``indices`` the pair indices of the current batch (``[batch]`` LongTensor)."""
+with ``indices`` the pair indices of the current batch (``[batch]`` LongTensor). Each carries
+``n_pairs``, ``token_ids`` and ``position`` so that ``attribute()`` can check them against the
+prompts and the model before running anything (``check_metric``)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,35 @@ def _ids(ids: Sequence[int] | torch.Tensor, what: str) -> torch.Tensor:
     t = torch.as_tensor(ids)
     if t.ndim != 1 or t.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"{what} must be a 1-D sequence of token ids (one per pair), got {t.dtype} of shape {tuple(t.shape)}")
+    if t.numel() and int(t.min()) < 0:
+        bad = (t < 0).nonzero().flatten().tolist()
+        raise ValueError(f"{what} holds negative token ids (pairs {bad[:10]}); token ids count from 0 "
+                         "(get them with token_ids(model, [...]) or model.to_single_token)")
     return t.long()
+
+
+def _position(position: int) -> int:
+    if not isinstance(position, int) or isinstance(position, bool):
+        raise TypeError(f"position must be an int (a token position, -1 for the last), got {position!r}")
+    return position
+
+
+def check_metric(metric, n_pairs: int, n_tokens: int, d_vocab: int) -> None:
+    """Check what a built-in metric holds against the prompts and the model, before any run:
+    one answer per pair (``metric.n_pairs``), token ids in ``[0, d_vocab)`` (``metric.token_ids``)
+    and a ``metric.position`` inside prompts of ``n_tokens`` tokens. A metric without these
+    attributes (a user's own function) is not checked here."""
+    n_metric = getattr(metric, "n_pairs", None)
+    if n_metric is not None and n_metric != n_pairs:
+        raise ValueError(f"the metric holds answers for {n_metric} pairs but {n_pairs} pairs were given")
+    ids = getattr(metric, "token_ids", None)
+    if ids is not None and ids.numel() and int(ids.max()) >= d_vocab:
+        raise ValueError(f"the metric's answer ids include {int(ids.max())}, outside the model's vocabulary "
+                         f"[0, {d_vocab}); take them from this model's tokenizer (token_ids(model, [...]))")
+    position = getattr(metric, "position", None)
+    if position is not None and not -n_tokens <= position < n_tokens:
+        raise ValueError(f"the metric reads position {position} but the prompts have {n_tokens} tokens "
+                         f"(valid positions: {-n_tokens} to {n_tokens - 1}; -1 is every prompt's last token)")
 
 
 def token_ids(model, tokens: Sequence[str]) -> torch.Tensor:
@@ -23,7 +53,7 @@ def token_ids(model, tokens: Sequence[str]) -> torch.Tensor:
 def logit_diff(answer: Sequence[int] | torch.Tensor, wrong: Sequence[int] | torch.Tensor, *,
                position: int = -1) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """logit(answer) - logit(wrong) at ``position``, with per-pair token ids."""
-    answer, wrong = _ids(answer, "answer"), _ids(wrong, "wrong")
+    answer, wrong, position = _ids(answer, "answer"), _ids(wrong, "wrong"), _position(position)
     if answer.shape != wrong.shape:
         raise ValueError(f"answer has {len(answer)} ids but wrong has {len(wrong)}; give one of each per pair")
 
@@ -33,19 +63,19 @@ def logit_diff(answer: Sequence[int] | torch.Tensor, wrong: Sequence[int] | torc
         idx = indices.to(answer.device)
         return at[rows, answer[idx].to(at.device)] - at[rows, wrong[idx].to(at.device)]
 
-    metric.n_pairs = len(answer)
+    metric.n_pairs, metric.token_ids, metric.position = len(answer), torch.cat([answer, wrong]), position
     return metric
 
 
 def log_prob(answer: Sequence[int] | torch.Tensor, *, position: int = -1
              ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """log P(answer) at ``position``, with per-pair token ids."""
-    answer = _ids(answer, "answer")
+    answer, position = _ids(answer, "answer"), _position(position)
 
     def metric(logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         logp = torch.log_softmax(logits[:, position], dim=-1)  # [batch, vocab]
         rows = torch.arange(logp.shape[0], device=logp.device)
         return logp[rows, answer[indices.to(answer.device)].to(logp.device)]
 
-    metric.n_pairs = len(answer)
+    metric.n_pairs, metric.token_ids, metric.position = len(answer), answer, position
     return metric

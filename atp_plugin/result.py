@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +64,10 @@ class AttributionResult:
 
     def top(self, k: int = 10) -> pd.DataFrame:
         """The ``k`` nodes with the largest scores, largest first."""
+        if not isinstance(k, numbers.Integral) or isinstance(k, bool):
+            raise TypeError(f"k must be an int (a number of nodes), got {k!r}")
+        if k < 1:
+            raise ValueError(f"k must be at least 1 (a number of nodes), got {k}")
         return self.to_frame().nlargest(k, "score")
 
     def sum_over_positions(self) -> "AttributionResult":

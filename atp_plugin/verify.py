@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import torch
+
+from .attribution import eval_mode
 
 
 def locate(result, frame: pd.DataFrame) -> dict[tuple[int, str], tuple[np.ndarray, torch.Tensor]]:
@@ -40,18 +44,23 @@ def exact_effects_of(result, frame: pd.DataFrame, desc: str = "verifying") -> np
 
 
 def verify(result, k: int = 10) -> pd.DataFrame:
-    """The top ``k`` nodes of ``result`` with their exact effects (mean over pairs)."""
+    """The top ``k`` nodes of ``result`` with their exact effects (mean over pairs), patched in
+    eval mode (a model in training mode is switched, with a warning, and restored). ``k`` above
+    the number of nodes verifies them all, with a warning."""
     if result.engine is None:
         raise ValueError("this result cannot be verified: it has no engine (a summed-over-positions view); "
                          "verify the per-position result returned by attribute()")
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
     top = result.top(k)
     if "pad" in top:
         top = top[top["pad"].ne(True)]  # padding positions have no nodes
+    n_nodes = sum(score.numel() for score in result.scores.values())
+    if k > n_nodes:
+        warnings.warn(f"k={k} is more than the {n_nodes} nodes of this result; verifying all {n_nodes} "
+                      f"(k clamped to {n_nodes})", stacklevel=2)
     out = top.drop(columns=["score", "signed", "pad"], errors="ignore").copy()
     out["estimate"] = top["score"].to_numpy()
     out["signed_estimate"] = top["signed"].to_numpy()
-    out["effect"] = exact_effects_of(result, top)
+    with eval_mode(result.engine.host.model, "verify()"):
+        out["effect"] = exact_effects_of(result, top)
     out["abs_effect"] = out["effect"].abs()
     return out.reset_index(drop=True)

@@ -1,7 +1,8 @@
 """Bad input gets a clear error (what is wrong, how to fix it) before any heavy work.
 
-"Before heavy work" is measured: a forward pre-hook on the model counts forward passes; input
-errors must be raised with none run, metric errors after the first batch only.
+"Before heavy work" is measured: a forward pre-hook on the token embedding counts forward passes
+(``run_with_hooks`` calls ``model.forward`` directly, so a hook on the model itself would never
+fire); input errors must be raised with none run, metric errors after the first batch only.
 """
 
 from __future__ import annotations
@@ -10,14 +11,16 @@ import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
-from atp_plugin import attribute
+from atp_plugin import attribute, metrics, verify
 from atp_plugin.hosts.hooked import UnsupportedModelError
+from atp_plugin.metrics import check_metric
 from conftest import VARIANTS, logit_diff_metric, make_model, make_pairs
-from test_reference import tokenized_model
+from test_reference import tokenized_model, word_tokenizer
 
 ALL_NODES = ["attn_q", "attn_k", "attn_v", "attn_z", "mlp_neurons", "resid_pre"]
 ALL_METHODS = ["ap", "atp", "atp*", "atp+gd", "atp+qk"]
@@ -25,13 +28,14 @@ ALL_METHODS = ["ap", "atp", "atp*", "atp+gd", "atp+qk"]
 
 @contextmanager
 def counting_forwards(model: torch.nn.Module) -> Iterator[list[int]]:
-    """Count the model's forward passes inside the block: ``calls[0]``."""
+    """Count the model's forward passes inside the block: ``calls[0]``. Every run, however it is
+    started (``model(...)``, ``run_with_hooks``, ``run_with_cache``), embeds its tokens once."""
     calls = [0]
 
     def count(module, args) -> None:
         calls[0] += 1
 
-    handle = model.register_forward_pre_hook(count)
+    handle = model.embed.register_forward_pre_hook(count)
     try:
         yield calls
     finally:
@@ -47,6 +51,20 @@ def raises_before_any_forward(model, exc, match: str, *args, **kwargs) -> None:
 @pytest.fixture(scope="module")
 def model():
     return make_model()
+
+
+def test_forward_counter_sees_every_run(model) -> None:
+    """The counter the tests below rely on fires on every way a run starts, the engine's included."""
+    clean, corrupt = make_pairs(2, 4)
+    with counting_forwards(model) as calls:
+        model(clean)
+    assert calls[0] == 1
+    with counting_forwards(model) as calls:
+        model.run_with_hooks(clean, fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: x)])
+    assert calls[0] == 1
+    with counting_forwards(model) as calls:
+        attribute(model, clean, corrupt, logit_diff_metric(2), nodes=["attn_z"], method="ap")
+    assert calls[0] > 0
 
 
 def test_clean_and_corrupt_shapes_differ(model) -> None:
@@ -147,13 +165,19 @@ def test_malformed_tokens(model) -> None:
     raises_before_any_forward(model, ValueError, "batch_size must be a positive", clean, corrupt, metric, batch_size=0)
 
 
+def dropout_model():
+    """A test model with a permanent dropout hook: training mode is visibly random."""
+    model = make_model()
+    model.add_hook("blocks.0.hook_resid_mid", lambda x, hook: F.dropout(x, 0.5, training=hook.training),
+                   is_permanent=True)
+    return model
+
+
 @pytest.mark.filterwarnings("ignore:.*GradDrop degenerates")
 def test_training_mode_warns_and_matches_eval() -> None:
     """A dropout hook makes training mode visibly random; attribute() must run in eval mode (with
     a warning) and leave the model as it found it."""
-    model = make_model()
-    model.add_hook("blocks.0.hook_resid_mid", lambda x, hook: F.dropout(x, 0.5, training=hook.training),
-                   is_permanent=True)
+    model = dropout_model()
     clean, corrupt = make_pairs(3, 5)
     metric = logit_diff_metric(3)
     try:
@@ -172,6 +196,24 @@ def test_training_mode_warns_and_matches_eval() -> None:
             for nt in ("attn_z", "attn_q"):
                 assert torch.equal(trained.scores[nt], evaluated.scores[nt]), (method, nt)
                 assert torch.equal(trained.signed[nt].nan_to_num(), evaluated.signed[nt].nan_to_num()), (method, nt)
+    finally:
+        model.reset_hooks(including_permanent=True)
+
+
+def test_verify_in_training_mode_warns_and_matches_eval() -> None:
+    """verify() patches in eval mode too: in training mode it warns, and its effects equal those
+    verified in eval mode (with dropout live they would be random)."""
+    model = dropout_model()
+    clean, corrupt = make_pairs(3, 5)
+    try:
+        result = attribute(model, clean, corrupt, logit_diff_metric(3), nodes=["attn_z"], method="atp")
+        expected = result.verify(6)
+        for check in (result.verify, lambda k: verify(result, k)):
+            model.train()
+            with pytest.warns(UserWarning, match=r"training mode.*verify\(\) runs it in eval mode.*model.eval\(\)"):
+                got = check(6)
+            assert model.training, "verify() must restore training mode"
+            pd.testing.assert_frame_equal(got, expected)
     finally:
         model.reset_hooks(including_permanent=True)
 
@@ -195,3 +237,118 @@ def test_unsupported_attention_for_qk_fix(flag: dict, what: str) -> None:
         # the fix is needed only by q/k nodes: atp* on other node types still works
         result = attribute(model, clean, corrupt, metric, nodes=["attn_z"], method="atp*")
         assert result.scores["attn_z"].abs().sum() > 0
+
+
+def test_metric_answer_ids_and_position(model) -> None:
+    """Answer ids outside [0, d_vocab) and positions outside the prompt fail before any run (a
+    negative id would otherwise wrap around, a large one fail deep inside the clean run)."""
+    clean, corrupt = make_pairs(2, 5)
+    with pytest.raises(ValueError, match=r"answer holds negative token ids \(pairs \[1\]\)"):
+        metrics.logit_diff([3, -1], [4, 5])
+    with pytest.raises(ValueError, match=r"wrong holds negative token ids \(pairs \[0\]\)"):
+        metrics.logit_diff([3, 1], [-4, 5])
+    with pytest.raises(ValueError, match="answer holds negative token ids"):
+        metrics.log_prob([-3, 1])
+    with pytest.raises(TypeError, match="position must be an int"):
+        metrics.logit_diff([3, 1], [4, 5], position=True)
+    for metric in (metrics.logit_diff([3, 50], [4, 5]), metrics.logit_diff([3, 1], [4, 77]), metrics.log_prob([50, 1])):
+        raises_before_any_forward(model, ValueError, r"answer ids include \d+, outside the model's vocabulary \[0, 50\)",
+                                  clean, corrupt, metric)
+    for position in (5, -6):
+        for metric in (metrics.logit_diff([3, 1], [4, 5], position=position), metrics.log_prob([3, 1], position=position)):
+            raises_before_any_forward(model, ValueError, rf"reads position {position} but the prompts have 5 tokens",
+                                      clean, corrupt, metric)
+    for position in (4, -5, 0):  # the edges are valid
+        check_metric(metrics.logit_diff([3, 1], [4, 49], position=position), 2, 5, 50)
+
+
+def _detached(logits: torch.Tensor) -> torch.Tensor:
+    return (logits[:, -1, 0] - logits[:, -1, 1]).detach()
+
+
+def _via_item(logits: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([float(x.item()) for x in logits[:, -1, 0] - logits[:, -1, 1]], dtype=logits.dtype)
+
+
+def _integer(logits: torch.Tensor) -> torch.Tensor:
+    return logits[:, -1].argmax(-1)
+
+
+def _constant(logits: torch.Tensor) -> torch.Tensor:
+    return torch.ones(logits.shape[0], dtype=logits.dtype)
+
+
+@pytest.mark.parametrize("metric", [_detached, _via_item, _integer, _constant])
+def test_metric_without_gradient(model, metric) -> None:
+    """A metric AtP cannot differentiate fails with its name and the fix after the first clean run,
+    not deep inside autograd; exact patching needs no gradient and still takes it."""
+    clean, corrupt = make_pairs(3, 5)
+    with counting_forwards(model) as calls, pytest.raises(
+            ValueError, match=rf"metric '{metric.__name__}' returned values that carry no gradient.*without detaching, "
+                              r"\.item\(\)"):
+        attribute(model, clean, corrupt, metric, nodes=["attn_z"], method="atp")
+    assert calls[0] <= 2, "the metric was only checked after more than the first batch"  # noise + clean run
+    attribute(model, clean, corrupt, metric, nodes=["attn_z"], method="ap")
+
+
+def test_empty_string_prompt() -> None:
+    """A prompt with no tokens besides BOS would be an all-padding row: an error naming the pair."""
+    model = tokenized_model("ln_gelu")
+    for empty in ("", "   "):
+        raises_before_any_forward(model, ValueError, rf"pair 1: the clean prompt '{empty}' has no tokens",
+                                  ["w1 w2", empty], ["w1 w3", empty], logit_diff_metric(2))
+        raises_before_any_forward(model, ValueError, rf"pair 0: the corrupt prompt '{empty}' has no tokens",
+                                  ["w1"], [empty], logit_diff_metric(1))
+    with_bos = make_model(**VARIANTS["ln_gelu"], default_prepend_bos=True)
+    with_bos.set_tokenizer(word_tokenizer())
+    raises_before_any_forward(with_bos, ValueError, r"pair 2: the clean prompt '' has no tokens \(besides BOS\)",
+                              ["w1 w2", "w4", ""], ["w1 w3", "w5", ""], logit_diff_metric(3))
+    # one real token after the BOS is a prompt
+    result = attribute(with_bos, ["w1 w2", "w4"], ["w1 w3", "w5"], logit_diff_metric(2), nodes=["attn_z"], method="atp")
+    assert result.scores["attn_z"].shape == (3, 3, 4) and result.pad.tolist() == [False, False, False]
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(patch_batch_size=0), ValueError, r"patch_batch_size must be a positive int, got 0; it is the number of"),
+    (dict(patch_batch_size=-3), ValueError, r"patch_batch_size must be a positive int, got -3"),
+    (dict(patch_batch_size=2.5), TypeError, r"patch_batch_size must be a positive int, got 2.5 \(float\)"),
+    (dict(patch_batch_size=True), TypeError, r"patch_batch_size must be a positive int, got True \(bool\)"),
+    (dict(batch_size=2.5), TypeError, r"batch_size must be a positive int, got 2.5 \(float\); it is the number of pairs"),
+    (dict(batch_size=True), TypeError, r"batch_size must be a positive int, got True \(bool\)"),
+    (dict(batch_size=-1), ValueError, r"batch_size must be a positive int, got -1"),
+    (dict(nodes=None), TypeError, r"nodes= must be a node type name, a NodeAdapter or a list of them, got None"),
+    (dict(nodes=3), TypeError, r"nodes= must be a node type name.*got 3"),
+])
+def test_bad_numeric_arguments(model, kwargs: dict, exc: type, match: str) -> None:
+    clean, corrupt = make_pairs(2, 4)
+    raises_before_any_forward(model, exc, match, clean, corrupt, logit_diff_metric(2), method="ap", **kwargs)
+
+
+@pytest.mark.parametrize("variant", ["ln_gelu", "rms_rotary_gated"])
+def test_prompts_longer_than_context(variant: str) -> None:
+    model = make_model(**VARIANTS[variant])  # n_ctx 16
+    clean, corrupt = make_pairs(2, 17)
+    raises_before_any_forward(model, ValueError, r"the prompts are 17 tokens long.*n_ctx is 16; shorten the prompts",
+                              clean, corrupt, logit_diff_metric(2))
+    result = attribute(model, clean[:, 1:], corrupt[:, 1:], logit_diff_metric(2), nodes=["attn_z"], method="atp")
+    assert result.scores["attn_z"].shape[1] == 16
+
+
+def test_top_and_verify_k(model) -> None:
+    """top(k) needs k >= 1; verify(k) past the number of nodes verifies them all, saying so."""
+    clean, corrupt = make_pairs(2, 3)
+    result = attribute(model, clean, corrupt, logit_diff_metric(2), nodes=["attn_z"], method="atp")
+    for k in (0, -2):
+        with pytest.raises(ValueError, match=f"k must be at least 1 \\(a number of nodes\\), got {k}"):
+            result.top(k)
+    with pytest.raises(TypeError, match="k must be an int"):
+        result.top(2.0)
+    n = 2 * 3 * 4  # layers x positions x heads
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning at exactly n
+        everything = result.verify(n)
+    assert len(everything) == n
+    with pytest.warns(UserWarning, match=f"k=100 is more than the {n} nodes of this result; verifying all {n} "
+                                         f"\\(k clamped to {n}\\)"):
+        clamped = result.verify(100)
+    pd.testing.assert_frame_equal(clamped, everything)

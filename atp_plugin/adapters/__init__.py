@@ -72,7 +72,13 @@ def __getattr__(name: str):
 
 def resolve(nodes: "str | NodeAdapter | list[str | NodeAdapter] | tuple", known: dict[str, NodeAdapter]) -> list[NodeAdapter]:
     """Turn ``nodes=`` (names and/or adapter instances) into adapters, with a clear error."""
-    items = [nodes] if isinstance(nodes, (str, NodeAdapter)) else list(nodes)
+    if isinstance(nodes, (str, NodeAdapter)):
+        items = [nodes]
+    elif nodes is None or not hasattr(nodes, "__iter__"):
+        raise TypeError(f"nodes= must be a node type name, a NodeAdapter or a list of them, got {nodes!r}; "
+                        f"choose from {sorted(known)} (leave nodes= out for the default)")
+    else:
+        items = list(nodes)
     if not items:
         raise ValueError(f"nodes= is empty; choose from {sorted(known)} or pass NodeAdapter instances")
     out: list[NodeAdapter] = []

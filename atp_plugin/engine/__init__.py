@@ -21,7 +21,8 @@ Metric = Callable[..., torch.Tensor]
 
 def bind_metric(metric: Metric) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Call ``metric(logits, indices)``, or ``metric(logits)`` when it takes one argument, and
-    check it returns one finite value per pair."""
+    check it returns one finite value per pair, differentiable where the logits are (AtP's
+    gradient runs)."""
     if not callable(metric):
         raise TypeError(f"metric must be callable as metric(logits, indices) or metric(logits), got {metric!r}")
     try:
@@ -38,6 +39,11 @@ def bind_metric(metric: Metric) -> Callable[[torch.Tensor, torch.Tensor], torch.
         if out.shape != (logits.shape[0],):
             raise ValueError(f"metric must return one value per pair: expected shape ({logits.shape[0]},) "
                              f"for {logits.shape[0]} prompts, got {tuple(out.shape)}")
+        if logits.requires_grad and not out.requires_grad:
+            raise ValueError(
+                f"metric {getattr(metric, '__qualname__', metric)!r} returned values that carry no gradient "
+                f"(dtype {out.dtype}, requires_grad=False), so AtP cannot differentiate it; compute it from the "
+                "logits without detaching, .item(), integer casts or constants")
         if not torch.isfinite(out).all():
             bad = indices[~torch.isfinite(out).cpu()].tolist()
             raise ValueError(f"metric returned non-finite values for pairs {bad[:10]}; check the metric and the answer ids")

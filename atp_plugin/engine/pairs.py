@@ -68,8 +68,13 @@ def make_pairs(host: Host, clean: torch.Tensor | Sequence[str], corrupt: torch.T
         mask = torch.ones_like(c, dtype=torch.bool)
         return Pairs(c.to(host.device), n.to(host.device), mask.to(host.device))
     rows_c, rows_n = [], []
+    base = len(host.tokenize(""))  # what tokenizing adds to any prompt (a BOS token, or nothing)
     for i, (a, b) in enumerate(zip(clean, corrupt)):
         ta, tb = host.tokenize(a), host.tokenize(b)
+        for what, text, toks in (("clean", a, ta), ("corrupt", b, tb)):
+            if len(toks) <= base:
+                raise ValueError(f"pair {i}: the {what} prompt {text!r} has no tokens (besides BOS); give every "
+                                 "pair a non-empty prompt or drop the pair")
         if len(ta) != len(tb):
             raise ValueError(
                 f"pair {i} is not token-aligned: clean {a!r} has {len(ta)} tokens, corrupt {b!r} has {len(tb)}; "
