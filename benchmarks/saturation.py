@@ -4,7 +4,9 @@ Small float64 random models (``tests/conftest.py`` ``make_model``: 2 layers, d_m
 W_Q and W_K scaled by a factor until attention saturates. For each factor and each prompt pair,
 ``ap`` (exact patching, the ground truth), ``atp`` and ``atp+qk`` score every ``attn_q``/``attn_k``
 node. Pairs are scored one at a time, so each method's score is |I| of that pair and the
-aggregation over pairs plays no part. Reported, as means over pairs and seeds:
+aggregation over pairs plays no part. The wrong token never equals the answer, and a pair whose
+clean and corrupt prompts are identical (no node has an effect) is skipped. Reported, as means over
+pairs and seeds:
 
 - mean max attention probability (query rows t >= 1; row 0 can only attend to itself);
 - recall@K: of the true top-K nodes by ``ap``, the fraction a method ranks in its own top-K;
@@ -99,11 +101,14 @@ def study(factor: float, seeds: list[int], n_pairs: int = 8, t: int = 6, k: int 
         model = saturated_model(seed, factor, **overrides)
         clean, corrupt = make_pairs(n_pairs, t, d_vocab=D_VOCAB, seed=seed + 1)
         g = torch.Generator().manual_seed(seed + 2)
-        answer, wrong = torch.randint(0, D_VOCAB, (2, n_pairs), generator=g)
+        answer = torch.randint(0, D_VOCAB, (n_pairs,), generator=g)
+        wrong = (answer + torch.randint(1, D_VOCAB, (n_pairs,), generator=g)) % D_VOCAB  # never the answer
         probs.append(max_attention(model, clean))
         for i in range(n_pairs):
             scores = pair_scores(model, clean[i:i + 1], corrupt[i:i + 1], answer[i:i + 1], wrong[i:i + 1])
             truth = scores["ap"]
+            if not truth.any():  # clean == corrupt: no node has an effect, so there is nothing to find
+                continue
             for m in METHODS[1:]:
                 stats["recall"][m].append(recall_at_k(truth.flatten(), scores[m].flatten(), k))
                 stats["fn"][m].append(false_negative_rate(truth.flatten(), scores[m].flatten(), k))

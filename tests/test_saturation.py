@@ -32,9 +32,9 @@ def test_qk_fix_recovers_nodes_that_atp_misses_when_saturated() -> None:
     """Measured on these seeds (2 layers, d_model 32, 6 tokens, recall@5, false negative = estimate
     below 10% of the true |I|):
 
-    - factor 16: mean max attention probability 0.9998; recall atp 0.30, atp+qk 0.69; false
-      negatives atp 1.00, atp+qk 0.21; last layer only: recall atp 0.43, atp+qk 0.875.
-    - factor 1 (unsaturated control, max probability 0.83): false negatives atp 0.36.
+    - factor 16: mean max attention probability 0.9998; recall atp 0.23, atp+qk 0.67; false
+      negatives atp 0.99, atp+qk 0.07; last layer only: recall atp 0.41, atp+qk 0.87.
+    - factor 1 (unsaturated control, max probability 0.83): false negatives atp 0.26.
 
     Thresholds, with margin: saturated max probability >= 0.999; atp misses >= 90% of the true
     top nodes, atp+qk <= 30%; recall@5 of atp+qk >= 0.6 and >= atp's + 0.3 (>= 0.8 and >= atp's
