@@ -45,6 +45,7 @@ from .attribution import eval_mode
 from .backends.baselines import check_subsampling, subsample
 from .engine import Engine
 from .engine.pairs import make_pairs
+from .metrics import check_metric
 from .result import AttributionResult
 from .verify import locate, verify
 
@@ -116,7 +117,7 @@ def false_negative_bound(model, clean, corrupt, metric, result: AttributionResul
     rest = rest.reset_index(drop=True)
     located = locate(result, rest)
     order = np.concatenate([rows for rows, _ in located.values()])  # node u of the subsets is row order[u]
-    with eval_mode(model):
+    with eval_mode(model, "false_negative_bound()"):
         verified = verify(result, k) if k else top.drop(columns=["score", "signed", "pad"], errors="ignore")
         est = subsample(result.engine, {key: flat for key, (_, flat) in located.items()},
                         n_subsets=n_subsets, p=p, seed=seed, desc="false-negative bound")
@@ -147,9 +148,7 @@ def _rebind(model, clean, corrupt, metric, result: AttributionResult) -> Attribu
     pairs = make_pairs(old.host, clean, corrupt)
     if not all(torch.equal(getattr(pairs, f), getattr(old.pairs, f)) for f in ("clean", "corrupt", "mask")):
         raise ValueError("clean/corrupt differ from the prompts result was computed on; pass the same prompts")
-    n_metric = getattr(metric, "n_pairs", None)
-    if n_metric is not None and n_metric != pairs.n:
-        raise ValueError(f"the metric holds answers for {n_metric} pairs but the result has {pairs.n}")
+    check_metric(metric, pairs.n, pairs.clean.shape[1], old.host.d_vocab)
     engine = Engine(old.host, old.pairs, metric, old.adapters, batch_size=old.batch_size,
                     patch_batch_size=old.patch_batch_size, progress=old.progress)
     return replace(result, engine=engine)

@@ -6,6 +6,9 @@ import argparse
 import importlib
 import sys
 
+from .commands.usage import UsageError
+from .plugins import PluginError
+
 #: sub-command name -> module in atp_plugin.commands with ``add_arguments(parser)`` and ``run(args) -> int``
 COMMANDS = {
     "demo": "demo",
@@ -26,8 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command; a bad argument or a broken plugin is one line on stderr and exit code 2."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (UsageError, PluginError) as e:
+        print(f"atp {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

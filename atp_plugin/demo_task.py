@@ -47,6 +47,7 @@ __all__ = [
     "OBJECTS",
     "TEMPLATES",
     "PROMPT_LENGTH",
+    "SPLIT_SIZES",
     "MODEL_CONFIG",
     "IOIPairs",
     "build_tokenizer",
@@ -119,6 +120,9 @@ _CONFIG_FILE = "config.json"
 _TOKENIZER_FILE = "tokenizer.json"
 _SAE_DIR = "sae"  # SAE-Lens save format (cfg.json + sae_weights.safetensors), scripts/train_demo_sae.py
 _TEST_FRACTION_PERCENT = 20  # share of (names, place, object, template) families held out
+# Distinct pairs per split: two per family (either name may be the repeated one). Counted by
+# enumerating every family (0.6 s, too slow for each call); tests/test_demo_task.py recounts them.
+SPLIT_SIZES = {"train": 486_580, "test": 121_420}
 
 
 @dataclass(frozen=True)
@@ -197,6 +201,8 @@ def ioi_pairs(n: int, *, seed: int = 0, split: str = "test") -> IOIPairs:
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if n > SPLIT_SIZES[split]:
+        raise ValueError(f"the {split} split holds {SPLIT_SIZES[split]:,} distinct pairs; ask for at most that many")
     rng = random.Random(f"{split}:{seed}")
     seen: set[tuple[str, str, str, str, int, bool]] = set()
     pairs = IOIPairs(clean=[], corrupt=[], answers=[], wrongs=[])

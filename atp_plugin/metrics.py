@@ -9,6 +9,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .tokens import check_known
+
 
 def _ids(ids: Sequence[int] | torch.Tensor, what: str) -> torch.Tensor:
     t = torch.as_tensor(ids)
@@ -46,8 +48,12 @@ def check_metric(metric, n_pairs: int, n_tokens: int, d_vocab: int) -> None:
 
 
 def token_ids(model, tokens: Sequence[str]) -> torch.Tensor:
-    """Token ids of single-token strings such as ``" Mary"`` (a clear error otherwise)."""
-    return torch.tensor([model.to_single_token(t) for t in tokens], dtype=torch.long)
+    """Token ids of single-token strings such as ``" Mary"`` (a clear error otherwise, also for a
+    word the tokenizer does not know, which would silently become its unknown token)."""
+    ids = [model.to_single_token(t) for t in tokens]
+    for text, i in zip(tokens, ids):
+        check_known(model.tokenizer, text, [i], "the answer token")
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def logit_diff(answer: Sequence[int] | torch.Tensor, wrong: Sequence[int] | torch.Tensor, *,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
@@ -54,10 +55,16 @@ class Registry:
 
 
 def _selected(names: list[str]) -> list[str]:
+    """The installed entry-point ``names`` that ``ATP_PLUGINS`` lets load (a warning names any it
+    lists that is not installed: a typo would otherwise load nothing, silently)."""
     wanted = os.environ.get(ENV_VAR)
     if wanted is None:
         return names
     allowed = {n.strip() for n in wanted.split(",") if n.strip()}
+    absent = sorted(allowed - set(names))
+    if absent:
+        warnings.warn(f"{ENV_VAR} names plugin(s) {absent} that are not installed; installed entry points of group "
+                      f"{GROUP!r}: {', '.join(names) or 'none'}", stacklevel=3)
     return [n for n in names if n in allowed]
 
 
@@ -69,7 +76,11 @@ def make_manager() -> pluggy.PluginManager:
         pm.register(importlib.import_module(module), name=module)
     eps = {ep.name: ep for ep in entry_points(group=GROUP)}
     for name in _selected(sorted(eps)):
-        plugin = eps[name].load()
+        try:
+            plugin = eps[name].load()
+        except Exception as e:  # noqa: BLE001 - re-raised as what it is, naming the plugin
+            raise PluginError(f"plugin {name!r} ({eps[name].value}) failed to import ({type(e).__name__}: {e}); fix "
+                              f"or uninstall it, or leave it out with {ENV_VAR}=<the plugins to load>") from e
         try:
             pm.register(plugin, name=name)
         except pluggy.PluginValidationError as e:
@@ -100,6 +111,7 @@ def registries(reload: bool = False) -> dict[str, Registry]:
     """The loaded registries (cached; ``reload=True`` rereads entry points and ``ATP_PLUGINS``)."""
     global _registries
     if _registries is None or reload:
+        _registries = None  # a failed reload leaves nothing stale behind: the next call tries again
         _registries = collect(make_manager())
     return _registries
 

@@ -181,11 +181,12 @@ def write_report(result: AttributionResult, path: str | Path, *, verified: pd.Da
 
     parts.append('<h2 id="top-nodes">Top nodes</h2>')
     if verified is not None:
-        shown = verified[["node", "estimate", "signed_estimate", "effect", "abs_effect"]].rename(columns={
-            "estimate": "score", "signed_estimate": "signed estimate", "effect": "verified effect",
-            "abs_effect": "|verified effect|"})
+        shown = verified[["node", "estimate", "signed_estimate", "effect", "mean_abs_effect"]].rename(columns={
+            "estimate": "score", "signed_estimate": "signed estimate", "effect": "verified mean effect",
+            "mean_abs_effect": "verified mean |effect|"})
         parts.append(f'<p class="note">The top {len(shown)} nodes by {html.escape(result.method)} score, each '
-                     "verified by exact activation patching (mean effect over pairs).</p>")
+                     "verified by exact activation patching: the effect per pair averaged signed, and as "
+                     "magnitudes (what the AtP scores, means of per-pair magnitudes, estimate).</p>")
     else:
         shown = real.nlargest(top_k, "score")[["node", "score", "signed"]]
         parts.append(f'<p class="note">The top {len(shown)} of {n_nodes} nodes by {html.escape(result.method)} '

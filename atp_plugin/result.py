@@ -40,7 +40,8 @@ class AttributionResult:
 
     def to_frame(self) -> pd.DataFrame:
         """One row per node: node_type, its coordinates (layer, pos, head/neuron/feature, …),
-        score, signed, and ``pad`` (the position is padding in every pair)."""
+        score, signed, and ``pad`` (the position is padding in every pair). ``attrs`` carry the
+        ``method``, the ``view`` and the prompts' ``alignment``."""
         frames = []
         for key, score in self.scores.items():
             dims = self.dims[key]
@@ -60,6 +61,7 @@ class AttributionResult:
         frame.insert(1, "node", [_label(row, coords) for row in frame[["node_type"] + coords].itertuples(index=False)])
         frame.attrs["view"] = self.view
         frame.attrs["method"] = self.method
+        frame.attrs["alignment"] = self.alignment
         return frame
 
     def top(self, k: int = 10) -> pd.DataFrame:
@@ -81,7 +83,8 @@ class AttributionResult:
 
     def verify(self, k: int = 10) -> pd.DataFrame:
         """Exact patching of the top ``k`` nodes: the estimate beside the true effect (signed mean
-        over pairs, ``effect``, and its magnitude ``abs_effect``)."""
+        over pairs, ``effect``, its magnitude ``abs_effect`` and the mean over pairs of the per-pair
+        magnitude, ``mean_abs_effect``); see ``atp_plugin.verify.verify``."""
         from .verify import verify
         return verify(self, k)
 

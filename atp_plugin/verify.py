@@ -33,20 +33,27 @@ def locate(result, frame: pd.DataFrame) -> dict[tuple[int, str], tuple[np.ndarra
     return {key: (np.concatenate(r), torch.from_numpy(np.concatenate(f))) for key, (r, f) in out.items()}
 
 
-def exact_effects_of(result, frame: pd.DataFrame, desc: str = "verifying") -> np.ndarray:
-    """Exact effect (mean over pairs) of every node row of ``frame``, in row order: ``[rows]``."""
+def exact_effects_of(result, frame: pd.DataFrame, desc: str = "verifying") -> tuple[np.ndarray, np.ndarray]:
+    """Exact effect of every node row of ``frame``, in row order: the mean over pairs ``[rows]``
+    and the mean over pairs of its magnitude ``[rows]``."""
     located = locate(result, frame)
     effects = result.engine.exact_effects({key: flat for key, (_, flat) in located.items()}, desc=desc)
-    out = np.empty(len(frame))
+    out = np.empty((2, len(frame)))
     for key, (rows, _) in located.items():
-        out[rows] = effects[key].double().cpu().numpy()
-    return out
+        for i in (0, 1):
+            out[i, rows] = effects[i][key].double().cpu().numpy()
+    return out[0], out[1]
 
 
 def verify(result, k: int = 10) -> pd.DataFrame:
-    """The top ``k`` nodes of ``result`` with their exact effects (mean over pairs), patched in
-    eval mode (a model in training mode is switched, with a warning, and restored). ``k`` above
-    the number of nodes verifies them all, with a warning."""
+    """The top ``k`` nodes of ``result`` with their exact effects, patched in eval mode (a model in
+    training mode is switched, with a warning, and restored). ``k`` above the number of nodes
+    verifies them all, with a warning.
+
+    Columns: ``estimate`` (the score) and ``signed_estimate`` beside ``effect`` (mean over pairs of
+    the exact effect I), ``abs_effect`` = |effect| (what ``ap`` scores) and ``mean_abs_effect`` (mean
+    over pairs of |I|: what the AtP scores, means of per-pair magnitudes, estimate; it exceeds
+    ``abs_effect`` where a node's effect changes sign between pairs)."""
     if result.engine is None:
         raise ValueError("this result cannot be verified: it has no engine (a summed-over-positions view); "
                          "verify the per-position result returned by attribute()")
@@ -61,6 +68,6 @@ def verify(result, k: int = 10) -> pd.DataFrame:
     out["estimate"] = top["score"].to_numpy()
     out["signed_estimate"] = top["signed"].to_numpy()
     with eval_mode(result.engine.host.model, "verify()"):
-        out["effect"] = exact_effects_of(result, top)
-    out["abs_effect"] = out["effect"].abs()
+        effect, mean_abs = exact_effects_of(result, top)
+    out["effect"], out["abs_effect"], out["mean_abs_effect"] = effect, np.abs(effect), mean_abs
     return out.reset_index(drop=True)

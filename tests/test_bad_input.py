@@ -352,3 +352,22 @@ def test_top_and_verify_k(model) -> None:
                                          f"\\(k clamped to {n}\\)"):
         clamped = result.verify(100)
     pd.testing.assert_frame_equal(clamped, everything)
+
+
+def test_words_the_tokenizer_does_not_know() -> None:
+    """A word-level tokenizer maps unknown words to <unk>: the prompt, the answer token and the
+    pair are named, with the vocabulary when it is small (the demo model's), before any run.
+    A tokenizer whose unknown token is its padding or BOS/EOS (GPT-2 style) is not flagged."""
+    from atp_plugin.demo_task import load_demo_model
+    from atp_plugin.tokens import unknown_id
+
+    demo = load_demo_model()
+    assert unknown_id(demo.tokenizer) == demo.tokenizer.unk_token_id
+    known = "When Mary and John went to the store, John gave a drink to"
+    raises_before_any_forward(demo, ValueError, r"pair 1: the prompt 'When Zed and John.*\['Zed'\].*'<unk>'.* Mary ",
+                              [known, known.replace("Mary", "Zed")], [known, known.replace("Mary", "Zed")],
+                              metrics.logit_diff([4, 4], [5, 5]))
+    with pytest.raises(ValueError, match=r"the answer token ' Marry' holds word\(s\) \['Marry'\]"):
+        metrics.token_ids(demo, [" Mary", " Marry"])
+    assert metrics.token_ids(demo, [" Mary"]).tolist() == [demo.to_single_token(" Mary")]
+    assert unknown_id(word_tokenizer()) is None  # its unknown token is its padding token

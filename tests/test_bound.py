@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from atp_plugin import attribute, false_negative_bound
+from atp_plugin import attribute, false_negative_bound, metrics
 from atp_plugin.backends.baselines import random_subsets
 from conftest import logit_diff_metric, make_additive_model, make_model, make_pairs, make_planted_pairs
 
@@ -99,6 +99,11 @@ def test_bad_input(planted):
         false_negative_bound(model, clean, corrupt, metric, truth, k=1, n_subsets=S, p=P, confidence=1.0)
     with pytest.raises(ValueError, match="summed-over-positions"):
         false_negative_bound(model, clean, corrupt, metric, truth.sum_over_positions(), k=1, n_subsets=S, p=P)
+    with pytest.raises(ValueError, match=f"answers for {N + 1} pairs but {N} pairs"):
+        false_negative_bound(model, clean, corrupt, logit_diff_metric(N + 1), truth, k=1, n_subsets=S, p=P)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        false_negative_bound(model, clean, corrupt, metrics.logit_diff([10_000] * N, [0] * N), truth, k=1,
+                             n_subsets=S, p=P)
 
 
 def test_nonadditive_model_runs():

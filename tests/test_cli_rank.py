@@ -119,9 +119,13 @@ def test_command_line_jsonl_and_csv_pairs_give_the_same_table(model_dir, tmp_pat
     base = ["--model", model_dir, "--dtype", "float64", "--nodes", "attn_v", "--quiet", "--top-k", 0]
     assert rank(*base, "--pairs", write_jsonl(tmp_path / "p.jsonl", PAIRS), "--out-csv", tmp_path / "b.csv") == 0
     assert rank(*base, "--pairs", write_csv(tmp_path / "p.csv", PAIRS), "--out-csv", tmp_path / "c.csv") == 0
-    a, b, c = (pd.read_csv(tmp_path / f"{x}.csv") for x in "abc")
+    bom = tmp_path / "bom.csv"  # as Excel saves "CSV UTF-8": a byte-order mark before the header
+    bom.write_bytes(b"\xef\xbb\xbf" + (tmp_path / "p.csv").read_bytes())
+    assert rank(*base, "--pairs", bom, "--out-csv", tmp_path / "d.csv") == 0
+    a, b, c, d = (pd.read_csv(tmp_path / f"{x}.csv") for x in "abcd")
     pd.testing.assert_frame_equal(a, b)
     pd.testing.assert_frame_equal(a, c)
+    pd.testing.assert_frame_equal(a, d)
 
 
 def test_the_report_option_writes_the_html_and_figures(model_dir, tmp_path):
@@ -144,7 +148,9 @@ BAD_FILES = [
     ("p.jsonl", "\n\n", r"p\.jsonl: the file holds no pairs"),
     ("p.csv", "clean,corrupt,answer\nw1 w2,w1 w3,w4\n", r"p\.csv line 1: the header lacks column\(s\) \['wrong'\]"),
     ("p.csv", "clean,corrupt,answer,wrong\nw1 w2,w1 w3,w4,w5\nw1 w2,w1 w3,w4\n",
-     r"p\.csv line 3: 3 column\(s\), the header has 4"),
+     r"p\.csv line 3: 3 column\(s\), the header has 4 \(a field is missing\)"),
+    ("p.csv", "clean,corrupt,answer,wrong\nw1 w2,w1 w3,w4,w5,w6\n",
+     r"p\.csv line 2: 5 column\(s\), the header has 4 \(quote fields that contain the delimiter\)"),
     ("p.txt", "whatever\n", r"unknown file type '\.txt'"),
     ("p.jsonl", '{"clean": "w1 w2", "corrupt": "w1 w3", "answer": "w4 w6", "wrong": "w5"}\n',
      r"p\.jsonl line 1: answer 'w4 w6' is 2 tokens; it must be exactly one token"),
@@ -176,6 +182,8 @@ BAD_ARGS = [
     (["--pairs", "missing.jsonl"], r"--pairs missing\.jsonl: no such file"),
     (ONE + ["--out-csv", "no/such/dir/x.csv"], r"--out-csv no/such/dir/x\.csv: the directory .* does not exist"),
     (ONE + ["--nodes", "resid_pre", "--report", "nodir/r.html"], r"--report nodir/r\.html: the directory"),
+    (ONE + ["--device", "foo"], r"--device 'foo' is not a torch device; use e\.g\. cpu"),
+    *([] if torch.cuda.is_available() else [(ONE + ["--device", "cuda"], r"--device cuda: CUDA is not available here")]),
 ]
 
 
@@ -213,6 +221,21 @@ def test_the_demo_model_ranks_ioi_pairs(tmp_path):
                 "--out-csv", out) == 0
     table = pd.read_csv(out)
     assert table["effect"].notna().sum() == 3 and table["score"].is_monotonic_decreasing
+
+
+@pytest.mark.parametrize("field, text", [("clean", "When Mary and Zed went to the store, Zed gave a drink to"),
+                                         ("answer", " Marry")])
+def test_a_word_the_demo_model_does_not_know_is_exit_2_naming_it(capsys, field, text):
+    """The demo model's word-level tokenizer would turn it into <unk>: refused, with its vocabulary."""
+    given = {"clean": "When Mary and John went to the store, John gave a drink to",
+             "corrupt": "When Mary and John went to the store, Mary gave a drink to", "answer": " Mary",
+             "wrong": " John"} | {field: text}
+    argv = [x for f, v in given.items() for x in (f"--{f}", v)]
+    assert rank("--model", "demo", *argv, "--quiet") == 2
+    err = capsys.readouterr().err
+    unknown = text.split()[3].strip(",") if field == "clean" else text.strip()
+    assert err.startswith(f"atp rank: error: pair #1 on the command line: ") and len(err.strip().splitlines()) == 1
+    assert f"holds word(s) ['{unknown}'] the model's tokenizer does not know" in err and " Mary " in err, err
 
 
 def test_a_transformer_lens_name_loads_through_from_pretrained(tmp_path):

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import collections
+import itertools
+
 import pytest
 import torch
 from transformer_lens import HookedTransformer
 
 from atp_plugin.demo_task import (
     NAMES,
+    OBJECTS,
+    PLACES,
     PROMPT_LENGTH,
+    SPLIT_SIZES,
     TEMPLATES,
+    _family_split,
     evaluate_demo_model,
     ioi_pairs,
     load_demo_model,
@@ -71,6 +78,18 @@ def test_train_and_test_splits_are_disjoint() -> None:
     assert not (set(train.clean) | set(train.corrupt)) & (set(test.clean) | set(test.corrupt))
     with pytest.raises(ValueError):
         ioi_pairs(1, split="validation")
+
+
+def test_asking_for_more_pairs_than_a_split_holds_is_an_error() -> None:
+    """Not an endless search for pairs that do not exist: every (first, second) name order, place,
+    object, template and repeated name is one pair, and the splits share them out."""
+    families = itertools.product(itertools.permutations(NAMES, 2), PLACES, OBJECTS, range(len(TEMPLATES)))
+    counted = collections.Counter(_family_split(a, b, place, obj, t) for (a, b), place, obj, t in families)
+    assert {split: 2 * n for split, n in counted.items()} == SPLIT_SIZES
+    total = 2 * len(NAMES) * (len(NAMES) - 1) * len(PLACES) * len(OBJECTS) * len(TEMPLATES)
+    assert SPLIT_SIZES["train"] + SPLIT_SIZES["test"] == total
+    with pytest.raises(ValueError, match="the test split holds 121,420 distinct pairs"):
+        ioi_pairs(SPLIT_SIZES["test"] + 1)
 
 
 def test_shipped_model_solves_held_out_ioi(model: HookedTransformer) -> None:

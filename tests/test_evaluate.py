@@ -4,6 +4,7 @@ its order (recomputed here from the results), costs as counted by the engine, cu
 
 from __future__ import annotations
 
+import re
 from importlib.resources import files
 
 import numpy as np
@@ -92,8 +93,25 @@ def test_bad_input(setting):
         evaluate(model, clean, corrupt, metric, nodes=["attn_z"], methods=["atp", "atp"])
     with pytest.raises(ValueError, match="top_x"):
         evaluate(model, clean, corrupt, metric, nodes=["resid_pre"], methods=["atp"], top_x=1000)
-    with pytest.raises(SystemExit, match="unknown method"):
-        cli.main(["evaluate", "--methods", "atp,nope"])
+
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "atp,nope"], r"unknown method\(s\) \['nope'\] in --methods"),
+    (["--nodes", "attn_z,heads"], r"unknown node type\(s\) \['heads'\] in --nodes"),
+    (["--top-x", "0"], r"--top-x must be at least 1, got 0"),
+    (["--plot", "no/such/dir/c.png"], r"--plot no/such/dir/c\.png: the directory .* does not exist"),
+    (["--csv", "no/such/dir/c.csv"], r"--csv no/such/dir/c\.csv: the directory .* does not exist"),
+    (["--pairs", "200000"], r"--pairs 200000: the test split holds 121,420 distinct pairs"),
+    (["--nodes", "attn_z", "--methods", "atp,ap", "--top-x", "100000"], r"top_x=100000 exceeds the 240 nodes"),
+])
+def test_cli_bad_arguments_are_exit_2_with_a_message(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["evaluate", "--pairs", "1", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("atp evaluate: error: ") and len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 @pytest.mark.skipif(not files("atp_plugin").joinpath("data", "model.safetensors").is_file(),

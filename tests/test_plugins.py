@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import textwrap
+import warnings
 
 import pytest
 import torch
 
-from atp_plugin import attribute, plugins
+from atp_plugin import attribute, cli, plugins
 from conftest import logit_diff_metric, make_model, make_pairs
 
 BACKEND_PLUGIN = '''
@@ -68,7 +69,12 @@ def test_entry_point_backend_is_found_and_runs(site_dir):
 def test_environment_variable_restricts_external_plugins(site_dir, monkeypatch, selection, loaded):
     install_dist(site_dir, "toyplug", "toyplug_mod", BACKEND_PLUGIN)
     monkeypatch.setenv(plugins.ENV_VAR, selection)
-    backends = plugins.registries(reload=True)["backends"].items
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        backends = plugins.registries(reload=True)["backends"].items
+    assert [str(w.message) for w in caught if "not installed" in str(w.message)] == (
+        ["ATP_PLUGINS names plugin(s) ['someother'] that are not installed; installed entry points of group "
+         "'atp_plugin': toyplug"] if "someother" in selection else [])
     assert ("atp-squared" in backends) is loaded
     assert "atp*" in backends  # built-ins always load
 
@@ -103,3 +109,24 @@ def test_unknown_method_lists_the_registered_ones():
     clean, corrupt = make_pairs(2, 4)
     with pytest.raises(ValueError, match=r"unknown method 'atp\+\+'.*atp\*.*atp\+gd"):
         attribute(model, clean, corrupt, logit_diff_metric(2), method="atp++")
+
+
+def test_a_plugin_that_fails_to_import_is_an_error_naming_it(site_dir, capsys):
+    """A broken installed plugin: PluginError naming it and how to leave it out; ``atp`` prints that
+    in one line with exit code 2 instead of a traceback; ATP_PLUGINS without it runs again."""
+    install_dist(site_dir, "brokenplug", "brokenplug_mod", "import a_module_that_is_not_there\n")
+    with pytest.raises(plugins.PluginError, match=r"plugin 'brokenplug' \(brokenplug_mod\) failed to import "
+                                                  r"\(ModuleNotFoundError: .*a_module_that_is_not_there.*ATP_PLUGINS="):
+        plugins.registries(reload=True)
+    assert cli.main(["demo", "--pairs", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("atp demo: error: plugin 'brokenplug'") and len(err.strip().splitlines()) == 1
+
+
+def test_a_plugin_named_in_the_environment_but_not_installed_is_a_warning(site_dir, monkeypatch):
+    install_dist(site_dir, "toyplug", "toyplug_mod", BACKEND_PLUGIN)
+    monkeypatch.setenv(plugins.ENV_VAR, "toyplug,typoplug")
+    with pytest.warns(UserWarning, match=r"ATP_PLUGINS names plugin\(s\) \['typoplug'\] that are not installed; "
+                                         r"installed entry points of group 'atp_plugin': .*toyplug"):
+        backends = plugins.registries(reload=True)["backends"].items
+    assert "atp-squared" in backends

@@ -61,6 +61,7 @@ def test_frame_has_one_row_per_node() -> None:
     for column in ("node_type", "layer", "pos", "head", "neuron", "score", "signed"):
         assert column in frame.columns, column
     assert frame.attrs["view"] == "per position"
+    assert frame.attrs["alignment"] == result.alignment
     for nt, score in result.scores.items():
         rows = frame[frame["node_type"] == nt]
         assert len(rows) == score.numel(), nt

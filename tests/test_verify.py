@@ -20,9 +20,9 @@ HOOKS = {"attn_q": "blocks.{}.attn.hook_q", "attn_k": "blocks.{}.attn.hook_k", "
 
 
 def reference_effect(model, clean: list[torch.Tensor], corrupt: list[torch.Tensor], answers, wrongs, row,
-                     width: int) -> float:
-    """Mean over the pairs where the node exists of L(clean | node <- corrupt value) - L(clean),
-    each prompt run alone and unpadded; ``row.pos`` counts from the left of the padded width."""
+                     width: int) -> np.ndarray:
+    """Per pair where the node exists, L(clean | node <- corrupt value) - L(clean), each prompt run
+    alone and unpadded; ``row.pos`` counts from the left of the padded width."""
     hook = HOOKS[row.node_type].format(int(row.layer))
     inner = tuple(int(getattr(row, c)) for c in ("head", "neuron") if c in row._fields and not pd.isna(getattr(row, c)))
     effects = []
@@ -41,7 +41,7 @@ def reference_effect(model, clean: list[torch.Tensor], corrupt: list[torch.Tenso
             base = model(c[None])[0, -1]
             patched = model.run_with_hooks(c[None], fwd_hooks=[(hook, patch)])[0, -1]
         effects.append(float((patched[a] - patched[w]) - (base[a] - base[w])))
-    return float(np.mean(effects))
+    return np.array(effects)
 
 
 def ids(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,10 +59,12 @@ def test_effect_equals_an_independent_patch(node_type):
     table = atp_plugin.verify(result, 4)
     assert len(table) == 4 and list(table["node"]) == list(result.top(4)["node"])
     np.testing.assert_allclose(table["estimate"], result.top(4)["score"])
-    reference = [reference_effect(model, list(clean), list(corrupt), answers, wrongs, row, 6)
-                 for row in table.itertuples(index=False)]
+    per_pair = [reference_effect(model, list(clean), list(corrupt), answers, wrongs, row, 6)
+                for row in table.itertuples(index=False)]
+    reference = [e.mean() for e in per_pair]
     np.testing.assert_allclose(table["effect"], reference, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(table["abs_effect"], np.abs(reference), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(table["mean_abs_effect"], [np.abs(e).mean() for e in per_pair], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(result.verify(4)["effect"], table["effect"], rtol=0, atol=0)
 
 
@@ -93,9 +95,11 @@ def test_effect_with_left_padding():
     assert len(table) == n_nodes  # no position is padding in every pair
     tokens = [model.to_tokens(s, prepend_bos=False)[0] for s in (clean + corrupt)]
     checked = table[(table["node_type"] == "resid_pre") | table["pos"].isin([0, 1, 4])]
-    reference = [reference_effect(model, tokens[:3], tokens[3:], answers, wrongs, row, 5)
-                 for row in checked.itertuples(index=False)]
-    np.testing.assert_allclose(checked["effect"], reference, rtol=1e-9, atol=1e-12)
+    per_pair = [reference_effect(model, tokens[:3], tokens[3:], answers, wrongs, row, 5)
+                for row in checked.itertuples(index=False)]
+    np.testing.assert_allclose(checked["effect"], [e.mean() for e in per_pair], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(checked["mean_abs_effect"], [np.abs(e).mean() for e in per_pair], rtol=1e-9,
+                               atol=1e-12)  # over the pairs where the node is not padding
     assert (checked.loc[checked["pos"] == 0, "effect"].abs() > 1e-3).any()  # real in one pair only
 
 

@@ -18,6 +18,7 @@ import torch
 from .. import attribute, metrics, plugins
 from ..demo_task import ioi_pairs, load_demo_model, load_demo_sae
 from ..plots import layer_heatmap
+from .usage import UsageError, check_at_least, check_output
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,13 +33,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.method not in plugins.backends():
-        raise SystemExit(f"atp demo: unknown method {args.method!r}; known: {', '.join(sorted(plugins.backends()))}")
-    if args.pairs < 1 or args.top < 1:
-        raise SystemExit("atp demo: --pairs and --top must be at least 1")
+        raise UsageError(f"unknown --method {args.method!r}; known: {', '.join(sorted(plugins.backends()))}")
+    check_at_least(1, pairs=args.pairs, top=args.top)
+    if not args.sae:
+        check_output("--heatmap", args.heatmap)
     torch.set_grad_enabled(True)
     start = time.perf_counter()
     model = load_demo_model()
-    task = ioi_pairs(args.pairs, seed=args.seed, split="test")
+    try:
+        task = ioi_pairs(args.pairs, seed=args.seed, split="test")
+    except ValueError as e:  # more pairs than the held-out split holds
+        raise UsageError(f"--pairs {args.pairs}: {e}") from e
     metric = metrics.logit_diff(metrics.token_ids(model, task.answers), metrics.token_ids(model, task.wrongs))
     if args.sae:
         # imported here: it imports SAE-Lens, which would slow down every other command
@@ -52,9 +57,11 @@ def run(args: argparse.Namespace) -> int:
     total = time.perf_counter() - start
     print(f"atp demo: {args.pairs} held-out IOI pairs, e.g. {task.clean[0]!r} -> {task.answers[0]!r}")
     print(f"method {result.method}; metric: logit({task.answers[0]!r}) - logit({task.wrongs[0]!r}) at the last token\n")
-    shown = table[["node", "estimate", "effect", "abs_effect"]].rename(
-        columns={"estimate": "estimate", "effect": "verified effect", "abs_effect": "|verified|"})
+    shown = table[["node", "estimate", "mean_abs_effect", "effect"]].rename(
+        columns={"mean_abs_effect": "exact mean |I|", "effect": "exact mean I"})
     print(shown.to_string(index=False, float_format=lambda v: f"{v:9.4f}"))
+    print(f"estimate: the {result.method} score, a mean over pairs of estimated |I|. exact mean |I| / mean I: the true\n"
+          "per-pair effect I of patching the node, by exact patching, averaged as magnitudes / signed")
     if args.sae:
         print(f"\nranked {sum(v.numel() for v in result.scores.values())} SAE features and error nodes in "
               f"{ranked:.1f}s; verified the top {args.top} by exact patching; total {total:.1f}s")

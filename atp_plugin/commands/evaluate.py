@@ -14,6 +14,7 @@ import torch
 
 from .. import metrics, plugins
 from ..evaluate import evaluate
+from .usage import UsageError, check_at_least, check_output
 
 DEFAULT_METHODS = "atp,atp+qk,atp*,subsampling,hierarchical,blocks"
 DEFAULT_NODES = "attn_q,attn_k,attn_v,attn_z"
@@ -37,23 +38,30 @@ def run(args: argparse.Namespace) -> int:
     methods, nodes = _names(args.methods), _names(args.nodes)
     unknown = [m for m in methods if m not in plugins.backends()]
     if unknown or not methods:
-        raise SystemExit(f"atp evaluate: unknown method(s) {unknown}; known: {', '.join(sorted(plugins.backends()))}")
+        raise UsageError(f"unknown method(s) {unknown} in --methods; known: {', '.join(sorted(plugins.backends()))}")
     bad_nodes = [n for n in nodes if n not in plugins.adapters()]
     if bad_nodes or not nodes:
-        raise SystemExit(f"atp evaluate: unknown node type(s) {bad_nodes}; known: {', '.join(sorted(plugins.adapters()))}")
-    if args.pairs < 1 or args.top_x < 1:
-        raise SystemExit("atp evaluate: --pairs and --top-x must be at least 1")
+        raise UsageError(f"unknown node type(s) {bad_nodes} in --nodes; known: {', '.join(sorted(plugins.adapters()))}")
+    check_at_least(1, pairs=args.pairs, top_x=args.top_x)
+    check_output("--plot", args.plot)
+    check_output("--csv", args.csv)
     from ..demo_task import ioi_pairs, load_demo_model
     try:
         model = load_demo_model()
     except FileNotFoundError as e:
-        raise SystemExit(f"atp evaluate: the bundled demo model is missing ({e}); reinstall atp-plugin") from e
+        raise UsageError(f"the bundled demo model is missing ({e}); reinstall atp-plugin") from e
     torch.set_grad_enabled(True)
-    task = ioi_pairs(args.pairs, seed=args.seed, split="test")
+    try:
+        task = ioi_pairs(args.pairs, seed=args.seed, split="test")
+    except ValueError as e:  # more pairs than the held-out split holds
+        raise UsageError(f"--pairs {args.pairs}: {e}") from e
     metric = metrics.logit_diff(metrics.token_ids(model, task.answers), metrics.token_ids(model, task.wrongs))
     start = time.perf_counter()
-    result = evaluate(model, task.clean, task.corrupt, metric, nodes=nodes, methods=methods,
-                      top_x=args.top_x, seed=args.seed)
+    try:
+        result = evaluate(model, task.clean, task.corrupt, metric, nodes=nodes, methods=methods,
+                          top_x=args.top_x, seed=args.seed)
+    except ValueError as e:  # e.g. --top-x above the number of nodes, found before the slow ground truth
+        raise UsageError(str(e)) from e
     elapsed = time.perf_counter() - start
     table = result.table()
     print(f"atp evaluate: {args.pairs} held-out IOI pairs, {result.n_nodes} nodes ({', '.join(nodes)}), "

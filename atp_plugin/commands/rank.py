@@ -33,13 +33,11 @@ import torch
 
 from .. import attribute, metrics, plugins
 from ..attribution import host_for
+from ..tokens import check_known
+from .usage import UsageError, check_at_least, check_device, check_output
 
 FIELDS = ("clean", "corrupt", "answer", "wrong")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-
-
-class UsageError(Exception):
-    """A bad argument or input file: reported in one line, exit code 2."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="verify the top K nodes by exact activation patching (default 0)")
     parser.add_argument("--out-csv", metavar="PATH", help="write the ranked nodes as CSV")
     parser.add_argument("--out-json", metavar="PATH", help="write the ranked nodes and the run's settings as JSON")
-    parser.add_argument("--report", metavar="PATH", help="write a self-contained HTML report (figures next to it)")
+    parser.add_argument("--report", metavar="PATH", help="write a self-contained HTML report (figures embedded; the PNGs are also written next to it)")
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per forward/backward pass (default 16)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -77,19 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _rank(args)
-    except UsageError as e:
-        print(f"atp rank: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _rank(args: argparse.Namespace) -> int:
     nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
     _check_options(args, nodes)
     pairs = _read_pairs(Path(args.pairs)) if args.pairs else _given_pairs(args)
-    _check_outputs(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for option in ("out_csv", "out_json", "report"):
+        check_output(f"--{option.replace('_', '-')}", getattr(args, option))
+    device = check_device(args.device) if args.device else ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
     model, model_label = load_model(args.model, device, DTYPES[args.dtype], quiet=args.quiet)
     answers, wrongs = _answer_ids(model, pairs)
@@ -103,10 +94,10 @@ def _rank(args: argparse.Namespace) -> int:
                                method=args.method, batch_size=args.batch_size, progress=not args.quiet)
         except ValueError as e:  # e.g. a node type this model lacks
             raise UsageError(str(e)) from e
+        verified = result.verify(args.verify) if args.verify else None  # warns when K exceeds the nodes
     for w in caught:
         if issubclass(w.category, UserWarning):
             print(f"atp rank: warning: {w.message}", file=sys.stderr)
-    verified = result.verify(args.verify) if args.verify else None
     elapsed = time.perf_counter() - start
     table = ranked_table(result, verified, args.top_k)
 
@@ -146,17 +137,10 @@ def _check_options(args: argparse.Namespace, nodes: list[str]) -> None:
     unknown = [n for n in nodes if n not in adapters]
     if unknown or not nodes:
         raise UsageError(f"unknown node type(s) {unknown or [args.nodes]} in --nodes; known: {', '.join(sorted(adapters))}")
-    for name, value, least in (("--top-k", args.top_k, 0), ("--verify", args.verify, 0), ("--batch-size", args.batch_size, 1)):
-        if value < least:
-            raise UsageError(f"{name} must be at least {least}, got {value}")
+    check_at_least(0, top_k=args.top_k, verify=args.verify)
+    check_at_least(1, batch_size=args.batch_size)
     if args.pairs and any(getattr(args, f) for f in FIELDS):
         raise UsageError("give pairs either with --pairs FILE or with --clean/--corrupt/--answer/--wrong, not both")
-
-
-def _check_outputs(args: argparse.Namespace) -> None:
-    for option, path in (("--out-csv", args.out_csv), ("--out-json", args.out_json), ("--report", args.report)):
-        if path and not Path(path).resolve().parent.is_dir():
-            raise UsageError(f"{option} {path}: the directory {Path(path).resolve().parent} does not exist")
 
 
 def _given_pairs(args: argparse.Namespace) -> list[Pair]:
@@ -175,7 +159,7 @@ def _read_pairs(path: Path) -> list[Pair]:
     if not path.is_file():
         raise UsageError(f"--pairs {path}: {'not a regular file' if path.exists() else 'no such file'}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel's CSV) is not part of the header
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"--pairs {path}: cannot read it as UTF-8 text ({e})") from e
     suffix = path.suffix.lower()
@@ -235,8 +219,8 @@ def _csv_pairs(name: str, text: str, delimiter: str) -> list[Pair]:
         if not any(cell.strip() for cell in row):
             continue
         if len(row) != len(header):
-            raise UsageError(f"{name} line {number}: {len(row)} column(s), the header has {len(header)} "
-                             "(quote fields that contain the delimiter)")
+            hint = "quote fields that contain the delimiter" if len(row) > len(header) else "a field is missing"
+            raise UsageError(f"{name} line {number}: {len(row)} column(s), the header has {len(header)} ({hint})")
         pairs.append(_pair(dict(zip(header, row)), f"{name} line {number}"))
     return pairs
 
@@ -289,6 +273,10 @@ def _answer_ids(model: Any, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tens
         for field in ids:
             text = getattr(p, field)
             tokens = model.to_tokens(text, prepend_bos=False)[0].tolist()
+            try:
+                check_known(model.tokenizer, text, tokens, field)
+            except ValueError as e:
+                raise UsageError(f"{p.where}: {e}") from e
             if len(tokens) != 1:
                 raise UsageError(f"{p.where}: {field} {text!r} is {len(tokens)} tokens; it must be exactly one token "
                                  "(e.g. with a leading space, ' Mary')")
@@ -299,7 +287,10 @@ def _answer_ids(model: Any, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tens
 def _check_alignment(model: Any, pairs: list[Pair]) -> None:
     host = host_for(model)
     for p in pairs:
-        n_clean, n_corrupt = len(host.tokenize(p.clean)), len(host.tokenize(p.corrupt))
+        try:
+            n_clean, n_corrupt = len(host.tokenize(p.clean)), len(host.tokenize(p.corrupt))
+        except ValueError as e:  # a word the tokenizer does not know
+            raise UsageError(f"{p.where}: {e}") from e
         if n_clean != n_corrupt:
             raise UsageError(f"{p.where}: clean has {n_clean} tokens but corrupt has {n_corrupt}; a pair must be "
                              "token-aligned (same length)")

@@ -151,8 +151,10 @@ class Engine:
         self.forward_passes += len(idx)
         return self.metric(logits, idx).to(self.acc)
 
-    def exact_effects(self, nodes: dict[tuple[int, str], torch.Tensor], desc: str = "exact patching") -> dict[tuple[int, str], torch.Tensor]:
-        """Mean over pairs of the exact effect I(n) = L(clean | n <- noise) - L(clean) of each node.
+    def exact_effects(self, nodes: dict[tuple[int, str], torch.Tensor], desc: str = "exact patching"
+                      ) -> tuple[dict[tuple[int, str], torch.Tensor], dict[tuple[int, str], torch.Tensor]]:
+        """Mean over pairs of the exact effect I(n) = L(clean | n <- noise) - L(clean) of each node,
+        and the mean over pairs of |I(n)| (what AtP's score, a mean of per-pair magnitudes, estimates).
 
         ``nodes``: (site number, group) -> flat indices into that site's ``[pos, *node]``; one
         patched copy per (pair, node), skipping pairs where the node's position is padding.
@@ -162,7 +164,7 @@ class Engine:
         owner = torch.cat([torch.full((len(nodes[k]),), i, dtype=torch.long) for i, k in enumerate(keys)])
         flat = torch.cat([nodes[k].cpu().long() for k in keys])
         shapes, sums = {}, torch.zeros(len(flat), dtype=self.acc)
-        count = torch.zeros(len(flat), dtype=self.acc)
+        abs_sums, count = torch.zeros(len(flat), dtype=self.acc), torch.zeros(len(flat), dtype=self.acc)
         for idx in self.batches(desc):
             noise = self.noise_values(idx)
             base = self.clean_metric(idx).cpu()
@@ -184,10 +186,13 @@ class Engine:
                     masks.setdefault(n, {})[grp] = (one & sel.reshape((-1,) + (1,) * (one.ndim - 1))).to(self.host.device)
                 hooks = {h for n in masks for h in sites[n].needs}
                 vals = self.patched_metric(idx[p.to(idx.device)], {h: noise[h][p.to(idx.device)] for h in hooks}, masks)
-                sums.index_add_(0, mm, vals.cpu() - base[p])
+                effect = vals.cpu() - base[p]  # [chunk]
+                sums.index_add_(0, mm, effect)
+                abs_sums.index_add_(0, mm, effect.abs())
                 count.index_add_(0, mm, torch.ones(len(mm), dtype=self.acc))
-        means = sums / count.clamp(min=1)
-        return {k: means[owner == i] for i, k in enumerate(keys)}
+        means, abs_means = sums / count.clamp(min=1), abs_sums / count.clamp(min=1)
+        return ({k: means[owner == i] for i, k in enumerate(keys)},
+                {k: abs_means[owner == i] for i, k in enumerate(keys)})
 
     def node_shapes(self) -> dict[tuple[int, str], tuple[int, ...]]:
         """(site number, group) -> node grid ``(pos, *node)``, from one probe run (cached)."""
@@ -200,7 +205,7 @@ class Engine:
     def exact(self) -> dict[tuple[int, str], torch.Tensor]:
         """Mean over pairs of the exact effect of every node, per site ``[pos, *node]``."""
         shapes = self.node_shapes()
-        effects = self.exact_effects({k: torch.arange(math.prod(shape)) for k, shape in shapes.items()})
+        effects, _ = self.exact_effects({k: torch.arange(math.prod(shape)) for k, shape in shapes.items()})
         return {k: effects[k].reshape(shapes[k]).to(self.host.device) for k in shapes}
 
 

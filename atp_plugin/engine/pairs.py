@@ -70,7 +70,10 @@ def make_pairs(host: Host, clean: torch.Tensor | Sequence[str], corrupt: torch.T
     rows_c, rows_n = [], []
     base = len(host.tokenize(""))  # what tokenizing adds to any prompt (a BOS token, or nothing)
     for i, (a, b) in enumerate(zip(clean, corrupt)):
-        ta, tb = host.tokenize(a), host.tokenize(b)
+        try:
+            ta, tb = host.tokenize(a), host.tokenize(b)
+        except ValueError as e:  # e.g. a word the tokenizer does not know: say which pair
+            raise ValueError(f"pair {i}: {e}") from e
         for what, text, toks in (("clean", a, ta), ("corrupt", b, tb)):
             if len(toks) <= base:
                 raise ValueError(f"pair {i}: the {what} prompt {text!r} has no tokens (besides BOS); give every "

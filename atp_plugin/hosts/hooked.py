@@ -10,6 +10,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from ..hookspecs import hookimpl
+from ..tokens import check_known
 from . import AttentionGeometry, Hook, SitePosition, spliced
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -47,7 +48,9 @@ class HookedTransformerHost:
     def tokenize(self, text: str) -> list[int]:
         if self.model.tokenizer is None:
             raise ValueError("the model has no tokenizer: pass token tensors [N, T] instead of strings")
-        return self.model.to_tokens(text, prepend_bos=self.cfg.default_prepend_bos)[0].tolist()
+        ids = self.model.to_tokens(text, prepend_bos=self.cfg.default_prepend_bos)[0].tolist()
+        check_known(self.model.tokenizer, text, ids, "the prompt")
+        return ids
 
     def pad_id(self) -> int:
         tok = self.model.tokenizer
