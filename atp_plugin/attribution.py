@@ -34,8 +34,10 @@ def host_for(model: Any):
 @contextmanager
 def eval_mode(model: Any, caller: str = "attribute()") -> Iterator[None]:
     """Run in eval mode: dropout would make every estimate and patch noisy. ``caller`` names the
-    function in the warning."""
+    function in the warning. Each submodule gets its own mode back afterwards (``model.train()``
+    would also switch submodules the user had put in eval mode)."""
     training = bool(getattr(model, "training", False))
+    modes = {m: m.training for m in model.modules()} if training and hasattr(model, "modules") else {}
     if training:
         warnings.warn(f"the model is in training mode; dropout breaks the estimates, so {caller} runs it in "
                       "eval mode (call model.eval() to silence this)", stacklevel=4)
@@ -43,8 +45,8 @@ def eval_mode(model: Any, caller: str = "attribute()") -> Iterator[None]:
     try:
         yield
     finally:
-        if training:
-            model.train()
+        for module, mode in modes.items():
+            module.training = mode
 
 
 def positive_int(value: Any, name: str, fix: str) -> int:

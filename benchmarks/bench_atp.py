@@ -192,11 +192,12 @@ def markdown(threads: list[int], rows, ratios, setup: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement, median taken (default 5)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
-                        help="torch.set_num_threads values, one column each")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "benchmark.md")
+                        help="torch.set_num_threads values, one column each (default 1 2)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "benchmark.md",
+                        help="where to write the markdown table (default docs/benchmark.md)")
     args = parser.parse_args()
 
     model = build_model()

@@ -185,9 +185,12 @@ def test_training_mode_warns_and_matches_eval() -> None:
         assert not torch.equal(model(clean), model(clean))  # dropout is live in training mode
         for method in ("atp*", "ap"):
             model.train()
+            model.blocks[0].ln1.eval()  # a submodule the user keeps in eval mode stays so
             with pytest.warns(UserWarning, match="training mode.*eval mode.*model.eval\\(\\)"):
                 trained = attribute(model, clean, corrupt, metric, nodes=["attn_z", "attn_q"], method=method)
             assert model.training, "attribute() must restore training mode"
+            kept = set(model.blocks[0].ln1.modules())
+            assert all(m.training != (m in kept) for m in model.modules())
             model.eval()
             with warnings.catch_warnings():
                 warnings.simplefilter("error", UserWarning)  # no training-mode warning in eval mode

@@ -50,6 +50,7 @@ class Host(Protocol):
     n_layers: int
     n_heads: int
     n_kv_heads: int
+    d_vocab: int  # token ids are checked against it before any run
     dtype: torch.dtype
     device: torch.device
 
