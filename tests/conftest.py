@@ -73,6 +73,24 @@ def make_planted_pairs(n: int = 3, t: int = 6, positions: tuple[int, ...] = (1, 
     return clean, corrupt
 
 
+def clean_gradients(model: HookedTransformer, clean: torch.Tensor, metric, hooks: list[str]
+                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Hook name -> (its value on the clean run, d(summed metric)/d(value)), ``[N, T, ...]`` each,
+    from one plain TransformerLens run with ``retain_grad``: the references' gradient, written
+    without the library."""
+    acts = {}
+
+    def keep(x: torch.Tensor, hook) -> torch.Tensor:
+        x.retain_grad()
+        acts[hook.name] = x
+        return x
+
+    model.zero_grad()
+    logits = model.run_with_hooks(clean, fwd_hooks=[(h, keep) for h in hooks])
+    metric(logits, torch.arange(len(clean))).sum().backward()
+    return {h: (x.detach(), x.grad) for h, x in acts.items()}
+
+
 def logit_diff_metric(n: int, d_vocab: int = 50, seed: int = 2):
     from atp_plugin import metrics
     g = torch.Generator().manual_seed(seed)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from atp_plugin import NodeAdapter, attribute, plugins
-from conftest import logit_diff_metric, make_model, make_pairs
+from conftest import clean_gradients, logit_diff_metric, make_model, make_pairs
 
 PACKAGE = Path(__file__).resolve().parents[1] / "examples" / "atp_directions"
 N, T = 3, 5
@@ -64,19 +64,11 @@ def test_instance_matches_hand_computed_atp_and_patching(directions_module) -> N
     idx = torch.arange(N)
     hooks = [f"blocks.{layer}.hook_resid_pre" for layer in range(2)]
 
-    acts = {}
-
-    def keep(x, hook):
-        x.retain_grad()
-        acts[hook.name] = x
-        return x
-
-    logits = model.run_with_hooks(clean, fwd_hooks=[(h, keep) for h in hooks])
-    metric(logits, idx).sum().backward()
+    acts = clean_gradients(model, clean, metric, hooks)  # hook -> (value, gradient)
     _, cache = model.run_with_cache(corrupt, names_filter=lambda n: n in hooks)
     with torch.no_grad():
-        dc = torch.stack([(cache[h] - acts[h]) @ u.T for h in hooks])                 # [layer, N, T, k]
-        expected_atp = (dc * torch.stack([acts[h].grad @ u.T for h in hooks])).mean(1)  # [layer, T, k]
+        dc = torch.stack([(cache[h] - acts[h][0]) @ u.T for h in hooks])                 # [layer, N, T, k]
+        expected_atp = (dc * torch.stack([acts[h][1] @ u.T for h in hooks])).mean(1)     # [layer, T, k]
 
         base = metric(model(clean), idx)
         expected_ap = torch.zeros(2, T, 3, dtype=torch.float64)
@@ -96,7 +88,7 @@ def test_instance_matches_hand_computed_atp_and_patching(directions_module) -> N
     close(ap.signed["resid_directions"], expected_ap, "exact patching of residual directions")
 
     # patching node j moves x along u_j only: component j takes its noise value, x - c_j u_j is untouched
-    x, x_noise = acts[hooks[1]].detach(), cache[hooks[1]]
+    x, x_noise = acts[hooks[1]][0], cache[hooks[1]]
     mask = torch.zeros(N, T, 3, dtype=torch.bool)
     mask[:, 2, 1] = True
     out = adapter.patch(hooks[1], x, x_noise, {"": mask})

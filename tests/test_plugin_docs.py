@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from atp_plugin import attribute, plugins
-from conftest import logit_diff_metric, make_model, make_pairs
+from conftest import clean_gradients, logit_diff_metric, make_model, make_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "plugins.md"
@@ -98,17 +98,9 @@ def hand_atp(model, clean: torch.Tensor, corrupt: torch.Tensor, metric) -> torch
     """Per-pair AtP of every head output, (z(noise) - z(clean)) . dL/dz on the clean run:
     ``[pairs, layer, pos, head]``."""
     hooks = [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
-    acts = {}
-
-    def keep(z, hook):
-        z.retain_grad()
-        acts[hook.name] = z
-        return z
-
-    logits = model.run_with_hooks(clean, fwd_hooks=[(h, keep) for h in hooks])
-    metric(logits, torch.arange(len(clean))).sum().backward()
+    acts = clean_gradients(model, clean, metric, hooks)  # hook -> (z, dL/dz)
     _, cache = model.run_with_cache(corrupt, names_filter=lambda name: name in hooks)
-    return torch.stack([((cache[h] - acts[h]) * acts[h].grad).sum(-1) for h in hooks], 1).detach()
+    return torch.stack([((cache[h] - z) * grad).sum(-1) for h, (z, grad) in acts.items()], 1).detach()
 
 
 def hand_patch(model, clean: torch.Tensor, corrupt: torch.Tensor, metric, layer: int, pos: int, head: int

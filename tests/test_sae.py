@@ -25,7 +25,7 @@ from transformer_lens import HookedTransformer
 
 from atp_plugin import attribute
 from atp_plugin.adapters import SAEFeatures
-from conftest import logit_diff_metric, make_model, make_pairs
+from conftest import clean_gradients, logit_diff_metric, make_model, make_pairs
 
 ARCHS = {
     "standard": (StandardSAE, StandardSAEConfig, {}),
@@ -117,19 +117,8 @@ def test_atp_equals_the_formula_with_model_gradients() -> None:
     sae = make_sae("standard", hook)
     clean, corrupt = make_pairs(N, T)
     metric = logit_diff_metric(N)
-    idx = torch.arange(N)
 
-    site = {}
-
-    def keep(x, hook):
-        x.retain_grad()
-        site["a"] = x
-        return x
-
-    model.zero_grad()
-    logits = model.run_with_hooks(clean, fwd_hooks=[(hook, keep)])
-    metric(logits, idx).sum().backward()
-    a, grad = site["a"].detach(), site["a"].grad            # [N, T, d_model]
+    a, grad = clean_gradients(model, clean, metric, [hook])[hook]  # [N, T, d_model] each
     _, cache = model.run_with_cache(corrupt, names_filter=hook)
     a_noise = cache[hook]
     with torch.no_grad():

@@ -18,7 +18,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import logit_diff_metric, make_model, make_pairs
+from conftest import clean_gradients, logit_diff_metric, make_model, make_pairs
 from sae_lens import (
     JumpReLUSkipTranscoder,
     JumpReLUSkipTranscoderConfig,
@@ -137,16 +137,7 @@ def test_graddrop_places_the_nodes_in_the_output_hooks_layer() -> None:
 
     clean, corrupt = make_pairs(N, T)
     metric = logit_diff_metric(N)
-    site = {}
-
-    def keep(x, hook):
-        x.retain_grad()
-        site["resid"] = x
-        return x
-
-    logits = model.run_with_hooks(clean, fwd_hooks=[("blocks.1.hook_resid_post", keep)])
-    metric(logits, torch.arange(N)).sum().backward()
-    direct = site["resid"].grad                                              # [N, T, d_model]
+    _, direct = clean_gradients(model, clean, metric, ["blocks.1.hook_resid_post"])["blocks.1.hook_resid_post"]
     hook_in, hook_out = "blocks.0.hook_resid_mid", "blocks.0.hook_mlp_out"
     with torch.no_grad():
         _, c = model.run_with_cache(clean, names_filter=[hook_in, hook_out])
