@@ -42,7 +42,8 @@ def close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float =
 def run(model: HookedTransformer, clean, corrupt, metric, nodes, method: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return attribute(model, clean, corrupt, metric, nodes=nodes, method=method)
+        return attribute(model, clean, corrupt, metric, nodes=nodes, method=method, batch_size=2,
+                         patch_batch_size=5)  # 3 pairs in 2 batches: every batch adds to the means
 
 
 @pytest.mark.parametrize("kind", sorted(ONE_LAYER))

@@ -149,13 +149,15 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, what: str) -> N
     torch.testing.assert_close(actual, expected, rtol=1e-8, atol=1e-10 * scale, msg=lambda m: f"{what}: {m}")
 
 
-def check_against_reference(model: HookedTransformer, clean: torch.Tensor, corrupt: torch.Tensor, metric) -> None:
+def check_against_reference(model: HookedTransformer, clean: torch.Tensor, corrupt: torch.Tensor, metric,
+                            **options) -> None:
+    """Every method's scores and signed values equal the naive reference; ``options`` go to attribute()."""
     expected = reference(model, clean, corrupt, metric)
     types = node_types(model)
     for method in METHODS:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the few-layers GradDrop warning
-            got = attribute(model, clean, corrupt, metric, nodes=types, method=method)
+            got = attribute(model, clean, corrupt, metric, nodes=types, method=method, **options)
         scores, signed = expected[method]
         for nt in types:
             assert_matches(got.scores[nt], scores[nt], f"{method} scores of {nt}")
@@ -170,6 +172,14 @@ def test_reference_every_variant(variant: str) -> None:
     model = make_model(**VARIANTS[variant])
     clean, corrupt = make_pairs(3, 6)
     check_against_reference(model, clean, corrupt, logit_diff_metric(3))
+
+
+@pytest.mark.parametrize("variant", ["ln_gelu", "gqa"])
+def test_reference_across_batches(variant: str) -> None:
+    """Pairs split over several batches (2 + 2 + 1): every batch adds its pairs to the means."""
+    model = make_model(**VARIANTS[variant])
+    clean, corrupt = make_pairs(5, 6, seed=4)
+    check_against_reference(model, clean, corrupt, logit_diff_metric(5), batch_size=2)
 
 
 def test_reference_nonlinear_metric() -> None:
@@ -233,9 +243,9 @@ def test_padded_batch_equals_pairs_alone(variant: str) -> None:
     reference gives for it alone, unpadded (positions aligned on the last token); a position is
     averaged over the pairs in which it is real (pad positions have no nodes)."""
     model = tokenized_model(variant)
-    lengths = [4, 6, 3]
+    lengths = [4, 6, 3, 5, 2]  # in batches of 2: the longest pair is in the first batch only
     clean, corrupt = string_pairs(lengths)
-    answers, wrongs = torch.tensor([5, 9, 30]), torch.tensor([7, 2, 11])
+    answers, wrongs = torch.tensor([5, 9, 30, 1, 44]), torch.tensor([7, 2, 11, 40, 3])
     width = max(lengths)
     types = node_types(model)
     alone = [reference(model, model.to_tokens(c, prepend_bos=False), model.to_tokens(n, prepend_bos=False),
@@ -247,7 +257,8 @@ def test_padded_batch_equals_pairs_alone(variant: str) -> None:
     for method in METHODS:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            padded = attribute(model, clean, corrupt, metrics.logit_diff(answers, wrongs), nodes=types, method=method)
+            padded = attribute(model, clean, corrupt, metrics.logit_diff(answers, wrongs), nodes=types, method=method,
+                               batch_size=2)
         assert padded.alignment.startswith("left-padded")
         assert not padded.pad.any()  # the longest pair is real at every position
         for nt in types:

@@ -55,7 +55,8 @@ def test_effect_equals_an_independent_patch(node_type):
     clean, corrupt = make_pairs(3, 6)
     answers, wrongs = ids(3, 2)
     metric = atp_plugin.metrics.logit_diff(answers, wrongs)
-    result = attribute(model, clean, corrupt, metric, nodes=[node_type], method="atp")
+    result = attribute(model, clean, corrupt, metric, nodes=[node_type], method="atp", batch_size=2,
+                       patch_batch_size=3)  # pairs in 2 batches, patched copies in chunks of 3
     table = atp_plugin.verify(result, 4)
     assert len(table) == 4 and list(table["node"]) == list(result.top(4)["node"])
     np.testing.assert_allclose(table["estimate"], result.top(4)["score"])
@@ -88,7 +89,8 @@ def test_effect_with_left_padding():
     corrupt = ["w20 w2 w3", "w24 w5 w21 w7 w8", "w9 w22 w11 w23"]
     answers, wrongs = ids(3, 5)
     metric = atp_plugin.metrics.logit_diff(answers, wrongs)
-    result = attribute(model, clean, corrupt, metric, nodes=["attn_z", "resid_pre"], method="atp")
+    result = attribute(model, clean, corrupt, metric, nodes=["attn_z", "resid_pre"], method="atp", batch_size=2,
+                       patch_batch_size=3)  # the longest pair alone in the second batch
     assert result.alignment.startswith("left-padded")
     n_nodes = len(result.to_frame())
     table = atp_plugin.verify(result, n_nodes)
