@@ -103,7 +103,7 @@ def attribute(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Te
                          "choose node types this model has")
     pairs = make_pairs(host, clean, corrupt)
     check_length(host, pairs.clean.shape[1])
-    check_metric(metric, pairs.n, pairs.clean.shape[1], host.d_vocab)
+    check_metric(metric, pairs.mask, host.d_vocab)
     engine = Engine(host, pairs, metric, adapters, batch_size=batch_size or DEFAULT_BATCH,
                     patch_batch_size=patch_batch_size, progress=progress)
     if getattr(backend, "qk", False):

@@ -148,7 +148,7 @@ def _rebind(model, clean, corrupt, metric, result: AttributionResult) -> Attribu
     pairs = make_pairs(old.host, clean, corrupt)
     if not all(torch.equal(getattr(pairs, f), getattr(old.pairs, f)) for f in ("clean", "corrupt", "mask")):
         raise ValueError("clean/corrupt differ from the prompts result was computed on; pass the same prompts")
-    check_metric(metric, pairs.n, pairs.clean.shape[1], old.host.d_vocab)
+    check_metric(metric, pairs.mask, old.host.d_vocab)
     engine = Engine(old.host, old.pairs, metric, old.adapters, batch_size=old.batch_size,
                     patch_batch_size=old.patch_batch_size, progress=old.progress)
     return replace(result, engine=engine)

@@ -29,11 +29,12 @@ def _position(position: int) -> int:
     return position
 
 
-def check_metric(metric, n_pairs: int, n_tokens: int, d_vocab: int) -> None:
+def check_metric(metric, mask: torch.Tensor, d_vocab: int) -> None:
     """Check what a built-in metric holds against the prompts and the model, before any run:
     one answer per pair (``metric.n_pairs``), token ids in ``[0, d_vocab)`` (``metric.token_ids``)
-    and a ``metric.position`` inside prompts of ``n_tokens`` tokens. A metric without these
-    attributes (a user's own function) is not checked here."""
+    and a ``metric.position`` that is a real token of every prompt (``mask``: ``[N, T]``, False at
+    left padding). A metric without these attributes (a user's own function) is not checked here."""
+    n_pairs, n_tokens = mask.shape
     n_metric = getattr(metric, "n_pairs", None)
     if n_metric is not None and n_metric != n_pairs:
         raise ValueError(f"the metric holds answers for {n_metric} pairs but {n_pairs} pairs were given")
@@ -45,6 +46,11 @@ def check_metric(metric, n_pairs: int, n_tokens: int, d_vocab: int) -> None:
     if position is not None and not -n_tokens <= position < n_tokens:
         raise ValueError(f"the metric reads position {position} but the prompts have {n_tokens} tokens "
                          f"(valid positions: {-n_tokens} to {n_tokens - 1}; -1 is every prompt's last token)")
+    shortest = int(mask.sum(1).min())
+    if position is not None and position % n_tokens < n_tokens - shortest:
+        raise ValueError(f"the metric reads position {position}, which is left padding in the prompts shorter than "
+                         f"{n_tokens} tokens (the shortest has {shortest}); prompts are aligned on their last token, "
+                         f"so give a position from the end, -1 to {-shortest}")
 
 
 def token_ids(model, tokens: Sequence[str]) -> torch.Tensor:

@@ -262,7 +262,21 @@ def test_metric_answer_ids_and_position(model) -> None:
             raises_before_any_forward(model, ValueError, rf"reads position {position} but the prompts have 5 tokens",
                                       clean, corrupt, metric)
     for position in (4, -5, 0):  # the edges are valid
-        check_metric(metrics.logit_diff([3, 1], [4, 49], position=position), 2, 5, 50)
+        check_metric(metrics.logit_diff([3, 1], [4, 49], position=position), torch.ones(2, 5, dtype=torch.bool), 50)
+
+
+def test_metric_position_on_left_padding() -> None:
+    """Left-padded pairs of 4 and 2 tokens: positions 0 and 1 (-4, -3) are padding in the short
+    pair, so a metric reading them would read a pad token's logits; -1 and -2 (2, 3) are real."""
+    model = tokenized_model("ln_gelu")
+    clean, corrupt = ["w1 w2 w3 w4", "w5 w6"], ["w1 w7 w3 w4", "w8 w6"]
+    for position in (0, 1, -4, -3):
+        raises_before_any_forward(model, ValueError, rf"reads position {position}, which is left padding in the "
+                                  r"prompts shorter than 4 tokens \(the shortest has 2\).*-1 to -2",
+                                  clean, corrupt, metrics.logit_diff([3, 1], [4, 5], position=position))
+    for position in (2, 3, -1, -2):
+        attribute(model, clean, corrupt, metrics.logit_diff([3, 1], [4, 5], position=position), nodes="attn_z",
+                  method="atp")
 
 
 def _detached(logits: torch.Tensor) -> torch.Tensor:
