@@ -182,6 +182,16 @@ def test_reference_across_batches(variant: str) -> None:
     check_against_reference(model, clean, corrupt, logit_diff_metric(5), batch_size=2)
 
 
+def test_reference_ungrouped_gqa() -> None:
+    """TransformerLens's ungroup_grouped_query_attention gives hook_k/hook_v a copy per query head:
+    nodes and the QK fix follow the hook (n_heads keys and values), not the config's kv-heads."""
+    model = make_model(**VARIANTS["gqa"], ungroup_grouped_query_attention=True)
+    clean, corrupt = make_pairs(3, 6)
+    result = attribute(model, clean, corrupt, logit_diff_metric(3), nodes=["attn_k", "attn_v"], method="atp+qk")
+    assert result.scores["attn_k"].shape == result.scores["attn_v"].shape == (3, 6, model.cfg.n_heads)
+    check_against_reference(model, clean, corrupt, logit_diff_metric(3))
+
+
 def test_reference_nonlinear_metric() -> None:
     """log P(answer) is not linear in the logits: the gradient still has to be exact."""
     model = make_model(**VARIANTS["gqa"])

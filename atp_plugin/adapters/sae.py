@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..hosts import Host
+from ..hosts.hooked import kv_heads
 from ..hosts.spliced import spliced
 
 #: Trailing shape of TransformerLens hook values ``[batch, pos, ...]`` by the hook's last name,
@@ -35,7 +36,7 @@ _SHAPES = {
     **{h: lambda c: (c.d_model,) for h in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post",
                                             "hook_attn_out", "hook_mlp_out", "hook_embed", "hook_pos_embed")},
     **{h: lambda c: (c.n_heads, c.d_head) for h in ("hook_q", "hook_rot_q", "hook_z")},
-    **{h: lambda c: (c.n_key_value_heads or c.n_heads, c.d_head) for h in ("hook_k", "hook_rot_k", "hook_v")},
+    **{h: lambda c: (kv_heads(c), c.d_head) for h in ("hook_k", "hook_rot_k", "hook_v")},
     **{h: lambda c: (c.d_mlp,) for h in ("hook_pre", "hook_pre_linear", "hook_post")},
 }
 

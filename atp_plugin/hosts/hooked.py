@@ -16,6 +16,14 @@ from . import AttentionGeometry, Hook, SitePosition, spliced
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
+def kv_heads(cfg: Any) -> int:
+    """Key/value heads at ``hook_k``/``hook_v``: fewer than the query heads under grouped-query
+    attention, unless the model ungroups them (``ungroup_grouped_query_attention``: a copy per head)."""
+    if getattr(cfg, "ungroup_grouped_query_attention", False):
+        return cfg.n_heads
+    return cfg.n_key_value_heads or cfg.n_heads
+
+
 class UnsupportedModelError(ValueError):
     """The model uses a variant the engine cannot handle exactly."""
 
@@ -31,7 +39,7 @@ class HookedTransformerHost:
         self.cfg = cfg
         self.n_layers = cfg.n_layers
         self.n_heads = cfg.n_heads
-        self.n_kv_heads = cfg.n_key_value_heads or cfg.n_heads
+        self.n_kv_heads = kv_heads(cfg)
         self.d_model = cfg.d_model
         self.d_mlp = cfg.d_mlp
         self.d_vocab = cfg.d_vocab
