@@ -113,5 +113,5 @@ def attribute(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Te
     with eval_mode(model):
         scores, signed = backend.run(engine)
     dims = {key: adapter.groups(host)[grp] for key, (adapter, grp) in engine.keys().items()}
-    pad = ~pairs.mask.any(0)
-    return AttributionResult(method, scores, signed, dims, pad.cpu(), pairs.alignment, pairs.n, engine=engine)
+    return AttributionResult(method, scores, signed, dims, pairs.mask.sum(0).cpu(), pairs.alignment, pairs.n,
+                             engine=engine)

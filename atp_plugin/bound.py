@@ -110,18 +110,16 @@ def false_negative_bound(model, clean, corrupt, metric, result: AttributionResul
     frame = result.to_frame()
     top = result.top(k) if k else frame.iloc[:0]
     rest = frame.drop(index=top.index)
-    if "pad" in rest:
-        rest = rest[rest["pad"].ne(True)]
     if rest.empty:
         raise ValueError(f"k={k} leaves no unverified node to bound; lower k")
     rest = rest.reset_index(drop=True)
     located = locate(result, rest)
     order = np.concatenate([rows for rows, _ in located.values()])  # node u of the subsets is row order[u]
     with eval_mode(model, "false_negative_bound()"):
-        verified = verify(result, k) if k else top.drop(columns=["score", "signed", "pad"], errors="ignore")
+        verified = verify(result, k) if k else top.drop(columns=["score", "signed"])
         est = subsample(result.engine, {key: flat for key, (_, flat) in located.items()},
                         n_subsets=n_subsets, p=p, seed=seed, desc="false-negative bound")
-    out = rest.drop(columns=["signed", "pad"], errors="ignore").copy()
+    out = rest.drop(columns=["signed"]).copy()
     for column, values in (("estimate", est.estimate), ("std_error", est.std_error), ("df", est.df),
                            ("n_in", est.n_in), ("n_out", est.n_out)):
         out.loc[order, column] = values.numpy()

@@ -107,7 +107,7 @@ def evaluate(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Ten
     on one model and task, against exhaustive patching.
 
     Runs ``ap`` once for the ground truth (so it is slow where ``ap`` is), then every method.
-    The true top-x nodes are the ``top_x`` nodes with the largest |mean effect| (padding excluded).
+    The true top-x nodes are the ``top_x`` nodes with the largest |mean effect|.
     """
     if not methods:
         raise ValueError("methods is empty; name at least one backend, e.g. methods=['atp*']")
@@ -119,14 +119,13 @@ def evaluate(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Ten
     options = dict(nodes=nodes, batch_size=batch_size, patch_batch_size=patch_batch_size, progress=progress)
     results = {names[0]: attribute(model, clean, corrupt, metric, method=methods[0], **options)}
     first = results[names[0]].to_frame()  # the node count, known before the slow ground truth runs
-    real = ~first["pad"].eq(True).to_numpy() if "pad" in first else np.ones(len(first), dtype=bool)
-    n_nodes = int(real.sum())
+    n_nodes = len(first)
     if top_x > n_nodes:
         raise ValueError(f"top_x={top_x} exceeds the {n_nodes} nodes of nodes={nodes!r}; lower top_x")
     truth = results.get(GROUND_TRUTH) or attribute(model, clean, corrupt, metric, method=GROUND_TRUTH, **options)
     frame = truth.to_frame()
     tiebreak = np.random.default_rng(seed).permutation(n_nodes)
-    true_order = rank_order(frame["score"].to_numpy()[real], tiebreak)[:top_x]  # indices of the true top x
+    true_order = rank_order(frame["score"].to_numpy(), tiebreak)[:top_x]  # indices of the true top x
 
     for name, m in zip(names[1:], methods[1:]):
         results[name] = truth if name == GROUND_TRUTH else attribute(model, clean, corrupt, metric, method=m, **options)
@@ -134,7 +133,7 @@ def evaluate(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Ten
     x = np.arange(1, top_x + 1)
     curves, ranks, own = {}, {}, {}
     for name, result in results.items():
-        order = rank_order(result.to_frame()["score"].to_numpy()[real], tiebreak)
+        order = rank_order(result.to_frame()["score"].to_numpy(), tiebreak)
         position = np.empty(n_nodes, dtype=np.int64)
         position[order] = np.arange(1, n_nodes + 1)  # node -> its 1-based rank
         ranks[name] = position[true_order]
@@ -142,6 +141,6 @@ def evaluate(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Ten
         curves[name] = own[name] + n_pairs * np.maximum.accumulate(ranks[name])
     curves["oracle"] = (n_pairs * x).astype(float)
     index = pd.Index(x, name="x")
-    node_labels = frame["node"].to_numpy()[real][true_order]
+    node_labels = frame["node"].to_numpy()[true_order]
     return Evaluation(pd.DataFrame(curves, index=index), own, pd.DataFrame(ranks, index=pd.Index(node_labels, name="node")),
                       truth, n_pairs, n_nodes, truth.engine.host.n_layers)

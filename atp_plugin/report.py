@@ -169,8 +169,7 @@ def write_report(result: AttributionResult, path: str | Path, *, verified: pd.Da
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     frame = result.to_frame()
-    real = frame[frame["pad"].ne(True)] if "pad" in frame else frame
-    n_nodes = len(real)
+    n_nodes = len(frame)
 
     summary = [("model", model_label), ("method", result.method), ("metric", metric_label),
                ("pairs", str(result.n_pairs)), ("node types", ", ".join(result.scores)), ("nodes", str(n_nodes)),
@@ -188,7 +187,7 @@ def write_report(result: AttributionResult, path: str | Path, *, verified: pd.Da
                      "verified by exact activation patching: the effect per pair averaged signed, and as "
                      "magnitudes (what the AtP scores, means of per-pair magnitudes, estimate).</p>")
     else:
-        shown = real.nlargest(top_k, "score")[["node", "score", "signed"]]
+        shown = frame.nlargest(top_k, "score")[["node", "score", "signed"]]
         parts.append(f'<p class="note">The top {len(shown)} of {n_nodes} nodes by {html.escape(result.method)} '
                      "score (not verified).</p>")
     parts.append(_table(shown, "nodes top-nodes"))
@@ -197,7 +196,7 @@ def write_report(result: AttributionResult, path: str | Path, *, verified: pd.Da
         grid = heatmap_grid(result, key)
         figure = heatmap(grid.values, path.with_name(f"{path.stem}_{key.replace('.', '_')}.png"),
                          xlabel=grid.xlabel, ylabel=grid.ylabel, title=f"{key}: {result.method} score, {grid.reduction}")
-        of_type = real[real["node_type"] == key].nlargest(5, "score")[["node", "score", "signed"]]
+        of_type = frame[frame["node_type"] == key].nlargest(5, "score")[["node", "score", "signed"]]
         parts.append(f'<h2 class="node-type" id="type-{html.escape(key)}">{html.escape(key)}</h2><div class="row">'
                      f'<figure><img alt="{html.escape(key)} heatmap" src="{_png(figure)}">'
                      f"<figcaption>{html.escape(grid.ylabel)} &times; {html.escape(grid.xlabel)}, "

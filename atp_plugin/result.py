@@ -16,14 +16,16 @@ class AttributionResult:
 
     ``scores[key]`` / ``signed[key]``: tensors with the dimensions ``dims[key]`` (e.g.
     ``("layer", "pos", "head")``); ``key`` is the node type name (plus ``".error"`` for SAE error
-    nodes). ``pad[pos]`` marks positions that are padding in every pair (no nodes there).
+    nodes). ``pairs[pos]``: in how many pairs the position is a real token; with left-padded
+    prompts of different lengths the early positions are padding in the shorter pairs, have no
+    nodes there, and their scores are means over fewer pairs.
     """
 
     method: str
     scores: dict[str, torch.Tensor]
     signed: dict[str, torch.Tensor]
     dims: dict[str, tuple[str, ...]]
-    pad: torch.Tensor
+    pairs: torch.Tensor  # [pos] int
     alignment: str
     n_pairs: int
     view: str = "per position"
@@ -40,8 +42,8 @@ class AttributionResult:
 
     def to_frame(self) -> pd.DataFrame:
         """One row per node: node_type, its coordinates (layer, pos, head/neuron/feature, …),
-        score, signed, and ``pad`` (the position is padding in every pair). ``attrs`` carry the
-        ``method``, the ``view`` and the prompts' ``alignment``."""
+        score, signed, and ``pairs`` (in how many pairs the node's position is a real token, not
+        left padding). ``attrs`` carry the ``method``, the ``view`` and the prompts' ``alignment``."""
         frames = []
         for key, score in self.scores.items():
             dims = self.dims[key]
@@ -51,11 +53,11 @@ class AttributionResult:
             frame["score"] = score.detach().double().reshape(-1).cpu().numpy()
             frame["signed"] = self.signed[key].detach().double().reshape(-1).cpu().numpy()
             if "pos" in dims:
-                frame["pad"] = self.pad.cpu().numpy()[frame["pos"].to_numpy()]
+                frame["pairs"] = self.pairs.cpu().numpy()[frame["pos"].to_numpy()]
             frames.append(frame)
         frame = pd.concat(frames, ignore_index=True)
         coords = [c for c in ("layer", "pos") if c in frame] + [
-            c for c in frame.columns if c not in ("node_type", "layer", "pos", "score", "signed", "pad")]
+            c for c in frame.columns if c not in ("node_type", "layer", "pos", "score", "signed", "pairs")]
         for c in coords:
             frame[c] = frame[c].astype("Int64")
         frame.insert(1, "node", [_label(row, coords) for row in frame[["node_type"] + coords].itertuples(index=False)])
@@ -78,7 +80,7 @@ class AttributionResult:
         def drop_pos(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             return {k: v.sum(self.dims[k].index("pos")) if "pos" in self.dims[k] else v for k, v in t.items()}
         dims = {k: tuple(d for d in v if d != "pos") for k, v in self.dims.items()}
-        return AttributionResult(self.method, drop_pos(self.scores), drop_pos(self.signed), dims, self.pad,
+        return AttributionResult(self.method, drop_pos(self.scores), drop_pos(self.signed), dims, self.pairs,
                                  self.alignment, self.n_pairs, view="summed over positions")
 
     def verify(self, k: int = 10) -> pd.DataFrame:

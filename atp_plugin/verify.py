@@ -58,13 +58,11 @@ def verify(result, k: int = 10) -> pd.DataFrame:
         raise ValueError("this result cannot be verified: it has no engine (a summed-over-positions view); "
                          "verify the per-position result returned by attribute()")
     top = result.top(k)
-    if "pad" in top:
-        top = top[top["pad"].ne(True)]  # padding positions have no nodes
     n_nodes = sum(score.numel() for score in result.scores.values())
     if k > n_nodes:
         warnings.warn(f"k={k} is more than the {n_nodes} nodes of this result; verifying all {n_nodes} "
                       f"(k clamped to {n_nodes})", stacklevel=2)
-    out = top.drop(columns=["score", "signed", "pad"], errors="ignore").copy()
+    out = top.drop(columns=["score", "signed"]).copy()
     out["estimate"] = top["score"].to_numpy()
     out["signed_estimate"] = top["signed"].to_numpy()
     with eval_mode(result.engine.host.model, "verify()"):

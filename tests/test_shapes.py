@@ -58,7 +58,7 @@ def test_frame_has_one_row_per_node() -> None:
     model, result = result_for("gqa", "atp+qk")
     frame = result.to_frame()
     assert len(frame) == sum(s.numel() for s in result.scores.values())
-    for column in ("node_type", "layer", "pos", "head", "neuron", "score", "signed"):
+    for column in ("node_type", "layer", "pos", "head", "neuron", "score", "signed", "pairs"):
         assert column in frame.columns, column
     assert frame.attrs["view"] == "per position"
     assert frame.attrs["alignment"] == result.alignment

@@ -95,6 +95,7 @@ def test_effect_with_left_padding():
     n_nodes = len(result.to_frame())
     table = atp_plugin.verify(result, n_nodes)
     assert len(table) == n_nodes  # no position is padding in every pair
+    assert table["pairs"].tolist() == table["pos"].map({0: 1, 1: 2, 2: 3, 3: 3, 4: 3}).tolist()  # lengths 3, 5, 4
     tokens = [model.to_tokens(s, prepend_bos=False)[0] for s in (clean + corrupt)]
     checked = table[(table["node_type"] == "resid_pre") | table["pos"].isin([0, 1, 4])]
     per_pair = [reference_effect(model, tokens[:3], tokens[3:], answers, wrongs, row, 5)

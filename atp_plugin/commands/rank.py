@@ -297,16 +297,13 @@ def _check_alignment(model: Any, pairs: list[Pair]) -> None:
 
 
 def ranked_table(result: Any, verified: pd.DataFrame | None, top_k: int) -> pd.DataFrame:
-    """Nodes ranked by score (padding excluded), with ``effect``/``abs_effect`` for the verified
-    ones (NaN otherwise); the top ``top_k`` (all when 0)."""
+    """Nodes ranked by score, with ``effect``/``abs_effect`` for the verified ones (NaN otherwise);
+    the top ``top_k`` (all when 0). ``pairs``: in how many pairs the node's position is a real token."""
     frame = result.to_frame()
-    pad = frame["pad"].eq(True).to_numpy() if "pad" in frame else None
-    if pad is not None:
-        frame = frame[~pad]
     frame = frame.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     frame.insert(0, "rank", range(1, len(frame) + 1))
-    coords = [c for c in frame.columns if c not in ("rank", "node_type", "node", "score", "signed", "pad")]
-    frame = frame[["rank", "node_type", "node", *coords, "score", "signed"]]
+    coords = [c for c in frame.columns if c not in ("rank", "node_type", "node", "score", "signed", "pairs")]
+    frame = frame[["rank", "node_type", "node", *coords, "score", "signed", *(["pairs"] if "pairs" in frame else [])]]
     if verified is not None:
         effects = verified.set_index("node")
         frame["effect"] = frame["node"].map(effects["effect"])
