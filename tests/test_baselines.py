@@ -1,20 +1,113 @@
 """Baseline backends: iterative = ap, subsampling against its closed form and its standard error,
-hierarchical/blocks reach the planted nodes with exact numbers; costs as Engine counts them."""
+hierarchical/blocks reach the planted nodes with exact numbers; costs as Engine counts them. On
+left-padded pairs of different lengths, subsampling and hierarchical/blocks against naive
+references: joint patches written here with TransformerLens hooks, one unpadded prompt at a time."""
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import pytest
 import torch
 from scipy import stats
+from transformer_lens import HookedTransformer
 
-from atp_plugin import attribute, plugins
+from atp_plugin import attribute, metrics, plugins
 from atp_plugin.backends.baselines import GroupPatching, Subsampling, random_subsets, real_nodes, subsample
 from conftest import logit_diff_metric, make_additive_model, make_model, make_pairs, make_planted_pairs
+from test_reference import tokenized_model
 
 N, T = 3, 6
+
+# Left-padded pairs of lengths 3, 5 and 4 (padded width 5) for a word-level tokenizer ("wI" -> id I):
+# the longest pair's corrupt prompt differs at position 0, which is padding in the other two pairs.
+PADDED_CLEAN = ["w1 w2 w3", "w4 w5 w6 w7 w8", "w9 w10 w11 w12"]
+PADDED_CORRUPT = ["w20 w2 w3", "w24 w5 w21 w7 w8", "w9 w22 w11 w23"]
+PADDED_ANSWERS, PADDED_WRONGS = [5, 9, 30], [7, 2, 11]
+WIDTH = 5
+PADDED_TYPES = ["attn_v", "resid_pre"]
+HOOKS = {"attn_v": "blocks.{}.attn.hook_v", "resid_pre": "blocks.{}.hook_resid_pre"}
+#: (node_type, layer, pos counted from the left of the padded width, head or None)
+Node = tuple[str, int, int, int | None]
+
+
+def padded_metric() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """logit(answer) - logit(wrong) at the last token of each padded pair."""
+    return metrics.logit_diff(PADDED_ANSWERS, PADDED_WRONGS)
+
+
+def padded_nodes(model: HookedTransformer) -> list[Node]:
+    """Every attn_v and resid_pre node, in the order of the subsets' columns (DESIGN: site, i.e.
+    node type then layer, then flat index over [pos, head]); no position is padding in every pair."""
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    return ([("attn_v", layer, pos, head) for layer in range(n_layers) for pos in range(WIDTH)
+             for head in range(n_heads)]
+            + [("resid_pre", layer, pos, None) for layer in range(n_layers) for pos in range(WIDTH)])
+
+
+def node_label(node: Node) -> str:
+    """The node's label in ``AttributionResult.to_frame()``, e.g. \"attn_v L0 @2 H1\"."""
+    node_type, layer, pos, head = node
+    return f"{node_type} L{layer} @{pos}" + ("" if head is None else f" H{head}")
+
+
+def lengths(model: HookedTransformer) -> list[int]:
+    """Token count of each padded pair's clean prompt."""
+    return [len(model.to_tokens(s, prepend_bos=False)[0]) for s in PADDED_CLEAN]
+
+
+def joint_patch_effects(model: HookedTransformer, sets: list[list[Node]]) -> np.ndarray:
+    """``[sets, pairs]``: L(clean | every node of the set <- its corrupt value) - L(clean), each
+    clean prompt unpadded (one copy per set in a batch of that prompt alone) with hooks; a node at
+    a position that is padding in a pair does not exist there and is not patched."""
+    names = {HOOKS[t].format(layer) for nodes in sets for t, layer, _, _ in nodes}
+    out = np.zeros((len(sets), len(PADDED_CLEAN)))
+    for i, (c, x, a, w) in enumerate(zip(PADDED_CLEAN, PADDED_CORRUPT, PADDED_ANSWERS, PADDED_WRONGS)):
+        clean, corrupt = model.to_tokens(c, prepend_bos=False), model.to_tokens(x, prepend_bos=False)  # [1, t]
+        offset = WIDTH - clean.shape[1]  # left padding of this pair
+        where: dict[str, list[tuple]] = {}  # hook -> indices (copy, t(, head)) to patch
+        for j, nodes in enumerate(sets):
+            for node_type, layer, pos, head in nodes:
+                if pos >= offset:
+                    where.setdefault(HOOKS[node_type].format(layer), []).append(
+                        (j, pos - offset) + (() if head is None else (head,)))
+
+        with torch.no_grad():
+            _, cache = model.run_with_cache(corrupt, names_filter=lambda name: name in names)
+            base = model(clean)[0, -1]  # [vocab]
+
+        def patch(act: torch.Tensor, hook, where=where, cache=cache) -> torch.Tensor:
+            act = act.clone()
+            for index in where[hook.name]:
+                act[index] = cache[hook.name][(0,) + index[1:]]
+            return act
+
+        with torch.no_grad():
+            logits = model.run_with_hooks(clean.expand(len(sets), -1),
+                                          fwd_hooks=[(h, patch) for h in where])[:, -1]  # [sets, vocab]
+        out[:, i] = ((logits[:, a] - logits[:, w]) - (base[a] - base[w])).numpy()
+    return out
+
+
+def real_pair_means(model: HookedTransformer, effects: np.ndarray, positions: list[int]) -> np.ndarray:
+    """``[sets, len(positions)]``: each set's effect averaged over the pairs where the position is real."""
+    sizes = lengths(model)
+    return np.stack([effects[:, [i for i, n in enumerate(sizes) if pos >= WIDTH - n]].mean(1) for pos in positions], 1)
+
+
+def reported(result, nodes: list[Node], kind: str = "signed") -> np.ndarray:
+    """The result's ``kind`` values of ``nodes``, read from its [layer, pos(, head)] tensors."""
+    table = getattr(result, kind)
+    return np.array([float(table[t][(layer, pos) + (() if head is None else (head,))])
+                     for t, layer, pos, head in nodes])
+
+
+@pytest.fixture(scope="module")
+def padded_model() -> HookedTransformer:
+    """A 3-layer LayerNorm/GELU float64 model with the word-level tokenizer."""
+    return tokenized_model("ln_gelu")
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +234,62 @@ def test_bad_options():
         attribute(model, clean, corrupt, metric, nodes=["attn_z"], method=GroupPatching(branching=1))
     with pytest.raises(TypeError, match="method must be"):
         attribute(model, clean, corrupt, metric, nodes=["attn_z"], method=3)
+
+
+def test_subsampling_on_left_padded_pairs(padded_model):
+    """Subsampling on pairs of lengths 3, 5, 4: per subset, the joint patch of its nodes in each
+    pair (only where a node's position is real), averaged per node over the pairs where the node
+    exists; the estimate is the mean over subsets with the node minus over those without."""
+    model, S, p, seed = padded_model, 40, 0.3, 5
+    nodes = padded_nodes(model)
+    result = attribute(model, PADDED_CLEAN, PADDED_CORRUPT, padded_metric(), nodes=PADDED_TYPES,
+                       method=Subsampling(n_subsets=S, p=p, seed=seed))
+    assert result.alignment.startswith("left-padded")
+    member = random_subsets(seed, p, len(nodes))(0, S).numpy()  # [S, U]: only which node is in which subset
+    effects = joint_patch_effects(model, [[nodes[u] for u in np.flatnonzero(row)] for row in member])  # [S, N]
+    z = real_pair_means(model, effects, [pos for _, _, pos, _ in nodes])  # [S, U]
+    expected = np.array([z[member[:, u], u].mean() - z[~member[:, u], u].mean() for u in range(len(nodes))])
+    np.testing.assert_allclose(reported(result, nodes), expected, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(reported(result, nodes, "scores"), np.abs(expected), rtol=1e-9, atol=1e-12)
+    # the setting tells the pairs apart: averaging over every pair would give other estimates
+    z_all = np.repeat(effects.mean(1, keepdims=True), len(nodes), 1)
+    other = np.array([z_all[member[:, u], u].mean() - z_all[~member[:, u], u].mean() for u in range(len(nodes))])
+    assert np.abs(other - expected).max() > 1e-2
+
+
+@pytest.mark.parametrize("method, branching, block_size", [("hierarchical", 4, None), ("blocks", 16, 16)])
+def test_group_patching_on_left_padded_pairs(padded_model, method, branching, block_size):
+    """The registered hierarchical and blocks backends on pairs of lengths 3, 5, 4, against the
+    recursion replayed here: contiguous groups (node order of ``padded_nodes``) patched jointly,
+    a group's effect the mean over the pairs where one of its nodes is real, groups with |effect| >=
+    5% of the largest first-level |effect| split into ``branching`` parts; a node reached alone
+    scores its exact effect over the pairs where it exists, every other node 0."""
+    model = padded_model
+    nodes = padded_nodes(model)
+    sizes = lengths(model)
+    result = attribute(model, PADDED_CLEAN, PADDED_CORRUPT, padded_metric(), nodes=PADDED_TYPES, method=method)
+    size = block_size or math.ceil(len(nodes) / branching)
+    groups = [(a, min(a + size, len(nodes))) for a in range(0, len(nodes), size)]
+    expected, threshold, reached = np.zeros(len(nodes)), None, []
+    while groups:
+        effects = joint_patch_effects(model, [nodes[a:b] for a, b in groups])  # [G, N]
+        means = [effects[g, [i for i, n in enumerate(sizes) if any(pos >= WIDTH - n for _, _, pos, _ in nodes[a:b])]]
+                 .mean() for g, (a, b) in enumerate(groups)]
+        threshold = 0.05 * max(abs(e) for e in means) if threshold is None else threshold
+        deeper = []
+        for (a, b), e in zip(groups, means):
+            if b - a == 1:
+                expected[a] = e
+                reached.append(a)
+            elif abs(e) >= threshold:
+                deeper += [(int(part[0]), int(part[-1]) + 1)
+                           for part in np.array_split(np.arange(a, b), min(branching, b - a))]
+        groups = deeper
+    np.testing.assert_allclose(reported(result, nodes), expected, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(reported(result, nodes, "scores"), np.abs(expected), rtol=1e-9, atol=1e-12)
+    # leaves: the exact effect of the node alone, over the pairs where it exists (not over every pair)
+    partial = [u for u in reached if nodes[u][2] < WIDTH - min(sizes)]  # padding in some pair
+    alone = joint_patch_effects(model, [[nodes[u]] for u in partial])  # [leaves, N]
+    real = np.array([[nodes[u][2] >= WIDTH - n for n in sizes] for u in partial])  # [leaves, N]
+    np.testing.assert_allclose((alone * real).sum(1) / real.sum(1), expected[partial], rtol=0, atol=1e-12)
+    assert np.abs(alone.mean(1) - expected[partial]).max() > 1e-2

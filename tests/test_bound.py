@@ -1,6 +1,8 @@
 """The false-negative bound on a planted additive setting: two large attn_v effects (head 1 at the
 two corrupted positions), everything else at least 4x smaller. Effects add exactly there, so the
-subset means, the Welch tests and theta can be recomputed here from the ap effects alone."""
+subset means, the Welch tests and theta can be recomputed here from the ap effects alone. Over
+several sites (attn_v and resid_pre, three layers, left-padded pairs), every unverified node's row
+against joint patches written with TransformerLens hooks."""
 
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ from scipy import stats
 from atp_plugin import attribute, false_negative_bound, metrics
 from atp_plugin.backends.baselines import random_subsets
 from conftest import logit_diff_metric, make_additive_model, make_model, make_pairs, make_planted_pairs
+from test_baselines import (PADDED_CLEAN, PADDED_CORRUPT, PADDED_TYPES, joint_patch_effects, node_label,
+                            padded_metric, padded_nodes, real_pair_means)
+from test_reference import tokenized_model
 
 N, T = 3, 6
 S, P = 150, 0.3
@@ -82,6 +87,45 @@ def test_bound_against_a_reference(planted):
     assert bound.p_value(0.99 * bound.theta) > 0.1 > bound.p_value(1.01 * bound.theta)
     # verification: 2 nodes x N pairs + noise + clean; the subsets: one shape probe + S x N + noise + clean
     assert bound.forward_passes == (2 * N + 2 * N) + (1 + S * N + 2 * N)
+
+
+def test_bound_over_several_sites_against_joint_patches():
+    """attn_v and resid_pre nodes on three layers, pairs of lengths 3, 5, 4: each unverified node's
+    estimate (mean effect over the subsets that contain it minus over those that do not, effects
+    averaged over the pairs where the node exists), Welch standard error and df, and upper bound,
+    from per-subset joint patches run here; rows matched by node label."""
+    model = tokenized_model("ln_gelu")
+    metric = padded_metric()
+    result = attribute(model, PADDED_CLEAN, PADDED_CORRUPT, metric, nodes=PADDED_TYPES, method="atp")
+    k, n_subsets, seed = 3, 60, 6
+    bound = false_negative_bound(model, PADDED_CLEAN, PADDED_CORRUPT, metric, result, k=k, n_subsets=n_subsets,
+                                 p=P, confidence=0.9, seed=seed)
+    top = list(result.top(k)["node"])
+    assert list(bound.verified["node"]) == top
+    # the subsets' columns: the unverified nodes in site order (node type, layer), then position, head
+    nodes = [n for n in padded_nodes(model) if node_label(n) not in top]
+    labels = [node_label(n) for n in nodes]
+    assert {n[0] for n in nodes} == set(PADDED_TYPES) and len({n[:2] for n in nodes}) == 6  # six sites
+    member = random_subsets(seed, P, len(nodes))(0, n_subsets).numpy()  # [S, U]: membership only
+    effects = joint_patch_effects(model, [[nodes[u] for u in np.flatnonzero(row)] for row in member])  # [S, N]
+    z = real_pair_means(model, effects, [pos for _, _, pos, _ in nodes])  # [S, U]
+    rows = []
+    for u in range(len(nodes)):
+        a, b = z[member[:, u], u], z[~member[:, u], u]
+        d = a.mean() - b.mean()
+        se = np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+        df = stats.ttest_ind(a, b, equal_var=False).df
+        rows.append((d, se, df, abs(d) + stats.t.ppf(0.9, df) * se, len(a), len(b)))
+    d, se, df, upper, n_in, n_out = map(np.array, zip(*rows))
+    assert sorted(bound.estimates["node"]) == sorted(labels)
+    got = bound.estimates.set_index("node").loc[labels]
+    np.testing.assert_allclose(got["estimate"], d, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got["std_error"], se, rtol=1e-7)
+    np.testing.assert_allclose(got["df"], df, rtol=1e-7)
+    np.testing.assert_allclose(got["upper"], upper, rtol=1e-7)
+    np.testing.assert_array_equal(got["n_in"], n_in)
+    np.testing.assert_array_equal(got["n_out"], n_out)
+    assert bound.theta == pytest.approx(upper.max(), rel=1e-7)
 
 
 def test_bad_input(planted):
