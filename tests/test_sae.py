@@ -23,9 +23,11 @@ from sae_lens import (GatedSAE, GatedSAEConfig, HookedSAETransformer, JumpReLUSA
                       StandardSAEConfig, TopKSAE, TopKSAEConfig, Transcoder, TranscoderConfig)
 from transformer_lens import HookedTransformer
 
-from atp_plugin import attribute
+from atp_plugin import attribute, metrics
 from atp_plugin.adapters import SAEFeatures
 from conftest import clean_gradients, logit_diff_metric, make_model, make_pairs
+from test_reference import clean_gradients as gradients_with_cut
+from test_reference import string_pairs, word_tokenizer
 
 ARCHS = {
     "standard": (StandardSAE, StandardSAEConfig, {}),
@@ -199,6 +201,104 @@ def test_spliced_and_plain_models_give_the_same_numbers(two_ways, method: str) -
         close(spl.scores[key], plain.scores[key], f"{method}: scores of {key}")
         if not plain.signed[key].isnan().all():
             close(spl.signed[key], plain.signed[key], f"{method}: signed of {key}")
+
+
+# --- GradDrop at every kind of site, against a naive reference --------------------------------
+# hook -> (architecture, d_in, extra config): one SAE in every GradDrop position class of layer 1
+# (on the residual stream before, inside and after it; part of its write; inside it) and at the
+# ends. Every architecture here decodes linearly, f @ W_dec + b_dec, so dL/df = W_dec . dL/da.
+GRADDROP_SAES = {
+    "blocks.1.hook_resid_pre": ("standard", 32, {}),
+    "blocks.1.hook_resid_mid": ("topk", 32, {}),
+    "blocks.1.hook_resid_post": ("standard", 32, {}),
+    "blocks.1.hook_attn_out": ("gated", 32, {}),
+    "blocks.1.hook_mlp_out": ("jumprelu_no_b_dec_in", 32, {}),
+    "blocks.1.attn.hook_z": ("standard", 32, dict(reshape_activations="hook_z")),
+    "blocks.1.mlp.hook_post": ("standard", 64, {}),
+    "blocks.0.hook_resid_post": ("gated", 32, {}),
+    "blocks.2.hook_mlp_out": ("standard", 32, {}),
+    "ln_final.hook_normalized": ("topk", 32, {}),
+}
+
+
+def sae_estimates(sae, clean: torch.Tensor, noise: torch.Tensor, grad: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position first-order estimates of one pair alone, written out from ``sae.encode`` and
+    ``sae.decode``: features (f(noise) - f(clean)) * (W_dec . g) ``[T, d_sae]``, error node
+    (e(noise) - e(clean)) . g ``[T]``, for site values and gradient ``[1, T, ...]``."""
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[1], -1)  # [1, T, ...] -> [T, d_in]
+
+    with torch.no_grad():
+        f, f_noise = sae.encode(clean), sae.encode(noise)  # [1, T, d_sae]
+        err, err_noise = flat(clean) - flat(sae.decode(f)), flat(noise) - flat(sae.decode(f_noise))
+        features = (f_noise - f)[0] * (flat(grad) @ sae.W_dec.T)
+        error = ((err_noise - err) * flat(grad)).sum(-1)
+    return features, error
+
+
+def test_graddrop_of_sae_features_equals_the_naive_reference_at_every_site() -> None:
+    """``atp+gd`` and ``atp*`` (and ``atp``) for SAE features and error nodes at every kind of site
+    of a 3-layer model, with left-padded string pairs of different lengths in batches of 2, against
+    a reference per pair alone, unpadded: GradDrop's I_l from one forward + backward per layer l
+    with layer l's attention and MLP outputs detached (test_reference.clean_gradients), so where a
+    host puts a hook relative to the cuts (``hook_resid_post`` of layer m sits above layer m) is
+    decided by the model's own autograd, not by the engine under test."""
+    model = make_model(n_layers=3)
+    model.set_tokenizer(word_tokenizer())
+    saes = {hook: make_sae(arch, hook, d_in=d_in, seed=i, **extra)
+            for i, (hook, (arch, d_in, extra)) in enumerate(GRADDROP_SAES.items())}
+    lengths = [4, 6, 3, 5]  # in batches of 2: the longest pair is in the first batch only
+    clean, corrupt = string_pairs(lengths, seed=5)
+    answers, wrongs = torch.tensor([5, 9, 30, 1]), torch.tensor([7, 2, 11, 40])
+    width, n_layers = max(lengths), model.cfg.n_layers
+
+    # (hook, method, 0 features / 1 error) -> sums over pairs, [width, ...]; position p of pair i
+    # (length n) is position width - n + p of the padded batch
+    sums: dict[tuple[str, str, int], torch.Tensor] = {}
+    count = torch.zeros(width, dtype=torch.float64)
+    for i, (c, x) in enumerate(zip(clean, corrupt)):
+        c_tok, x_tok = model.to_tokens(c, prepend_bos=False), model.to_tokens(x, prepend_bos=False)  # [1, n]
+        n = c_tok.shape[1]
+        count[width - n:] += 1
+        metric = metrics.logit_diff(answers[i:i + 1], wrongs[i:i + 1])
+        with torch.no_grad():
+            _, clean_cache = model.run_with_cache(c_tok, names_filter=list(saes))
+            _, noise_cache = model.run_with_cache(x_tok, names_filter=list(saes))
+        full = gradients_with_cut(model, c_tok, metric, list(saes))
+        cuts = [gradients_with_cut(model, c_tok, metric, list(saes), cut=layer) for layer in range(n_layers)]
+        for hook, sae in saes.items():
+            atp = sae_estimates(sae, clean_cache[hook], noise_cache[hook], full[hook])
+            per_cut = [sae_estimates(sae, clean_cache[hook], noise_cache[hook], g[hook]) for g in cuts]
+            for j in (0, 1):
+                c_gd = sum(est[j].abs() for est in per_cut) / (n_layers - 1)
+                for method, value in (("atp", atp[j].abs()), ("atp signed", atp[j]), ("atp+gd", c_gd)):
+                    total = sums.setdefault((hook, method, j), torch.zeros(width, *value.shape[1:],
+                                                                           dtype=torch.float64))
+                    total[width - n:] += value
+    expected = {key: total / count.reshape(width, *[1] * (total.ndim - 1)) for key, total in sums.items()}
+
+    for hook in ("blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post",
+                 "blocks.1.hook_attn_out", "blocks.1.hook_mlp_out"):
+        for j in (0, 1):  # else atp+gd == atp * L/(L-1) and a misplaced cut could go unseen
+            gd, atp = expected[hook, "atp+gd", j], expected[hook, "atp", j] * n_layers / (n_layers - 1)
+            assert (gd - atp).abs().max() > 1e-3 * atp.abs().max(), f"GradDrop changes nothing at {hook}"
+
+    nodes = [SAEFeatures(sae) for sae in saes.values()]
+    for method in ("atp", "atp+gd", "atp*"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the few-layers GradDrop warning
+            got = attribute(model, clean, corrupt, metrics.logit_diff(answers, wrongs), nodes=nodes, method=method,
+                            batch_size=2)
+        for hook, sae in saes.items():
+            assert got.scores[f"sae:{hook}"].shape == (width, sae.cfg.d_sae)
+            for j, key in enumerate((f"sae:{hook}", f"sae:{hook}.error")):
+                ref = "atp" if method == "atp" else "atp+gd"
+                close(got.scores[key], expected[hook, ref, j], f"{method}: scores of {key}")
+                if method == "atp":
+                    close(got.signed[key], expected[hook, "atp signed", j], f"{method}: signed of {key}")
+                else:
+                    assert got.signed[key].isnan().all(), f"{method} has no signed value, expected NaN"
 
 
 @pytest.mark.parametrize("method", ["atp", "atp*"])
