@@ -244,7 +244,7 @@ def test_subsampling_on_left_padded_pairs(padded_model):
     nodes = padded_nodes(model)
     result = attribute(model, PADDED_CLEAN, PADDED_CORRUPT, padded_metric(), nodes=PADDED_TYPES,
                        method=Subsampling(n_subsets=S, p=p, seed=seed))
-    assert result.alignment.startswith("left-padded")
+    assert result.alignment.startswith("left-padded") and result.pairs.tolist() == [1, 2, 3, 3, 3]  # lengths 3, 5, 4
     member = random_subsets(seed, p, len(nodes))(0, S).numpy()  # [S, U]: only which node is in which subset
     effects = joint_patch_effects(model, [[nodes[u] for u in np.flatnonzero(row)] for row in member])  # [S, N]
     z = real_pair_means(model, effects, [pos for _, _, pos, _ in nodes])  # [S, U]
