@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .commands.usage import UsageError
@@ -22,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(f"atp_plugin.commands.{module_name}")
-        p = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0], description=module.__doc__)
+        text = module.__doc__.replace("``", "")  # the module docstring, without its reST quoting
+        p = sub.add_parser(name, help=text.strip().splitlines()[0], description=text,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
         p.set_defaults(run=module.run)
     return parser
@@ -36,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, PluginError) as e:
         print(f"atp {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader stopped early (atp rank ... | head): not an error
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so the interpreter's final flush does not fail again
+        return 0
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from .tokens import check_known
 
 
 def _ids(ids: Sequence[int] | torch.Tensor, what: str) -> torch.Tensor:
+    if not isinstance(ids, torch.Tensor) and any(isinstance(i, str) for i in ids):
+        raise TypeError(f"{what} holds strings; the metric takes token ids: metrics.token_ids(model, {list(ids)[:2]!r})")
     t = torch.as_tensor(ids)
     if t.ndim != 1 or t.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"{what} must be a 1-D sequence of token ids (one per pair), got {t.dtype} of shape {tuple(t.shape)}")
@@ -21,6 +23,10 @@ def _ids(ids: Sequence[int] | torch.Tensor, what: str) -> torch.Tensor:
         raise ValueError(f"{what} holds negative token ids (pairs {bad[:10]}); token ids count from 0 "
                          "(get them with token_ids(model, [...]) or model.to_single_token)")
     return t.long()
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _position(position: int) -> int:
@@ -37,7 +43,8 @@ def check_metric(metric, mask: torch.Tensor, d_vocab: int) -> None:
     n_pairs, n_tokens = mask.shape
     n_metric = getattr(metric, "n_pairs", None)
     if n_metric is not None and n_metric != n_pairs:
-        raise ValueError(f"the metric holds answers for {n_metric} pairs but {n_pairs} pairs were given")
+        raise ValueError(f"the metric holds answers for {_count(n_metric, 'pair')} but {_count(n_pairs, 'pair')} "
+                         "were given; give one answer per pair")
     ids = getattr(metric, "token_ids", None)
     if ids is not None and ids.numel() and int(ids.max()) >= d_vocab:
         raise ValueError(f"the metric's answer ids include {int(ids.max())}, outside the model's vocabulary "
@@ -56,9 +63,14 @@ def check_metric(metric, mask: torch.Tensor, d_vocab: int) -> None:
 def token_ids(model, tokens: Sequence[str]) -> torch.Tensor:
     """Token ids of single-token strings such as ``" Mary"`` (a clear error otherwise, also for a
     word the tokenizer does not know, which would silently become its unknown token)."""
-    ids = [model.to_single_token(t) for t in tokens]
-    for text, i in zip(tokens, ids):
-        check_known(model.tokenizer, text, [i], "the answer token")
+    ids = []
+    for text in tokens:
+        tokenized = model.to_tokens(text, prepend_bos=False)[0].tolist()
+        if len(tokenized) != 1:
+            raise ValueError(f"{text!r} is {len(tokenized)} tokens, not one; an answer must be a single token "
+                             "(most tokenizers want a leading space, ' Mary')")
+        check_known(model.tokenizer, text, tokenized, "the answer token")
+        ids += tokenized
     return torch.tensor(ids, dtype=torch.long)
 
 

@@ -26,6 +26,7 @@ BUILTINS = (
     "atp_plugin.hosts.hooked",
     "atp_plugin.hosts.bridge",
 )
+SKIP = f"fix or uninstall the plugin, or leave it out with {ENV_VAR}=<the plugins to load>"
 KINDS = {"backends": "atp_register_backends", "adapters": "atp_register_adapters", "hosts": "atp_register_hosts"}
 
 
@@ -48,7 +49,7 @@ class Registry:
         if name in self.items:
             raise PluginError(
                 f"plugin {plugin!r} registers {self.kind[:-1]} {name!r}, "
-                f"which plugin {self.owners[name]!r} already registered; rename one of them"
+                f"which plugin {self.owners[name]!r} already registered; rename one of them ({SKIP})"
             )
         self.items[name] = obj
         self.owners[name] = plugin
@@ -79,18 +80,19 @@ def make_manager() -> pluggy.PluginManager:
         try:
             plugin = eps[name].load()
         except Exception as e:  # noqa: BLE001 - re-raised as what it is, naming the plugin
-            raise PluginError(f"plugin {name!r} ({eps[name].value}) failed to import ({type(e).__name__}: {e}); fix "
-                              f"or uninstall it, or leave it out with {ENV_VAR}=<the plugins to load>") from e
+            raise PluginError(f"plugin {name!r} ({eps[name].value}) failed to import ({type(e).__name__}: {e}); "
+                              f"{SKIP}") from e
         try:
             pm.register(plugin, name=name)
         except pluggy.PluginValidationError as e:
-            raise PluginError(f"plugin {name!r} ({eps[name].value}) is invalid: {e}") from e
+            raise PluginError(f"plugin {name!r} ({eps[name].value}) is invalid: {e}; {SKIP}") from e
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as e:
         known = ", ".join(KINDS.values())
         raise PluginError(
-            f"plugin {pm.get_name(e.plugin)!r} implements a hook that no spec defines ({e}); known hooks: {known}"
+            f"plugin {pm.get_name(e.plugin)!r} implements a hook that no spec defines ({e}); known hooks: {known}; "
+            f"{SKIP}"
         ) from e
     return pm
 

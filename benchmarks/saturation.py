@@ -105,10 +105,10 @@ def study(factor: float, seeds: list[int], n_pairs: int = 8, t: int = 6, k: int 
         wrong = (answer + torch.randint(1, D_VOCAB, (n_pairs,), generator=g)) % D_VOCAB  # never the answer
         probs.append(max_attention(model, clean))
         for i in range(n_pairs):
+            if torch.equal(clean[i], corrupt[i]):  # no node has an effect, so there is nothing to find
+                continue
             scores = pair_scores(model, clean[i:i + 1], corrupt[i:i + 1], answer[i:i + 1], wrong[i:i + 1])
             truth = scores["ap"]
-            if not truth.any():  # clean == corrupt: no node has an effect, so there is nothing to find
-                continue
             for m in METHODS[1:]:
                 stats["recall"][m].append(recall_at_k(truth.flatten(), scores[m].flatten(), k))
                 stats["fn"][m].append(false_negative_rate(truth.flatten(), scores[m].flatten(), k))

@@ -252,6 +252,9 @@ def test_metric_answer_ids_and_position(model) -> None:
         metrics.logit_diff([3, 1], [-4, 5])
     with pytest.raises(ValueError, match="answer holds negative token ids"):
         metrics.log_prob([-3, 1])
+    with pytest.raises(TypeError, match=r"answer holds strings; the metric takes token ids: "
+                                        r"metrics.token_ids\(model, \[' Mary'\]\)"):
+        metrics.logit_diff([" Mary"], [" John"])
     with pytest.raises(TypeError, match="position must be an int"):
         metrics.logit_diff([3, 1], [4, 5], position=True)
     for metric in (metrics.logit_diff([3, 50], [4, 5]), metrics.logit_diff([3, 1], [4, 77]), metrics.log_prob([50, 1])):
@@ -351,6 +354,15 @@ def test_prompts_longer_than_context(variant: str) -> None:
     assert result.scores["attn_z"].shape[1] == 16
 
 
+def test_string_prompts_longer_than_context_are_not_cut_off() -> None:
+    """TransformerLens's to_tokens truncates text to n_ctx by default: a long string prompt would
+    silently become its first 16 tokens (the metric read mid-prompt). It must fail like tokens do."""
+    model = tokenized_model("ln_gelu")  # n_ctx 16
+    words = " ".join(f"w{i}" for i in range(17))
+    raises_before_any_forward(model, ValueError, r"the prompts are 17 tokens long.*n_ctx is 16",
+                              [words], [words.replace("w3", "w40")], logit_diff_metric(1))
+
+
 def test_top_and_verify_k(model) -> None:
     """top(k) needs k >= 1; verify(k) past the number of nodes verifies them all, saying so."""
     clean, corrupt = make_pairs(2, 3)
@@ -387,4 +399,16 @@ def test_words_the_tokenizer_does_not_know() -> None:
     with pytest.raises(ValueError, match=r"the answer token ' Marry' holds word\(s\) \['Marry'\]"):
         metrics.token_ids(demo, [" Mary", " Marry"])
     assert metrics.token_ids(demo, [" Mary"]).tolist() == [demo.to_single_token(" Mary")]
+    with pytest.raises(ValueError, match=r"' Mary John' is 2 tokens, not one; an answer must be a single token"):
+        metrics.token_ids(demo, [" Mary John"])
     assert unknown_id(word_tokenizer()) is None  # its unknown token is its padding token
+
+
+def test_identical_clean_and_corrupt_prompts_warn(model) -> None:
+    clean, corrupt = make_pairs(3, 5)
+    corrupt[1] = clean[1]
+    with pytest.warns(UserWarning, match=r"pair\(s\) \[1\] have a corrupt prompt equal to the clean one"):
+        attribute(model, clean, corrupt, logit_diff_metric(3), nodes="attn_z", method="atp")
+    with pytest.warns(UserWarning, match="every pair's corrupt prompt equals its clean prompt"):
+        result = attribute(model, clean, clean, logit_diff_metric(3), nodes="attn_z", method="atp")
+    assert not result.scores["attn_z"].any()

@@ -98,6 +98,8 @@ def test_files_hold_attribute_and_verify_numbers(model_dir, tmp_path, capsys):
 
         effects.append(diff(model.run_with_hooks(clean, fwd_hooks=[(hook_name, patch)])) - diff(model(clean)))
     assert table["effect"].iloc[0] == pytest.approx(sum(effects) / len(effects), rel=1e-9, abs=1e-12)
+    assert table["mean_abs_effect"].iloc[0] == pytest.approx(sum(map(abs, effects)) / len(effects), rel=1e-9, abs=1e-12)
+    assert table["pairs"].iloc[0] == len(effects)
 
     document = json.loads(out_json.read_text())
     assert document["method"] == "atp+qk" and document["n_pairs"] == 3 and document["verified"] == 4
@@ -109,6 +111,16 @@ def test_files_hold_attribute_and_verify_numbers(model_dir, tmp_path, capsys):
     first = ["1", *table["node"].iloc[0].split(), f"{table['score'].iloc[0]:.5f}"]
     assert any(line.split()[:len(first)] == first for line in lines), printed
     assert f"{len(table)} nodes" in printed
+
+
+def test_every_verified_node_is_shown(model_dir, tmp_path, capsys):
+    """--verify 5 with --top-k 3: the table and the CSV hold the 5 verified nodes, not 3."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    assert rank("--model", model_dir, "--pairs", pairs, "--nodes", "attn_z", "--top-k", 3, "--verify", 5,
+                "--out-csv", tmp_path / "r.csv", "--quiet") == 0
+    table = pd.read_csv(tmp_path / "r.csv")
+    assert len(table) == 5 and table["effect"].notna().all()
+    assert sum(bool(re.match(r"\s+\d+ attn_z ", line)) for line in capsys.readouterr().out.splitlines()) == 5
 
 
 def test_command_line_jsonl_and_csv_pairs_give_the_same_table(model_dir, tmp_path):

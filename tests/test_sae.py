@@ -381,6 +381,8 @@ def test_an_sae_that_does_not_fit_the_model_is_a_clear_error() -> None:
         SAEFeatures(unhooked)
     with pytest.raises(TypeError, match="SAE-Lens SAE"):
         SAEFeatures(model)
+    with pytest.raises(TypeError, match=r"got a sae_lens\.\S+StandardSAE; wrap it: nodes=\[SAEFeatures\(\.\.\.\)\]"):
+        run(model, [make_sae("standard", "blocks.0.hook_resid_post")], "atp")  # the SAE itself, not its adapter
 
 
 def test_a_transcoder_is_sent_to_transcoder_features() -> None:

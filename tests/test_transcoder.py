@@ -259,6 +259,8 @@ def test_a_transcoder_that_does_not_fit_the_model_is_a_clear_error() -> None:
     tc = make_transcoder("transcoder", "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out")
     with pytest.raises(TypeError, match="TranscoderFeatures"):
         SAEFeatures(tc)
+    with pytest.raises(TypeError, match=r"wrap it: nodes=\[TranscoderFeatures\(\.\.\.\)\]"):
+        run(model, [tc], "atp")
     with pytest.raises(TypeError, match="SAE-Lens Transcoder"):
         TranscoderFeatures(make_sae("standard", "blocks.0.hook_resid_post"))
     tc.cfg.metadata.hook_name_out = None

@@ -70,6 +70,16 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _wrapper_for(item: object) -> str | None:
+    """The adapter that turns an SAE-Lens object into nodes (a transcoder or an SAE), if ``item`` is one."""
+    if not type(item).__module__.startswith("sae_lens"):
+        return None
+    from sae_lens import SAE, Transcoder
+    if isinstance(item, Transcoder):
+        return "TranscoderFeatures"
+    return "SAEFeatures" if isinstance(item, SAE) else None
+
+
 def resolve(nodes: "str | NodeAdapter | list[str | NodeAdapter] | tuple", known: dict[str, NodeAdapter]) -> list[NodeAdapter]:
     """Turn ``nodes=`` (names and/or adapter instances) into adapters, with a clear error."""
     if isinstance(nodes, (str, NodeAdapter)):
@@ -90,7 +100,10 @@ def resolve(nodes: "str | NodeAdapter | list[str | NodeAdapter] | tuple", known:
         elif isinstance(item, NodeAdapter):
             out.append(item)
         else:
-            raise TypeError(f"nodes= entries must be node type names or NodeAdapter instances, got {item!r}")
+            wrap = _wrapper_for(item)
+            hint = f"; wrap it: nodes=[{wrap}(...)] from atp_plugin.adapters" if wrap else ""
+            raise TypeError(f"nodes= entries must be node type names or NodeAdapter instances, got a "
+                            f"{type(item).__module__}.{type(item).__name__}{hint}")
     names = [a.name for a in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", type=int, default=32, help="held-out IOI pairs to attribute (default 32)")
     parser.add_argument("--method", default="atp*", help="attribution method (default atp*)")
     parser.add_argument("--top", type=int, default=10, help="top nodes to verify by exact patching (default 10)")
-    parser.add_argument("--heatmap", default="atp_demo_heads.png", help="where to write the layer x head PNG")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out pair sample")
+    parser.add_argument("--heatmap", default="atp_demo_heads.png", help="where to write the layer x head PNG (default atp_demo_heads.png)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out pair sample (default 0)")
     parser.add_argument("--sae", action="store_true",
                         help="rank the bundled SAE's features on blocks.2.hook_resid_pre instead of heads and neurons")
 

@@ -62,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", default="attn_z,mlp_neurons", help="comma-separated node types (default attn_z,mlp_neurons)")
     parser.add_argument("--method", default="atp*", help="attribution method (default atp*)")
     parser.add_argument("--top-k", type=int, default=20,
-                        help="nodes in the table and the output files (default 20; 0 = every node in the files)")
+                        help="nodes in the table and the output files (default 20, and at least --verify; 0 = every node in the "
+                             "files)")
     parser.add_argument("--verify", type=int, default=0, metavar="K",
                         help="verify the top K nodes by exact activation patching (default 0)")
     parser.add_argument("--out-csv", metavar="PATH", help="write the ranked nodes as CSV")
@@ -99,14 +100,16 @@ def run(args: argparse.Namespace) -> int:
         if issubclass(w.category, UserWarning):
             print(f"atp rank: warning: {w.message}", file=sys.stderr)
     elapsed = time.perf_counter() - start
-    table = ranked_table(result, verified, args.top_k)
+    rows = max(args.top_k, args.verify) if args.top_k else 0  # every verified node is shown
+    table = ranked_table(result, verified, rows)
 
     print(f"atp rank: {model_label}; {len(pairs)} pair(s); method {result.method}; "
           f"{table.attrs['n_nodes']} nodes ({', '.join(nodes)}); {elapsed:.1f}s")
     print("metric: logit(answer) - logit(wrong) at the last token" + (
         f"; top {args.verify} verified by exact patching" if args.verify else ""))
-    shown = table.head(args.top_k or 20)
-    columns = ["rank", "node", "score"] + [c for c in ("signed", "effect") if c in shown and shown[c].notna().any()]
+    shown = table.head(rows or 20)
+    columns = ["rank", "node", "score"] + [c for c in ("signed", "effect", "mean_abs_effect")
+                                           if c in shown and shown[c].notna().any()]
     print(shown[columns].to_string(index=False, float_format=lambda v: f"{v:10.5f}"))
 
     written = []
@@ -121,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         written.append(args.out_json)
     if args.report:
         from ..report import write_report
-        write_report(result, args.report, verified=verified, top_k=args.top_k or 20, model_label=model_label,
+        write_report(result, args.report, verified=verified, top_k=rows or 20, model_label=model_label,
                      metric_label="logit(answer) - logit(wrong) at the last token",
                      prompt_labels=[f"{p.answer!r} vs {p.wrong!r}" for p in pairs])
         written.append(args.report)
@@ -297,8 +300,10 @@ def _check_alignment(model: Any, pairs: list[Pair]) -> None:
 
 
 def ranked_table(result: Any, verified: pd.DataFrame | None, top_k: int) -> pd.DataFrame:
-    """Nodes ranked by score, with ``effect``/``abs_effect`` for the verified ones (NaN otherwise);
-    the top ``top_k`` (all when 0). ``pairs``: in how many pairs the node's position is a real token."""
+    """Nodes ranked by score, with the verified ones' exact ``effect`` (mean over pairs), ``abs_effect``
+    (its magnitude) and ``mean_abs_effect`` (mean over pairs of the magnitude, what the score
+    estimates), NaN for the others; the top ``top_k`` (all when 0). ``pairs``: in how many pairs the
+    node's position is a real token."""
     frame = result.to_frame()
     frame = frame.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     frame.insert(0, "rank", range(1, len(frame) + 1))
@@ -308,6 +313,7 @@ def ranked_table(result: Any, verified: pd.DataFrame | None, top_k: int) -> pd.D
         effects = verified.set_index("node")
         frame["effect"] = frame["node"].map(effects["effect"])
         frame["abs_effect"] = frame["node"].map(effects["abs_effect"])
+        frame["mean_abs_effect"] = frame["node"].map(effects["mean_abs_effect"])
     n_nodes = len(frame)
     frame = frame.head(top_k) if top_k else frame
     frame.attrs["n_nodes"] = n_nodes

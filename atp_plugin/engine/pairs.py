@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -66,7 +67,7 @@ def make_pairs(host: Host, clean: torch.Tensor | Sequence[str], corrupt: torch.T
         if c.shape[1] == 0:
             raise ValueError("the prompts are empty (zero tokens)")
         mask = torch.ones_like(c, dtype=torch.bool)
-        return Pairs(c.to(host.device), n.to(host.device), mask.to(host.device))
+        return _warn_identical(Pairs(c.to(host.device), n.to(host.device), mask.to(host.device)))
     rows_c, rows_n = [], []
     base = len(host.tokenize(""))  # what tokenizing adds to any prompt (a BOS token, or nothing)
     for i, (a, b) in enumerate(zip(clean, corrupt)):
@@ -91,4 +92,17 @@ def make_pairs(host: Host, clean: torch.Tensor | Sequence[str], corrupt: torch.T
         return torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
 
     mask = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows_c])
-    return Pairs(padded(rows_c).to(host.device), padded(rows_n).to(host.device), mask.to(host.device))
+    return _warn_identical(Pairs(padded(rows_c).to(host.device), padded(rows_n).to(host.device), mask.to(host.device)))
+
+
+def _warn_identical(pairs: Pairs) -> Pairs:
+    """``pairs``, with a warning naming the pairs whose corrupt prompt equals the clean one: every
+    effect there is 0, so they only pull the means towards 0 (all of them: every score is 0)."""
+    same = (pairs.clean == pairs.corrupt).all(1).nonzero().flatten().tolist()
+    if len(same) == pairs.n:
+        warnings.warn("every pair's corrupt prompt equals its clean prompt: patching changes nothing and every "
+                      "score will be 0; corrupt the prompts (e.g. swap the names)", stacklevel=3)
+    elif same:
+        warnings.warn(f"pair(s) {same[:10]} have a corrupt prompt equal to the clean one: every effect there is 0, "
+                      "which pulls the means over pairs towards 0; drop or corrupt them", stacklevel=3)
+    return pairs

@@ -56,7 +56,8 @@ class HookedTransformerHost:
     def tokenize(self, text: str) -> list[int]:
         if self.model.tokenizer is None:
             raise ValueError("the model has no tokenizer: pass token tensors [N, T] instead of strings")
-        ids = self.model.to_tokens(text, prepend_bos=self.cfg.default_prepend_bos)[0].tolist()
+        # truncate=False: a prompt past n_ctx must reach the length check, not be cut off silently
+        ids = self.model.to_tokens(text, prepend_bos=self.cfg.default_prepend_bos, truncate=False)[0].tolist()
         check_known(self.model.tokenizer, text, ids, "the prompt")
         return ids
 
