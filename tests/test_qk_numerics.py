@@ -131,3 +131,40 @@ def test_key_effect_matches_direct_formula_full_geometry() -> None:
             expected[:, s, j] = change.sum((1, 2, 3))
     assert got.shape == (b, t, kv)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
+def exact_query_change(x: list[float], c: list[float]) -> list[float]:
+    """softmax(x + c) - softmax(x) entry by entry, in mpmath (masked entries -inf stay 0)."""
+    def softmax(logits: list) -> list:
+        top = max(v for v in logits if v != -mpmath.inf)
+        e = [mpmath.e ** (v - top) if v != -mpmath.inf else mpmath.mpf(0) for v in logits]
+        total = mpmath.fsum(e)
+        return [v / total for v in e]
+
+    old = [mpmath.mpf(v) if v != -INF else -mpmath.inf for v in x]
+    new = [o + mpmath.mpf(ci) if o != -mpmath.inf else o for o, ci in zip(old, c)]
+    return [float(b - a) for a, b in zip(softmax(old), softmax(new))]
+
+
+QUERY_CASES = {
+    # a saturated row whose logits halve (a query's norm halves): 1e-17 changes next to a 1
+    "saturated_rescaled": ([0.0, -40.0, -40.0, -40.0], [0.0, 20.0, 20.0, 20.0]),
+    "saturated_flips": ([0.0, -50.0, -50.0], [-60.0, 3.0, 55.0]),
+    "huge_changes": ([0.0, 1.0, -2.0, 0.5], [800.0, -800.0, 800.0, -800.0]),
+    "tiny_probabilities": ([0.0, -690.0, -700.0, -745.0], [0.0, 1.0, 700.0, 745.0]),
+    "masked": ([0.0, -1.0, -INF, -INF], [2.0, -3.0, 5.0, 5.0]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(QUERY_CASES))
+def test_query_delta_matches_exact_arithmetic(case: str) -> None:
+    """The query-node fix recomputes a whole row: A' - A must be accurate relative to each entry,
+    down to the 1e-17 changes of a saturated row (a difference of two float64 softmaxes got their
+    sign wrong)."""
+    x, c = QUERY_CASES[case]
+    n = len(x)
+    scores = torch.tensor(x, dtype=torch.float64).reshape(1, 1, 1, n)  # [batch, head, t, s]
+    q, q_noise = torch.zeros(1, 1, 1, 1, dtype=torch.float64), torch.ones(1, 1, 1, 1, dtype=torch.float64)
+    k = torch.tensor(c, dtype=torch.float64).reshape(1, n, 1, 1)  # logit change of key s: (1 - 0) * c_s
+    got = qk.query_delta(scores, q, q_noise, k, geometry())[0, 0, 0]
+    torch.testing.assert_close(got, torch.tensor(exact_query_change(x, c), dtype=torch.float64), rtol=1e-12, atol=0.0)
