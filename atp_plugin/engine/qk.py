@@ -40,19 +40,19 @@ def query_delta(scores: torch.Tensor, q: torch.Tensor, q_noise: torch.Tensor, k:
 
     The new scores are the clean ones plus the change in softcap(q.k/scale), so masks and additive
     position biases carry over unchanged. Each entry is computed from the change of its log
-    probability, r = log A' - log A: A (e^r - 1) where it falls, A' (1 - e^-r) where it rises, both
-    accurate relative to the entry and neither overflowing (a difference of two softmaxes loses
-    every digit of a 1e-17 change). Except at the row's top entry, where A may be within 1e-17 of
-    1 and log A carries no digits of 1 - A: its change is minus the sum of the others' (the row
-    sums to 1 before and after).
+    probability, r = log A' - log A: sign(r) max(A, A') (1 - e^-|r|), i.e. A (e^r - 1) where it
+    falls and A' (1 - e^-r) where it rises, accurate relative to the entry and never overflowing (a
+    difference of two softmaxes loses every digit of a 1e-17 change). Except at the row's top
+    entry, where A may be within 1e-17 of 1 and log A carries no digits of 1 - A: its change is
+    minus the sum of the others' (the row sums to 1 before and after).
     """
     old = torch.log_softmax(scores, dim=-1)
     new = torch.log_softmax(scores + _raw_change(q, k, q_noise, k, geom), dim=-1)
     r = new - old
-    delta = torch.where(r > 0, new.exp() * -torch.expm1(-r), old.exp() * torch.expm1(r))
-    delta = torch.nan_to_num(delta, nan=0.0)  # masked entries (-inf - -inf), fully masked (padding) rows
+    delta = torch.maximum(old, new).exp_().mul_(torch.expm1(-r.abs()).neg_().copysign_(r))
+    delta.nan_to_num_(nan=0.0)  # masked entries (-inf - -inf), fully masked (padding) rows
     top = scores.argmax(-1, keepdim=True)  # [batch, head, t, 1]
-    return delta.scatter(-1, top, -delta.scatter(-1, top, 0.0).sum(-1, keepdim=True))
+    return delta.scatter_(-1, top, -delta.scatter(-1, top, 0.0).sum(-1, keepdim=True))
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
