@@ -92,13 +92,12 @@ def key_fix(scores: torch.Tensor, pattern: torch.Tensor, q: torch.Tensor, k: tor
     lse_others = torch.logsumexp(others, dim=-1, keepdim=True)
     lse = torch.logaddexp(scores.gather(-1, top), lse_others)
     logp = scores - lse
-    rest = torch.nan_to_num(torch.exp(others - lse_others), nan=0.0)  # 0 in one-key rows
+    rest = others.sub_(lse_others).exp_().nan_to_num_(nan=0.0)  # 0 in one-key rows
 
-    # x = p (e^d - 1), where d > 0 as exp(log p + d) (1 - e^-d); x / (1 + x) as 1 / (1 + 1/x) for
-    # large x (which may overflow to inf) and as is for small x (1/x would overflow for subnormal x)
-    x = torch.where(d > 0, torch.exp(logp + d) * -torch.expm1(-d), pattern * torch.expm1(d))
-    coeff = torch.where(x > 1, 1 / (1 + 1 / x), x / (1 + x))
-    coeff = torch.where(torch.isfinite(scores), coeff, torch.zeros_like(coeff)).scatter(-1, top, 0.0)
+    # x = p (e^d - 1) = sign(d) exp(log p + max(d, 0)) (1 - e^-|d|): no overflow of e^d, p e^d kept
+    # where p underflows; x / (1 + x) is 1 where x overflowed (inf / inf); masked entries are no nodes
+    x = torch.expm1(d.abs().neg_()).neg_().copysign_(d).mul_(d.clamp(min=0).add_(logp).exp_())
+    coeff = x.div_(x + 1).nan_to_num_(nan=1.0).masked_fill_(~torch.isfinite(scores), 0.0).scatter_(-1, top, 0.0)
 
     logp_top, d_top, log_1mp = logp.gather(-1, top), d.gather(-1, top), lse_others - lse  # [batch, head, t, 1]
     log_z = torch.logaddexp(log_1mp, logp_top + d_top)
