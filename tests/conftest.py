@@ -91,6 +91,17 @@ def clean_gradients(model: HookedTransformer, clean: torch.Tensor, metric, hooks
     return {h: (x.detach(), x.grad) for h, x in acts.items()}
 
 
+def usage_error(capsys, argv: list) -> str:
+    """Run ``atp *argv``, which must fail as a bad argument: exit code 2 and one stderr line
+    ``atp <command>: error: ...``, returned."""
+    from atp_plugin import cli
+
+    assert cli.main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"atp {argv[0]}: error: ") and len(err.strip().splitlines()) == 1, err
+    return err
+
+
 def logit_diff_metric(n: int, d_vocab: int = 50, seed: int = 2):
     from atp_plugin import metrics
     g = torch.Generator().manual_seed(seed)

@@ -10,6 +10,7 @@ import pytest
 
 from atp_plugin import attribute, cli, metrics
 from atp_plugin.demo_task import ioi_pairs, load_demo_model
+from conftest import usage_error
 
 _ROW = re.compile(r"^\s*(attn_z|mlp_neurons) (L\d+ @\d+ [HN]\d+)\s+(\S+)\s+(\S+)\s+(\S+)\s*$")
 
@@ -40,8 +41,6 @@ def test_demo_prints_the_verified_top_nodes_and_writes_the_heatmap(tmp_path, cap
 ])
 def test_a_bad_argument_is_exit_2_with_a_message(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["demo", *argv]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("atp demo: error: ") and len(err.strip().splitlines()) == 1, err
+    err = usage_error(capsys, ["demo", *argv])
     assert re.search(message, err), err
-    assert not list(tmp_path.iterdir())
+    assert not list(tmp_path.iterdir())  # nothing written

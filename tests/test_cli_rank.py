@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from atp_plugin import attribute, cli, metrics
+from conftest import usage_error
 from hf_models import load_bridge, load_hooked, save_gpt2
 
 PAIRS = [  # token ids: "w{i}" is i + 2
@@ -202,9 +203,7 @@ BAD_ARGS = [
 @pytest.mark.parametrize("argv, message", BAD_ARGS)
 def test_a_bad_argument_is_exit_2_with_a_message(model_dir, tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
-    assert rank("--model", model_dir, *argv, "--quiet") == 2
-    err = capsys.readouterr().err
-    assert err.startswith("atp rank: error: ")
+    err = usage_error(capsys, ["rank", "--model", model_dir, *argv, "--quiet"])
     assert re.search(message, err), err
 
 

@@ -13,7 +13,7 @@ import pytest
 from atp_plugin import attribute, cli, evaluate
 from atp_plugin.backends.baselines import Subsampling
 from atp_plugin.evaluate import BACKWARD_COST, rank_order
-from conftest import logit_diff_metric, make_model, make_pairs
+from conftest import logit_diff_metric, make_model, make_pairs, usage_error
 
 N, T, LAYERS, HEADS = 3, 6, 2, 4
 TOP = 6
@@ -107,9 +107,7 @@ def test_bad_input(setting):
 ])
 def test_cli_bad_arguments_are_exit_2_with_a_message(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["evaluate", "--pairs", "1", *argv]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("atp evaluate: error: ") and len(err.strip().splitlines()) == 1, err
+    err = usage_error(capsys, ["evaluate", "--pairs", "1", *argv])
     assert re.search(message, err), err
     assert not list(tmp_path.iterdir())  # nothing written
 
