@@ -33,7 +33,7 @@ def test_demo_prints_the_verified_top_nodes_and_writes_the_heatmap(tmp_path, cap
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--method", "nope"], r"unknown --method 'nope'; known: .*atp\*"),
+    (["--method", "nope"], r"unknown method\(s\) \['nope'\] in --method; known: .*atp\*"),
     (["--top", "0"], r"--top must be at least 1, got 0"),
     (["--pairs", "0"], r"--pairs must be at least 1, got 0"),
     (["--pairs", "200000"], r"--pairs 200000: the test split holds 121,420 distinct pairs"),

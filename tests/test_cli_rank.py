@@ -184,7 +184,7 @@ def test_a_malformed_pairs_file_is_exit_2_naming_the_line(model_dir, tmp_path, c
 
 ONE = ["--clean", "w1 w2", "--corrupt", "w1 w3", "--answer", "w4", "--wrong", "w5"]
 BAD_ARGS = [
-    (ONE + ["--method", "atp++"], r"unknown --method 'atp\+\+'; known: .*atp\*"),
+    (ONE + ["--method", "atp++"], r"unknown method\(s\) \['atp\+\+'\] in --method; known: .*atp\*"),
     (ONE + ["--nodes", "attn_z,heads"], r"unknown node type\(s\) \['heads'\] in --nodes; known: .*attn_z"),
     (ONE + ["--top-k", "-1"], r"--top-k must be at least 0, got -1"),
     (ONE + ["--verify", "-2"], r"--verify must be at least 0, got -2"),

@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from .. import attribute, metrics, plugins
-from ..demo_task import ioi_pairs, load_demo_model, load_demo_sae
+from .. import attribute, plugins
+from ..demo_task import load_demo_sae
 from ..plots import layer_heatmap
-from .usage import UsageError, check_at_least, check_output
+from .usage import check_at_least, check_output, check_registered, demo_task
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,19 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.method not in plugins.backends():
-        raise UsageError(f"unknown --method {args.method!r}; known: {', '.join(sorted(plugins.backends()))}")
+    check_registered("--method", [args.method], plugins.backends(), "method(s)")
     check_at_least(1, pairs=args.pairs, top=args.top)
     if not args.sae:
         check_output("--heatmap", args.heatmap)
     torch.set_grad_enabled(True)
     start = time.perf_counter()
-    model = load_demo_model()
-    try:
-        task = ioi_pairs(args.pairs, seed=args.seed, split="test")
-    except ValueError as e:  # more pairs than the held-out split holds
-        raise UsageError(f"--pairs {args.pairs}: {e}") from e
-    metric = metrics.logit_diff(metrics.token_ids(model, task.answers), metrics.token_ids(model, task.wrongs))
+    model, task, metric = demo_task(args.pairs, args.seed)
     if args.sae:
         # imported here: it imports SAE-Lens, which would slow down every other command
         from ..adapters import SAEFeatures

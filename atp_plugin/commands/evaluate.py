@@ -12,9 +12,9 @@ import time
 
 import torch
 
-from .. import metrics, plugins
+from .. import plugins
 from ..evaluate import evaluate
-from .usage import UsageError, check_at_least, check_output
+from .usage import UsageError, check_at_least, check_output, check_registered, demo_task
 
 DEFAULT_METHODS = "atp,atp+qk,atp*,subsampling,hierarchical,blocks"
 DEFAULT_NODES = "attn_q,attn_k,attn_v,attn_z"
@@ -36,26 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     methods, nodes = _names(args.methods), _names(args.nodes)
-    unknown = [m for m in methods if m not in plugins.backends()]
-    if unknown or not methods:
-        raise UsageError(f"unknown method(s) {unknown} in --methods; known: {', '.join(sorted(plugins.backends()))}")
-    bad_nodes = [n for n in nodes if n not in plugins.adapters()]
-    if bad_nodes or not nodes:
-        raise UsageError(f"unknown node type(s) {bad_nodes} in --nodes; known: {', '.join(sorted(plugins.adapters()))}")
+    check_registered("--methods", methods, plugins.backends(), "method(s)")
+    check_registered("--nodes", nodes, plugins.adapters(), "node type(s)")
     check_at_least(1, pairs=args.pairs, top_x=args.top_x)
     check_output("--plot", args.plot)
     check_output("--csv", args.csv)
-    from ..demo_task import ioi_pairs, load_demo_model
-    try:
-        model = load_demo_model()
-    except FileNotFoundError as e:
-        raise UsageError(f"the bundled demo model is missing ({e}); reinstall atp-plugin") from e
+    model, task, metric = demo_task(args.pairs, args.seed)
     torch.set_grad_enabled(True)
-    try:
-        task = ioi_pairs(args.pairs, seed=args.seed, split="test")
-    except ValueError as e:  # more pairs than the held-out split holds
-        raise UsageError(f"--pairs {args.pairs}: {e}") from e
-    metric = metrics.logit_diff(metrics.token_ids(model, task.answers), metrics.token_ids(model, task.wrongs))
     start = time.perf_counter()
     try:
         result = evaluate(model, task.clean, task.corrupt, metric, nodes=nodes, methods=methods,

@@ -34,7 +34,7 @@ import torch
 from .. import attribute, metrics, plugins
 from ..attribution import host_for
 from ..tokens import check_known
-from .usage import UsageError, check_at_least, check_device, check_output
+from .usage import UsageError, check_at_least, check_device, check_output, check_registered
 
 FIELDS = ("clean", "corrupt", "answer", "wrong")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -134,12 +134,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_options(args: argparse.Namespace, nodes: list[str]) -> None:
-    backends, adapters = plugins.backends(), plugins.adapters()
-    if args.method not in backends:
-        raise UsageError(f"unknown --method {args.method!r}; known: {', '.join(sorted(backends))}")
-    unknown = [n for n in nodes if n not in adapters]
-    if unknown or not nodes:
-        raise UsageError(f"unknown node type(s) {unknown or [args.nodes]} in --nodes; known: {', '.join(sorted(adapters))}")
+    check_registered("--method", [args.method], plugins.backends(), "method(s)")
+    check_registered("--nodes", nodes, plugins.adapters(), "node type(s)")
     check_at_least(0, top_k=args.top_k, verify=args.verify)
     check_at_least(1, batch_size=args.batch_size)
     if args.pairs and any(getattr(args, f) for f in FIELDS):

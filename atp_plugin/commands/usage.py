@@ -1,4 +1,5 @@
-"""Checks of command-line arguments shared by the sub-commands, run before any model loads.
+"""Checks of command-line arguments shared by the sub-commands, run before any model loads, and
+the demo task that ``atp demo`` and ``atp evaluate`` both run on.
 
 Every failure is a :class:`UsageError`: ``atp`` prints it in one line and exits with code 2.
 """
@@ -6,8 +7,11 @@ Every failure is a :class:`UsageError`: ``atp`` prints it in one line and exits 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
+
+from .. import metrics
 
 
 class UsageError(Exception):
@@ -19,6 +23,17 @@ def check_output(option: str, path: str | None) -> None:
     if path and not Path(path).resolve().parent.is_dir():
         raise UsageError(f"{option} {path}: the directory {Path(path).resolve().parent} does not exist; create it "
                          "or write elsewhere")
+
+
+def check_registered(option: str, names: list[str], registered: dict[str, Any], what: str) -> None:
+    """Every one of ``names`` (given with ``option``) is a registered backend or adapter; ``what``
+    names the kind in the message ("method(s)", "node type(s)")."""
+    known = ", ".join(sorted(registered))
+    if not names:
+        raise UsageError(f"{option} names no {what}; known: {known}")
+    unknown = [n for n in names if n not in registered]
+    if unknown:
+        raise UsageError(f"unknown {what} {unknown} in {option}; known: {known}")
 
 
 def check_device(device: str) -> str:
@@ -43,3 +58,18 @@ def check_at_least(least: int, **values: int) -> None:
     for name, value in values.items():
         if value < least:
             raise UsageError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+
+
+def demo_task(n_pairs: int, seed: int) -> tuple[Any, Any, Callable[..., torch.Tensor]]:
+    """The bundled IOI model, ``n_pairs`` held-out pairs (``IOIPairs``) and their metric,
+    logit(answer) - logit(wrong) at the last token."""
+    from ..demo_task import ioi_pairs, load_demo_model
+    try:
+        task = ioi_pairs(n_pairs, seed=seed, split="test")
+    except ValueError as e:  # more pairs than the held-out split holds
+        raise UsageError(f"--pairs {n_pairs}: {e}") from e
+    try:
+        model = load_demo_model()
+    except FileNotFoundError as e:
+        raise UsageError(f"the bundled demo model is missing ({e}); reinstall atp-plugin") from e
+    return model, task, metrics.logit_diff(metrics.token_ids(model, task.answers), metrics.token_ids(model, task.wrongs))
