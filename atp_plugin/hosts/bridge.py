@@ -85,7 +85,7 @@ class TransformerBridgeHost(HookedTransformerHost):
         with torch.enable_grad():
             logits = self.model.run_with_hooks(self._probe_tokens(), fwd_hooks=[(n, add_leaf(n)) for n in new])
             fired = [n for n in new if n in leaves]
-            grads = torch.autograd.grad(logits.sum(), [leaves[n] for n in fired], allow_unused=True)
+            grads = torch.autograd.grad(logits.sum(), [leaves[n] for n in fired], allow_unused=True) if fired else ()
         reached = {n for n, g in zip(fired, grads) if g is not None}
         dead = [n for n in new if n not in reached]
         if dead:
