@@ -60,16 +60,17 @@ def check_metric(metric, mask: torch.Tensor, d_vocab: int) -> None:
                          f"so give a position from the end, -1 to {-shortest}")
 
 
-def token_ids(model, tokens: Sequence[str]) -> torch.Tensor:
+def token_ids(model, tokens: Sequence[str], *, what: str = "the answer token") -> torch.Tensor:
     """Token ids of single-token strings such as ``" Mary"`` (a clear error otherwise, also for a
-    word the tokenizer does not know, which would silently become its unknown token)."""
+    word the tokenizer does not know, which would silently become its unknown token); ``what``
+    names the strings in the error."""
     ids = []
     for text in tokens:
         tokenized = model.to_tokens(text, prepend_bos=False)[0].tolist()
+        check_known(model.tokenizer, text, tokenized, what)
         if len(tokenized) != 1:
-            raise ValueError(f"{text!r} is {len(tokenized)} tokens, not one; an answer must be a single token "
-                             "(most tokenizers want a leading space, ' Mary')")
-        check_known(model.tokenizer, text, tokenized, "the answer token")
+            raise ValueError(f"{what} {text!r} is {len(tokenized)} tokens; it must be exactly one token "
+                             "(e.g. with a leading space, ' Mary')")
         ids += tokenized
     return torch.tensor(ids, dtype=torch.long)
 

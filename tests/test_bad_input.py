@@ -399,7 +399,7 @@ def test_words_the_tokenizer_does_not_know() -> None:
     with pytest.raises(ValueError, match=r"the answer token ' Marry' holds word\(s\) \['Marry'\]"):
         metrics.token_ids(demo, [" Mary", " Marry"])
     assert metrics.token_ids(demo, [" Mary"]).tolist() == [demo.to_single_token(" Mary")]
-    with pytest.raises(ValueError, match=r"' Mary John' is 2 tokens, not one; an answer must be a single token"):
+    with pytest.raises(ValueError, match=r"the answer token ' Mary John' is 2 tokens; it must be exactly one token"):
         metrics.token_ids(demo, [" Mary John"])
     assert unknown_id(word_tokenizer()) is None  # its unknown token is its padding token
 

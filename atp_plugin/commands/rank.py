@@ -33,7 +33,6 @@ import torch
 
 from .. import attribute, metrics, plugins
 from ..attribution import host_for
-from ..tokens import check_known
 from .usage import UsageError, check_at_least, check_device, check_output, check_registered
 
 FIELDS = ("clean", "corrupt", "answer", "wrong")
@@ -267,20 +266,14 @@ def _answer_ids(model: Any, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tens
     """Token ids of every answer and wrong token (each must be one token)."""
     if getattr(model, "tokenizer", None) is None:
         raise UsageError("the model has no tokenizer, so text prompts cannot be used with it")
-    ids: dict[str, list[int]] = {"answer": [], "wrong": []}
+    ids: dict[str, list[torch.Tensor]] = {"answer": [], "wrong": []}
     for p in pairs:
         for field in ids:
-            text = getattr(p, field)
-            tokens = model.to_tokens(text, prepend_bos=False)[0].tolist()
             try:
-                check_known(model.tokenizer, text, tokens, field)
-            except ValueError as e:
+                ids[field].append(metrics.token_ids(model, [getattr(p, field)], what=field))
+            except ValueError as e:  # several tokens, or a word the tokenizer does not know
                 raise UsageError(f"{p.where}: {e}") from e
-            if len(tokens) != 1:
-                raise UsageError(f"{p.where}: {field} {text!r} is {len(tokens)} tokens; it must be exactly one token "
-                                 "(e.g. with a leading space, ' Mary')")
-            ids[field].append(tokens[0])
-    return torch.tensor(ids["answer"]), torch.tensor(ids["wrong"])
+    return torch.cat(ids["answer"]), torch.cat(ids["wrong"])
 
 
 def _check_alignment(model: Any, pairs: list[Pair]) -> None:
