@@ -38,6 +38,7 @@ def test_demo_prints_the_verified_top_nodes_and_writes_the_heatmap(tmp_path, cap
     (["--pairs", "0"], r"--pairs must be at least 1, got 0"),
     (["--pairs", "200000"], r"--pairs 200000: the test split holds 121,420 distinct pairs"),
     (["--heatmap", "no/such/dir/h.png"], r"--heatmap no/such/dir/h\.png: the directory .* does not exist"),
+    (["--heatmap", "."], r"--heatmap \.: is a directory; give a file name"),
 ])
 def test_a_bad_argument_is_exit_2_with_a_message(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 from importlib.resources import files
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -205,6 +206,32 @@ def test_a_bad_argument_is_exit_2_with_a_message(model_dir, tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     err = usage_error(capsys, ["rank", "--model", model_dir, *argv, "--quiet"])
     assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("option", ["--out-csv", "--out-json", "--report"])
+def test_an_output_that_cannot_be_written_is_exit_2_before_any_work(tmp_path, monkeypatch, capsys, option):
+    """A directory, a path under a file, or a place where no file can be created: one line naming the
+    option, before the model loads (the model named here does not exist) and with nothing printed."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outdir").mkdir()
+    (tmp_path / "afile").write_text("")
+    cases = [("outdir", r"outdir: is a directory; give a file name"),
+             ("afile/x.out", r"afile/x\.out: the directory .*afile is not a directory")]
+    if Path("/sys").is_dir():  # sysfs: even root cannot create files there
+        cases.append(("/sys/atp-out.x", r"/sys/atp-out\.x: cannot create files in /sys"))
+    for path, message in cases:
+        err = usage_error(capsys, ["rank", "--model", tmp_path / "no-model", *ONE, option, path, "--quiet"])
+        assert re.search(f"^atp rank: error: {option} {message}", err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "outdir"]
+
+
+def test_a_report_figure_that_cannot_be_written_is_exit_2(tmp_path, monkeypatch, capsys):
+    """--report out.html also writes out_<node type>.png: a directory of that name is found before any work."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out_attn_z.png").mkdir()
+    err = usage_error(capsys, ["rank", "--model", tmp_path / "no-model", *ONE, "--nodes", "resid_pre,attn_z",
+                               "--report", "out.html", "--quiet"])
+    assert "--report out_attn_z.png: is a directory" in err, err
 
 
 def test_a_bad_model_is_exit_2(tmp_path, capsys):

@@ -102,6 +102,7 @@ def test_bad_input(setting):
     (["--top-x", "0"], r"--top-x must be at least 1, got 0"),
     (["--plot", "no/such/dir/c.png"], r"--plot no/such/dir/c\.png: the directory .* does not exist"),
     (["--csv", "no/such/dir/c.csv"], r"--csv no/such/dir/c\.csv: the directory .* does not exist"),
+    (["--csv", "."], r"--csv \.: is a directory; give a file name"),
     (["--pairs", "200000"], r"--pairs 200000: the test split holds 121,420 distinct pairs"),
     (["--nodes", "attn_z", "--methods", "atp,ap", "--top-x", "100000"], r"top_x=100000 exceeds the 240 nodes"),
 ])

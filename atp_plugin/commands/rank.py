@@ -67,7 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="verify the top K nodes by exact activation patching (default 0)")
     parser.add_argument("--out-csv", metavar="PATH", help="write the ranked nodes as CSV")
     parser.add_argument("--out-json", metavar="PATH", help="write the ranked nodes and the run's settings as JSON")
-    parser.add_argument("--report", metavar="PATH", help="write a self-contained HTML report (figures embedded; the PNGs are also written next to it)")
+    parser.add_argument("--report", metavar="PATH",
+                        help="write a self-contained HTML report (figures embedded); its heatmaps are also written next "
+                             "to it as <stem>_<node type>.png, e.g. out_attn_z.png for out.html, overwriting files of "
+                             "those names")
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per forward/backward pass (default 16)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -77,9 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
     _check_options(args, nodes)
+    _check_outputs(args, nodes)
     pairs = _read_pairs(Path(args.pairs)) if args.pairs else _given_pairs(args)
-    for option in ("out_csv", "out_json", "report"):
-        check_output(f"--{option.replace('_', '-')}", getattr(args, option))
     device = check_device(args.device) if args.device else ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
     model, model_label = load_model(args.model, device, DTYPES[args.dtype], quiet=args.quiet)
@@ -139,6 +141,16 @@ def _check_options(args: argparse.Namespace, nodes: list[str]) -> None:
     check_at_least(1, batch_size=args.batch_size)
     if args.pairs and any(getattr(args, f) for f in FIELDS):
         raise UsageError("give pairs either with --pairs FILE or with --clean/--corrupt/--answer/--wrong, not both")
+
+
+def _check_outputs(args: argparse.Namespace, nodes: list[str]) -> None:
+    """Every output file (and the report's figures) can be written, before any work."""
+    for option in ("out_csv", "out_json", "report"):
+        check_output(f"--{option.replace('_', '-')}", getattr(args, option))
+    if args.report:
+        report = Path(args.report)
+        for node in nodes:  # the figures write_report puts next to the HTML
+            check_output("--report", report.with_name(f"{report.stem}_{node.replace('.', '_')}.png"))
 
 
 def _given_pairs(args: argparse.Namespace) -> list[Pair]:

@@ -6,6 +6,7 @@ Every failure is a :class:`UsageError`: ``atp`` prints it in one line and exits 
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,11 +19,31 @@ class UsageError(Exception):
     """A bad argument or input file: reported in one line, exit code 2."""
 
 
-def check_output(option: str, path: str | None) -> None:
-    """An output file must go into an existing directory (no directory is created behind the user's back)."""
-    if path and not Path(path).resolve().parent.is_dir():
-        raise UsageError(f"{option} {path}: the directory {Path(path).resolve().parent} does not exist; create it "
-                         "or write elsewhere")
+def check_output(option: str, path: str | Path | None) -> None:
+    """An output file must be writable where it is named, checked before any work: not a directory,
+    in an existing directory (none is created behind the user's back) where files can be created,
+    and, if it exists, writable (it is overwritten)."""
+    if not path:
+        return
+    target = Path(path)
+    parent = target.resolve().parent
+    if target.is_dir():
+        raise UsageError(f"{option} {path}: is a directory; give a file name")
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise UsageError(f"{option} {path}: the directory {parent} {what}; create it or write elsewhere")
+    if target.exists():
+        try:
+            with target.open("r+b"):  # opened for writing without truncating or creating it
+                pass
+        except OSError as e:
+            raise UsageError(f"{option} {path}: cannot write to it ({e.strerror or e})") from e
+        return
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".atp-write-check-"):  # removed on close
+            pass
+    except OSError as e:
+        raise UsageError(f"{option} {path}: cannot create files in {parent} ({e.strerror or e})") from e
 
 
 def check_registered(option: str, names: list[str], registered: dict[str, Any], what: str) -> None:
