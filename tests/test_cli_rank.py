@@ -133,13 +133,14 @@ def test_command_line_jsonl_and_csv_pairs_give_the_same_table(model_dir, tmp_pat
     base = ["--model", model_dir, "--dtype", "float64", "--nodes", "attn_v", "--quiet", "--top-k", 0]
     assert rank(*base, "--pairs", write_jsonl(tmp_path / "p.jsonl", PAIRS), "--out-csv", tmp_path / "b.csv") == 0
     assert rank(*base, "--pairs", write_csv(tmp_path / "p.csv", PAIRS), "--out-csv", tmp_path / "c.csv") == 0
+    (tmp_path / "p.json").write_text(json.dumps(PAIRS, indent=2))  # a pretty-printed JSON array
+    assert rank(*base, "--pairs", tmp_path / "p.json", "--out-csv", tmp_path / "e.csv") == 0
     bom = tmp_path / "bom.csv"  # as Excel saves "CSV UTF-8": a byte-order mark before the header
     bom.write_bytes(b"\xef\xbb\xbf" + (tmp_path / "p.csv").read_bytes())
     assert rank(*base, "--pairs", bom, "--out-csv", tmp_path / "d.csv") == 0
-    a, b, c, d = (pd.read_csv(tmp_path / f"{x}.csv") for x in "abcd")
-    pd.testing.assert_frame_equal(a, b)
-    pd.testing.assert_frame_equal(a, c)
-    pd.testing.assert_frame_equal(a, d)
+    a, *others = (pd.read_csv(tmp_path / f"{x}.csv") for x in "abcde")
+    for other in others:
+        pd.testing.assert_frame_equal(a, other)
 
 
 def test_the_report_option_writes_the_html_and_figures(model_dir, tmp_path):
@@ -152,10 +153,17 @@ def test_the_report_option_writes_the_html_and_figures(model_dir, tmp_path):
 
 BAD_FILES = [
     ("p.jsonl", '{"clean": "w1 w2", "corrupt": "w1 w3", "answer": "w4", "wrong": "w5"}\n{"clean": "w1",\n',
-     r"p\.jsonl line 2: not valid JSON"),
+     r"p\.jsonl line 2: not valid JSON \(.* at column 16\); a JSONL file holds one JSON object per line"),
+    ("p.json", '{\n  "clean": "w1 w2", "corrupt": "w1 w3", "answer": "w4", "wrong": "w5"\n}\n',
+     r"p\.json line 1: not valid JSON .*one JSON object per line \(or give a JSON array of objects\)"),
     ("p.jsonl", '{"clean": "w1 w2", "corrupt": "w1 w3", "answer": "w4", "wrong": "w5"}\n\n'
                 '{"clean": "w1 w2", "corrupt": "w1 w3", "answer": "w4"}\n', r"p\.jsonl line 3: missing field\(s\) \['wrong'\]"),
-    ("p.jsonl", '["w1", "w2"]\n', r"p\.jsonl line 1: expected a JSON object"),
+    ("p.jsonl", '"w1 w2"\n', r"p\.jsonl line 1: expected a JSON object with fields clean, corrupt, answer, wrong, got str"),
+    ("p.jsonl", '["w1", "w2"]\n', r"p\.jsonl item 1 \(line 1\): expected a JSON object .*, got str"),
+    ("p.json", json.dumps([PAIRS[0], {k: v for k, v in PAIRS[1].items() if k != "corrupt"}], indent=2),
+     r"p\.json item 2 \(line 8\): missing field\(s\) \['corrupt'\]"),
+    ("p.json", json.dumps(PAIRS[:2], indent=2)[:-2], r"p\.json line 13: not valid JSON \(Expecting"),
+    ("p.txt", "  [" + json.dumps(PAIRS[0]) + ", 3]", r"p\.txt item 2 \(line 1\): expected a JSON object .*, got int"),
     ("p.jsonl", '{"clean": "w1 w2", "corrupt": "w1 w3", "answer": 4, "wrong": "w5"}\n',
      r"p\.jsonl line 1: field 'answer' must be a string, got int 4"),
     ("p.jsonl", '{"clean": "w1 w2", "corrupt": "w1 w3", "answer": " ", "wrong": "w5"}\n', r"line 1: field 'answer' is empty"),

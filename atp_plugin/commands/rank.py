@@ -10,8 +10,9 @@ says how much patching it with its value on the corrupt prompt changes that.
 
 --model: ``demo`` (the bundled IOI model), a local Hugging Face model directory (loaded as a
 TransformerBridge in compatibility mode) or a TransformerLens model name (HookedTransformer,
-downloaded from the hub). --pairs: a JSONL file (one object per line) or a CSV file (header row)
-with the fields clean, corrupt, answer, wrong.
+downloaded from the hub). --pairs: a JSONL file (one JSON object per line), a JSON array of objects
+(.json, or any file whose text starts with "[") or a CSV file (header row) with the fields clean,
+corrupt, answer, wrong.
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "answer": "the correct next token on the clean prompt, e.g. ' Mary'", "wrong": "the competing token"}
     for field in FIELDS:
         given.add_argument(f"--{field}", action="append", default=[], metavar="TEXT", help=helps[field])
-    parser.add_argument("--pairs", metavar="FILE", help="JSONL or CSV file with the fields clean, corrupt, answer, wrong")
+    parser.add_argument("--pairs", metavar="FILE",
+                        help="JSONL (one object per line), JSON array or CSV file with the fields clean, corrupt, answer, "
+                             "wrong")
     parser.add_argument("--nodes", default="attn_z,mlp_neurons", help="comma-separated node types (default attn_z,mlp_neurons)")
     parser.add_argument("--method", default="atp*", help="attribution method (default atp*)")
     parser.add_argument("--top-k", type=int, default=20,
@@ -173,12 +176,15 @@ def _read_pairs(path: Path) -> list[Pair]:
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"--pairs {path}: cannot read it as UTF-8 text ({e})") from e
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".ndjson"):
+    if text.lstrip().startswith("["):  # a JSON array, pretty-printed or not, whatever the file's name
+        pairs = _json_array_pairs(str(path), text)
+    elif suffix in (".jsonl", ".json", ".ndjson"):
         pairs = _jsonl_pairs(str(path), text)
     elif suffix in (".csv", ".tsv"):
         pairs = _csv_pairs(str(path), text, "\t" if suffix == ".tsv" else ",")
     else:
-        raise UsageError(f"--pairs {path}: unknown file type {suffix!r}; use .jsonl (one JSON object per line) or .csv")
+        raise UsageError(f"--pairs {path}: unknown file type {suffix!r}; use .jsonl (one JSON object per line), "
+                         ".json (a JSON array of objects) or .csv")
     if not pairs:
         raise UsageError(f"--pairs {path}: the file holds no pairs")
     return pairs
@@ -204,11 +210,36 @@ def _jsonl_pairs(name: str, text: str) -> list[Pair]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UsageError(f"{name} line {number}: not valid JSON ({e.msg} at column {e.colno})") from e
+            raise UsageError(f"{name} line {number}: not valid JSON ({e.msg} at column {e.colno}); a JSONL file holds "
+                             "one JSON object per line (or give a JSON array of objects)") from e
         if not isinstance(obj, dict):
             raise UsageError(f"{name} line {number}: expected a JSON object with fields {', '.join(FIELDS)}, "
                              f"got {type(obj).__name__}")
         pairs.append(_pair(obj, f"{name} line {number}"))
+    return pairs
+
+
+def _json_array_pairs(name: str, text: str) -> list[Pair]:
+    """Pairs from a JSON array of objects (pretty-printed or not), each named by its item number and line."""
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{name} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
+    if not isinstance(items, list):  # text starting with "[" that parses is an array; kept for type checkers
+        raise UsageError(f"{name}: expected a JSON array of objects")
+    # where each item starts, for the messages: walk the (valid) array again one value at a time
+    decoder, lines, at = json.JSONDecoder(), [], text.index("[") + 1
+    for _ in items:
+        while text[at] in " \t\r\n,":
+            at += 1
+        lines.append(text.count("\n", 0, at) + 1)
+        at = decoder.raw_decode(text, at)[1]
+    pairs = []
+    for number, (obj, line) in enumerate(zip(items, lines), start=1):
+        where = f"{name} item {number} (line {line})"
+        if not isinstance(obj, dict):
+            raise UsageError(f"{where}: expected a JSON object with fields {', '.join(FIELDS)}, got {type(obj).__name__}")
+        pairs.append(_pair(obj, where))
     return pairs
 
 
