@@ -7,6 +7,7 @@ import importlib
 import os
 import sys
 
+from . import __version__
 from .commands.usage import UsageError
 from .plugins import PluginError
 
@@ -20,6 +21,7 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atp", description="AtP*: fast attribution patching for TransformerLens models")
+    parser.add_argument("--version", action="version", version=f"atp-plugin {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(f"atp_plugin.commands.{module_name}")

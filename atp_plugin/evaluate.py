@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -100,15 +100,17 @@ def rank_order(scores: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
 
 def evaluate(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Tensor | Sequence[str],
              metric: Metric, *, nodes: str | NodeAdapter | Sequence[str | NodeAdapter] = DEFAULT_NODES,
-             methods: Sequence[str | Backend] = ("atp", "atp+qk", "atp*", "subsampling", "hierarchical", "blocks"),
+             methods: str | Backend | Sequence[str | Backend] = ("atp", "atp+qk", "atp*", "subsampling", "hierarchical", "blocks"),
              top_x: int = 20, seed: int = 0, batch_size: int | None = None, patch_batch_size: int = 64,
              progress: bool | None = None) -> Evaluation:
-    """Cost-of-verification curves of ``methods`` (registered backend names or backend instances)
-    on one model and task, against exhaustive patching.
+    """Cost-of-verification curves of ``methods`` (registered backend names or backend instances,
+    or one of them) on one model and task, against exhaustive patching.
 
     Runs ``ap`` once for the ground truth (so it is slow where ``ap`` is), then every method.
     The true top-x nodes are the ``top_x`` nodes with the largest |mean effect|.
     """
+    # one method (a name or a backend instance) is a list of one, not a string's letters
+    methods = [methods] if isinstance(methods, str) or not isinstance(methods, Iterable) else list(methods)
     if not methods:
         raise ValueError("methods is empty; name at least one backend, e.g. methods=['atp*']")
     names = [m if isinstance(m, str) else getattr(m, "name", None) for m in methods]

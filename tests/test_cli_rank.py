@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+from importlib.metadata import version
 from importlib.resources import files
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
+import atp_plugin
 from atp_plugin import attribute, cli, metrics
 from conftest import usage_error
 from hf_models import load_bridge, load_hooked, save_gpt2
@@ -31,6 +33,10 @@ PAIRS = [  # token ids: "w{i}" is i + 2
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return save_gpt2(tmp_path_factory.mktemp("gpt2"))
+
+
+ONE = ["--clean", "w1 w2", "--corrupt", "w1 w3", "--answer", "w4", "--wrong", "w5"]
+ONE_PAIR = ["--clean", "w1 w2 w3 w4", "--corrupt", "w1 w5 w3 w4", "--answer", "w6", "--wrong", "w7"]
 
 
 def write_jsonl(path, rows):
@@ -125,6 +131,35 @@ def test_every_verified_node_is_shown(model_dir, tmp_path, capsys):
     assert sum(bool(re.match(r"\s+\d+ attn_z ", line)) for line in capsys.readouterr().out.splitlines()) == 5
 
 
+def test_verify_above_the_number_of_nodes_says_how_many_were_verified(model_dir, tmp_path, capsys):
+    """--verify 100000 on 2 layers x 5 positions x 4 heads: all 40 verified, and the header and the JSON say 40."""
+    out = tmp_path / "r.json"
+    assert rank("--model", model_dir, "--nodes", "attn_z", *ONE_PAIR, "--verify", 100000, "--out-json", out,
+                "--quiet") == 0
+    captured = capsys.readouterr()
+    assert "top 40 verified by exact patching" in captured.out and "100000" not in captured.out, captured.out
+    assert "atp rank: warning:" in captured.err
+    document = json.loads(out.read_text())
+    assert document["verified"] == 40 and sum(row["effect"] is not None for row in document["ranked"]) == 40
+
+
+def test_float16(model_dir, tmp_path):
+    """--dtype float16 runs the model in half precision: scores near the float64 ones, not equal to them."""
+    tables = {}
+    for dtype in ("float64", "float16"):
+        out = tmp_path / f"{dtype}.json"
+        assert rank("--model", model_dir, "--nodes", "attn_z,mlp_neurons", "--pairs",
+                    write_jsonl(tmp_path / "p.jsonl", PAIRS), "--dtype", dtype, "--top-k", 0, "--out-json", out,
+                    "--quiet") == 0
+        document = json.loads(out.read_text())
+        assert document["dtype"] == dtype
+        tables[dtype] = pd.DataFrame(document["ranked"]).set_index("node")["score"].sort_index()
+    half, full = torch.tensor(tables["float16"].to_numpy()), torch.tensor(tables["float64"].to_numpy())
+    assert list(tables["float16"].index) == list(tables["float64"].index)
+    torch.testing.assert_close(half, full, rtol=0.05, atol=0.02 * float(full.abs().max()))
+    assert not torch.equal(half, full)
+
+
 def test_command_line_jsonl_and_csv_pairs_give_the_same_table(model_dir, tmp_path):
     given = ["--model", model_dir, "--dtype", "float64", "--nodes", "attn_v", "--quiet", "--top-k", 0]
     for r in PAIRS:
@@ -191,7 +226,6 @@ def test_a_malformed_pairs_file_is_exit_2_naming_the_line(model_dir, tmp_path, c
     assert re.search(message, err), err
 
 
-ONE = ["--clean", "w1 w2", "--corrupt", "w1 w3", "--answer", "w4", "--wrong", "w5"]
 BAD_ARGS = [
     (ONE + ["--method", "atp++"], r"unknown method\(s\) \['atp\+\+'\] in --method; known: .*atp\*"),
     (ONE + ["--nodes", "attn_z,heads"], r"unknown node type\(s\) \['heads'\] in --nodes; known: .*attn_z"),
@@ -255,6 +289,12 @@ def test_argparse_errors_exit_2_from_the_console():
                           capture_output=True, text=True)
     assert done.returncode == 2
     assert "the following arguments are required: --model" in done.stderr
+
+
+def test_version():
+    done = subprocess.run([sys.executable, "-m", "atp_plugin.cli", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == f"atp-plugin {version('atp-plugin')}", done
+    assert version("atp-plugin") == atp_plugin.__version__
 
 
 @pytest.mark.skipif(not files("atp_plugin").joinpath("data", "model.safetensors").is_file(),

@@ -85,6 +85,17 @@ def test_plot(evaluation, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
 
+def test_one_method_given_bare_is_one_method(setting, evaluation):
+    """methods="atp" is the method atp (not the letters a, t, p); one backend instance is one method."""
+    model, clean, corrupt, metric = setting
+    one = evaluate(model, clean, corrupt, metric, nodes=["attn_z"], methods="atp", top_x=TOP, seed=1)
+    assert list(one.curves.columns) == ["atp", "oracle"]
+    np.testing.assert_array_equal(one.curves["atp"], evaluation.curves["atp"])
+    backend = evaluate(model, clean, corrupt, metric, nodes=["attn_z"], methods=Subsampling(n_subsets=40, p=0.25),
+                       top_x=TOP, seed=1)
+    assert list(backend.curves.columns) == ["subsampling", "oracle"]
+
+
 def test_bad_input(setting):
     model, clean, corrupt, metric = setting
     with pytest.raises(ValueError, match="methods is empty"):

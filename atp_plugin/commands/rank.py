@@ -37,7 +37,7 @@ from ..attribution import host_for
 from .usage import UsageError, check_at_least, check_device, check_output, check_registered
 
 FIELDS = ("clean", "corrupt", "answer", "wrong")
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -109,8 +109,9 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"atp rank: {model_label}; {len(pairs)} pair(s); method {result.method}; "
           f"{table.attrs['n_nodes']} nodes ({', '.join(nodes)}); {elapsed:.1f}s")
+    n_verified = 0 if verified is None else len(verified)  # --verify above the number of nodes verifies them all
     print("metric: logit(answer) - logit(wrong) at the last token" + (
-        f"; top {args.verify} verified by exact patching" if args.verify else ""))
+        f"; top {n_verified} verified by exact patching" if n_verified else ""))
     shown = table.head(rows or 20)
     columns = ["rank", "node", "score"] + [c for c in ("signed", "effect", "mean_abs_effect")
                                            if c in shown and shown[c].notna().any()]
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         Path(args.out_json).write_text(json.dumps({
             "model": model_label, "method": result.method, "nodes": nodes, "n_pairs": len(pairs),
             "metric": "logit(answer) - logit(wrong) at the last token", "alignment": result.alignment,
-            "verified": args.verify, "ranked": _records(table)}, indent=1))
+            "dtype": args.dtype, "verified": n_verified, "ranked": _records(table)}, indent=1))
         written.append(args.out_json)
     if args.report:
         from ..report import write_report
