@@ -61,11 +61,10 @@ class Evaluation:
 
     def plot(self, path: str | Path, *, title: str | None = None) -> Path:
         """Write the curves as a PNG: x = true top nodes found, y = cost (log scale)."""
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # drawn without pyplot: matplotlib's backend is left as it is
 
-        fig, ax = plt.subplots(figsize=(8.0, 4.6))
+        fig = Figure(figsize=(8.0, 4.6))
+        ax = fig.add_subplot()
         x = self.curves.index.to_numpy()
         for method in self.curves.columns:
             style = dict(color="black", linestyle="--") if method == "oracle" else {}
@@ -83,7 +82,6 @@ class Evaluation:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)
-        plt.close(fig)
         return path
 
 

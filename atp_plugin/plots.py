@@ -1,17 +1,17 @@
-"""Figures: layer x head heatmaps of a result's scores (matplotlib, written as PNG)."""
+"""Figures: layer x head heatmaps of a result's scores (matplotlib, written as PNG).
+
+Figures are drawn on ``matplotlib.figure.Figure`` objects and saved directly, without pyplot: the
+library never selects or switches matplotlib's backend, and no figure is left open in pyplot.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-import torch  # noqa: E402
-
-from .result import AttributionResult  # noqa: E402
+from .result import AttributionResult
 
 
 def layer_heatmap(result: AttributionResult, key: str, path: str | Path, *, title: str | None = None) -> Path:
@@ -32,8 +32,9 @@ def layer_heatmap(result: AttributionResult, key: str, path: str | Path, *, titl
 def heatmap(values: torch.Tensor, path: str | Path, *, xlabel: str, ylabel: str, title: str) -> Path:
     """Draw a ``[rows, cols]`` matrix as a PNG heatmap with a colour bar; returns the path."""
     values = values.detach().double().cpu()
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 + 0.45 * min(values.shape[1], 40)),
-                                    1.0 + 0.45 * min(values.shape[0], 40)))  # wide enough for the title
+    fig = Figure(figsize=(max(4.0, 1.2 + 0.45 * min(values.shape[1], 40)),
+                          1.0 + 0.45 * min(values.shape[0], 40)))  # wide enough for the title
+    ax = fig.add_subplot()
     image = ax.imshow(values.numpy(), cmap="viridis", aspect="auto")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -45,5 +46,4 @@ def heatmap(values: torch.Tensor, path: str | Path, *, xlabel: str, ylabel: str,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
