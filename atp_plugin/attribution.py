@@ -14,6 +14,7 @@ from .adapters import NodeAdapter, resolve
 from .backends import Backend
 from .engine import Engine, Metric
 from .engine.pairs import make_pairs
+from .hosts import Host
 from .metrics import check_metric
 from .result import AttributionResult
 
@@ -58,12 +59,11 @@ def positive_int(value: Any, name: str, fix: str) -> int:
     return int(value)
 
 
-def check_length(host: Any, n_tokens: int) -> None:
-    """Fail before any run when prompts are longer than the model's context ``n_ctx`` (its
-    positional embeddings and causal mask stop there; ALiBi has no such limit)."""
-    cfg = getattr(host, "cfg", None)
-    n_ctx = getattr(cfg, "n_ctx", None)
-    if n_ctx is not None and getattr(cfg, "positional_embedding_type", None) != "alibi" and n_tokens > n_ctx:
+def check_length(host: Host, n_tokens: int) -> None:
+    """Fail before any run when prompts are longer than the model's context ``host.n_ctx`` (its
+    positional embeddings and causal mask stop there)."""
+    n_ctx = host.n_ctx
+    if n_ctx is not None and n_tokens > n_ctx:
         raise ValueError(f"the prompts are {n_tokens} tokens long (after padding to the longest) but the model's "
                          f"context length n_ctx is {n_ctx}; shorten the prompts to at most {n_ctx} tokens")
 

@@ -2,8 +2,10 @@
 
 Why this exists: the offline demo (``atp demo``) and the benchmarks need a real
 transformer with a real circuit to attribute, but must not download anything.
-So the project trains its own tiny HookedTransformer on a word-level IOI task and
-ships the weights, config and tokenizer as package data in ``atp_plugin/data/``.
+So the project trains its own tiny transformer on a word-level IOI task (as a TransformerLens 3
+``HookedTransformer``) and ships the weights, config and tokenizer as package data in
+``atp_plugin/data/``. Under TransformerLens 4, which has no ``HookedTransformer``, the same
+weights load as a GPT-2 ``TransformerBridge``.
 
 The task: "When Mary and John went to the store, John gave a drink to" -> " Mary".
 The answer is the name among the first two that is *not* repeated.  The corrupt
@@ -30,16 +32,20 @@ from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import einops
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file as save_safetensors_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizerFast
 
+from .errors import MissingDependencyError
+
 if TYPE_CHECKING:
+    import transformers
     from sae_lens import SAE
+    from transformer_lens import HookedTransformer
 
 __all__ = [
     "NAMES",
@@ -53,6 +59,7 @@ __all__ = [
     "build_tokenizer",
     "ioi_pairs",
     "load_demo_model",
+    "demo_gpt2",
     "load_demo_sae",
     "train_demo_model",
     "evaluate_demo_model",
@@ -232,22 +239,114 @@ def _read_data_file(name: str) -> bytes:
 def _new_model(
     config: dict[str, object], tokenizer: PreTrainedTokenizerFast, device: str, dtype: torch.dtype
 ) -> HookedTransformer:
-    """Build an (untrained) HookedTransformer from :data:`MODEL_CONFIG`-style settings."""
+    """Build an (untrained) HookedTransformer from :data:`MODEL_CONFIG`-style settings (TransformerLens 3)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
     cfg = HookedTransformerConfig(**config, device=device, dtype=dtype)
     return HookedTransformer(cfg, tokenizer=tokenizer)
 
 
-def load_demo_model(device: str = "cpu", dtype: torch.dtype = torch.float32) -> HookedTransformer:
-    """Load the shipped IOI demo model, tokenizer attached, in eval mode.
-
-    Reads ``config.json``, ``tokenizer.json`` and ``model.safetensors`` from the
-    package data via :mod:`importlib.resources`, so it needs no network and
-    works from an installed (non-editable) package.
-    """
+def _demo_parts() -> tuple[dict[str, object], PreTrainedTokenizerFast, dict[str, torch.Tensor]]:
+    """The shipped config, tokenizer and weights (TransformerLens names), from the package data."""
     config = json.loads(_read_data_file(_CONFIG_FILE))
     tokenizer = _to_hf_tokenizer(Tokenizer.from_str(_read_data_file(_TOKENIZER_FILE).decode()))
+    return config, tokenizer, load_safetensors_bytes(_read_data_file(_WEIGHTS_FILE))
+
+
+def load_demo_model(device: str = "cpu", dtype: torch.dtype = torch.float32, *, bridge: bool | None = None):
+    """Load the shipped IOI demo model, tokenizer attached, in eval mode.
+
+    ``bridge=False``: a ``HookedTransformer`` (TransformerLens 3 only); ``bridge=True``: the same
+    weights as a GPT-2 ``TransformerBridge`` in compatibility mode (TransformerLens 3 or 4); the
+    default takes the ``HookedTransformer`` where it exists. Reads the package data via
+    :mod:`importlib.resources`, so it needs no network and works from an installed package.
+    """
+    if bridge is None:
+        bridge = not _has_hooked_transformer()
+    if bridge:
+        return _load_demo_bridge(device, dtype)
+    if not _has_hooked_transformer():
+        raise MissingDependencyError("the demo model as a HookedTransformer needs TransformerLens 3 "
+                                     "(pip install 'transformer-lens>=3,<4'); use load_demo_model(bridge=True)")
+    config, tokenizer, state = _demo_parts()
     model = _new_model(config, tokenizer, device, dtype)
-    model.load_state_dict(load_safetensors_bytes(_read_data_file(_WEIGHTS_FILE)))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _has_hooked_transformer() -> bool:
+    """Whether this TransformerLens has ``HookedTransformer`` (3.x; 4.x removed it)."""
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def demo_gpt2(dtype: torch.dtype = torch.float32) -> tuple[transformers.GPT2LMHeadModel, PreTrainedTokenizerFast]:
+    """The demo model as a Hugging Face ``GPT2LMHeadModel`` (the same function: LayerNorm, exact
+    GELU, learned positions, untied unembedding) and its tokenizer.
+
+    GPT-2 has no unembedding bias; the demo model's ``b_U`` is kept by giving ``lm_head`` one, so
+    the logits are the demo model's own (a directory written with ``save_pretrained`` drops it:
+    every logit then moves by a per-token constant, which cancels in logit differences).
+    """
+    import transformers
+
+    config, tokenizer, state = _demo_parts()
+    hf_config = transformers.GPT2Config(
+        vocab_size=config["d_vocab"], n_positions=config["n_ctx"], n_embd=config["d_model"],
+        n_layer=config["n_layers"], n_head=config["n_heads"], n_inner=config["d_mlp"], activation_function="gelu",
+        layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    hf = transformers.GPT2LMHeadModel(hf_config).to(dtype)
+    missing, unexpected = hf.load_state_dict(_gpt2_state_dict(state, int(config["n_layers"])), strict=False)
+    if unexpected or any(not k.endswith(("attn.bias", "masked_bias")) for k in missing):
+        raise RuntimeError(f"GPT-2 export does not match: missing {missing}, unexpected {unexpected}")
+    hf.lm_head.bias = torch.nn.Parameter(state["unembed.b_U"].to(dtype).clone())
+    return hf.eval(), tokenizer
+
+
+def _gpt2_state_dict(state: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    """A ``GPT2LMHeadModel`` state dict from the demo model's TransformerLens state dict
+    (TransformerLens's GPT-2 import, inverted)."""
+    sd: dict[str, torch.Tensor] = {
+        "transformer.wte.weight": state["embed.W_E"],           # [d_vocab, d_model]
+        "transformer.wpe.weight": state["pos_embed.W_pos"],     # [n_ctx, d_model]
+        "transformer.ln_f.weight": state["ln_final.w"],
+        "transformer.ln_f.bias": state["ln_final.b"],
+        "lm_head.weight": state["unembed.W_U"].T,               # [d_vocab, d_model]
+    }
+    for layer in range(n_layers):
+        tl, h = f"blocks.{layer}", f"transformer.h.{layer}"
+        # Conv1D weights are [in, out]; TransformerLens's are [head, d_model, d_head]
+        qkv = [einops.rearrange(state[f"{tl}.attn.W_{x}"], "head d_model d_head -> d_model (head d_head)")
+               for x in "QKV"]
+        sd |= {
+            f"{h}.ln_1.weight": state[f"{tl}.ln1.w"], f"{h}.ln_1.bias": state[f"{tl}.ln1.b"],
+            f"{h}.ln_2.weight": state[f"{tl}.ln2.w"], f"{h}.ln_2.bias": state[f"{tl}.ln2.b"],
+            f"{h}.attn.c_attn.weight": torch.cat(qkv, dim=1),  # [d_model, 3 * d_model]
+            f"{h}.attn.c_attn.bias": torch.cat([state[f"{tl}.attn.b_{x}"].flatten() for x in "QKV"]),
+            f"{h}.attn.c_proj.weight": einops.rearrange(state[f"{tl}.attn.W_O"],
+                                                        "head d_head d_model -> (head d_head) d_model"),
+            f"{h}.attn.c_proj.bias": state[f"{tl}.attn.b_O"],
+            f"{h}.mlp.c_fc.weight": state[f"{tl}.mlp.W_in"],    # [d_model, d_mlp]
+            f"{h}.mlp.c_fc.bias": state[f"{tl}.mlp.b_in"],
+            f"{h}.mlp.c_proj.weight": state[f"{tl}.mlp.W_out"],  # [d_mlp, d_model]
+            f"{h}.mlp.c_proj.bias": state[f"{tl}.mlp.b_out"],
+        }
+    return {k: v.detach().clone().contiguous() for k, v in sd.items()}
+
+
+def _load_demo_bridge(device: str, dtype: torch.dtype):
+    """The demo model booted as a ``TransformerBridge`` in compatibility mode, offline."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf, tokenizer = demo_gpt2(dtype)
+    model = TransformerBridge.boot_transformers(str(MODEL_CONFIG["model_name"]), hf_model=hf.to(device),
+                                                tokenizer=tokenizer, dtype=dtype, device=device)
+    model.enable_compatibility_mode(disable_warnings=True)
     return model.eval()
 
 

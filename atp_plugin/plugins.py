@@ -16,6 +16,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
+from .errors import PluginError
 
 GROUP = "atp_plugin"
 ENV_VAR = "ATP_PLUGINS"
@@ -28,10 +29,6 @@ BUILTINS = (
 )
 SKIP = f"fix or uninstall the plugin, or leave it out with {ENV_VAR}=<the plugins to load>"
 KINDS = {"backends": "atp_register_backends", "adapters": "atp_register_adapters", "hosts": "atp_register_hosts"}
-
-
-class PluginError(RuntimeError):
-    """A plugin could not be loaded or registered something invalid."""
 
 
 @dataclass

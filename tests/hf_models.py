@@ -8,12 +8,15 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformer_lens import HookedTransformer
-from transformer_lens import loading_from_pretrained as loading
 from transformer_lens.model_bridge import TransformerBridge
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 D_VOCAB = 50
 WORDS = ["<pad>", "<bos>"] + [f"w{i}" for i in range(D_VOCAB - 2)]  # token id of "w{i}" is i + 2
@@ -77,7 +80,10 @@ def load_bridge(path: Path, compatibility: bool = True) -> TransformerBridge:
 
 def load_hooked(path: Path) -> HookedTransformer:
     """The saved model as a float64 ``HookedTransformer`` with from_pretrained's default processing
-    (fold LayerNorm, center writing weights and unembedding, fold value biases)."""
+    (fold LayerNorm, center writing weights and unembedding, fold value biases). TransformerLens 3 only."""
+    from transformer_lens import HookedTransformer
+    from transformer_lens import loading_from_pretrained as loading
+
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
     cfg = loading.get_pretrained_model_config(str(path), dtype=torch.float64, fold_ln=True)
     state = loading.get_pretrained_state_dict(str(path), cfg, hf_model, dtype=torch.float64)

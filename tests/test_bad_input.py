@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from atp_plugin import attribute, metrics, verify
-from atp_plugin.hosts.hooked import UnsupportedModelError
+from atp_plugin.errors import UnsupportedModelError
 from atp_plugin.metrics import check_metric
 from conftest import VARIANTS, logit_diff_metric, make_model, make_pairs
 from test_reference import tokenized_model, word_tokenizer

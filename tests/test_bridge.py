@@ -14,7 +14,7 @@ from atp_plugin import attribute, metrics
 from atp_plugin.adapters import SAEFeatures, TranscoderFeatures
 from atp_plugin.adapters.builtin import SliceAdapter
 from atp_plugin.attribution import host_for
-from atp_plugin.hosts.hooked import UnsupportedModelError
+from atp_plugin.errors import UnsupportedModelError
 from conftest import make_model
 from hf_models import D_VOCAB, load_bridge, load_hooked, save_gpt2, save_llama, save_tokenizer
 from test_sae import make_sae

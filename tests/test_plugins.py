@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from atp_plugin import attribute, cli, plugins
-from conftest import logit_diff_metric, make_model, make_pairs
+from conftest import logit_diff_metric, make_model, make_pairs, needs_hooked
 
 BACKEND_PLUGIN = '''
 from dataclasses import dataclass
@@ -51,6 +51,7 @@ def site_dir(tmp_path, monkeypatch):
     plugins.registries(reload=True)
 
 
+@needs_hooked
 def test_entry_point_backend_is_found_and_runs(site_dir):
     install_dist(site_dir, "toyplug", "toyplug_mod", BACKEND_PLUGIN)
     regs = plugins.registries(reload=True)
@@ -104,6 +105,7 @@ def test_duplicate_name_is_an_error_naming_both_plugins(site_dir):
         plugins.registries(reload=True)
 
 
+@needs_hooked
 def test_unknown_method_lists_the_registered_ones():
     model = make_model(n_layers=1)
     clean, corrupt = make_pairs(2, 4)

@@ -27,19 +27,7 @@ from typing import Any
 import torch
 
 from ..hosts import Host
-from ..hosts.hooked import kv_heads
 from ..hosts.spliced import spliced
-
-#: Trailing shape of TransformerLens hook values ``[batch, pos, ...]`` by the hook's last name,
-#: from the config; used to reject an SAE that does not fit the model before any run.
-_SHAPES = {
-    **{h: lambda c: (c.d_model,) for h in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post",
-                                            "hook_attn_out", "hook_mlp_out", "hook_embed", "hook_pos_embed")},
-    **{h: lambda c: (c.n_heads, c.d_head) for h in ("hook_q", "hook_rot_q", "hook_z")},
-    **{h: lambda c: (kv_heads(c), c.d_head) for h in ("hook_k", "hook_rot_k", "hook_v")},
-    **{h: lambda c: (c.d_mlp,) for h in ("hook_pre", "hook_pre_linear", "hook_post")},
-}
-
 
 class SAEFeatures:
     """Nodes of one SAE-Lens SAE: its features at every position, and its error term.
@@ -88,10 +76,9 @@ class SAEFeatures:
 
     def _check(self, host: Host) -> None:
         self._check_site(host)
-        shape_of = _SHAPES.get(self.hook.rsplit(".", 1)[-1])
-        cfg = getattr(getattr(host, "model", None), "cfg", None)
-        if shape_of is not None and cfg is not None:
-            self._fits(shape_of(cfg))
+        shape = host.act_shape(self.hook)
+        if shape is not None:
+            self._fits(shape)
 
     def _check_site(self, host: Host) -> None:
         """The site ``self.hook`` exists, the SAE is on the model's device, and an SAE spliced there

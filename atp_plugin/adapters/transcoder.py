@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..hosts import Host
-from .sae import _SHAPES, SAEFeatures
+from .sae import SAEFeatures
 
 
 class TranscoderFeatures(SAEFeatures):
@@ -81,11 +81,10 @@ class TranscoderFeatures(SAEFeatures):
                 raise ValueError(f"{self.name}: the model has no hook {hook!r}; this transcoder was trained on another "
                                  f"model or layer (check transcoder.cfg.metadata.{key})")
         self._check_site(host)
-        cfg = getattr(getattr(host, "model", None), "cfg", None)
         for hook in (self.hook_in, self.hook):
-            shape_of = _SHAPES.get(hook.rsplit(".", 1)[-1])
-            if shape_of is not None and cfg is not None:
-                self._vector(hook, shape_of(cfg))
+            shape = host.act_shape(hook)
+            if shape is not None:
+                self._vector(hook, shape)
 
     def _vector(self, hook: str, shape: tuple[int, ...]) -> None:
         """Check a hook's trailing ``shape`` against the transcoder's width there; a clear error otherwise."""

@@ -2,7 +2,8 @@
 
 A host runs the model with TransformerLens-style hooks, tokenizes, and describes where each hook
 sits relative to the residual stream (for GradDrop) and how attention scores are formed (for the
-QK fix). ``HookedTransformer`` is built in; others register through ``atp_register_hosts``.
+QK fix). ``TransformerBridge`` and, under TransformerLens 3, ``HookedTransformer`` are built in;
+others register through ``atp_register_hosts``.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Host(Protocol):
     n_heads: int
     n_kv_heads: int
     d_vocab: int  # token ids are checked against it before any run
+    n_ctx: int | None  # the longest prompt the model takes (None: no limit); checked before any run
     dtype: torch.dtype
     device: torch.device
 
@@ -58,6 +60,9 @@ class Host(Protocol):
     def accepts(cls, model: Any) -> bool: ...
 
     def has_hook(self, name: str) -> bool: ...
+
+    def act_shape(self, hook: str) -> tuple[int, ...] | None:
+        """The trailing shape of ``hook``'s value after ``[batch, pos]`` (None where unknown before a run)."""
 
     def tokenize(self, text: str) -> list[int]: ...
 

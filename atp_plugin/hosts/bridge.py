@@ -1,4 +1,4 @@
-"""The built-in host for TransformerLens 3 ``TransformerBridge`` in compatibility mode.
+"""The built-in host for TransformerLens's ``TransformerBridge`` (3.x and 4.x) in compatibility mode.
 
 The bridge wraps a Hugging Face model and exposes TransformerLens-style hook names
 (``blocks.0.attn.hook_z``, ``blocks.0.hook_resid_pre``, ...). Three things differ from a
@@ -19,19 +19,20 @@ The bridge wraps a Hugging Face model and exposes TransformerLens-style hook nam
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
-from transformer_lens.model_bridge import TransformerBridge
 
+from ..errors import UnsupportedModelError
 from ..hookspecs import hookimpl
 from . import AttentionGeometry, Hook
-from .hooked import HookedTransformerHost, UnsupportedModelError
+from .tl import TransformerLensHost
 
 PROBE_LEN = 4  # tokens of the probe prompt used for the checks below
 
 
-class TransformerBridgeHost(HookedTransformerHost):
+class TransformerBridgeHost(TransformerLensHost):
     """Runs a ``TransformerBridge`` (compatibility mode) with forward hooks.
 
     Hook naming, where hooks sit relative to the residual stream, tokenization and padding are
@@ -40,18 +41,19 @@ class TransformerBridgeHost(HookedTransformerHost):
 
     name = "TransformerBridge"
 
-    def __init__(self, model: TransformerBridge):
+    def __init__(self, model: Any):
         if not getattr(model, "compatibility_mode", False):
-            raise ValueError("this TransformerBridge is not in compatibility mode: call "
+            raise UnsupportedModelError("this TransformerBridge is not in compatibility mode: call "
                              "model.enable_compatibility_mode() first (atp-plugin relies on its "
                              "TransformerLens hook names and HookedTransformer numerics)")
-        super().__init__(model)  # type: ignore[arg-type]
+        super().__init__(model)
         self._checked: set[str] = set()
         self._geometry: dict[int, AttentionGeometry] = {}
 
     @classmethod
     def accepts(cls, model: Any) -> bool:
-        return isinstance(model, TransformerBridge)
+        bridge = sys.modules.get("transformer_lens.model_bridge")  # loaded wherever a Bridge exists
+        return bridge is not None and isinstance(model, bridge.TransformerBridge)
 
     def run(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
             hooks: list[tuple[str, Hook]]) -> torch.Tensor:
@@ -104,14 +106,8 @@ class TransformerBridgeHost(HookedTransformerHost):
     def _measure_attention(self, layer: int) -> AttentionGeometry:
         """The layer's geometry, its scale measured on the probe prompt and checked to reproduce
         the scores the bridge computes (to float rounding)."""
-        rot = f"blocks.{layer}.attn.hook_rot_q"
-        post = "rot_" if self.has_hook(rot) else ""
-        cap = getattr(self.cfg, "attn_scores_soft_cap", None)
-        geom = AttentionGeometry(
-            q_hook=f"blocks.{layer}.attn.hook_{post}q", k_hook=f"blocks.{layer}.attn.hook_{post}k",
-            scores_hook=f"blocks.{layer}.attn.hook_attn_scores", pattern_hook=f"blocks.{layer}.attn.hook_pattern",
-            scale=1.0, softcap=float(cap) if cap is not None and cap > 0 else None,
-            group=self.n_heads // self.n_kv_heads)
+        post = "rot_" if self.has_hook(f"blocks.{layer}.attn.hook_rot_q") else ""
+        geom = self.geometry(layer, scale=1.0, post=post)
         missing = [h for h in (geom.q_hook, geom.k_hook, geom.scores_hook, geom.pattern_hook) if not self.has_hook(h)]
         if missing:
             raise UnsupportedModelError(f"the QK fix needs hook(s) {missing}, which this TransformerBridge lacks; "
@@ -135,8 +131,7 @@ class TransformerBridgeHost(HookedTransformerHost):
         if geom.softcap is not None:
             target = geom.softcap * torch.atanh((target / geom.softcap).clamp(-1 + 1e-12, 1 - 1e-12))
         inv = float((raw[live] * target).sum() / (raw[live] ** 2).sum())  # least squares 1/scale
-        geom = AttentionGeometry(geom.q_hook, geom.k_hook, geom.scores_hook, geom.pattern_hook, 1.0 / inv,
-                                 geom.softcap, geom.group)
+        geom = self.geometry(layer, scale=1.0 / inv, post=post)
         rebuilt = raw * inv
         if geom.softcap is not None:
             rebuilt = geom.softcap * torch.tanh(rebuilt / geom.softcap)
