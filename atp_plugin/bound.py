@@ -1,4 +1,4 @@
-"""The false-negative bound (DESIGN §1, "Verification and the false-negative bound").
+"""The false-negative bound (docs/method.md, "Verification and the false-negative bound").
 
 After verifying the top ``k`` nodes of a result by exact patching, how large could the effect of
 a node left unverified be? Patch random subsets of the remaining nodes jointly (each included

@@ -1,4 +1,4 @@
-"""Cost-of-verification curves (DESIGN §1, "Cost of verification"): how the paper compares methods.
+"""Cost-of-verification curves (docs/method.md, "Cost of verification"): how the paper compares methods.
 
 A method ranks the nodes; a user then verifies nodes by exact patching in that order. The cost to
 find the true top-x nodes is the method's own cost plus the cost of verifying nodes down to the
@@ -43,7 +43,7 @@ class Evaluation:
     each method's own cost (forward passes, backward passes counted as ``BACKWARD_COST``).
     ``ranks``: per method, the 1-based rank in its order of each of the true top-x nodes.
     ``truth``: the ``ap`` result the curves are measured against. With ``n_layers`` <= 3 the plot
-    notes that GradDrop degenerates (DESIGN §1).
+    notes that GradDrop degenerates (docs/method.md, "GradDrop").
     """
 
     curves: pd.DataFrame

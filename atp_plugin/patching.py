@@ -1,6 +1,8 @@
 """Drop-in replacements for ``transformer_lens.patching``'s ``get_act_patch_*`` functions,
-computed with AtP (plus the QK fix for queries and keys) in one forward and backward pass
-instead of one patched forward pass per index.
+computed with AtP (plus the QK fix for queries and keys) in four forward passes and one backward
+pass over the batch (a check of ``clean_cache``, the clean values, the corrupted run with its
+gradient, the corrupted run's metric), whatever the number of indices, instead of one patched
+forward pass per index.
 
 Same arguments, same output shapes, same meaning as TransformerLens::
 

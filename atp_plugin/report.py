@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,14 @@ def token_scores(result: AttributionResult, pair: int) -> torch.Tensor:
     return total
 
 
+def figure_path(path: str | Path, key: str) -> Path:
+    """Where ``write_report(result, path)`` writes the heatmap of result key ``key``: beside the HTML,
+    ``<stem>_<key>.png`` with every character of ``key`` other than letters, digits, ``_`` and ``-``
+    replaced by ``_`` (``out.html``, ``sae:blocks.2.hook_resid_pre`` -> ``out_sae_blocks_2_hook_resid_pre.png``)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_{re.sub(r'[^A-Za-z0-9_-]', '_', key)}.png")
+
+
 def _png(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
@@ -155,7 +164,8 @@ figure { margin: 0.5em 0 1.5em; } figure img { max-width: 640px; } figcaption { 
 def write_report(result: AttributionResult, path: str | Path, *, verified: pd.DataFrame | None = None,
                  top_k: int = 20, prompts: int = 6, model_label: str = "", metric_label: str = "",
                  prompt_labels: list[str] | None = None) -> Path:
-    """Write the report to ``path`` (HTML) and its figures next to it (``<stem>_<node type>.png``).
+    """Write the report to ``path`` (HTML, figures embedded) and its figures also next to it,
+    ``<stem>_<result key>.png`` (``figure_path``), overwriting files of those names.
 
     ``verified``: ``result.verify(k)`` when the top nodes were verified (their exact effects are
     shown); ``top_k``: rows of the top-nodes table; ``prompts``: how many pairs to show token by
@@ -194,7 +204,7 @@ def write_report(result: AttributionResult, path: str | Path, *, verified: pd.Da
 
     for key in result.scores:
         grid = heatmap_grid(result, key)
-        figure = heatmap(grid.values, path.with_name(f"{path.stem}_{key.replace('.', '_')}.png"),
+        figure = heatmap(grid.values, figure_path(path, key),
                          xlabel=grid.xlabel, ylabel=grid.ylabel, title=f"{key}: {result.method} score, {grid.reduction}")
         of_type = frame[frame["node_type"] == key].nlargest(5, "score")[["node", "score", "signed"]]
         parts.append(f'<h2 class="node-type" id="type-{html.escape(key)}">{html.escape(key)}</h2><div class="row">'

@@ -1,4 +1,4 @@
-"""Exact identities between the methods (DESIGN §1), and ``ap`` against TransformerLens's own
+"""Exact identities between the methods (docs/method.md), and ``ap`` against TransformerLens's own
 activation patching (``transformer_lens.patching``).
 
 - A one-layer attention-only model without normalization, with a logit-difference metric, is

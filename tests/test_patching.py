@@ -48,6 +48,25 @@ def both(name: str, model, corrupt, cache, metric, **kwargs):
     return ours, theirs
 
 
+@pytest.mark.parametrize("name", ["attn_head_out_by_pos", "attn_head_k_all_pos", "mlp_neurons_by_pos",
+                                  "block_every"])
+def test_the_cost_is_four_forward_passes_and_one_backward(name):
+    """As the README says: whatever the function and the number of nodes, four forward passes of the
+    batch and one backward pass (counted by module hooks on the embedding and the unembedding)."""
+    model = make_model(n_layers=2)
+    clean, corrupt = make_pairs(N, T)
+    _, cache = model.run_with_cache(clean)
+    calls = {"forward": 0, "backward": 0}
+    handles = [model.embed.register_forward_hook(lambda *_: calls.update(forward=calls["forward"] + 1)),
+               model.unembed.register_full_backward_hook(lambda *_: calls.update(backward=calls["backward"] + 1))]
+    try:
+        getattr(patching, f"get_act_patch_{name}")(model, corrupt, cache, batch_metric())
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == {"forward": 4, "backward": 1}
+
+
 def test_every_function_has_the_shape_of_the_original():
     model = make_model(n_layers=2, n_key_value_heads=2, normalization_type="RMS", act_fn="silu", gated_mlp=True,
                        positional_embedding_type="rotary", rotary_dim=8)

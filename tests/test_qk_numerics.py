@@ -1,7 +1,7 @@
 """Numerics of the O(T^2) key-node QK fix (``atp_plugin.engine.qk``) against exact arithmetic.
 
 For one softmax row with logits x, gradient G and key s's logit changed by d, the QK fix needs
-sum_s' (A'_s' - A_s') G_s' (DESIGN §1). ``key_fix`` + ``key_effect`` compute it in closed
+sum_s' (A'_s' - A_s') G_s' (docs/method.md, "Keys: closed form"). ``key_fix`` + ``key_effect`` compute it in closed
 form; here it is recomputed with mpmath at 400 digits straight from the definition (two softmaxes)
 and compared entry by entry with a relative tolerance, in the regimes where float64 formulas break:
 saturated rows (1 - p ~ 1e-21), logit changes of +-800 (e^800 overflows), probabilities down to

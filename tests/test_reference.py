@@ -1,4 +1,4 @@
-"""AtP, the QK fix and GradDrop against naive references written here (DESIGN §1).
+"""AtP, the QK fix and GradDrop against naive references written here (docs/method.md, sections 2-4).
 
 The references use only TransformerLens hooks and ``torch.autograd``: a cache of the corrupt
 run, one clean forward + backward for dL/d(site), one REAL forward pass per query/key node with

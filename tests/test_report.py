@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from atp_plugin import attribute, metrics
-from atp_plugin.report import heatmap_grid, token_scores, write_report
+from atp_plugin.report import figure_path, heatmap_grid, token_scores, write_report
 from hf_models import load_hooked, save_gpt2
 
 CHROMIUM = "/usr/bin/chromium"
@@ -32,6 +32,23 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def result(model):
     return attribute(model, CLEAN, CORRUPT, metrics.logit_diff([5, 6, 7], [8, 9, 10]), nodes=NODES, method="atp+qk")
+
+
+def test_figures_beside_the_html_have_portable_names(tmp_path):
+    """An SAE's result keys hold ':' and '.': the figures' names keep only letters, digits, '_' and '-'
+    (a ':' is not allowed in Windows file names), and write_report writes exactly those files."""
+    from atp_plugin.adapters import SAEFeatures
+    from atp_plugin.demo_task import ioi_pairs, load_demo_model, load_demo_sae
+
+    model, task = load_demo_model(), ioi_pairs(2, seed=0, split="test")
+    metric = metrics.logit_diff(metrics.token_ids(model, task.answers), metrics.token_ids(model, task.wrongs))
+    result = attribute(model, task.clean, task.corrupt, metric, nodes=["attn_z", SAEFeatures(load_demo_sae())],
+                       method="atp")
+    write_report(result, tmp_path / "out.html", prompts=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "out.html", "out_attn_z.png", "out_sae_blocks_2_hook_resid_pre.png", "out_sae_blocks_2_hook_resid_pre_error.png"]
+    assert figure_path(tmp_path / "out.html", "sae:blocks.2.hook_resid_pre.error") == \
+        tmp_path / "out_sae_blocks_2_hook_resid_pre_error.png"
 
 
 def test_heatmaps_reduce_the_scores_as_labelled(result):

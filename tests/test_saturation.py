@@ -1,4 +1,4 @@
-"""Attention saturation (DESIGN §1, QK fix): on saturated attention AtP misses the query/key nodes
+"""Attention saturation (docs/method.md, "The QK fix"): on saturated attention AtP misses the query/key nodes
 that matter and the QK fix finds them; the fix itself stays exact and finite there.
 
 The study is ``benchmarks/saturation.py`` (its table and ``docs/saturation.png``); these tests hold

@@ -1,4 +1,4 @@
-"""Score shapes of the built-in node types (DESIGN §2) and the result's tables and views."""
+"""Score shapes of the built-in node types (docs/method.md, "Nodes and score shapes") and the result's tables and views."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ NODES = ["attn_q", "attn_k", "attn_v", "attn_z", "mlp_neurons", "resid_pre"]
 
 
 def expected_shapes(cfg) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
-    """node type -> (dims, score shape), from the model config (DESIGN §2)."""
+    """node type -> (dims, score shape), from the model config (docs/method.md, "Nodes and score shapes")."""
     n_kv = cfg.n_key_value_heads or cfg.n_heads
     head = ("layer", "pos", "head")
     return {

@@ -2,7 +2,7 @@
 
 The site activation ``a`` splits into the reconstruction and an error term,
 ``a = decode(f) + e`` with ``f = encode(a)`` and ``e = a - decode(f)`` (so the split is exact by
-definition). The error is frozen (DESIGN §4): ``dL/df = J_decode^T dL/da`` (``W_dec . dL/da``
+definition). The error is frozen (docs/method.md, "SAE features"): ``dL/df = J_decode^T dL/da`` (``W_dec . dL/da``
 for a plain decoder) and ``dL/de = dL/da``. Patching feature ``i`` sets ``a`` to
 ``decode(f') + e`` with ``f'`` the clean features but ``f'_i`` from the noise prompt, exactly what
 patching ``hook_sae_acts_post`` does in a ``HookedSAETransformer`` with the SAE spliced in

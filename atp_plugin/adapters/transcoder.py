@@ -4,7 +4,7 @@ A SAE-Lens transcoder reads ``x`` at ``cfg.metadata.hook_name`` and its decoder 
 ``cfg.metadata.hook_name_out`` (e.g. ``blocks.L.ln2.hook_normalized`` -> ``blocks.L.hook_mlp_out``).
 In the replacement-model view the output site ``a`` splits into the transcoder's output and an
 error term, ``a = decode(f) + e`` with ``f = encode(x)`` and ``e = a - decode(f)``, the error frozen
-(DESIGN §4, with the SAE's input and output split apart). Nodes: feature ``i`` at position ``t``,
+(docs/method.md, "SAE features", with the SAE's input and output split apart). Nodes: feature ``i`` at position ``t``,
 value ``f_i(x[t])``, and the error ``e[t]``. Patching feature ``i`` adds ``(f_i' - f_i) W_dec[i]`` to
 ``a`` (``x`` and so every other feature and the error stay as they are); patching the error node
 sets ``e`` to its noise value. AtP: ``(f_i' - f_i) (W_dec[i] . dL/da)`` and ``(e' - e) . dL/da``.

@@ -1,4 +1,4 @@
-"""Baseline backends, the methods AtP* is compared against (DESIGN §1, "Cost of verification").
+"""Baseline backends, the methods AtP* is compared against (docs/method.md, "Cost of verification").
 
 - ``iterative``: exhaustive patching, one node at a time (the numbers of ``ap``).
 - ``subsampling``: the paper's Algorithm 1. Patch random subsets of nodes jointly (each node in a

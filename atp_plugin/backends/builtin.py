@@ -14,7 +14,7 @@ FEW_LAYERS = 3
 
 @dataclass(frozen=True)
 class FirstOrder:
-    """AtP with the QK fix (``qk``) and/or GradDrop (``graddrop``), DESIGN §1.
+    """AtP with the QK fix (``qk``) and/or GradDrop (``graddrop``): docs/method.md.
 
     Scores are means over pairs of per-pair magnitudes; signed values are reported for the
     variants without GradDrop (c_gd has no sign), NaN otherwise.

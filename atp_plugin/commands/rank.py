@@ -152,9 +152,9 @@ def _check_outputs(args: argparse.Namespace, nodes: list[str]) -> None:
     for option in ("out_csv", "out_json", "report"):
         check_output(f"--{option.replace('_', '-')}", getattr(args, option))
     if args.report:
-        report = Path(args.report)
+        from ..report import figure_path
         for node in nodes:  # the figures write_report puts next to the HTML
-            check_output("--report", report.with_name(f"{report.stem}_{node.replace('.', '_')}.png"))
+            check_output("--report", figure_path(args.report, node))
 
 
 def _given_pairs(args: argparse.Namespace) -> list[Pair]:
