@@ -1,0 +1,167 @@
+"""What the edge engine reads from the model besides hooks: weights, norms and the MLP of a layer.
+
+Read from ``host.model`` (``HookedTransformer`` and ``TransformerBridge`` in compatibility mode
+both expose ``blocks[l].attn.W_Q`` / ``b_Q`` / ``W_O``, ``blocks[l].ln1`` / ``ln2`` / ``mlp`` and
+``cfg``). Edges need three things nodes do not: a head's write to the residual (``z @ W_O``, so
+per-head result hooks never have to be switched on), a head's query/key/value recomputed from a
+changed residual (``ln1(x) @ W + b``, for exact edge patching and the QK fix), and an MLP
+recomputed from a changed residual (``mlp(ln2(x))``). ``check_structure`` verifies on a real run
+that these recomputations reproduce the model's own values before any number is reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..hosts import Host
+from ..hosts.hooked import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class Parts:
+    """The pieces of ``host.model`` the edge engine uses; ``n_kv`` as the host counts kv-heads."""
+
+    host: Host
+    n_layers: int
+    n_heads: int
+    n_kv: int
+    d_model: int
+    attn_only: bool
+    parallel: bool
+    rotary: bool
+
+    @property
+    def model(self) -> Any:
+        return self.host.model
+
+    def block(self, layer: int) -> Any:
+        return self.model.blocks[layer]
+
+    def ln1(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The layer's attention input norm applied to ``x`` ``[..., d_model]`` as the model applies it."""
+        return self.block(layer).ln1(x)
+
+    def mlp_of(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The layer's MLP output for the residual ``x`` ``[batch, pos, d_model]`` (its norm included)."""
+        block = self.block(layer)
+        return block.mlp(block.ln2(x))
+
+    def weights(self, layer: int, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W, b)`` of the layer's ``"q"``, ``"k"`` or ``"v"`` projection: ``[heads, d_model, d_head]``,
+        ``[heads, d_head]`` with heads = n_heads for q and n_kv for k/v (the stored kv-heads under
+        grouped-query attention, one copy per query head where the model ungroups them)."""
+        attn = self.block(layer).attn
+        name = which.upper()
+        if which != "q" and self.n_kv != self.n_heads and hasattr(attn, f"_W_{name}"):
+            return getattr(attn, f"_W_{name}"), getattr(attn, f"_b_{name}")
+        return getattr(attn, f"W_{name}"), getattr(attn, f"b_{name}")
+
+    def project(self, layer: int, which: str, normed: torch.Tensor) -> torch.Tensor:
+        """q/k/v of every head from normed inputs ``[batch, pos, heads, d_model]``: ``[batch, pos, heads, d_head]``."""
+        w, b = self.weights(layer, which)
+        return torch.einsum("bphd,hde->bphe", normed, w.to(normed.dtype)) + b.to(normed.dtype)
+
+    def W_O(self, layer: int) -> torch.Tensor:
+        """``[n_heads, d_head, d_model]``."""
+        return self.block(layer).attn.W_O
+
+    def rotate(self, layer: int, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding of q or k vectors ``[batch, pos, heads, d_head]`` (identity without rotary)."""
+        if not self.rotary:
+            return x
+        attn = self.block(layer).attn
+        if not hasattr(attn, "apply_rotary"):
+            raise UnsupportedModelError("the QK fix for edges needs the attention's apply_rotary (a HookedTransformer "
+                                        "with rotary embeddings); use method='atp' for this model")
+        return attn.apply_rotary(x, 0, None if bool(mask.all()) else mask.long()).to(x.dtype)
+
+
+def parts_of(host: Host) -> Parts:
+    """The model's parts, or a clear error for architectures whose residual writes are not
+    ``z @ W_O`` and ``mlp_out`` added as they are (post-norms, q/k norms, shortformer embeddings)."""
+    cfg = host.model.cfg
+    unsupported = [
+        (getattr(cfg, "use_normalization_before_and_after", False), "a norm after attention/MLP (the write is not z @ W_O)"),
+        (getattr(cfg, "use_qk_norm", False), "q/k normalisation"),
+        (getattr(cfg, "positional_embedding_type", "standard") == "shortformer", "shortformer positional embeddings"),
+        (getattr(cfg, "use_attn_in", False) or getattr(cfg, "use_split_qkv_input", False),
+         "per-head attention inputs switched on (use_attn_in / use_split_qkv_input)"),
+    ]
+    for flag, what in unsupported:
+        if flag:
+            raise UnsupportedModelError(f"edge attribution cannot handle {what} in this model")
+    return Parts(host=host, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv=host.n_kv_heads, d_model=cfg.d_model,
+                 attn_only=bool(cfg.attn_only), parallel=bool(getattr(cfg, "parallel_attn_mlp", False)),
+                 rotary=getattr(cfg, "positional_embedding_type", "standard") == "rotary")
+
+
+def check_structure(parts: Parts, values: dict[str, torch.Tensor], mask: torch.Tensor) -> None:
+    """Check on one run's values (``hooks.needed`` of every layer) that the recomputations the edge
+    engine relies on reproduce the model: q/k/v from ``ln1(resid_pre)``, the MLP output from
+    ``mlp(ln2(resid))``, and the residual as the sum of embedding, head writes, MLP writes and
+    constant biases. Relative tolerance 1e-9 in float64, 1e-4 otherwise; padding positions skipped."""
+    tol = 1e-9 if parts.host.dtype == torch.float64 else 1e-4
+    real = mask[:, :, None]
+
+    def close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+        got, want = got.double(), want.double()
+        m = real.reshape(real.shape + (1,) * (want.ndim - 3))
+        err = float(((got - want) * m).abs().max()) / max(float((want * m).abs().max()), 1e-30)
+        if not err <= tol:
+            raise UnsupportedModelError(
+                f"this model's {what} is not what the edge engine recomputes (relative mismatch {err:.2g}); "
+                "edges need q/k/v = ln1(resid) @ W + b, MLP out = mlp(ln2(resid)) and residual writes z @ W_O and "
+                "mlp_out added as they are")
+
+    with torch.no_grad():
+        for layer in range(parts.n_layers):
+            h = hook_names(layer)
+            x = values[h.resid_pre]
+            for which in "qkv":
+                heads = parts.n_heads if which == "q" else parts.n_kv
+                normed = parts.ln1(layer, x)[:, :, None].expand(-1, -1, heads, -1)
+                close(parts.project(layer, which, normed), values[h.qkv(which)], f"layer {layer} hook_{which}")
+            write = torch.einsum("bthe,hed->btd", values[h.z], parts.W_O(layer)) + parts.block(layer).attn.b_O
+            after = x + write
+            if not parts.attn_only:
+                mlp_in = x if parts.parallel else after
+                close(parts.mlp_of(layer, mlp_in), values[h.mlp_out], f"layer {layer} MLP output")
+                after = after + values[h.mlp_out]
+            close(after, values[h.resid_post], f"layer {layer} residual (resid_pre + head writes + MLP out)")
+
+
+@dataclass(frozen=True)
+class LayerHooks:
+    """Hook names of one layer the edge engine reads or patches."""
+
+    layer: int
+
+    @property
+    def resid_pre(self) -> str:
+        return f"blocks.{self.layer}.hook_resid_pre"
+
+    @property
+    def resid_mid(self) -> str:
+        return f"blocks.{self.layer}.hook_resid_mid"
+
+    @property
+    def resid_post(self) -> str:
+        return f"blocks.{self.layer}.hook_resid_post"
+
+    @property
+    def z(self) -> str:
+        return f"blocks.{self.layer}.attn.hook_z"
+
+    @property
+    def mlp_out(self) -> str:
+        return f"blocks.{self.layer}.hook_mlp_out"
+
+    def qkv(self, which: str) -> str:
+        return f"blocks.{self.layer}.attn.hook_{which}"
+
+
+def hook_names(layer: int) -> LayerHooks:
+    return LayerHooks(layer)

@@ -1,0 +1,135 @@
+"""Per-pair edge estimates for one batch of pairs: EAP (``atp``), the QK fix for edges into queries
+and keys (``atp+qk``) and EAP-IG (``ig``).
+
+``atp``: one noise forward (no grad) and one clean forward + backward of the summed metric (pairs
+are independent, so it gives every pair's gradient): Iatp(u -> v) = (u(noise) - u(clean)) . dL/d(v's
+input) at the clean run, per position. ``ig``: the gradient averaged over runs whose embedding is
+clean + (k/m)(noise - clean), k = 1..m (Hanna et al.'s "inputs" variant, right-endpoint rule).
+``atp+qk``: for an edge into a query or key, v's q (or k) recomputed from resid + (u(noise) -
+u(clean)) through ln1, W and rotary, the attention row(s) recomputed exactly through the softmax
+(``engine.qk``) and dotted with G = dL/dA.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..engine import qk as qkfix
+from ..engine.runs import run
+from .graph import Graph
+from .model import Parts, hook_names
+from .values import edge_products, grad_targets, receiver_grads, receiver_hooks, sender_hooks, sender_writes
+
+Metric = Callable[[torch.Tensor], torch.Tensor]  # logits -> [batch]
+QK_CHUNK = 1 << 24  # entries of [copies, head, t, s] per QK-fix call
+
+
+def _gradient_run(parts: Parts, tokens: torch.Tensor, mask: torch.Tensor, metric: Metric, extra: set[str],
+                  patches: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One forward + backward: hook values (detached) and the gradients ``grad_targets`` and ``extra`` need."""
+    targets = grad_targets(parts) + sorted(extra)
+    with torch.enable_grad():
+        logits, values = run(parts.host, tokens, mask, receiver_hooks(parts) | sender_hooks(parts) | extra, patches)
+        grads = torch.autograd.grad(metric(logits).sum(), [values[h] for h in targets])
+    return {h: v.detach() for h, v in values.items()}, dict(zip(targets, grads))
+
+
+def noise_writes(parts: Parts, corrupt: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Sender writes on the corrupt prompts ``[batch, pos, sender, d_model]`` (one forward, no grad)."""
+    with torch.no_grad():
+        _, values = run(parts.host, corrupt, mask, sender_hooks(parts))
+        return sender_writes(parts, values, dtype)
+
+
+def atp_batch(parts: Parts, graph: Graph, tokens: torch.Tensor, corrupt: torch.Tensor, mask: torch.Tensor,
+              metric: Metric, dtype: torch.dtype, *, qk: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Iatp (Iqk for edges into q/k with ``qk``) per pair, edge and position: ``[batch, edge, pos]``, 0
+    at padding; and the clean run's hook values (for ``check_structure``)."""
+    noise = noise_writes(parts, corrupt, mask, dtype)
+    geoms = {layer: parts.host.attention(layer) for layer in range(parts.n_layers)} if qk else {}
+    extra = {h for g in geoms.values() for h in (g.q_hook, g.k_hook, g.scores_hook, g.pattern_hook)}
+    values, grads = _gradient_run(parts, tokens, mask, metric, extra)
+    with torch.no_grad():
+        delta = (noise - sender_writes(parts, values, dtype)) * mask[:, :, None, None]
+        out = edge_products(graph, delta, receiver_grads(parts, values, grads, dtype))
+        for layer, geom in geoms.items():
+            _qk_fix(parts, graph, layer, geom, values, grads, delta, mask, out, dtype)
+    return out * mask[:, None, :], values
+
+
+def ig_batch(parts: Parts, graph: Graph, tokens: torch.Tensor, corrupt: torch.Tensor, mask: torch.Tensor,
+             metric: Metric, dtype: torch.dtype, steps: int) -> torch.Tensor:
+    """Iig per pair, edge and position ``[batch, edge, pos]``: the sender's change dotted with the
+    receiver's gradient averaged over ``steps`` runs along the embedding path."""
+    embed = hook_names(0).resid_pre
+    with torch.no_grad():
+        _, noise_values = run(parts.host, corrupt, mask, sender_hooks(parts))
+        _, clean_values = run(parts.host, tokens, mask, sender_hooks(parts))
+        delta = (sender_writes(parts, noise_values, dtype) - sender_writes(parts, clean_values, dtype))
+        delta = delta * mask[:, :, None, None]
+    reads = None
+    for alpha in path_points(steps):
+        values, grads = _gradient_run(parts, tokens, mask, metric, set(),
+                                      {embed: interpolate(noise_values[embed], alpha)})
+        with torch.no_grad():
+            step = receiver_grads(parts, values, grads, dtype)
+            reads = step if reads is None else reads + step
+    with torch.no_grad():
+        return edge_products(graph, delta, reads / steps) * mask[:, None, :]
+
+
+def path_points(steps: int) -> list[float]:
+    """The interpolation weights k/m, k = 1..m, of the right-endpoint rule."""
+    return [k / steps for k in range(1, steps + 1)]
+
+
+def interpolate(noise: torch.Tensor, alpha: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A patch setting a site to clean + alpha (noise - clean), the clean value being what flows there."""
+    def patch(x: torch.Tensor) -> torch.Tensor:
+        return x + alpha * (noise.to(x.dtype) - x)
+    return patch
+
+
+def _qk_fix(parts: Parts, graph: Graph, layer: int, geom, values: dict[str, torch.Tensor],
+            grads: dict[str, torch.Tensor], delta: torch.Tensor, mask: torch.Tensor, out: torch.Tensor,
+            dtype: torch.dtype) -> None:
+    """Overwrite ``out`` ``[batch, edge, pos]`` at edges into the layer's queries and keys with Iqk.
+
+    For each sender u before the layer: the change of every head's q (kv-head's k) at each position
+    when the residual read there gains u's change ``delta`` ``[batch, pos, sender, d]`` through ln1,
+    W and rotary; then every attention row exactly through the softmax, dotted with G.
+    """
+    h = hook_names(layer)
+    n_s = graph.senders_before(2 * layer + 1)
+    x = values[h.resid_pre]  # [batch, pos, d_model]
+    b, t = x.shape[:2]
+    normed = parts.ln1(layer, x)
+    scores, G = values[geom.scores_hook].to(dtype), grads[geom.pattern_hook].to(dtype)  # [batch, head, t, s]
+    q, k, A = values[geom.q_hook].to(dtype), values[geom.k_hook].to(dtype), values[geom.pattern_hook].to(dtype)
+    n_heads = scores.shape[1]
+    chunk = max(1, QK_CHUNK // max(1, b * n_heads * t * t))
+    for which in "qk":
+        rs = graph.receivers_of(which, layer)
+        for start in range(0, n_s, chunk):
+            senders = torch.arange(start, min(n_s, start + chunk))
+            d = delta[:, :, senders]  # [batch, pos, senders, d]
+            dn = parts.ln1(layer, x[:, :, None] + d.to(x.dtype)) - normed[:, :, None]  # [batch, pos, senders, d]
+            w, _ = parts.weights(layer, which)
+            change = torch.einsum("btsd,hde->bsthe", dn.to(dtype), w.to(dtype)).flatten(0, 1)  # [batch*senders, pos, head, d_head]
+            rep = len(senders)
+            m = mask.repeat_interleave(rep, 0)
+            change = parts.rotate(layer, change, m)
+            sc, g_ = scores.repeat_interleave(rep, 0), G.repeat_interleave(rep, 0)
+            qq, kk = q.repeat_interleave(rep, 0), k.repeat_interleave(rep, 0)
+            if which == "q":
+                eff = qkfix.query_effect(qkfix.query_delta(sc, qq, qq + change, kk, geom), g_)  # [b*senders, pos, head]
+            else:
+                fix = qkfix.key_fix(sc, A.repeat_interleave(rep, 0), qq, kk, kk + change, geom)
+                eff = qkfix.key_effect(fix, g_, geom.group)  # [b*senders, pos, kv_head]
+            eff = eff.unflatten(0, (b, rep))  # [batch, senders, pos, heads]
+            for r_local, r in enumerate(rs):
+                edges = ((graph.receiver_index == r) & (graph.sender_index >= start)
+                         & (graph.sender_index < start + rep)).nonzero().flatten()
+                out[:, edges] = eff[:, graph.sender_index[edges] - start, :, r_local]

@@ -1,0 +1,112 @@
+"""Sender writes and receiver gradients from one run's hook values.
+
+A sender's write is what it adds to the residual stream (the embedding, ``z_h @ W_O[h]``, an MLP's
+output); a receiver's gradient is dL/d(the residual as that receiver alone reads it):
+
+* a head's query/key/value input: dL/d(hook_q/k/v of that head) pulled back through ``W`` and the
+  Jacobian of ``ln1`` at the run's residual (autograd through the model's own norm module);
+* an MLP's input: dL/d(resid_mid) - dL/d(resid_post) in a sequential block (resid_post =
+  resid_mid + mlp_out); dL/d(resid_pre) - dL/d(resid_post) minus the layer's attention reads in a
+  parallel block (resid_post = resid_pre + attn_out + mlp_out);
+* the logits: dL/d(the last resid_post), what ``ln_final`` reads.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .graph import Graph
+from .model import Parts, hook_names
+
+
+def sender_hooks(parts: Parts) -> set[str]:
+    """Hooks holding every sender's write."""
+    out = {hook_names(0).resid_pre}
+    for layer in range(parts.n_layers):
+        h = hook_names(layer)
+        out.add(h.z)
+        if not parts.attn_only:
+            out.add(h.mlp_out)
+    return out
+
+
+def receiver_hooks(parts: Parts) -> set[str]:
+    """Hooks whose values and gradients give every receiver's gradient."""
+    out = set()
+    for layer in range(parts.n_layers):
+        h = hook_names(layer)
+        out |= {h.resid_pre, h.resid_post, h.qkv("q"), h.qkv("k"), h.qkv("v")}
+        if not parts.attn_only and not parts.parallel:
+            out.add(h.resid_mid)
+    return out
+
+
+def head_writes(parts: Parts, layer: int, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Each head's write ``z_h @ W_O[h]``: ``[batch, pos, head, d_model]`` from z ``[batch, pos, head, d_head]``."""
+    return torch.einsum("bthe,hed->bthd", z.to(dtype), parts.W_O(layer).to(dtype))
+
+
+def sender_writes(parts: Parts, values: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Every sender's write, in graph order: ``[batch, pos, sender, d_model]``."""
+    writes = [values[hook_names(0).resid_pre].to(dtype)[:, :, None]]
+    for layer in range(parts.n_layers):
+        h = hook_names(layer)
+        writes.append(head_writes(parts, layer, values[h.z], dtype))
+        if not parts.attn_only:
+            writes.append(values[h.mlp_out].to(dtype)[:, :, None])
+    return torch.cat(writes, dim=2)
+
+
+def attention_reads(parts: Parts, layer: int, x: torch.Tensor, grads: dict[str, torch.Tensor],
+                    dtype: torch.dtype) -> torch.Tensor:
+    """dL/d(residual ``x`` ``[batch, pos, d_model]`` as each q, k and v input of the layer reads it):
+    ``[batch, pos, n_heads + 2 n_kv, d_model]`` in the order q heads, k kv-heads, v kv-heads."""
+    h = hook_names(layer)
+    pulled = []
+    for which in "qkv":
+        w, _ = parts.weights(layer, which)
+        pulled.append(torch.einsum("bthe,hde->bthd", grads[h.qkv(which)], w))  # through the projection
+    g = torch.cat(pulled, dim=2)  # [batch, pos, reads, d_model]
+    with torch.enable_grad():
+        xs = x.detach()[:, :, None].expand(-1, -1, g.shape[2], -1).clone().requires_grad_(True)
+        (out,) = torch.autograd.grad(parts.ln1(layer, xs), xs, grad_outputs=g.to(xs.dtype))
+    return out.to(dtype)
+
+
+def receiver_grads(parts: Parts, values: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+                   dtype: torch.dtype) -> torch.Tensor:
+    """Every receiver's gradient, in graph order: ``[batch, pos, receiver, d_model]``."""
+    out = []
+    for layer in range(parts.n_layers):
+        h = hook_names(layer)
+        attn = attention_reads(parts, layer, values[h.resid_pre], grads, dtype)
+        out.append(attn)
+        if parts.attn_only:
+            continue
+        if parts.parallel:
+            mlp = grads[h.resid_pre].to(dtype) - grads[h.resid_post].to(dtype) - attn.sum(2)
+        else:
+            mlp = grads[h.resid_mid].to(dtype) - grads[h.resid_post].to(dtype)
+        out.append(mlp[:, :, None])
+    out.append(grads[hook_names(parts.n_layers - 1).resid_post].to(dtype)[:, :, None])
+    return torch.cat(out, dim=2)
+
+
+def grad_targets(parts: Parts) -> list[str]:
+    """The hooks whose gradients ``receiver_grads`` takes."""
+    out = []
+    for layer in range(parts.n_layers):
+        h = hook_names(layer)
+        out += [h.qkv("q"), h.qkv("k"), h.qkv("v"), h.resid_post]
+        if parts.parallel:
+            out.append(h.resid_pre)
+        elif not parts.attn_only:
+            out.append(h.resid_mid)
+    return out
+
+
+def edge_products(graph: Graph, writes: torch.Tensor, reads: torch.Tensor) -> torch.Tensor:
+    """write(sender) . read(receiver) for every edge at every position: ``[batch, edge, pos]`` from
+    ``writes`` ``[batch, pos, sender, d]`` and ``reads`` ``[batch, pos, receiver, d]``."""
+    full = torch.einsum("btsd,btrd->bsrt", writes, reads)  # [batch, sender, receiver, pos]
+    return full[:, graph.sender_index, graph.receiver_index]

@@ -1,0 +1,122 @@
+"""Naive edge references written with TransformerLens hooks only (nothing from atp_plugin.edges).
+
+A copy of the model gets TransformerLens's own per-head inputs and outputs switched on
+(``use_split_qkv_input``: ``hook_q_input``/``hook_k_input``/``hook_v_input`` ``[batch, pos, head,
+d_model]``; ``use_hook_mlp_in``: ``hook_mlp_in``; ``use_attn_result``: ``hook_result``, a head's
+write without b_O). A receiver's gradient is then dL/d(its own input hook), a sender's write its
+own hook's value, and patching one edge is one forward pass adding the sender's change to that
+receiver's input hook alone.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformer_lens import HookedTransformer
+
+
+def split_model(model: HookedTransformer) -> HookedTransformer:
+    ref = copy.deepcopy(model)
+    ref.set_use_split_qkv_input(True)
+    if not model.cfg.attn_only:
+        ref.set_use_hook_mlp_in(True)
+    ref.set_use_attn_result(True)
+    return ref
+
+
+def kv_heads(model: HookedTransformer) -> int:
+    return model.cfg.n_key_value_heads or model.cfg.n_heads
+
+
+def edges(model: HookedTransformer) -> list[tuple[str, str, str, tuple]]:
+    """(edge name, sender hook, receiver hook, receiver index) for every edge, enumerated by walking
+    the layers and keeping the list of writers available so far."""
+    cfg = model.cfg
+    gqa = kv_heads(model) != cfg.n_heads
+    available = [("embed", "hook_embed", ())]
+    out = []
+    for layer in range(cfg.n_layers):
+        readers = [(f"L{layer}.H{h}.q", f"blocks.{layer}.hook_q_input", (h,)) for h in range(cfg.n_heads)]
+        for which in "kv":
+            readers += [(f"L{layer}.{'KV' if gqa else 'H'}{j}.{which}", f"blocks.{layer}.hook_{which}_input", (j,))
+                        for j in range(kv_heads(model))]
+        out += [(f"{w} -> {r}", wh, rh, ri) for r, rh, ri in readers for w, wh, _ in available]
+        heads = [(f"L{layer}.H{h}", f"blocks.{layer}.attn.hook_result", (h,)) for h in range(cfg.n_heads)]
+        if not cfg.attn_only:
+            mlp_readers = available if cfg.parallel_attn_mlp else available + heads
+            out += [(f"{w} -> mlp{layer}", wh, f"blocks.{layer}.hook_mlp_in", ()) for w, wh, _ in mlp_readers]
+        available = available + heads
+        if not cfg.attn_only:
+            available = available + [(f"mlp{layer}", f"blocks.{layer}.hook_mlp_out", ())]
+    out += [(f"{w} -> logits", wh, f"blocks.{cfg.n_layers - 1}.hook_resid_post", ()) for w, wh, _ in available]
+    return out
+
+
+def sender_value(cache: dict, hook: str, name: str) -> torch.Tensor:
+    """A sender's write ``[batch, pos, d_model]`` from a cache of the split model (the embedding:
+    token plus positional embedding where the model adds one)."""
+    if hook.endswith("hook_result"):
+        return cache[hook][:, :, int(name.split(" -> ")[0].split(".H")[1])]
+    if hook == "hook_embed" and "hook_pos_embed" in cache:
+        return cache[hook] + cache["hook_pos_embed"]
+    return cache[hook]
+
+
+def cached(model: HookedTransformer, tokens: torch.Tensor, hooks: set[str]) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in hooks)
+    return dict(cache.items())
+
+
+def eap(model: HookedTransformer, clean: torch.Tensor, corrupt: torch.Tensor, metric) -> tuple[list[str], torch.Tensor]:
+    """Edge names and Iatp per pair, edge and position ``[N, edges, T]``."""
+    ref = split_model(model)
+    es = edges(model)
+    senders = {e[1] for e in es} | {"hook_pos_embed"}
+    readers = {e[2] for e in es}
+    noise, clean_acts = cached(ref, corrupt, senders), cached(ref, clean, senders)
+    acts = {}
+
+    def keep(x, hook):
+        acts[hook.name] = x
+        return x
+
+    with torch.enable_grad():
+        logits = ref.run_with_hooks(clean, fwd_hooks=[(h, keep) for h in readers])
+        grads = dict(zip(readers, torch.autograd.grad(metric(logits, torch.arange(len(clean))).sum(),
+                                                      [acts[h] for h in readers])))
+    out = []
+    for name, wh, rh, ri in es:
+        delta = sender_value(noise, wh, name) - sender_value(clean_acts, wh, name)  # [N, T, d]
+        g = grads[rh][(slice(None), slice(None)) + ri]  # [N, T, d]
+        out.append((delta * g).sum(-1))
+    return [e[0] for e in es], torch.stack(out, 1)
+
+
+def exact(model: HookedTransformer, clean: torch.Tensor, corrupt: torch.Tensor, metric, per_position: bool
+          ) -> tuple[list[str], torch.Tensor]:
+    """Edge names and the exact effect I per pair and edge (``[N, edges]``) or edge and position
+    (``[N, edges, T]``): one forward pass per edge (and position) over all pairs."""
+    ref = split_model(model)
+    es = edges(model)
+    senders = {e[1] for e in es} | {"hook_pos_embed"}
+    noise, clean_acts = cached(ref, corrupt, senders), cached(ref, clean, senders)
+    idx = torch.arange(len(clean))
+    with torch.no_grad():
+        base = metric(ref(clean), idx)
+    t = clean.shape[1]
+    out = []
+    for name, wh, rh, ri in es:
+        delta = sender_value(noise, wh, name) - sender_value(clean_acts, wh, name)
+        row = []
+        for pos in (range(t) if per_position else [None]):
+            def add(x, hook, delta=delta, pos=pos, ri=ri):
+                x = x.clone()
+                at = (slice(None), slice(None) if pos is None else pos) + ri
+                x[at] = x[at] + delta[:, slice(None) if pos is None else pos]
+                return x
+            with torch.no_grad():
+                row.append(metric(ref.run_with_hooks(clean, fwd_hooks=[(rh, add)]), idx) - base)
+        out.append(torch.stack(row, -1) if per_position else row[0])
+    return [e[0] for e in es], torch.stack(out, 1)
