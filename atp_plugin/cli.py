@@ -20,7 +20,8 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="atp", description="AtP*: fast attribution patching for TransformerLens models")
+    parser = argparse.ArgumentParser(prog="atp",
+                                     description="AtP*: fast attribution patching for TransformerLens models")
     parser.add_argument("--version", action="version", version=f"atp-plugin {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module_name in COMMANDS.items():

@@ -31,6 +31,7 @@ from .engine import Metric
 from .result import AttributionResult
 
 BACKWARD_COST = 2.0  # forward passes per backward pass
+DEFAULT_METHODS = ("atp", "atp+qk", "atp*", "subsampling", "hierarchical", "blocks")
 GROUND_TRUTH = "ap"
 
 
@@ -98,7 +99,7 @@ def rank_order(scores: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
 
 def evaluate(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Tensor | Sequence[str],
              metric: Metric, *, nodes: str | NodeAdapter | Sequence[str | NodeAdapter] = DEFAULT_NODES,
-             methods: str | Backend | Sequence[str | Backend] = ("atp", "atp+qk", "atp*", "subsampling", "hierarchical", "blocks"),
+             methods: str | Backend | Sequence[str | Backend] = DEFAULT_METHODS,
              top_x: int = 20, seed: int = 0, batch_size: int | None = None, patch_batch_size: int = 64,
              progress: bool | None = None) -> Evaluation:
     """Cost-of-verification curves of ``methods`` (registered backend names or backend instances,
@@ -142,5 +143,6 @@ def evaluate(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Ten
     curves["oracle"] = (n_pairs * x).astype(float)
     index = pd.Index(x, name="x")
     node_labels = frame["node"].to_numpy()[true_order]
-    return Evaluation(pd.DataFrame(curves, index=index), own, pd.DataFrame(ranks, index=pd.Index(node_labels, name="node")),
-                      truth, n_pairs, n_nodes, truth.engine.host.n_layers)
+    return Evaluation(pd.DataFrame(curves, index=index), own,
+                      pd.DataFrame(ranks, index=pd.Index(node_labels, name="node")), truth, n_pairs, n_nodes,
+                      truth.engine.host.n_layers)

@@ -74,7 +74,8 @@ def token_scores(result: AttributionResult, pair: int) -> torch.Tensor:
                     batch_size=1, patch_batch_size=engine.patch_batch_size, progress=False)
     backend = plugins.backends().get(result.method)
     if backend is None:
-        raise ValueError(f"per-token scores rerun the method by name, and {result.method!r} is not a registered backend")
+        raise ValueError(f"per-token scores rerun the method by name, and {result.method!r} is not a registered "
+                         "backend")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the full run already warned (e.g. few layers for GradDrop)
         scores, _ = backend.run(single)
@@ -204,8 +205,8 @@ def write_report(result: AttributionResult, path: str | Path, *, verified: pd.Da
 
     for key in result.scores:
         grid = heatmap_grid(result, key)
-        figure = heatmap(grid.values, figure_path(path, key),
-                         xlabel=grid.xlabel, ylabel=grid.ylabel, title=f"{key}: {result.method} score, {grid.reduction}")
+        figure = heatmap(grid.values, figure_path(path, key), xlabel=grid.xlabel, ylabel=grid.ylabel,
+                         title=f"{key}: {result.method} score, {grid.reduction}")
         of_type = frame[frame["node_type"] == key].nlargest(5, "score")[["node", "score", "signed"]]
         parts.append(f'<h2 class="node-type" id="type-{html.escape(key)}">{html.escape(key)}</h2><div class="row">'
                      f'<figure><img alt="{html.escape(key)} heatmap" src="{_png(figure)}">'

@@ -159,7 +159,8 @@ def test_empty_input(model) -> None:
 def test_malformed_tokens(model) -> None:
     clean, corrupt = make_pairs(2, 4)
     metric = logit_diff_metric(2)
-    raises_before_any_forward(model, ValueError, r"outside the model's vocabulary \[0, 50\)", clean + 50, corrupt, metric)
+    raises_before_any_forward(model, ValueError, r"outside the model's vocabulary \[0, 50\)", clean + 50, corrupt,
+                              metric)
     raises_before_any_forward(model, TypeError, "must hold integer token ids", clean.double(), corrupt.double(), metric)
     raises_before_any_forward(model, TypeError, "not a single string", "w1 w2", "w1 w3", metric)
     raises_before_any_forward(model, ValueError, "batch_size must be a positive", clean, corrupt, metric, batch_size=0)
@@ -258,10 +259,12 @@ def test_metric_answer_ids_and_position(model) -> None:
     with pytest.raises(TypeError, match="position must be an int"):
         metrics.logit_diff([3, 1], [4, 5], position=True)
     for metric in (metrics.logit_diff([3, 50], [4, 5]), metrics.logit_diff([3, 1], [4, 77]), metrics.log_prob([50, 1])):
-        raises_before_any_forward(model, ValueError, r"answer ids include \d+, outside the model's vocabulary \[0, 50\)",
+        raises_before_any_forward(model, ValueError,
+                                  r"answer ids include \d+, outside the model's vocabulary \[0, 50\)",
                                   clean, corrupt, metric)
     for position in (5, -6):
-        for metric in (metrics.logit_diff([3, 1], [4, 5], position=position), metrics.log_prob([3, 1], position=position)):
+        for metric in (metrics.logit_diff([3, 1], [4, 5], position=position),
+                       metrics.log_prob([3, 1], position=position)):
             raises_before_any_forward(model, ValueError, rf"reads position {position} but the prompts have 5 tokens",
                                       clean, corrupt, metric)
     for position in (4, -5, 0):  # the edges are valid
@@ -333,7 +336,8 @@ def test_empty_string_prompt() -> None:
     (dict(patch_batch_size=-3), ValueError, r"patch_batch_size must be a positive int, got -3"),
     (dict(patch_batch_size=2.5), TypeError, r"patch_batch_size must be a positive int, got 2.5 \(float\)"),
     (dict(patch_batch_size=True), TypeError, r"patch_batch_size must be a positive int, got True \(bool\)"),
-    (dict(batch_size=2.5), TypeError, r"batch_size must be a positive int, got 2.5 \(float\); it is the number of pairs"),
+    (dict(batch_size=2.5), TypeError,
+     r"batch_size must be a positive int, got 2.5 \(float\); it is the number of pairs"),
     (dict(batch_size=True), TypeError, r"batch_size must be a positive int, got True \(bool\)"),
     (dict(batch_size=-1), ValueError, r"batch_size must be a positive int, got -1"),
     (dict(nodes=None), TypeError, r"nodes= must be a node type name, a NodeAdapter or a list of them, got None"),

@@ -40,7 +40,8 @@ def padded_metric() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
 
 def padded_nodes(model: HookedTransformer) -> list[Node]:
     """Every attn_v and resid_pre node, in the order of the subsets' columns (as
-    ``backends.baselines.NodeSet`` orders them: site, i.e. node type then layer, then flat index over [pos, head]); no position is padding in every pair."""
+    ``backends.baselines.NodeSet`` orders them: site, i.e. node type then layer, then flat index over
+    [pos, head]); no position is padding in every pair."""
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     return ([("attn_v", layer, pos, head) for layer in range(n_layers) for pos in range(WIDTH)
              for head in range(n_heads)]

@@ -13,8 +13,16 @@ from scipy import stats
 from atp_plugin import attribute, false_negative_bound, metrics
 from atp_plugin.backends.baselines import random_subsets
 from conftest import logit_diff_metric, make_additive_model, make_model, make_pairs, make_planted_pairs
-from test_baselines import (PADDED_CLEAN, PADDED_CORRUPT, PADDED_TYPES, joint_patch_effects, node_label,
-                            padded_metric, padded_nodes, real_pair_means)
+from test_baselines import (
+    PADDED_CLEAN,
+    PADDED_CORRUPT,
+    PADDED_TYPES,
+    joint_patch_effects,
+    node_label,
+    padded_metric,
+    padded_nodes,
+    real_pair_means,
+)
 from test_reference import tokenized_model
 
 N, T = 3, 6

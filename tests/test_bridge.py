@@ -54,7 +54,8 @@ def pairs(n: int = 3, t: int = 6, seed: int = 1):
     corrupt = clean.clone()
     for pos in (1, t - 3):
         corrupt[:, pos] = torch.randint(2, D_VOCAB, (n,), generator=g)
-    metric = metrics.logit_diff(torch.randint(2, D_VOCAB, (n,), generator=g), torch.randint(2, D_VOCAB, (n,), generator=g))
+    metric = metrics.logit_diff(torch.randint(2, D_VOCAB, (n,), generator=g),
+                                torch.randint(2, D_VOCAB, (n,), generator=g))
     return clean, corrupt, metric
 
 
@@ -135,7 +136,8 @@ def test_verification_on_the_bridge_matches_hooked_transformer(bridge, hooked):
     on_bridge = attribute(bridge, clean, corrupt, metric, nodes=["attn_z", "mlp_neurons"], method="atp+qk").verify(6)
     on_hooked = attribute(hooked, clean, corrupt, metric, nodes=["attn_z", "mlp_neurons"], method="atp+qk").verify(6)
     assert on_bridge["node"].tolist() == on_hooked["node"].tolist()
-    torch.testing.assert_close(torch.tensor(on_bridge["effect"].to_numpy()), torch.tensor(on_hooked["effect"].to_numpy()),
+    torch.testing.assert_close(torch.tensor(on_bridge["effect"].to_numpy()),
+                               torch.tensor(on_hooked["effect"].to_numpy()),
                                rtol=1e-10, atol=1e-14)
 
 
@@ -191,7 +193,8 @@ def test_alibi_attention_is_refused_by_the_qk_fix_before_any_run(tmp_path):
     save_tokenizer(tmp_path)
     bridge = load_bridge(tmp_path)
     clean, corrupt, metric = pairs()
-    with pytest.raises(UnsupportedModelError, match=r"layer 0 .*BloomForCausalLM.*not softcap\(q \. k / scale\).*method='atp'"):
+    with pytest.raises(UnsupportedModelError,
+                       match=r"layer 0 .*BloomForCausalLM.*not softcap\(q \. k / scale\).*method='atp'"):
         attribute(bridge, clean, corrupt, metric, nodes=["attn_z", "attn_q"], method="atp*")
 
 

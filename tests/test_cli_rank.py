@@ -80,7 +80,8 @@ def test_files_hold_attribute_and_verify_numbers(model_dir, tmp_path, capsys):
                                rtol=1e-10, atol=1e-14)
     verified = result.verify(4)
     assert table["effect"].notna().sum() == 4
-    torch.testing.assert_close(torch.tensor(table["effect"].to_numpy()[:4]), torch.tensor(verified["effect"].to_numpy()),
+    torch.testing.assert_close(torch.tensor(table["effect"].to_numpy()[:4]),
+                               torch.tensor(verified["effect"].to_numpy()),
                                rtol=1e-10, atol=1e-14)
 
     # the top verified effect by hand: patch that one node with run_with_hooks, pair by pair
@@ -192,8 +193,10 @@ BAD_FILES = [
     ("p.json", '{\n  "clean": "w1 w2", "corrupt": "w1 w3", "answer": "w4", "wrong": "w5"\n}\n',
      r"p\.json line 1: not valid JSON .*one JSON object per line \(or give a JSON array of objects\)"),
     ("p.jsonl", '{"clean": "w1 w2", "corrupt": "w1 w3", "answer": "w4", "wrong": "w5"}\n\n'
-                '{"clean": "w1 w2", "corrupt": "w1 w3", "answer": "w4"}\n', r"p\.jsonl line 3: missing field\(s\) \['wrong'\]"),
-    ("p.jsonl", '"w1 w2"\n', r"p\.jsonl line 1: expected a JSON object with fields clean, corrupt, answer, wrong, got str"),
+                '{"clean": "w1 w2", "corrupt": "w1 w3", "answer": "w4"}\n',
+     r"p\.jsonl line 3: missing field\(s\) \['wrong'\]"),
+    ("p.jsonl", '"w1 w2"\n',
+     r"p\.jsonl line 1: expected a JSON object with fields clean, corrupt, answer, wrong, got str"),
     ("p.jsonl", '["w1", "w2"]\n', r"p\.jsonl item 1 \(line 1\): expected a JSON object .*, got str"),
     ("p.json", json.dumps([PAIRS[0], {k: v for k, v in PAIRS[1].items() if k != "corrupt"}], indent=2),
      r"p\.json item 2 \(line 8\): missing field\(s\) \['corrupt'\]"),
@@ -201,7 +204,8 @@ BAD_FILES = [
     ("p.txt", "  [" + json.dumps(PAIRS[0]) + ", 3]", r"p\.txt item 2 \(line 1\): expected a JSON object .*, got int"),
     ("p.jsonl", '{"clean": "w1 w2", "corrupt": "w1 w3", "answer": 4, "wrong": "w5"}\n',
      r"p\.jsonl line 1: field 'answer' must be a string, got int 4"),
-    ("p.jsonl", '{"clean": "w1 w2", "corrupt": "w1 w3", "answer": " ", "wrong": "w5"}\n', r"line 1: field 'answer' is empty"),
+    ("p.jsonl", '{"clean": "w1 w2", "corrupt": "w1 w3", "answer": " ", "wrong": "w5"}\n',
+     r"line 1: field 'answer' is empty"),
     ("p.jsonl", "\n\n", r"p\.jsonl: the file holds no pairs"),
     ("p.csv", "clean,corrupt,answer\nw1 w2,w1 w3,w4\n", r"p\.csv line 1: the header lacks column\(s\) \['wrong'\]"),
     ("p.csv", "clean,corrupt,answer,wrong\nw1 w2,w1 w3,w4,w5\nw1 w2,w1 w3,w4\n",
@@ -239,7 +243,8 @@ BAD_ARGS = [
     (ONE + ["--out-csv", "no/such/dir/x.csv"], r"--out-csv no/such/dir/x\.csv: the directory .* does not exist"),
     (ONE + ["--nodes", "resid_pre", "--report", "nodir/r.html"], r"--report nodir/r\.html: the directory"),
     (ONE + ["--device", "foo"], r"--device 'foo' is not a torch device; use e\.g\. cpu"),
-    *([] if torch.cuda.is_available() else [(ONE + ["--device", "cuda"], r"--device cuda: CUDA is not available here")]),
+    *([] if torch.cuda.is_available()
+      else [(ONE + ["--device", "cuda"], r"--device cuda: CUDA is not available here")]),
 ]
 
 
@@ -320,7 +325,7 @@ def test_a_word_the_demo_model_does_not_know_is_exit_2_naming_it(capsys, field, 
     assert rank("--model", "demo", *argv, "--quiet") == 2
     err = capsys.readouterr().err
     unknown = text.split()[3].strip(",") if field == "clean" else text.strip()
-    assert err.startswith(f"atp rank: error: pair #1 on the command line: ") and len(err.strip().splitlines()) == 1
+    assert err.startswith("atp rank: error: pair #1 on the command line: ") and len(err.strip().splitlines()) == 1
     assert f"holds word(s) ['{unknown}'] the model's tokenizer does not know" in err and " Mary " in err, err
 
 

@@ -9,7 +9,6 @@ from contextlib import contextmanager
 from typing import Callable
 
 import pandas as pd
-
 import pytest
 import torch
 from transformer_lens import HookedTransformer
@@ -78,8 +77,8 @@ def test_every_function_has_the_shape_of_the_original():
                 "attn_head_k_by_pos": (2, 4, 2), "attn_head_v_by_pos": (2, 4, 2),
                 "attn_head_out_all_pos": (2, 4), "attn_head_q_all_pos": (2, 4),
                 "attn_head_k_all_pos": (2, 2), "attn_head_v_all_pos": (2, 2), "block_every": (3, 2, 4)}
-    assert sorted(patching.__all__) == sorted([f"get_act_patch_{k}" for k in expected]
-                                              + ["get_act_patch_mlp_neurons_by_pos", "get_act_patch_mlp_neurons_all_pos"])
+    neurons = ["get_act_patch_mlp_neurons_by_pos", "get_act_patch_mlp_neurons_all_pos"]
+    assert sorted(patching.__all__) == sorted([f"get_act_patch_{k}" for k in expected] + neurons)
     for suffix, shape in expected.items():
         ours, theirs = both(f"get_act_patch_{suffix}", model, corrupt, cache, metric)
         assert tuple(ours.shape) == tuple(theirs.shape) == shape, suffix
@@ -189,7 +188,8 @@ def test_the_bridge_gives_the_hooked_transformer_numbers(tmp_path):
     bridge, hooked = load_bridge(path), load_hooked(path)
     clean, corrupt = make_pairs(N, T)
     metric = batch_metric()
-    for name in ("get_act_patch_block_every", "get_act_patch_attn_head_k_by_pos", "get_act_patch_attn_head_out_all_pos"):
+    for name in ("get_act_patch_block_every", "get_act_patch_attn_head_k_by_pos",
+                 "get_act_patch_attn_head_out_all_pos"):
         outs = [getattr(patching, name)(m, corrupt, m.run_with_cache(clean)[1], metric) for m in (bridge, hooked)]
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-12)
 

@@ -135,7 +135,7 @@ def reference(model: HookedTransformer, clean: torch.Tensor, corrupt: torch.Tens
         result[method] = ({k: v.abs().mean(0) for k, v in per_pair.items()},
                           {k: v.mean(0) for k, v in per_pair.items()})
     if n_layers > 1:
-        cuts = [clean_gradients(model, clean, metric, names + patterns, cut=l) for l in range(n_layers)]
+        cuts = [clean_gradients(model, clean, metric, names + patterns, cut=layer) for layer in range(n_layers)]
         for method, qk in (("atp+gd", False), ("atp*", True)):
             per_cut = [estimates(g, qk) for g in cuts]
             c_gd = {nt: sum(e[nt].abs() for e in per_cut) / (n_layers - 1) for nt in types}  # [N, ...]

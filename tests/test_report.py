@@ -45,8 +45,9 @@ def test_figures_beside_the_html_have_portable_names(tmp_path):
     result = attribute(model, task.clean, task.corrupt, metric, nodes=["attn_z", SAEFeatures(load_demo_sae())],
                        method="atp")
     write_report(result, tmp_path / "out.html", prompts=0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "out.html", "out_attn_z.png", "out_sae_blocks_2_hook_resid_pre.png", "out_sae_blocks_2_hook_resid_pre_error.png"]
+    sae = "out_sae_blocks_2_hook_resid_pre"
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["out.html", "out_attn_z.png", f"{sae}.png", f"{sae}_error.png"]
     assert figure_path(tmp_path / "out.html", "sae:blocks.2.hook_resid_pre.error") == \
         tmp_path / "out_sae_blocks_2_hook_resid_pre_error.png"
 
@@ -108,7 +109,8 @@ class Dom(HTMLParser):
             self.text[len(self.tags) - 1] = self.text.get(len(self.tags) - 1, "") + data
 
     def find(self, tag: str, cls: str | None = None) -> list[int]:
-        return [i for i, (t, a) in enumerate(self.tags) if t == tag and (cls is None or cls in a.get("class", "").split())]
+        return [i for i, (t, a) in enumerate(self.tags)
+                if t == tag and (cls is None or cls in a.get("class", "").split())]
 
 
 def chromium(*args: str, cwd: Path) -> subprocess.CompletedProcess:

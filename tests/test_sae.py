@@ -19,8 +19,19 @@ import warnings
 
 import pytest
 import torch
-from sae_lens import (GatedSAE, GatedSAEConfig, HookedSAETransformer, JumpReLUSAE, JumpReLUSAEConfig, StandardSAE,
-                      StandardSAEConfig, TopKSAE, TopKSAEConfig, Transcoder, TranscoderConfig)
+from sae_lens import (
+    GatedSAE,
+    GatedSAEConfig,
+    HookedSAETransformer,
+    JumpReLUSAE,
+    JumpReLUSAEConfig,
+    StandardSAE,
+    StandardSAEConfig,
+    TopKSAE,
+    TopKSAEConfig,
+    Transcoder,
+    TranscoderConfig,
+)
 from transformer_lens import HookedTransformer
 
 from atp_plugin import attribute, metrics
@@ -159,7 +170,7 @@ def test_exact_patch_equals_patching_the_spliced_sae(arch: str, hook: str) -> No
             copies = clean[p].expand(T * d_sae, T)
             f_noise = noise[f"{hook}.hook_sae_acts_post"][p]  # [T, d_sae]
 
-            def set_feature(f, hook):
+            def set_feature(f, hook, f_noise=f_noise):
                 f = f.clone()
                 f[torch.arange(len(f)), t_of, i_of] = f_noise[t_of, i_of]
                 return f
@@ -168,7 +179,7 @@ def test_exact_patch_equals_patching_the_spliced_sae(arch: str, hook: str) -> No
             features[p] = (metric(logits, torch.full((T * d_sae,), p)) - base[p]).reshape(T, d_sae)
             e_noise = noise[f"{hook}.hook_sae_error"][p]      # [T, ...]
 
-            def set_error(e, hook):
+            def set_error(e, hook, e_noise=e_noise):
                 e = e.clone()
                 e[torch.arange(T), torch.arange(T)] = e_noise
                 return e

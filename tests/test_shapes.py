@@ -1,4 +1,5 @@
-"""Score shapes of the built-in node types (docs/method.md, "Nodes and score shapes") and the result's tables and views."""
+"""Score shapes of the built-in node types (docs/method.md, "Nodes and score shapes") and the result's
+tables and views."""
 
 from __future__ import annotations
 

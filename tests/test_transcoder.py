@@ -18,7 +18,6 @@ import warnings
 
 import pytest
 import torch
-from conftest import clean_gradients, logit_diff_metric, make_model, make_pairs
 from sae_lens import (
     JumpReLUSkipTranscoder,
     JumpReLUSkipTranscoderConfig,
@@ -29,10 +28,11 @@ from sae_lens import (
     Transcoder,
     TranscoderConfig,
 )
-from test_sae import close, make_sae, run, spliced
 
 from atp_plugin import attribute, false_negative_bound
 from atp_plugin.adapters import SAEFeatures, TranscoderFeatures
+from conftest import clean_gradients, logit_diff_metric, make_model, make_pairs
+from test_sae import close, make_sae, run, spliced
 
 ARCHS = {
     "transcoder": (Transcoder, TranscoderConfig),
@@ -98,7 +98,8 @@ def test_ap_equals_a_hand_written_patch_at_the_output_hook(arch: str) -> None:
             features[p] = (metric(logits, torch.full((T * D_SAE,), p)) - base[p]).reshape(T, D_SAE)
             add = torch.zeros(T, T, tc.cfg.d_out, dtype=torch.float64)
             add[torch.arange(T), torch.arange(T)] = err_noise[p] - err[p]
-            logits = model.run_with_hooks(clean[p].expand(T, T), fwd_hooks=[(hook_out, lambda a, hook, add=add: a + add)])
+            logits = model.run_with_hooks(clean[p].expand(T, T),
+                                          fwd_hooks=[(hook_out, lambda a, hook, add=add: a + add)])
             errors[p] = metric(logits, torch.full((T,), p)) - base[p]
     name = name_of(tc)
     assert set(res.signed) == {name, name + ".error"}
@@ -250,7 +251,8 @@ def test_a_transcoder_that_does_not_fit_the_model_is_a_clear_error() -> None:
         (make_transcoder("transcoder", "blocks.0.ln2.hook_normalized", "blocks.0.mlp.hook_post"), "d_out=32"),
         (make_transcoder("transcoder", "blocks.5.ln2.hook_normalized", "blocks.5.hook_mlp_out"),
          "no hook 'blocks.5.ln2.hook_normalized'"),
-        (make_transcoder("transcoder", "blocks.0.ln2.hook_normalized", "blocks.0.attn.hook_z"), r"\[batch, pos, 4, 8\]"),
+        (make_transcoder("transcoder", "blocks.0.ln2.hook_normalized", "blocks.0.attn.hook_z"),
+         r"\[batch, pos, 4, 8\]"),
         (make_transcoder("transcoder", "blocks.1.hook_resid_pre", "blocks.0.hook_mlp_out"), "runs later"),
     ]
     for tc, match in cases:

@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", type=int, default=32, help="held-out IOI pairs to attribute (default 32)")
     parser.add_argument("--method", default="atp*", help="attribution method (default atp*)")
     parser.add_argument("--top", type=int, default=10, help="top nodes to verify by exact patching (default 10)")
-    parser.add_argument("--heatmap", default="atp_demo_heads.png", help="where to write the layer x head PNG (default atp_demo_heads.png)")
+    parser.add_argument("--heatmap", default="atp_demo_heads.png",
+                        help="where to write the layer x head PNG (default atp_demo_heads.png)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out pair sample (default 0)")
     parser.add_argument("--sae", action="store_true",
                         help="rank the bundled SAE's features on blocks.2.hook_resid_pre instead of heads and neurons")
@@ -54,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     shown = table[["node", "estimate", "mean_abs_effect", "effect"]].rename(
         columns={"mean_abs_effect": "exact mean |I|", "effect": "exact mean I"})
     print(shown.to_string(index=False, float_format=lambda v: f"{v:9.4f}"))
-    print(f"estimate: the {result.method} score, a mean over pairs of estimated |I|. exact mean |I| / mean I: the true\n"
+    print(f"estimate: the {result.method} score, a mean over pairs of estimated |I|. "
+          "exact mean |I| / mean I: the true\n"
           "per-pair effect I of patching the node, by exact patching, averaged as magnitudes / signed")
     if args.sae:
         print(f"\nranked {sum(v.numel() for v in result.scores.values())} SAE features and error nodes in "

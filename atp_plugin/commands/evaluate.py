@@ -26,7 +26,8 @@ def _names(text: str) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", type=int, default=16, help="held-out IOI pairs (default 16)")
-    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated backends (default {DEFAULT_METHODS})")
+    parser.add_argument("--methods", default=DEFAULT_METHODS,
+                        help=f"comma-separated backends (default {DEFAULT_METHODS})")
     parser.add_argument("--nodes", default=DEFAULT_NODES, help=f"comma-separated node types (default {DEFAULT_NODES})")
     parser.add_argument("--top-x", type=int, default=20, help="true top nodes to find (default 20)")
     parser.add_argument("--plot", default="atp_evaluate.png", help="where to write the PNG (default atp_evaluate.png)")

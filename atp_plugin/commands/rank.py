@@ -59,21 +59,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for field in FIELDS:
         given.add_argument(f"--{field}", action="append", default=[], metavar="TEXT", help=helps[field])
     parser.add_argument("--pairs", metavar="FILE",
-                        help="JSONL (one object per line), JSON array or CSV file with the fields clean, corrupt, answer, "
-                             "wrong")
-    parser.add_argument("--nodes", default="attn_z,mlp_neurons", help="comma-separated node types (default attn_z,mlp_neurons)")
+                        help="JSONL (one object per line), JSON array or CSV file with the fields clean, corrupt, "
+                             "answer, wrong")
+    parser.add_argument("--nodes", default="attn_z,mlp_neurons",
+                        help="comma-separated node types (default attn_z,mlp_neurons)")
     parser.add_argument("--method", default="atp*", help="attribution method (default atp*)")
     parser.add_argument("--top-k", type=int, default=20,
-                        help="nodes in the table and the output files (default 20, and at least --verify; 0 = every node in the "
-                             "files)")
+                        help="nodes in the table and the output files (default 20, and at least --verify; 0 = every "
+                             "node in the files)")
     parser.add_argument("--verify", type=int, default=0, metavar="K",
                         help="verify the top K nodes by exact activation patching (default 0)")
     parser.add_argument("--out-csv", metavar="PATH", help="write the ranked nodes as CSV")
     parser.add_argument("--out-json", metavar="PATH", help="write the ranked nodes and the run's settings as JSON")
     parser.add_argument("--report", metavar="PATH",
-                        help="write a self-contained HTML report (figures embedded); its heatmaps are also written next "
-                             "to it as <stem>_<node type>.png, e.g. out_attn_z.png for out.html, overwriting files of "
-                             "those names")
+                        help="write a self-contained HTML report (figures embedded); its heatmaps are also written "
+                             "next to it as <stem>_<node type>.png, e.g. out_attn_z.png for out.html, overwriting "
+                             "files of those names")
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per forward/backward pass (default 16)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -239,7 +240,8 @@ def _json_array_pairs(name: str, text: str) -> list[Pair]:
     for number, (obj, line) in enumerate(zip(items, lines), start=1):
         where = f"{name} item {number} (line {line})"
         if not isinstance(obj, dict):
-            raise UsageError(f"{where}: expected a JSON object with fields {', '.join(FIELDS)}, got {type(obj).__name__}")
+            raise UsageError(f"{where}: expected a JSON object with fields {', '.join(FIELDS)}, "
+                             f"got {type(obj).__name__}")
         pairs.append(_pair(obj, where))
     return pairs
 

@@ -93,4 +93,5 @@ def demo_task(n_pairs: int, seed: int) -> tuple[Any, Any, Callable[..., torch.Te
         model = load_demo_model()
     except FileNotFoundError as e:
         raise UsageError(f"the bundled demo model is missing ({e}); reinstall atp-plugin") from e
-    return model, task, metrics.logit_diff(metrics.token_ids(model, task.answers), metrics.token_ids(model, task.wrongs))
+    metric = metrics.logit_diff(metrics.token_ids(model, task.answers), metrics.token_ids(model, task.wrongs))
+    return model, task, metric
