@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..hosts import Host
-from ..hosts.hooked import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 
 @dataclass(frozen=True)

@@ -148,6 +148,17 @@ def patched_logits(parts: Parts, graph: Graph, tokens: torch.Tensor, mask: torch
     mlp_in: dict[int, torch.Tensor] = {}
     deltas = _Deltas(parts, graph, plan, noise, live, mask, dtype)
     patches: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    busy = [False]  # inside a recomputation: hooks the recomputed modules fire (a Bridge's aliases) pass through
+
+    def outside(patch: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda x: x if busy[0] else patch(x)
+
+    def recompute(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        busy[0] = True
+        try:
+            return fn()
+        finally:
+            busy[0] = False
 
     def record_pre(layer: int):
         def patch(x):
@@ -173,7 +184,7 @@ def patched_logits(parts: Parts, graph: Graph, tokens: torch.Tensor, mask: torch
             delta, patched = got
             rows = patched.any(1).nonzero().flatten()
             xr = resid[layer][rows]
-            normed = parts.ln1(layer, xr[:, :, None] + delta[rows].to(xr.dtype))  # [rows, pos, heads, d]
+            normed = recompute(lambda: parts.ln1(layer, xr[:, :, None] + delta[rows].to(xr.dtype)))  # [rows, pos, heads, d]
             new = parts.project(layer, which, normed).to(x.dtype)
             out = x.clone()
             out[rows] = torch.where(patched[rows][:, None, :, None], new, x[rows])
@@ -187,7 +198,7 @@ def patched_logits(parts: Parts, graph: Graph, tokens: torch.Tensor, mask: torch
                 delta, patched = got
                 rows = patched[:, 0].nonzero().flatten()
                 x = x.clone()
-                x[rows] = parts.mlp_of(layer, mlp_in[layer][rows] + delta[rows, :, 0].to(x.dtype)).to(x.dtype)
+                x[rows] = recompute(lambda: parts.mlp_of(layer, mlp_in[layer][rows] + delta[rows, :, 0].to(x.dtype)))
             live.mlp[layer] = x
             return x
         return patch
@@ -209,5 +220,5 @@ def patched_logits(parts: Parts, graph: Graph, tokens: torch.Tensor, mask: torch
     last = hook_names(parts.n_layers - 1).resid_post
     patches[last] = logits_input
     with torch.no_grad():
-        logits, _ = run(parts.host, tokens, mask, patches=patches)
+        logits, _ = run(parts.host, tokens, mask, patches={h: outside(p) for h, p in patches.items()})
     return logits
