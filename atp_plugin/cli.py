@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(f"atp_plugin.commands.{module_name}")
-        text = module.__doc__.replace("``", "")  # the module docstring, without its reST quoting
+        text = (module.__doc__ or name).replace("``", "")  # the module docstring, without its reST quoting
         p = sub.add_parser(name, help=text.strip().splitlines()[0], description=text,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)

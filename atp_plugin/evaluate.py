@@ -68,7 +68,7 @@ class Evaluation:
         ax = fig.add_subplot()
         x = self.curves.index.to_numpy()
         for method in self.curves.columns:
-            style = dict(color="black", linestyle="--") if method == "oracle" else {}
+            style: dict[str, Any] = dict(color="black", linestyle="--") if method == "oracle" else {}
             ax.plot(x, self.curves[method].to_numpy(), marker="o", markersize=3, label=method, **style)
         ax.set_yscale("log")
         ax.set_xlabel("true top nodes found (x)")
@@ -109,16 +109,21 @@ def evaluate(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Ten
     The true top-x nodes are the ``top_x`` nodes with the largest |mean effect|.
     """
     # one method (a name or a backend instance) is a list of one, not a string's letters
-    methods = [methods] if isinstance(methods, str) or not isinstance(methods, Iterable) else list(methods)
-    if not methods:
+    chosen: list[str | Backend] = (
+        [methods] if isinstance(methods, str) or not isinstance(methods, Iterable) else list(methods))
+    if not chosen:
         raise ValueError("methods is empty; name at least one backend, e.g. methods=['atp*']")
-    names = [m if isinstance(m, str) else getattr(m, "name", None) for m in methods]
+    nameless = [m for m in chosen if not isinstance(m if isinstance(m, str) else getattr(m, "name", None), str)]
+    if nameless:
+        raise TypeError(f"methods must be backend names or backends with a name, got {nameless[0]!r}")
+    names = [m if isinstance(m, str) else m.name for m in chosen]
     if len(set(names)) != len(names) or "oracle" in names:
         raise ValueError(f"methods must have distinct names other than 'oracle', got {names}")
     if top_x < 1:
         raise ValueError(f"top_x must be at least 1, got {top_x}")
-    options = dict(nodes=nodes, batch_size=batch_size, patch_batch_size=patch_batch_size, progress=progress)
-    results = {names[0]: attribute(model, clean, corrupt, metric, method=methods[0], **options)}
+    options: dict[str, Any] = dict(nodes=nodes, batch_size=batch_size, patch_batch_size=patch_batch_size,
+                                   progress=progress)
+    results = {names[0]: attribute(model, clean, corrupt, metric, method=chosen[0], **options)}
     first = results[names[0]].to_frame()  # the node count, known before the slow ground truth runs
     n_nodes = len(first)
     if top_x > n_nodes:
@@ -128,11 +133,13 @@ def evaluate(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Ten
     tiebreak = np.random.default_rng(seed).permutation(n_nodes)
     true_order = rank_order(frame["score"].to_numpy(), tiebreak)[:top_x]  # indices of the true top x
 
-    for name, m in zip(names[1:], methods[1:]):
+    for name, m in zip(names[1:], chosen[1:]):
         results[name] = truth if name == GROUND_TRUTH else attribute(model, clean, corrupt, metric, method=m, **options)
     n_pairs = truth.n_pairs
     x = np.arange(1, top_x + 1)
-    curves, ranks, own = {}, {}, {}
+    curves: dict[str, np.ndarray] = {}
+    ranks: dict[str, np.ndarray] = {}
+    own: dict[str, float] = {}
     for name, result in results.items():
         order = rank_order(result.to_frame()["score"].to_numpy(), tiebreak)
         position = np.empty(n_nodes, dtype=np.int64)

@@ -77,7 +77,7 @@ def _cached(clean_cache: Any, hook: str, shape: tuple[int, ...]) -> torch.Tensor
     return value
 
 
-def _clean_tokens_from_cache(model: Any, clean_cache: Any, shape: tuple[int, int]) -> torch.Tensor:
+def _clean_tokens_from_cache(model: Any, clean_cache: Any, shape: tuple[int, ...]) -> torch.Tensor:
     """The token ids ``[batch, pos]`` whose embeddings ``clean_cache["hook_embed"]`` holds.
 
     Each cached embedding must be a row of ``model.W_E`` (to float rounding); otherwise pass the

@@ -165,8 +165,8 @@ def _given_pairs(args: argparse.Namespace) -> list[Pair]:
     if len(set(counts.values())) != 1:
         raise UsageError("give --clean, --corrupt, --answer and --wrong once per pair each; got "
                          + ", ".join(f"{n} --{f}" for f, n in counts.items()))
-    return [Pair(*values, where=f"pair #{i + 1} on the command line")
-            for i, values in enumerate(zip(*(getattr(args, f) for f in FIELDS)))]
+    return [Pair(clean, corrupt, answer, wrong, where=f"pair #{i + 1} on the command line")
+            for i, (clean, corrupt, answer, wrong) in enumerate(zip(args.clean, args.corrupt, args.answer, args.wrong))]
 
 
 def _read_pairs(path: Path) -> list[Pair]:
@@ -201,7 +201,7 @@ def _pair(fields: dict[str, Any], where: str) -> Pair:
             raise UsageError(f"{where}: field {f!r} must be a string, got {type(fields[f]).__name__} {fields[f]!r}")
         if not fields[f].strip():
             raise UsageError(f"{where}: field {f!r} is empty")
-    return Pair(*(fields[f] for f in FIELDS), where=where)
+    return Pair(fields["clean"], fields["corrupt"], fields["answer"], fields["wrong"], where=where)
 
 
 def _jsonl_pairs(name: str, text: str) -> list[Pair]:
