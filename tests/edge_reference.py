@@ -120,3 +120,39 @@ def exact(model: HookedTransformer, clean: torch.Tensor, corrupt: torch.Tensor, 
                 row.append(metric(ref.run_with_hooks(clean, fwd_hooks=[(rh, add)]), idx) - base)
         out.append(torch.stack(row, -1) if per_position else row[0])
     return [e[0] for e in es], torch.stack(out, 1)
+
+
+def circuit_metric(model: HookedTransformer, clean: torch.Tensor, corrupt: torch.Tensor, metric,
+                   kept: set[str]) -> torch.Tensor:
+    """The metric per pair ``[N]`` with every edge not in ``kept`` (names) patched: each receiver's
+    input hook gets, for each excluded sender, the sender's corrupt write minus its write live in
+    this run (recorded as the writers fire, before any reader of theirs)."""
+    ref = split_model(model)
+    es = edges(model)
+    senders = {e[1] for e in es} | {"hook_pos_embed"}
+    noise = cached(ref, corrupt, senders)
+    live: dict[str, torch.Tensor] = {}
+    excluded: dict[tuple[str, tuple], list[tuple[str, str]]] = {}
+    for name, wh, rh, ri in es:
+        if name not in kept:
+            excluded.setdefault((rh, ri), []).append((wh, name))
+
+    def record(x, hook):
+        live[hook.name] = x
+        return x
+
+    def reader(rh: str):
+        def hook(x, hook):
+            x = x.clone()
+            for (h, ri), writers in excluded.items():
+                if h != rh:
+                    continue
+                at = (slice(None), slice(None)) + ri
+                for wh, name in writers:
+                    x[at] = x[at] + sender_value(noise, wh, name) - sender_value(live, wh, name)
+            return x
+        return hook
+
+    hooks = [(h, record) for h in senders if h in ref.hook_dict] + [(rh, reader(rh)) for rh in {k[0] for k in excluded}]
+    with torch.no_grad():
+        return metric(ref.run_with_hooks(clean, fwd_hooks=hooks), torch.arange(len(clean)))

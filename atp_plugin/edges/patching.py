@@ -65,8 +65,9 @@ class Writes:
         """Writes of the first ``n`` senders: ``[copies, pos, n, d_model]``."""
         out = [self.embed.to(dtype)[:, :, None]]
         for layer in range(parts.n_layers):
-            out.append(head_writes(parts, layer, self.z[layer], dtype))
-            if not parts.attn_only:
+            if sum(w.shape[2] for w in out) < n:
+                out.append(head_writes(parts, layer, self.z[layer], dtype))
+            if not parts.attn_only and sum(w.shape[2] for w in out) < n:
                 out.append(self.mlp[layer].to(dtype)[:, :, None])
         return torch.cat(out, dim=2)[:, :, :n]
 

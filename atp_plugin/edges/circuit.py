@@ -1,0 +1,222 @@
+"""Circuits: sets of edges chosen from edge scores, dangling edges pruned, and their faithfulness.
+
+Faithfulness of circuit C: (L(C) - L(corrupt)) / (L(clean) - L(corrupt)), each a mean over pairs,
+where L(C) runs the clean prompts with every edge NOT in C patched (its sender's corrupt write fed
+to that receiver only). The full graph gives L(clean), 1; the empty circuit feeds every receiver the
+corrupt residual, L(corrupt), 0. The curve over circuit sizes and its summary numbers follow the
+MIB benchmark's circuit-localization track: faithfulness of the top n = int(p * n_edges) edges
+(pruned) at p in ``MIB_PERCENTAGES``; CPR = the area under the curve, CMD = the area between the
+curve and 1 (``|1 - f|``), both by the trapezoidal rule over p.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from ..attribution import eval_mode
+from .attribute import make_context
+from .context import Context
+from .graph import Graph
+from .result import EdgeResult
+
+MIB_PERCENTAGES = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class Circuit:
+    """The edges kept: ``keep`` ``[edge]`` bool (each edge at every position) or ``[edge, pos]``."""
+
+    graph: Graph
+    keep: torch.Tensor
+
+    @property
+    def per_position(self) -> bool:
+        return self.keep.ndim == 2
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.keep.sum())
+
+    def edges(self) -> list[str]:
+        """Names of the edges kept (at some position)."""
+        kept = self.keep.any(-1) if self.per_position else self.keep
+        return [self.graph.names[i] for i in kept.nonzero().flatten().tolist()]
+
+    @classmethod
+    def from_names(cls, graph: Graph, names: Sequence[str]) -> "Circuit":
+        unknown = [n for n in names if n not in graph.edge_of]
+        if unknown:
+            raise ValueError(f"{len(unknown)} edge name(s) are not in this model's graph, e.g. {unknown[0]!r}; "
+                             "names look like 'L1.H2 -> L3.H0.q', 'embed -> mlp2', 'mlp1 -> logits'")
+        keep = torch.zeros(graph.n_edges, dtype=torch.bool)
+        keep[[graph.edge_of[n] for n in names]] = True
+        return cls(graph, keep)
+
+
+def top_circuit(result: EdgeResult, n: int, *, prune: bool = True, rank: str = "abs") -> Circuit:
+    """The ``n`` highest-scoring edges (edge-positions with a per-position result), then pruned.
+
+    ``rank="abs"`` ranks by ``result.scores``; ``"signed"`` by how much patching the edge lowers
+    the metric (``-result.signed``; MIB ranks by signed scores for CPR)."""
+    if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"n must be a non-negative int (a number of edges), got {n!r}")
+    key = _ranking(result, rank).reshape(-1)
+    keep = torch.zeros(key.numel(), dtype=torch.bool)
+    keep[torch.argsort(key, descending=True, stable=True)[:n]] = True
+    circuit = Circuit(result.graph, keep.reshape(result.scores.shape))
+    return pruned(circuit) if prune else circuit
+
+
+def threshold_circuit(result: EdgeResult, threshold: float, *, prune: bool = True, rank: str = "abs") -> Circuit:
+    """Every edge (edge-position) whose score is at least ``threshold``, then pruned."""
+    if not isinstance(threshold, numbers.Real) or threshold != threshold:
+        raise ValueError(f"threshold must be a number, got {threshold!r}")
+    circuit = Circuit(result.graph, _ranking(result, rank) >= threshold)
+    return pruned(circuit) if prune else circuit
+
+
+def _ranking(result: EdgeResult, rank: str) -> torch.Tensor:
+    if rank == "abs":
+        return result.scores
+    if rank == "signed":
+        return -result.signed
+    raise ValueError(f"rank must be 'abs' or 'signed', got {rank!r}")
+
+
+def pruned(circuit: Circuit) -> Circuit:
+    """``circuit`` without dangling edges: an edge stays when its sender is reached from the input
+    along kept edges and its receiver's component reaches the logits along kept edges.
+
+    A head is reached at position t through a kept edge into its query at t or into its key or
+    value at any s <= t (attention moves information forward); its key/value input at s matters if
+    its output at any t >= s does. Position-free circuits are the one-position case. One forward and
+    one backward sweep in stage order suffice: a dropped edge never made anything reached or useful
+    that keeps an edge of its own.
+    """
+    g, keep = circuit.graph, circuit.keep
+    k = keep if circuit.per_position else keep[:, None]  # [edge, pos]
+    t = k.shape[1]
+    s_idx, r_idx = g.sender_index, g.receiver_index
+    n_s, n_r = len(g.senders), len(g.receivers)
+    reached = torch.zeros(n_s, t, dtype=torch.bool)
+    useful = torch.zeros(n_r, t, dtype=torch.bool)
+    group = g.n_heads // g.n_kv
+    into = {(r.kind, r.layer, r.head): i for i, r in enumerate(g.receivers)}
+
+    def reads_of(sender: int) -> list[tuple[int, bool]]:
+        """The receivers feeding a sender's component, each with whether it acts across positions."""
+        s = g.senders[sender]
+        if s.kind == "mlp":
+            return [(into["mlp", s.layer, -1], False)]
+        return [(into["q", s.layer, s.head], False), (into["k", s.layer, s.head // group], True),
+                (into["v", s.layer, s.head // group], True)]
+
+    def heads_of(receiver: int) -> list[int]:
+        """The senders a receiver's component writes through."""
+        r = g.receivers[receiver]
+        if r.kind == "mlp":
+            return [i for i, s in enumerate(g.senders) if s.kind == "mlp" and s.layer == r.layer]
+        heads = [r.head] if r.kind == "q" else range(r.head * group, (r.head + 1) * group)
+        return [i for i, s in enumerate(g.senders) if s.kind == "head" and s.layer == r.layer and s.head in heads]
+
+    stages = sorted({s.stage for s in g.senders} | {r.stage for r in g.receivers})
+    reached[0] = True  # the embedding
+    recv_reached = torch.zeros(n_r, t, dtype=torch.bool)
+    for st in stages:
+        for r in (i for i, x in enumerate(g.receivers) if x.stage == st):
+            e = r_idx == r
+            recv_reached[r] = (k[e] & reached[s_idx[e]]).any(0)
+        for s in (i for i, x in enumerate(g.senders) if x.stage == st and x.kind != "embed"):
+            for r, across in reads_of(s):
+                reached[s] |= recv_reached[r].cummax(0).values if across else recv_reached[r]
+    sender_useful = torch.zeros(n_s, t, dtype=torch.bool)
+    for st in reversed(stages):
+        for s in (i for i, x in enumerate(g.senders) if x.stage == st):
+            e = s_idx == s
+            sender_useful[s] = (k[e] & useful[r_idx[e]]).any(0)
+        for r in (i for i, x in enumerate(g.receivers) if x.stage == st):
+            if g.receivers[r].kind == "logits":
+                useful[r] = True
+                continue
+            across = g.receivers[r].kind in "kv"
+            for s in heads_of(r):
+                later = sender_useful[s].flip(0).cummax(0).values.flip(0)  # useful at some t' >= t
+                useful[r] |= later if across else sender_useful[s]
+    kept = k & reached[s_idx] & useful[r_idx]
+    return Circuit(g, kept if circuit.per_position else kept[:, 0])
+
+
+def faithfulness(model: Any, clean, corrupt, metric, circuit: Circuit | Sequence[str], *,
+                 batch_size: int = 16, patch_batch_size: int = 64) -> float:
+    """(L(C) - L(corrupt)) / (L(clean) - L(corrupt)), means over pairs, with every edge outside
+    ``circuit`` (a ``Circuit`` or edge names) patched from the corrupt prompt."""
+    ctx = make_context(model, clean, corrupt, metric, batch_size=batch_size, patch_batch_size=patch_batch_size)
+    circuit = _as_circuit(ctx.graph, circuit)
+    with eval_mode(model, "faithfulness()"):
+        return _faithfulness(ctx, [circuit])[0]
+
+
+def _as_circuit(graph: Graph, circuit: Circuit | Sequence[str]) -> Circuit:
+    if isinstance(circuit, Circuit):
+        if circuit.graph.names != graph.names:
+            raise ValueError("the circuit was built on another model's graph (its edges differ from this model's)")
+        return circuit
+    if isinstance(circuit, str):
+        raise TypeError("circuit must be a Circuit or a list of edge names, not one string")
+    return Circuit.from_names(graph, list(circuit))
+
+
+def _faithfulness(ctx: Context, circuits: list[Circuit]) -> list[float]:
+    t = ctx.pairs.clean.shape[1]
+    for c in circuits:
+        if c.per_position and c.keep.shape[1] != t:
+            raise ValueError(f"the circuit has {c.keep.shape[1]} positions but the prompts have {t} tokens")
+    clean, corrupt, values = ctx.circuit_metrics([~c.keep for c in circuits])
+    if clean == corrupt:
+        raise ValueError("the metric is the same on the clean and the corrupt prompts (mean over pairs), so "
+                         "faithfulness is undefined; use pairs the metric tells apart")
+    return [(v - corrupt) / (clean - corrupt) for v in values]
+
+
+@dataclass(frozen=True)
+class FaithfulnessCurve:
+    """Faithfulness of the top ``sizes[i]`` edges (pruned: ``kept[i]`` remain) at fractions
+    ``percentages[i]`` of the edges, with MIB's summaries: ``cpr`` (area under the curve), ``cmd``
+    (area between the curve and 1), ``average``; ``forward_passes`` the curve cost."""
+
+    percentages: tuple[float, ...]
+    sizes: tuple[int, ...]
+    kept: tuple[int, ...]
+    faithfulness: tuple[float, ...]
+    cpr: float
+    cmd: float
+    average: float
+    forward_passes: int
+
+
+def faithfulness_curve(result: EdgeResult, percentages: Sequence[float] = MIB_PERCENTAGES, *,
+                       rank: str = "abs", prune: bool = True) -> FaithfulnessCurve:
+    """Faithfulness of the top int(p * n_edges) edges of ``result`` for each p of ``percentages``
+    (increasing, in (0, 1]), on the result's own model, pairs and metric."""
+    ps = tuple(float(p) for p in percentages)
+    if len(ps) < 2 or any(not 0 < p <= 1 for p in ps) or list(ps) != sorted(set(ps)):
+        raise ValueError(f"percentages must be at least two increasing fractions in (0, 1], got {percentages!r}")
+    ctx = result.context
+    n = result.scores.numel()
+    sizes = tuple(int(p * n) for p in ps)
+    circuits = [top_circuit(result, size, prune=prune, rank=rank) for size in sizes]
+    before = ctx.forward_passes
+    with eval_mode(ctx.host.model, "faithfulness_curve()"):
+        f = _faithfulness(ctx, circuits)
+    cpr, cmd = trapezoid(ps, f), trapezoid(ps, [abs(1 - v) for v in f])
+    return FaithfulnessCurve(ps, sizes, tuple(c.n_edges for c in circuits), tuple(f), cpr, cmd, sum(f) / len(f),
+                             ctx.forward_passes - before)
+
+
+def trapezoid(x: Sequence[float], y: Sequence[float]) -> float:
+    """The trapezoidal-rule area under y(x)."""
+    return sum((x[i + 1] - x[i]) * (y[i] + y[i + 1]) / 2 for i in range(len(x) - 1))

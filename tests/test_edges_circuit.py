@@ -1,0 +1,149 @@
+"""Circuits: faithfulness against a naive reference written with TransformerLens hooks, 1 for the
+full graph and 0 for the empty circuit, dangling-edge pruning, and the MIB curve summaries."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import edge_reference as ref
+from atp_plugin.edges import (Circuit, attribute_edges, faithfulness, faithfulness_curve, pruned, threshold_circuit,
+                              top_circuit)
+from conftest import VARIANTS, logit_diff_metric, make_model, make_pairs
+
+N, T = 3, 5
+
+
+def setup(variant: str = "ln_gelu"):
+    model = make_model(0, **VARIANTS[variant])
+    clean, corrupt = make_pairs(N, T)
+    return model, clean, corrupt, logit_diff_metric(N)
+
+
+@pytest.mark.parametrize("variant", ["ln_gelu", "parallel", "gqa", "attn_only"])
+def test_faithfulness_matches_naive(variant):
+    model, clean, corrupt, metric = setup(variant)
+    result = attribute_edges(model, clean, corrupt, metric)
+    names = result.graph.names
+    g = torch.Generator().manual_seed(5)
+    for keep_fraction in (0.2, 0.7):
+        kept = {n for n in names if float(torch.rand(1, generator=g)) < keep_fraction}
+        clean_m, corrupt_m = ref.circuit_metric(model, clean, corrupt, metric, set(names)), \
+            ref.circuit_metric(model, clean, corrupt, metric, set())
+        circuit_m = ref.circuit_metric(model, clean, corrupt, metric, kept)
+        want = float((circuit_m.mean() - corrupt_m.mean()) / (clean_m.mean() - corrupt_m.mean()))
+        got = faithfulness(model, clean, corrupt, metric, sorted(kept))
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-10)
+
+
+def test_full_graph_is_one_and_empty_circuit_is_zero(variant):
+    model, clean, corrupt, metric = setup(variant)
+    result = attribute_edges(model, clean, corrupt, metric, per_position=True)
+    full = Circuit(result.graph, torch.ones_like(result.scores, dtype=torch.bool))
+    empty = Circuit(result.graph, torch.zeros(result.graph.n_edges, dtype=torch.bool))
+    assert faithfulness(model, clean, corrupt, metric, full) == 1.0
+    assert faithfulness(model, clean, corrupt, metric, empty) == pytest.approx(0.0, abs=1e-12)
+    assert faithfulness(model, clean, corrupt, metric, list(result.graph.names)) == 1.0
+
+
+def names_circuit(graph, names: list[str], per_pos: dict[str, list[int]] | None = None, t: int = T) -> Circuit:
+    if per_pos is None:
+        return Circuit.from_names(graph, names)
+    keep = torch.zeros(graph.n_edges, t, dtype=torch.bool)
+    for name, positions in per_pos.items():
+        keep[graph.edge_of[name], positions] = True
+    return Circuit(graph, keep)
+
+
+def test_pruning_by_hand():
+    model, clean, corrupt, metric = setup()
+    g = attribute_edges(model, clean, corrupt, metric).graph
+    assert pruned(names_circuit(g, ["L0.H1 -> logits"])).edges() == []  # nothing feeds L0.H1
+    assert pruned(names_circuit(g, ["embed -> L0.H1.q"])).edges() == []  # L0.H1 feeds nothing
+    chain = ["embed -> L0.H1.v", "L0.H1 -> mlp1", "mlp1 -> L2.H0.k", "L2.H0 -> logits"]
+    assert sorted(pruned(names_circuit(g, chain)).edges()) == sorted(chain)
+    assert pruned(names_circuit(g, chain[:3])).edges() == []
+    # per position: a key at s feeds the head's outputs at t >= s only
+    late = names_circuit(g, [], {"embed -> L0.H1.k": [2], "L0.H1 -> logits": [1]})
+    assert not bool(pruned(late).keep.any())
+    later = names_circuit(g, [], {"embed -> L0.H1.k": [2], "L0.H1 -> logits": [3]})
+    assert torch.equal(pruned(later).keep, later.keep)
+    query = names_circuit(g, [], {"embed -> L0.H1.q": [2], "L0.H1 -> logits": [3]})  # a query acts at its position
+    assert not bool(pruned(query).keep.any())
+
+
+def check_no_dangling(circuit: Circuit) -> None:
+    """Every kept edge's sender is the embedding or has a kept edge in, and its receiver is the
+    logits or its component has a kept edge out (position-free: any position)."""
+    g = circuit.graph
+    kept = circuit.keep.any(-1) if circuit.per_position else circuit.keep
+    ins, outs = set(), set()
+    for e in kept.nonzero().flatten().tolist():
+        s, r = g.senders[int(g.sender_index[e])], g.receivers[int(g.receiver_index[e])]
+        outs.add(s.name)
+        group = g.n_heads // g.n_kv
+        ins |= {f"L{r.layer}.H{h}" for h in ([r.head] if r.kind == "q" else range(r.head * group, (r.head + 1) * group))} \
+            if r.kind in "qkv" else {r.name}
+    for e in kept.nonzero().flatten().tolist():
+        s, r = g.senders[int(g.sender_index[e])], g.receivers[int(g.receiver_index[e])]
+        assert s.kind == "embed" or s.name in ins, g.names[e]
+        assert r.kind == "logits" or (r.kind == "mlp" and r.name in outs) or \
+            (r.kind in "qkv" and any(f"L{r.layer}.H{h}" in outs for h in range(g.n_heads))), g.names[e]
+
+
+@pytest.mark.parametrize("variant", ["ln_gelu", "gqa", "parallel"])
+def test_pruning_random_circuits(variant):
+    model, clean, corrupt, metric = setup(variant)
+    result = attribute_edges(model, clean, corrupt, metric, per_position=True)
+    g = torch.Generator().manual_seed(0)
+    for fraction in (0.05, 0.2, 0.5):
+        for keep in (torch.rand(result.graph.n_edges, generator=g) < fraction,
+                     torch.rand(result.graph.n_edges, T, generator=g) < fraction):
+            c = pruned(Circuit(result.graph, keep))
+            assert not bool((c.keep & ~keep).any())  # pruning only removes
+            assert torch.equal(pruned(c).keep, c.keep)  # and is done in one pass
+            check_no_dangling(c)
+    full = Circuit(result.graph, torch.ones(result.graph.n_edges, dtype=torch.bool))
+    assert torch.equal(pruned(full).keep, full.keep)
+
+
+def test_top_and_threshold_circuits():
+    model, clean, corrupt, metric = setup()
+    result = attribute_edges(model, clean, corrupt, metric)
+    order = torch.argsort(result.scores, descending=True, stable=True)
+    top = top_circuit(result, 10, prune=False)
+    assert set(top.keep.nonzero().flatten().tolist()) == set(order[:10].tolist())
+    cut = float(result.scores[order[9]])
+    assert torch.equal(threshold_circuit(result, cut, prune=False).keep, result.scores >= cut)
+    assert torch.equal(top_circuit(result, 10).keep, pruned(top).keep)
+    signed = top_circuit(result, 5, prune=False, rank="signed")
+    assert set(signed.keep.nonzero().flatten().tolist()) == set(torch.argsort(-result.signed, descending=True)[:5].tolist())
+
+
+def test_faithfulness_curve_and_mib_summaries():
+    model, clean, corrupt, metric = setup()
+    result = attribute_edges(model, clean, corrupt, metric)
+    ps = (0.01, 0.05, 0.2, 0.5, 1.0)
+    curve = faithfulness_curve(result, ps)
+    n = result.graph.n_edges
+    assert curve.sizes == tuple(int(p * n) for p in ps)
+    want = [faithfulness(model, clean, corrupt, metric, top_circuit(result, size)) for size in curve.sizes]
+    np.testing.assert_allclose(curve.faithfulness, want, rtol=1e-9, atol=1e-12)
+    assert curve.faithfulness[-1] == 1.0
+    assert curve.cpr == pytest.approx(np.trapezoid(want, ps), rel=1e-12)
+    assert curve.cmd == pytest.approx(np.trapezoid(np.abs(1 - np.array(want)), ps), rel=1e-12)
+    assert curve.forward_passes == N * (2 + len(ps))  # clean + corrupt + one patched run per size and pair
+
+
+def test_bad_circuits():
+    model, clean, corrupt, metric = setup()
+    with pytest.raises(ValueError, match="not in this model's graph"):
+        faithfulness(model, clean, corrupt, metric, ["L9.H0 -> logits"])
+    with pytest.raises(TypeError, match="not one string"):
+        faithfulness(model, clean, corrupt, metric, "embed -> logits")
+    result = attribute_edges(model, clean, corrupt, metric)
+    with pytest.raises(ValueError, match="percentages"):
+        faithfulness_curve(result, (0.5, 0.1))
+    with pytest.raises(ValueError, match="same on the clean and the corrupt"), pytest.warns(UserWarning, match="equals"):
+        faithfulness(model, clean, clean, metric, ["embed -> logits"])
