@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -43,7 +44,7 @@ from scipy import stats
 
 from .attribution import eval_mode
 from .backends.baselines import check_subsampling, subsample
-from .engine import Engine
+from .engine import Engine, Metric
 from .engine.pairs import make_pairs
 from .metrics import check_metric
 from .result import AttributionResult
@@ -92,8 +93,9 @@ def node_p_values(estimates: pd.DataFrame, theta: float) -> np.ndarray:
     return p
 
 
-def false_negative_bound(model, clean, corrupt, metric, result: AttributionResult, *, k: int, n_subsets: int,
-                         p: float, confidence: float = 0.95, seed: int = 0) -> FalseNegativeBound:
+def false_negative_bound(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Tensor | Sequence[str],
+                         metric: Metric, result: AttributionResult, *, k: int, n_subsets: int, p: float,
+                         confidence: float = 0.95, seed: int = 0) -> FalseNegativeBound:
     """Verify the top ``k`` nodes of ``result`` and bound the effect of every other node.
 
     ``model``, ``clean``, ``corrupt``, ``metric``: those ``result`` was computed from (checked
@@ -132,7 +134,8 @@ def false_negative_bound(model, clean, corrupt, metric, result: AttributionResul
                               result.engine.forward_passes)
 
 
-def _rebind(model, clean, corrupt, metric, result: AttributionResult) -> AttributionResult:
+def _rebind(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Tensor | Sequence[str], metric: Metric,
+            result: AttributionResult) -> AttributionResult:
     """``result`` with a fresh engine on ``metric`` (its own forward-pass count), after checking
     that ``model``, ``clean`` and ``corrupt`` are those the result was computed from."""
     if not isinstance(result, AttributionResult):
