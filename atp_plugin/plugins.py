@@ -24,6 +24,7 @@ BUILTINS = (
     "atp_plugin.adapters.builtin",
     "atp_plugin.backends.builtin",
     "atp_plugin.backends.baselines",
+    "atp_plugin.backends.ig",
     "atp_plugin.hosts.hooked",
     "atp_plugin.hosts.bridge",
 )

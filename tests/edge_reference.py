@@ -156,3 +156,42 @@ def circuit_metric(model: HookedTransformer, clean: torch.Tensor, corrupt: torch
     hooks = [(h, record) for h in senders if h in ref.hook_dict] + [(rh, reader(rh)) for rh in {k[0] for k in excluded}]
     with torch.no_grad():
         return metric(ref.run_with_hooks(clean, fwd_hooks=hooks), torch.arange(len(clean)))
+
+
+def interpolated_grads(model: HookedTransformer, clean: torch.Tensor, corrupt: torch.Tensor, metric,
+                       hooks: set[str], steps: int) -> dict[str, torch.Tensor]:
+    """dL/d(hook value) averaged over the runs whose token embedding (``hook_embed``) is clean +
+    (k/m)(noise - clean), k = 1..m."""
+    noise_embed = cached(model, corrupt, {"hook_embed"})["hook_embed"]
+    total: dict[str, torch.Tensor] = {}
+    for k in range(1, steps + 1):
+        acts = {}
+
+        def keep(x, hook):
+            acts[hook.name] = x
+            return x
+
+        def mix(x, hook, alpha=k / steps):
+            return x + alpha * (noise_embed - x)
+
+        with torch.enable_grad():
+            logits = model.run_with_hooks(clean, fwd_hooks=[("hook_embed", mix)] + [(h, keep) for h in hooks])
+            grads = torch.autograd.grad(metric(logits, torch.arange(len(clean))).sum(), [acts[h] for h in sorted(hooks)])
+        for h, g in zip(sorted(hooks), grads):
+            total[h] = total.get(h, 0) + g / steps
+    return total
+
+
+def eap_ig(model: HookedTransformer, clean: torch.Tensor, corrupt: torch.Tensor, metric, steps: int
+           ) -> tuple[list[str], torch.Tensor]:
+    """Edge names and Iig per pair, edge and position ``[N, edges, T]``."""
+    split = split_model(model)
+    es = edges(model)
+    senders = {e[1] for e in es} | {"hook_pos_embed"}
+    noise, clean_acts = cached(split, corrupt, senders), cached(split, clean, senders)
+    grads = interpolated_grads(split, clean, corrupt, metric, {e[2] for e in es}, steps)
+    out = []
+    for name, wh, rh, ri in es:
+        delta = sender_value(noise, wh, name) - sender_value(clean_acts, wh, name)
+        out.append((delta * grads[rh][(slice(None), slice(None)) + ri]).sum(-1))
+    return [e[0] for e in es], torch.stack(out, 1)
