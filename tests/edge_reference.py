@@ -195,3 +195,41 @@ def eap_ig(model: HookedTransformer, clean: torch.Tensor, corrupt: torch.Tensor,
         delta = sender_value(noise, wh, name) - sender_value(clean_acts, wh, name)
         out.append((delta * grads[rh][(slice(None), slice(None)) + ri]).sum(-1))
     return [e[0] for e in es], torch.stack(out, 1)
+
+
+def qk_fixed(model: HookedTransformer, clean: torch.Tensor, corrupt: torch.Tensor, metric
+             ) -> tuple[list[str], torch.Tensor]:
+    """Names of the edges into queries and keys and their Iqk per pair and position ``[N, edges, T]``:
+    for each edge and position one real forward pass (up to the receiver's layer) with the sender's
+    change added to that q/k input alone, the new attention pattern read off, and sum (A' - A) G
+    with G = dL/dA on the clean run."""
+    split = split_model(model)
+    es = [e for e in edges(model) if e[2].endswith(("hook_q_input", "hook_k_input"))]
+    senders = {e[1] for e in es} | {"hook_pos_embed"}
+    noise, clean_acts = cached(split, corrupt, senders), cached(split, clean, senders)
+    patterns = {f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)}
+    G = interpolated_grads(model, clean, clean, metric, patterns, steps=1)  # alpha = 1 of clean -> clean: the clean run
+    A = cached(split, clean, patterns)
+    t = clean.shape[1]
+    out = []
+    for name, wh, rh, ri in es:
+        layer = int(rh.split(".")[1])
+        pattern = f"blocks.{layer}.attn.hook_pattern"
+        delta = sender_value(noise, wh, name) - sender_value(clean_acts, wh, name)
+        row = []
+        for pos in range(t):
+            got = {}
+
+            def add(x, hook, pos=pos, ri=ri, delta=delta):
+                x = x.clone()
+                x[(slice(None), pos) + ri] += delta[:, pos]
+                return x
+
+            def grab(x, hook):
+                got["A"] = x
+
+            with torch.no_grad():
+                split.run_with_hooks(clean, fwd_hooks=[(rh, add), (pattern, grab)], stop_at_layer=layer + 1)
+            row.append(((got["A"] - A[pattern]) * G[pattern]).sum((1, 2, 3)))
+        out.append(torch.stack(row, -1))
+    return [e[0] for e in es], torch.stack(out, 1)

@@ -1,5 +1,6 @@
 """Edges on a TransformerBridge in compatibility mode: the same numbers as HookedTransformer on the
-same weights (a random GPT-2 saved as a Hugging Face checkpoint and loaded both ways, float64)."""
+same weights (a random GPT-2 saved as a Hugging Face checkpoint and loaded both ways, float64); and
+left-padded string pairs on that model."""
 
 from __future__ import annotations
 
@@ -38,3 +39,27 @@ def test_exact_edges_equal_hooked(models):
     got = attribute_edges(bridge, clean, corrupt, metric, method="ap")
     torch.testing.assert_close(got.signed, want.signed, **TOL)
     assert float(want.signed.abs().max()) > 0.01
+
+
+PROMPTS = [("w1 w2 w3 w4 w5", "w1 w9 w3 w4 w5"), ("w7 w8 w9", "w7 w8 w2"), ("w3 w4 w5 w6", "w3 w11 w5 w6")]
+
+
+@pytest.mark.parametrize("method", ["atp", "atp+qk", "ap"])
+def test_left_padded_pairs_equal_each_pair_alone(models, method):
+    """Pairs of different lengths, left-padded together: each position's score is the mean over the
+    pairs where it is a real token of what each pair gives run alone, unpadded."""
+    from atp_plugin import metrics
+    hooked, _ = models
+    metric = metrics.logit_diff([5, 6, 7], [8, 9, 10])
+    together = attribute_edges(hooked, [c for c, _ in PROMPTS], [n for _, n in PROMPTS], metric, method=method,
+                               per_position=True)
+    t = together.scores.shape[1]
+    sums = torch.zeros_like(together.signed)
+    count = torch.zeros(t, dtype=torch.float64)
+    for i, (c, n) in enumerate(PROMPTS):
+        alone = attribute_edges(hooked, [c], [n], metrics.logit_diff([5 + i], [8 + i]), method=method, per_position=True)
+        width = alone.signed.shape[1]
+        sums[:, t - width:] += alone.signed
+        count[t - width:] += 1
+    assert together.pairs.tolist() == count.long().tolist()
+    torch.testing.assert_close(together.signed, sums / count, rtol=1e-9, atol=1e-10)
