@@ -109,3 +109,32 @@ def test_sender_edge_scores_sum_to_its_node_atp(variant):
         else:
             want = nodes.signed["mlp_neurons"][s.layer].sum(-1)
         torch.testing.assert_close(per_sender[i], want, rtol=1e-9, atol=1e-11)
+
+
+def test_bad_input_fails_before_any_run():
+    model, clean, corrupt, metric = setup("ln_gelu")
+    with pytest.raises(ValueError, match="unknown edge method 'eap'"):
+        attribute_edges(model, clean, corrupt, metric, method="eap")
+    with pytest.raises(TypeError, match="per_position must be True or False"):
+        attribute_edges(model, clean, corrupt, metric, per_position="yes")
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        attribute_edges(model, clean, corrupt, metric, batch_size=-1)
+    with pytest.raises(ValueError, match="clean has 2 prompts but corrupt has 1"):
+        attribute_edges(model, clean, corrupt[:1], metric)
+    result = attribute_edges(model, clean, corrupt, metric)
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        result.top(0)
+
+
+def test_unsupported_models_are_clear_errors():
+    from atp_plugin.errors import UnsupportedModelError
+    clean, corrupt = make_pairs(N, T)
+    post_norm = make_model(0, n_layers=2, normalization_type="RMS", use_normalization_before_and_after=True)
+    with pytest.raises(UnsupportedModelError, match="a norm after attention/MLP"):
+        attribute_edges(post_norm, clean, corrupt, logit_diff_metric(N))
+    model = make_model(0, n_layers=2)
+    # a residual that is no longer embedding + writes: caught on the first batch
+    model.blocks[1].hook_resid_post.add_hook(lambda x, hook: x * 1.5)
+    with pytest.raises(UnsupportedModelError, match="layer 1 residual"):
+        attribute_edges(model, clean, corrupt, logit_diff_metric(N))
+    model.reset_hooks()
