@@ -20,7 +20,7 @@ from atp_plugin import attribute, metrics, verify
 from atp_plugin.errors import UnsupportedModelError
 from atp_plugin.metrics import check_metric
 from conftest import VARIANTS, logit_diff_metric, make_model, make_pairs
-from test_reference import tokenized_model, word_tokenizer
+from helpers import tokenized_model, word_tokenizer
 
 ALL_NODES = ["attn_q", "attn_k", "attn_v", "attn_z", "mlp_neurons", "resid_pre"]
 ALL_METHODS = ["ap", "atp", "atp*", "atp+gd", "atp+qk"]

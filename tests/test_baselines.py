@@ -6,7 +6,6 @@ references: joint patches written here with TransformerLens hooks, one unpadded 
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -14,88 +13,26 @@ import torch
 from scipy import stats
 from transformer_lens import HookedTransformer
 
-from atp_plugin import attribute, metrics, plugins
+from atp_plugin import attribute, plugins
 from atp_plugin.backends.baselines import GroupPatching, Subsampling, random_subsets, real_nodes, subsample
 from conftest import logit_diff_metric, make_additive_model, make_model, make_pairs, make_planted_pairs
-from test_reference import tokenized_model
+from helpers import (
+    PADDED_CLEAN,
+    PADDED_CORRUPT,
+    PADDED_TYPES,
+    WIDTH,
+    Node,
+    joint_patch_effects,
+    padded_lengths,
+    padded_metric,
+    padded_nodes,
+    real_pair_means,
+    tokenized_model,
+)
 
 N, T = 3, 6
 
-# Left-padded pairs of lengths 3, 5 and 4 (padded width 5) for a word-level tokenizer ("wI" -> id I):
-# the longest pair's corrupt prompt differs at position 0, which is padding in the other two pairs.
-PADDED_CLEAN = ["w1 w2 w3", "w4 w5 w6 w7 w8", "w9 w10 w11 w12"]
-PADDED_CORRUPT = ["w20 w2 w3", "w24 w5 w21 w7 w8", "w9 w22 w11 w23"]
-PADDED_ANSWERS, PADDED_WRONGS = [5, 9, 30], [7, 2, 11]
-WIDTH = 5
-PADDED_TYPES = ["attn_v", "resid_pre"]
-HOOKS = {"attn_v": "blocks.{}.attn.hook_v", "resid_pre": "blocks.{}.hook_resid_pre"}
-#: (node_type, layer, pos counted from the left of the padded width, head or None)
-Node = tuple[str, int, int, int | None]
 
-
-def padded_metric() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """logit(answer) - logit(wrong) at the last token of each padded pair."""
-    return metrics.logit_diff(PADDED_ANSWERS, PADDED_WRONGS)
-
-
-def padded_nodes(model: HookedTransformer) -> list[Node]:
-    """Every attn_v and resid_pre node, in the order of the subsets' columns (as
-    ``backends.baselines.NodeSet`` orders them: site, i.e. node type then layer, then flat index over
-    [pos, head]); no position is padding in every pair."""
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    return ([("attn_v", layer, pos, head) for layer in range(n_layers) for pos in range(WIDTH)
-             for head in range(n_heads)]
-            + [("resid_pre", layer, pos, None) for layer in range(n_layers) for pos in range(WIDTH)])
-
-
-def node_label(node: Node) -> str:
-    """The node's label in ``AttributionResult.to_frame()``, e.g. \"attn_v L0 @2 H1\"."""
-    node_type, layer, pos, head = node
-    return f"{node_type} L{layer} @{pos}" + ("" if head is None else f" H{head}")
-
-
-def lengths(model: HookedTransformer) -> list[int]:
-    """Token count of each padded pair's clean prompt."""
-    return [len(model.to_tokens(s, prepend_bos=False)[0]) for s in PADDED_CLEAN]
-
-
-def joint_patch_effects(model: HookedTransformer, sets: list[list[Node]]) -> np.ndarray:
-    """``[sets, pairs]``: L(clean | every node of the set <- its corrupt value) - L(clean), each
-    clean prompt unpadded (one copy per set in a batch of that prompt alone) with hooks; a node at
-    a position that is padding in a pair does not exist there and is not patched."""
-    names = {HOOKS[t].format(layer) for nodes in sets for t, layer, _, _ in nodes}
-    out = np.zeros((len(sets), len(PADDED_CLEAN)))
-    for i, (c, x, a, w) in enumerate(zip(PADDED_CLEAN, PADDED_CORRUPT, PADDED_ANSWERS, PADDED_WRONGS)):
-        clean, corrupt = model.to_tokens(c, prepend_bos=False), model.to_tokens(x, prepend_bos=False)  # [1, t]
-        offset = WIDTH - clean.shape[1]  # left padding of this pair
-        where: dict[str, list[tuple]] = {}  # hook -> indices (copy, t(, head)) to patch
-        for j, nodes in enumerate(sets):
-            for node_type, layer, pos, head in nodes:
-                if pos >= offset:
-                    where.setdefault(HOOKS[node_type].format(layer), []).append(
-                        (j, pos - offset) + (() if head is None else (head,)))
-
-        with torch.no_grad():
-            _, cache = model.run_with_cache(corrupt, names_filter=lambda name: name in names)
-            base = model(clean)[0, -1]  # [vocab]
-
-        def patch(act: torch.Tensor, hook, where=where, cache=cache) -> torch.Tensor:
-            act = act.clone()
-            for index in where[hook.name]:
-                act[index] = cache[hook.name][(0,) + index[1:]]
-            return act
-
-        with torch.no_grad():
-            logits = model.run_with_hooks(clean.expand(len(sets), -1),
-                                          fwd_hooks=[(h, patch) for h in where])[:, -1]  # [sets, vocab]
-        out[:, i] = ((logits[:, a] - logits[:, w]) - (base[a] - base[w])).numpy()
-    return out
-
-
-def real_pair_means(model: HookedTransformer, effects: np.ndarray, positions: list[int]) -> np.ndarray:
-    """``[sets, len(positions)]``: each set's effect averaged over the pairs where the position is real."""
-    sizes = lengths(model)
-    return np.stack([effects[:, [i for i, n in enumerate(sizes) if pos >= WIDTH - n]].mean(1) for pos in positions], 1)
 
 
 def reported(result, nodes: list[Node], kind: str = "signed") -> np.ndarray:
@@ -267,7 +204,7 @@ def test_group_patching_on_left_padded_pairs(padded_model, method, branching, bl
     scores its exact effect over the pairs where it exists, every other node 0."""
     model = padded_model
     nodes = padded_nodes(model)
-    sizes = lengths(model)
+    sizes = padded_lengths(model)
     result = attribute(model, PADDED_CLEAN, PADDED_CORRUPT, padded_metric(), nodes=PADDED_TYPES, method=method)
     size = block_size or math.ceil(len(nodes) / branching)
     groups = [(a, min(a + size, len(nodes))) for a in range(0, len(nodes), size)]

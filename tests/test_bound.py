@@ -13,7 +13,7 @@ from scipy import stats
 from atp_plugin import attribute, false_negative_bound, metrics
 from atp_plugin.backends.baselines import random_subsets
 from conftest import logit_diff_metric, make_additive_model, make_model, make_pairs, make_planted_pairs
-from test_baselines import (
+from helpers import (
     PADDED_CLEAN,
     PADDED_CORRUPT,
     PADDED_TYPES,
@@ -22,8 +22,8 @@ from test_baselines import (
     padded_metric,
     padded_nodes,
     real_pair_means,
+    tokenized_model,
 )
-from test_reference import tokenized_model
 
 N, T = 3, 6
 S, P = 150, 0.3

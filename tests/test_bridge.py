@@ -16,9 +16,9 @@ from atp_plugin.adapters.builtin import SliceAdapter
 from atp_plugin.attribution import host_for
 from atp_plugin.errors import UnsupportedModelError
 from conftest import make_model
+from helpers import bridge_pairs as pairs  # also imported under this name by test_edges_bridge
+from helpers import make_sae, make_transcoder
 from hf_models import D_VOCAB, load_bridge, load_hooked, save_gpt2, save_llama, save_tokenizer
-from test_sae import make_sae
-from test_transcoder import make_transcoder
 
 ALL_NODES = ["attn_q", "attn_k", "attn_v", "attn_z", "mlp_neurons", "resid_pre"]
 FIRST_ORDER = ["atp", "atp+qk", "atp+gd", "atp*"]
@@ -45,18 +45,6 @@ def bridge(gpt2_dir):
 @pytest.fixture(scope="module")
 def hooked(gpt2_dir):
     return load_hooked(gpt2_dir)
-
-
-def pairs(n: int = 3, t: int = 6, seed: int = 1):
-    """Token pairs that differ at two positions, and a logit-difference metric."""
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(2, D_VOCAB, (n, t), generator=g)
-    corrupt = clean.clone()
-    for pos in (1, t - 3):
-        corrupt[:, pos] = torch.randint(2, D_VOCAB, (n,), generator=g)
-    metric = metrics.logit_diff(torch.randint(2, D_VOCAB, (n,), generator=g),
-                                torch.randint(2, D_VOCAB, (n,), generator=g))
-    return clean, corrupt, metric
 
 
 def assert_same(a, b, rtol: float = 1e-10, atol: float = 1e-14):

@@ -20,83 +20,33 @@ import warnings
 import pytest
 import torch
 from sae_lens import (
-    GatedSAE,
-    GatedSAEConfig,
-    HookedSAETransformer,
-    JumpReLUSAE,
-    JumpReLUSAEConfig,
-    StandardSAE,
-    StandardSAEConfig,
-    TopKSAE,
-    TopKSAEConfig,
     Transcoder,
     TranscoderConfig,
 )
-from transformer_lens import HookedTransformer
 
 from atp_plugin import attribute, metrics
 from atp_plugin.adapters import SAEFeatures
 from conftest import clean_gradients, logit_diff_metric, make_model, make_pairs
-from test_reference import clean_gradients as gradients_with_cut
-from test_reference import string_pairs, word_tokenizer
+from helpers import (
+    SAE_ARCHS,
+    SAE_N,
+    SAE_T,
+    close,
+    make_sae,
+    reference_gradients,
+    run_attribution,
+    spliced,
+    string_pairs,
+    word_tokenizer,
+)
 
-ARCHS = {
-    "standard": (StandardSAE, StandardSAEConfig, {}),
-    "topk": (TopKSAE, TopKSAEConfig, dict(k=4)),
-    "topk_rescaled": (TopKSAE, TopKSAEConfig, dict(k=4, rescale_acts_by_decoder_norm=True)),
-    "jumprelu_no_b_dec_in": (JumpReLUSAE, JumpReLUSAEConfig, dict(apply_b_dec_to_input=False)),
-    "gated": (GatedSAE, GatedSAEConfig, {}),
-    "layer_norm": (StandardSAE, StandardSAEConfig, dict(normalize_activations="layer_norm")),
-    "constant_norm": (JumpReLUSAE, JumpReLUSAEConfig, dict(normalize_activations="constant_norm_rescale")),
-}
 METHODS = ["atp", "atp+qk", "atp+gd", "atp*", "ap"]
-N, T = 3, 5
-
-
-def make_sae(arch: str, hook: str, d_in: int = 32, d_sae: int = 12, seed: int = 0, **extra):
-    """A random float64 SAE of architecture ``arch`` at ``hook``, biased so that features are active
-    on some inputs and not on others."""
-    cls, cfg_cls, kw = ARCHS[arch]
-    cfg = cfg_cls(d_in=d_in, d_sae=d_sae, dtype="float64", **{**kw, **extra})
-    cfg.metadata.hook_name = hook
-    torch.manual_seed(seed)
-    sae = cls(cfg)
-    with torch.no_grad():
-        for name, p in sae.named_parameters():
-            if name == "W_enc":
-                p.mul_(3.0)
-            elif name == "threshold":
-                p.uniform_(0.0, 0.2)
-            elif name.startswith(("b_", "r_mag")):
-                p.normal_(0, 0.3)
-    return sae.eval()
-
-
-def spliced(model: HookedTransformer, saes: list) -> HookedSAETransformer:
-    """The same model as a ``HookedSAETransformer`` with ``saes`` spliced in (error term on)."""
-    out = HookedSAETransformer(model.cfg)
-    out.load_state_dict(model.state_dict())
-    for sae in saes:
-        out.add_sae(sae, use_error_term=True)
-    return out.eval()
-
-
-def run(model, nodes, method: str, n: int = N, t: int = T):
-    clean, corrupt = make_pairs(n, t)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return attribute(model, clean, corrupt, logit_diff_metric(n), nodes=nodes, method=method)
-
-
-def close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = 1e-9) -> None:
-    scale = float(expected.abs().max())
-    assert scale > 1e-6, f"{what}: the expected values are (nearly) all zero, the comparison would prove nothing"
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=1e-10 * scale, msg=lambda m: f"{what}: {m}")
+N, T = SAE_N, SAE_T
 
 
 # --- first order is exact where the metric is linear in the site -------------------------------
 LINEAR_SITES = {
-    **{arch: (dict(n_layers=1, normalization_type=None), "blocks.0.hook_resid_post", {}) for arch in ARCHS},
+    **{arch: (dict(n_layers=1, normalization_type=None), "blocks.0.hook_resid_post", {}) for arch in SAE_ARCHS},
     "mlp_out_gated": (dict(n_layers=1, normalization_type=None), "blocks.0.hook_mlp_out", {}),
     "hook_z_topk": (dict(n_layers=1, attn_only=True, normalization_type=None), "blocks.0.attn.hook_z",
                     dict(reshape_activations="hook_z")),
@@ -113,7 +63,7 @@ def test_atp_is_exact_where_the_metric_is_linear_in_the_site(case: str) -> None:
     if case == "hook_z_one_head":
         sae.cfg.metadata.hook_head_index = 2
     model = make_model(**model_kw)
-    atp, ap = run(model, [SAEFeatures(sae)], "atp"), run(model, [SAEFeatures(sae)], "ap")
+    atp, ap = run_attribution(model, [SAEFeatures(sae)], "atp"), run_attribution(model, [SAEFeatures(sae)], "ap")
     name = f"sae:{hook}"
     assert set(atp.signed) == {name, name + ".error"}
     assert atp.signed[name].shape == (T, 12) and atp.signed[name + ".error"].shape == (T,)
@@ -141,7 +91,7 @@ def test_atp_equals_the_formula_with_model_gradients() -> None:
         expected = per_pair.mean(0)
         expected_err = ((err_noise - err) * grad).sum(-1).mean(0)               # [T]
 
-    res = run(model, [SAEFeatures(sae)], "atp")
+    res = run_attribution(model, [SAEFeatures(sae)], "atp")
     close(res.signed[f"sae:{hook}"], expected, "atp for features")
     close(res.signed[f"sae:{hook}.error"], expected_err, "atp for the error node")
     close(res.scores[f"sae:{hook}"], per_pair.abs().mean(0), "|atp| for features")
@@ -154,7 +104,7 @@ def test_atp_equals_the_formula_with_model_gradients() -> None:
 def test_exact_patch_equals_patching_the_spliced_sae(arch: str, hook: str) -> None:
     model = make_model(n_layers=2)
     sae = make_sae(arch, hook, **(dict(reshape_activations="hook_z") if hook.endswith("hook_z") else {}))
-    res = run(model, [SAEFeatures(sae)], "ap")
+    res = run_attribution(model, [SAEFeatures(sae)], "ap")
 
     ref = spliced(model, [sae])
     clean, corrupt = make_pairs(N, T)
@@ -205,7 +155,7 @@ def two_ways():
 @pytest.mark.parametrize("method", METHODS)
 def test_spliced_and_plain_models_give_the_same_numbers(two_ways, method: str) -> None:
     model, with_saes, nodes = two_ways
-    plain, spl = run(model, nodes, method), run(with_saes, nodes, method)
+    plain, spl = run_attribution(model, nodes, method), run_attribution(with_saes, nodes, method)
     assert set(plain.scores) == set(spl.scores) == {k for a in nodes if not isinstance(a, str)
                                                      for k in (a.name, a.name + ".error")} | {"attn_q", "attn_z"}
     for key in plain.scores:
@@ -276,8 +226,8 @@ def test_graddrop_of_sae_features_equals_the_naive_reference_at_every_site() -> 
         with torch.no_grad():
             _, clean_cache = model.run_with_cache(c_tok, names_filter=list(saes))
             _, noise_cache = model.run_with_cache(x_tok, names_filter=list(saes))
-        full = gradients_with_cut(model, c_tok, metric, list(saes))
-        cuts = [gradients_with_cut(model, c_tok, metric, list(saes), cut=layer) for layer in range(n_layers)]
+        full = reference_gradients(model, c_tok, metric, list(saes))
+        cuts = [reference_gradients(model, c_tok, metric, list(saes), cut=layer) for layer in range(n_layers)]
         for hook, sae in saes.items():
             atp = sae_estimates(sae, clean_cache[hook], noise_cache[hook], full[hook])
             per_cut = [sae_estimates(sae, clean_cache[hook], noise_cache[hook], g[hook]) for g in cuts]
@@ -327,7 +277,7 @@ def test_a_spliced_transcoder_and_bypassed_tokens_keep_the_models_gradients(meth
     with_saes.add_sae(make_sae("standard", "blocks.0.hook_resid_post"), use_error_term=True,
                       exclude_special_tokens=clean[:, 1].tolist())
     nodes = ["attn_z", "mlp_neurons", "resid_pre"]
-    plain, spl = run(model, nodes, method), run(with_saes, nodes, method)
+    plain, spl = run_attribution(model, nodes, method), run_attribution(with_saes, nodes, method)
     for key in nodes:
         close(spl.scores[key], plain.scores[key], f"{method}: {key} under a spliced transcoder and SAE")
 
@@ -336,17 +286,17 @@ def test_several_saes_at_one_hook_with_distinct_names() -> None:
     hook = "blocks.0.hook_resid_post"
     a, b = make_sae("standard", hook, seed=1), make_sae("topk", hook, seed=2)
     with pytest.raises(ValueError, match="requested twice"):
-        run(model, [SAEFeatures(a), SAEFeatures(b)], "atp")
-    both = run(model, [SAEFeatures(a, "a"), SAEFeatures(b, "b")], "ap")
+        run_attribution(model, [SAEFeatures(a), SAEFeatures(b)], "atp")
+    both = run_attribution(model, [SAEFeatures(a, "a"), SAEFeatures(b, "b")], "ap")
     for name, sae in (("a", a), ("b", b)):
-        alone = run(model, [SAEFeatures(sae, name)], "ap")
+        alone = run_attribution(model, [SAEFeatures(sae, name)], "ap")
         close(both.signed[name], alone.signed[name], f"SAE {name} beside another at its hook")
         close(both.signed[name + ".error"], alone.signed[name + ".error"], f"error of SAE {name}")
 
 
 def test_frame_labels_features() -> None:
     model = make_model(n_layers=1, normalization_type=None)
-    res = run(model, [SAEFeatures(make_sae("standard", "blocks.0.hook_resid_post"), "sae0")], "atp")
+    res = run_attribution(model, [SAEFeatures(make_sae("standard", "blocks.0.hook_resid_post"), "sae0")], "atp")
     frame = res.to_frame()
     feats = frame[frame.node_type == "sae0"]
     assert len(feats) == T * 12 and sorted(feats.feature.unique()) == list(range(12))
@@ -375,17 +325,17 @@ def test_transformer_bridge_gives_the_numbers_of_hooked_transformer(tmp_path, me
 def test_an_sae_that_does_not_fit_the_model_is_a_clear_error() -> None:
     model = make_model(n_layers=2)
     with pytest.raises(ValueError, match="d_in=16"):
-        run(model, [SAEFeatures(make_sae("standard", "blocks.0.hook_resid_post", d_in=16))], "atp")
+        run_attribution(model, [SAEFeatures(make_sae("standard", "blocks.0.hook_resid_post", d_in=16))], "atp")
     with pytest.raises(ValueError, match="no hook 'blocks.5.hook_resid_post'"):
-        run(model, [SAEFeatures(make_sae("standard", "blocks.5.hook_resid_post"))], "atp")
+        run_attribution(model, [SAEFeatures(make_sae("standard", "blocks.5.hook_resid_post"))], "atp")
     with pytest.raises(ValueError, match="d_in=32"):
-        run(model, [SAEFeatures(make_sae("standard", "blocks.0.mlp.hook_post"))], "atp")  # d_mlp = 64
+        run_attribution(model, [SAEFeatures(make_sae("standard", "blocks.0.mlp.hook_post"))], "atp")  # d_mlp = 64
     with pytest.raises(ValueError, match="reshape_activations='hook_z'"):
-        run(model, [SAEFeatures(make_sae("standard", "blocks.0.attn.hook_z", d_in=8))], "atp")
+        run_attribution(model, [SAEFeatures(make_sae("standard", "blocks.0.attn.hook_z", d_in=8))], "atp")
     one_head = make_sae("standard", "blocks.0.attn.hook_z", d_in=8)
     one_head.cfg.metadata.hook_head_index = 4
     with pytest.raises(ValueError, match="no head 4"):
-        run(model, [SAEFeatures(one_head)], "atp")
+        run_attribution(model, [SAEFeatures(one_head)], "atp")
     unhooked = make_sae("standard", "x")
     unhooked.cfg.metadata.hook_name = None
     with pytest.raises(ValueError, match="names no hook"):
@@ -393,7 +343,8 @@ def test_an_sae_that_does_not_fit_the_model_is_a_clear_error() -> None:
     with pytest.raises(TypeError, match="SAE-Lens SAE"):
         SAEFeatures(model)
     with pytest.raises(TypeError, match=r"got a sae_lens\.\S+StandardSAE; wrap it: nodes=\[SAEFeatures\(\.\.\.\)\]"):
-        run(model, [make_sae("standard", "blocks.0.hook_resid_post")], "atp")  # the SAE itself, not its adapter
+        # the SAE itself, not its adapter
+        run_attribution(model, [make_sae("standard", "blocks.0.hook_resid_post")], "atp")
 
 
 def test_a_transcoder_is_sent_to_transcoder_features() -> None:
@@ -410,4 +361,4 @@ def test_a_spliced_sae_without_error_term_is_a_clear_error() -> None:
     ref = spliced(model, [])
     ref.add_sae(sae, use_error_term=False)
     with pytest.raises(ValueError, match="use_error_term=True"):
-        run(ref, [SAEFeatures(sae)], "atp")
+        run_attribution(ref, [SAEFeatures(sae)], "atp")

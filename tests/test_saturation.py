@@ -13,8 +13,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from conftest import logit_diff_metric, make_pairs  # noqa: E402
+from helpers import check_against_reference  # noqa: E402
 from saturation import saturated_model, study  # noqa: E402
-from test_reference import check_against_reference  # noqa: E402
 
 SEEDS = [0, 1]  # 2 models x 8 pairs, one pair at a time; K = 5 of 96 q/k nodes per pair
 

@@ -18,50 +18,13 @@ import warnings
 
 import pytest
 import torch
-from sae_lens import (
-    JumpReLUSkipTranscoder,
-    JumpReLUSkipTranscoderConfig,
-    JumpReLUTranscoder,
-    JumpReLUTranscoderConfig,
-    SkipTranscoder,
-    SkipTranscoderConfig,
-    Transcoder,
-    TranscoderConfig,
-)
 
 from atp_plugin import attribute, false_negative_bound
 from atp_plugin.adapters import SAEFeatures, TranscoderFeatures
 from conftest import clean_gradients, logit_diff_metric, make_model, make_pairs
-from test_sae import close, make_sae, run, spliced
+from helpers import D_SAE, SAE_N, SAE_T, TRANSCODER_ARCHS, close, make_sae, make_transcoder, run_attribution, spliced
 
-ARCHS = {
-    "transcoder": (Transcoder, TranscoderConfig),
-    "skip": (SkipTranscoder, SkipTranscoderConfig),
-    "jumprelu": (JumpReLUTranscoder, JumpReLUTranscoderConfig),
-    "jumprelu_skip": (JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig),
-}
-N, T, D_SAE = 3, 5, 12
-
-
-def make_transcoder(arch: str, hook_in: str, hook_out: str, *, d_in: int = 32, d_out: int = 32, seed: int = 0):
-    """A random float64 transcoder ``hook_in -> hook_out``, biased so that features are active on
-    some inputs and not on others; skip transcoders get a non-zero skip matrix."""
-    cls, cfg_cls = ARCHS[arch]
-    cfg = cfg_cls(d_in=d_in, d_sae=D_SAE, d_out=d_out, dtype="float64", apply_b_dec_to_input=False)
-    cfg.metadata.hook_name, cfg.metadata.hook_name_out = hook_in, hook_out
-    torch.manual_seed(seed)
-    tc = cls(cfg)
-    with torch.no_grad():
-        for name, p in tc.named_parameters():
-            if name == "W_enc":
-                p.mul_(3.0)
-            elif name == "threshold":
-                p.uniform_(0.0, 0.2)
-            elif name.startswith("b_"):
-                p.normal_(0, 0.3)
-            elif name == "W_skip":
-                p.normal_(0, 0.1)
-    return tc.eval()
+N, T = SAE_N, SAE_T
 
 
 def name_of(tc) -> str:
@@ -69,14 +32,14 @@ def name_of(tc) -> str:
 
 
 # --- exact patching against a hand-written patch ----------------------------------------------
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", sorted(TRANSCODER_ARCHS))
 def test_ap_equals_a_hand_written_patch_at_the_output_hook(arch: str) -> None:
     """Layer 0's MLP replaced in a 2-layer LayerNorm model: every feature and error node at every
     position, patched by adding its change at ``hook_mlp_out`` (the effect runs through layer 1)."""
     hook_in, hook_out = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"
     tc = make_transcoder(arch, hook_in, hook_out)
     model = make_model(n_layers=2)
-    res = run(model, [TranscoderFeatures(tc)], "ap")
+    res = run_attribution(model, [TranscoderFeatures(tc)], "ap")
 
     clean, corrupt = make_pairs(N, T)
     metric = logit_diff_metric(N)
@@ -110,13 +73,14 @@ def test_ap_equals_a_hand_written_patch_at_the_output_hook(arch: str) -> None:
 
 
 # --- first order is exact where the metric is linear in the output hook --------------------------
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", sorted(TRANSCODER_ARCHS))
 def test_atp_is_exact_where_the_metric_is_linear_in_the_output_hook(arch: str) -> None:
     """Last layer's MLP, no normalisation: the logit difference is linear in ``hook_mlp_out``, and a
     feature's patch leaves the input (``hook_resid_mid``) unchanged."""
     tc = make_transcoder(arch, "blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out")
     model = make_model(n_layers=2, normalization_type=None)
-    atp, ap = run(model, [TranscoderFeatures(tc)], "atp"), run(model, [TranscoderFeatures(tc)], "ap")
+    atp = run_attribution(model, [TranscoderFeatures(tc)], "atp")
+    ap = run_attribution(model, [TranscoderFeatures(tc)], "ap")
     name = name_of(tc)
     close(atp.signed[name], ap.signed[name], f"{arch}: atp == ap for features")
     close(atp.signed[name + ".error"], ap.signed[name + ".error"], f"{arch}: atp == ap for the error node")
@@ -132,7 +96,7 @@ def test_graddrop_places_the_nodes_in_the_output_hooks_layer() -> None:
     last = make_transcoder("jumprelu", "blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out", seed=1)
     first = make_transcoder("skip", "blocks.0.hook_resid_mid", "blocks.0.hook_mlp_out", seed=2)
     nodes = [TranscoderFeatures(last), TranscoderFeatures(first)]
-    gd, atp = run(model, nodes, "atp+gd"), run(model, nodes, "atp")
+    gd, atp = run_attribution(model, nodes, "atp+gd"), run_attribution(model, nodes, "atp")
     for key in (name_of(last), name_of(last) + ".error"):
         close(gd.scores[key], atp.scores[key], f"atp+gd == atp for the last layer's {key}")
 
@@ -167,7 +131,7 @@ def two_ways():
 @pytest.mark.parametrize("method", ["atp", "atp+qk", "atp*", "ap"])
 def test_spliced_and_plain_models_give_the_same_numbers(two_ways, method: str) -> None:
     model, with_saes, nodes = two_ways
-    plain, spl = run(model, nodes, method), run(with_saes, nodes, method)
+    plain, spl = run_attribution(model, nodes, method), run_attribution(with_saes, nodes, method)
     assert set(plain.scores) == set(spl.scores)
     for key in plain.scores:
         close(spl.scores[key], plain.scores[key], f"{method}: scores of {key}")
@@ -185,7 +149,7 @@ def test_a_joint_patch_recomputes_features_from_the_patched_input_as_sae_lens_do
     hook_in, hook_out = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"
     tc = make_transcoder("jumprelu_skip", hook_in, hook_out, seed=5)
     model = make_model(n_layers=2)
-    res = run(model, [TranscoderFeatures(tc), "attn_z"], "atp")
+    res = run_attribution(model, [TranscoderFeatures(tc), "attn_z"], "atp")
     (t, i), t_err, (t_z, h) = (T - 2, 3), T - 1, (1, 2)
     nodes = {(0, ""): torch.tensor([t * D_SAE + i]), (0, ".error"): torch.tensor([t_err]),
              (1, ""): torch.tensor([t_z * model.cfg.n_heads + h])}  # site 1: attn_z of layer 0
@@ -218,12 +182,12 @@ def test_a_joint_patch_recomputes_features_from_the_patched_input_as_sae_lens_do
 def test_every_backend_verify_and_the_bound_run_on_transcoder_nodes(two_ways) -> None:
     model, with_saes, nodes = two_ways
     nodes = nodes[:2] + ["attn_z"]
-    ap = run(model, nodes, "ap")
-    iterative = run(model, nodes, "iterative")
+    ap = run_attribution(model, nodes, "ap")
+    iterative = run_attribution(model, nodes, "iterative")
     for key in ap.scores:
         close(iterative.signed[key], ap.signed[key], f"iterative == ap for {key}")
     for method in ("subsampling", "blocks", "hierarchical", "atp+gd"):
-        res = run(with_saes, nodes, method)
+        res = run_attribution(with_saes, nodes, method)
         for key in ap.scores:
             assert res.scores[key].shape == ap.scores[key].shape and torch.isfinite(res.scores[key]).all(), \
                 f"{method}: {key}"
@@ -257,12 +221,12 @@ def test_a_transcoder_that_does_not_fit_the_model_is_a_clear_error() -> None:
     ]
     for tc, match in cases:
         with pytest.raises(ValueError, match=match):
-            run(model, [TranscoderFeatures(tc)], "ap")
+            run_attribution(model, [TranscoderFeatures(tc)], "ap")
     tc = make_transcoder("transcoder", "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out")
     with pytest.raises(TypeError, match="TranscoderFeatures"):
         SAEFeatures(tc)
     with pytest.raises(TypeError, match=r"wrap it: nodes=\[TranscoderFeatures\(\.\.\.\)\]"):
-        run(model, [tc], "atp")
+        run_attribution(model, [tc], "atp")
     with pytest.raises(TypeError, match="SAE-Lens Transcoder"):
         TranscoderFeatures(make_sae("standard", "blocks.0.hook_resid_post"))
     tc.cfg.metadata.hook_name_out = None
@@ -272,4 +236,4 @@ def test_a_transcoder_that_does_not_fit_the_model_is_a_clear_error() -> None:
     ref = spliced(model, [])
     ref.add_sae(tc, use_error_term=False)
     with pytest.raises(ValueError, match="use_error_term=True"):
-        run(ref, [TranscoderFeatures(tc)], "atp")
+        run_attribution(ref, [TranscoderFeatures(tc)], "atp")
