@@ -3,10 +3,11 @@ EAP-IG, exact edge patching), circuits and their faithfulness. See ``graph`` for
 and its naming."""
 
 from .attribute import METHODS, attribute_edges
-from .circuit import (MIB_PERCENTAGES, Circuit, FaithfulnessCurve, faithfulness, faithfulness_curve, pruned,
-                      threshold_circuit, top_circuit)
+from .circuit import (MIB_PERCENTAGES, Circuit, FaithfulnessCurve, faithfulness, faithfulness_curve, faithfulness_of,
+                      pruned, threshold_circuit, top_circuit)
 from .graph import Graph, Receiver, Sender
 from .result import EdgeResult
 
 __all__ = ["METHODS", "MIB_PERCENTAGES", "Circuit", "EdgeResult", "FaithfulnessCurve", "Graph", "Receiver", "Sender",
-           "attribute_edges", "faithfulness", "faithfulness_curve", "pruned", "threshold_circuit", "top_circuit"]
+           "attribute_edges", "faithfulness", "faithfulness_curve", "faithfulness_of", "pruned", "threshold_circuit",
+           "top_circuit"]

@@ -170,6 +170,13 @@ def _as_circuit(graph: Graph, circuit: Circuit | Sequence[str]) -> Circuit:
     return Circuit.from_names(graph, list(circuit))
 
 
+def faithfulness_of(result: EdgeResult, circuits: list[Circuit]) -> list[float]:
+    """Faithfulness of each of ``circuits`` on ``result``'s model, pairs and metric (the clean and
+    corrupt runs shared between them)."""
+    with eval_mode(result.context.host.model, "faithfulness_of()"):
+        return _faithfulness(result.context, [_as_circuit(result.graph, c) for c in circuits])
+
+
 def _faithfulness(ctx: Context, circuits: list[Circuit]) -> list[float]:
     t = ctx.pairs.clean.shape[1]
     for c in circuits:
@@ -210,8 +217,7 @@ def faithfulness_curve(result: EdgeResult, percentages: Sequence[float] = MIB_PE
     sizes = tuple(int(p * n) for p in ps)
     circuits = [top_circuit(result, size, prune=prune, rank=rank) for size in sizes]
     before = ctx.forward_passes
-    with eval_mode(ctx.host.model, "faithfulness_curve()"):
-        f = _faithfulness(ctx, circuits)
+    f = faithfulness_of(result, circuits)
     cpr, cmd = trapezoid(ps, f), trapezoid(ps, [abs(1 - v) for v in f])
     return FaithfulnessCurve(ps, sizes, tuple(c.n_edges for c in circuits), tuple(f), cpr, cmd, sum(f) / len(f),
                              ctx.forward_passes - before)

@@ -1,0 +1,53 @@
+"""``atp circuit`` (atp_plugin/commands/circuit.py) on the bundled IOI model: the printed
+faithfulness and files against the library computed independently; bad arguments."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import xml.etree.ElementTree as ET
+
+import pandas as pd
+import pytest
+
+from atp_plugin.commands import circuit as command
+from atp_plugin.commands.usage import UsageError, demo_task
+from atp_plugin.edges import attribute_edges, faithfulness, faithfulness_curve, top_circuit
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_circuit_command_on_the_demo_model(tmp_path, capsys):
+    svg, csv, js = tmp_path / "c.svg", tmp_path / "c.csv", tmp_path / "c.json"
+    assert command.run(parse(["--n-pairs", "4", "--size", "25", "--curve", "--svg", str(svg), "--out-csv", str(csv),
+                              "--out-json", str(js), "--quiet"])) == 0
+    out = capsys.readouterr().out
+    model, task, metric = demo_task(4, 0)
+    result = attribute_edges(model, task.clean, task.corrupt, metric)
+    circuit = top_circuit(result, 25)
+    f = faithfulness(model, task.clean, task.corrupt, metric, circuit)
+    assert f"circuit: {circuit.n_edges} edges (top 25, dangling edges pruned); faithfulness {f:.4f}" in out
+    curve = faithfulness_curve(result)
+    assert f"CPR (area under the curve) {curve.cpr:.4f}; CMD (area between it and 1) {curve.cmd:.4f}" in out
+    saved = json.loads(js.read_text())
+    assert saved["faithfulness"] == pytest.approx(f, rel=1e-12) and sorted(saved["circuit"]) == sorted(circuit.edges())
+    table = pd.read_csv(csv)
+    assert len(table) == result.graph.n_edges and int(table["in_circuit"].sum()) == circuit.n_edges
+    root = ET.fromstring(svg.read_text())  # well-formed, self-contained: no external references
+    assert root.tag.endswith("svg") and "href" not in svg.read_text()
+    titles = [t.text.split(":")[0] for t in root.iter("{http://www.w3.org/2000/svg}title")]
+    assert set(titles) == set(circuit.edges())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--size", "-1"], "--size must be at least 0"),
+    (["--n-pairs", "0"], "--n-pairs must be at least 1"),
+    (["--model", "gpt2"], "--pairs FILE is required"),
+])
+def test_bad_arguments(argv, message):
+    with pytest.raises(UsageError, match=message):
+        command.run(parse(argv))
