@@ -9,12 +9,14 @@ import torch
 from ..attribution import check_length, eval_mode, host_for, positive_int
 from ..engine import bind_metric
 from ..engine.pairs import make_pairs
+from ..engine.runs import run
 from ..metrics import check_metric
 from .context import Context
 from .graph import build_graph
 from .model import check_structure, parts_of
 from .result import EdgeResult
 from .scores import atp_batch, ig_batch
+from .values import receiver_hooks, sender_hooks
 
 #: method -> what it computes
 METHODS = {
@@ -46,12 +48,12 @@ def attribute_edges(model: Any, clean: torch.Tensor | Sequence[str], corrupt: to
     batch_size = positive_int(batch_size or DEFAULT_BATCH, "batch_size", "it is the number of pairs run at a time")
     patch_batch_size = positive_int(patch_batch_size, "patch_batch_size",
                                     "it is the number of patched prompts run at a time")
-    ctx = make_context(model, clean, corrupt, metric, batch_size=batch_size, patch_batch_size=patch_batch_size,
-                       progress=progress)
-    if method == "atp+qk":
-        for layer in range(ctx.parts.n_layers):
-            ctx.host.attention(layer)  # unsupported attention variants fail here, before any run
     with eval_mode(model, "attribute_edges()"):
+        ctx = make_context(model, clean, corrupt, metric, batch_size=batch_size, patch_batch_size=patch_batch_size,
+                           progress=progress)
+        if method == "atp+qk":
+            for layer in range(ctx.parts.n_layers):
+                ctx.host.attention(layer)  # unsupported attention variants fail here, before the method's runs
         scores, signed = _run(ctx, method, ig_steps, per_position)
     pairs = ctx.pairs
     return EdgeResult(method, ctx.graph, scores, signed, per_position, pairs.mask.sum(0).cpu(), pairs.n,
@@ -60,13 +62,18 @@ def attribute_edges(model: Any, clean: torch.Tensor | Sequence[str], corrupt: to
 
 def make_context(model: Any, clean, corrupt, metric, *, batch_size: int = DEFAULT_BATCH, patch_batch_size: int = 64,
                  progress: bool | None = None) -> Context:
-    """Validated pairs, the model's parts and graph, and the bound metric (errors before any run)."""
+    """Validated pairs, the model's parts and graph, and the bound metric; bad input fails before any
+    run, then the model's structure is checked on one clean prompt (``check_structure``). Call it
+    with the model in eval mode."""
     host = host_for(model)
     parts = parts_of(host)
     pairs = make_pairs(host, clean, corrupt)
     check_length(host, pairs.clean.shape[1])
     check_metric(metric, pairs.mask, host.d_vocab)
     acc = torch.float64 if host.dtype == torch.float64 else torch.float32
+    with torch.no_grad():  # one prompt, not counted as the method's cost
+        _, values = run(host, pairs.clean[:1], pairs.mask[:1], receiver_hooks(parts) | sender_hooks(parts))
+    check_structure(parts, values, pairs.mask[:1])
     return Context(parts, build_graph(parts), pairs, bind_metric(metric), acc, batch_size, patch_batch_size, progress)
 
 
@@ -75,7 +82,6 @@ def _run(ctx: Context, method: str, ig_steps: int, per_position: bool) -> tuple[
     if method == "ap":
         return _exact(ctx, per_position)
     sums = abs_sums = None
-    checked = False
     for idx in ctx.batches(f"edges ({method})"):
         tokens, corrupt, mask = ctx.pairs.clean[idx], ctx.pairs.corrupt[idx], ctx.pairs.mask[idx]
         if method == "ig":
@@ -83,13 +89,10 @@ def _run(ctx: Context, method: str, ig_steps: int, per_position: bool) -> tuple[
             ctx.forward_passes += (2 + ig_steps) * len(idx)
             ctx.backward_passes += ig_steps * len(idx)
         else:
-            est, values = atp_batch(ctx.parts, ctx.graph, tokens, corrupt, mask, ctx.bound(idx), ctx.dtype,
+            est = atp_batch(ctx.parts, ctx.graph, tokens, corrupt, mask, ctx.bound(idx), ctx.dtype,
                                     qk=method == "atp+qk")
             ctx.forward_passes += 2 * len(idx)
             ctx.backward_passes += len(idx)
-            if not checked:
-                check_structure(ctx.parts, values, mask)
-                checked = True
         est = est.cpu()  # [batch, edge, pos]
         if not per_position:
             est = est.sum(-1)  # [batch, edge]: the edge patched at every position, to first order

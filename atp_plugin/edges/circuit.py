@@ -154,10 +154,9 @@ def faithfulness(model: Any, clean, corrupt, metric, circuit: Circuit | Sequence
                  batch_size: int = 16, patch_batch_size: int = 64) -> float:
     """(L(C) - L(corrupt)) / (L(clean) - L(corrupt)), means over pairs, with every edge outside
     ``circuit`` (a ``Circuit`` or edge names) patched from the corrupt prompt."""
-    ctx = make_context(model, clean, corrupt, metric, batch_size=batch_size, patch_batch_size=patch_batch_size)
-    circuit = _as_circuit(ctx.graph, circuit)
     with eval_mode(model, "faithfulness()"):
-        return _faithfulness(ctx, [circuit])[0]
+        ctx = make_context(model, clean, corrupt, metric, batch_size=batch_size, patch_batch_size=patch_batch_size)
+        return _faithfulness(ctx, [_as_circuit(ctx.graph, circuit)])[0]
 
 
 def _as_circuit(graph: Graph, circuit: Circuit | Sequence[str]) -> Circuit:

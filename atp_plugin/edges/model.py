@@ -99,7 +99,7 @@ def parts_of(host: Host) -> Parts:
 
 
 def check_structure(parts: Parts, values: dict[str, torch.Tensor], mask: torch.Tensor) -> None:
-    """Check on one run's values (``hooks.needed`` of every layer) that the recomputations the edge
+    """Check on one run's values (every layer's resid_pre/mid/post, q, k, v, z and MLP output) that the recomputations the edge
     engine relies on reproduce the model: q/k/v from ``ln1(resid_pre)``, the MLP output from
     ``mlp(ln2(resid))``, and the residual as the sum of embedding, head writes, MLP writes and
     constant biases. Relative tolerance 1e-9 in float64, 1e-4 otherwise; padding positions skipped."""

@@ -44,9 +44,9 @@ def noise_writes(parts: Parts, corrupt: torch.Tensor, mask: torch.Tensor, dtype:
 
 
 def atp_batch(parts: Parts, graph: Graph, tokens: torch.Tensor, corrupt: torch.Tensor, mask: torch.Tensor,
-              metric: Metric, dtype: torch.dtype, *, qk: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              metric: Metric, dtype: torch.dtype, *, qk: bool) -> torch.Tensor:
     """Iatp (Iqk for edges into q/k with ``qk``) per pair, edge and position: ``[batch, edge, pos]``, 0
-    at padding; and the clean run's hook values (for ``check_structure``)."""
+    at padding."""
     noise = noise_writes(parts, corrupt, mask, dtype)
     geoms = {layer: parts.host.attention(layer) for layer in range(parts.n_layers)} if qk else {}
     extra = {h for g in geoms.values() for h in (g.q_hook, g.k_hook, g.scores_hook, g.pattern_hook)}
@@ -56,7 +56,7 @@ def atp_batch(parts: Parts, graph: Graph, tokens: torch.Tensor, corrupt: torch.T
         out = edge_products(graph, delta, receiver_grads(parts, values, grads, dtype))
         for layer, geom in geoms.items():
             _qk_fix(parts, graph, layer, geom, values, grads, delta, mask, out, dtype)
-    return out * mask[:, None, :], values
+    return out * mask[:, None, :]
 
 
 def ig_batch(parts: Parts, graph: Graph, tokens: torch.Tensor, corrupt: torch.Tensor, mask: torch.Tensor,

@@ -1,0 +1,122 @@
+"""Speed benchmark for edges, on bench_atp.py's model and pairs (6 layers, d_model 256, 8 heads,
+d_mlp 1024, float32; 16 pairs of 24 tokens), in one process, medians of interleaved rounds.
+
+- edges atp / atp+qk: ``attribute_edges`` for every edge of the model (per position), end to end;
+  compared with node ``atp+qk`` over q, k, v, z and neurons (``attribute``), target <= 1.5x.
+- edges ig (``--ig-steps``, default 5): compared with one forward + backward of the bare model,
+  target <= (steps + 1)x.
+- TransformerLens's own EAP (``attribution_patch(..., granularity="edge")``, TransformerLens >= 4.3
+  with a TransformerBridge): run with ``--tl4`` in an environment that has it; the same weights are
+  saved as a GPT-2 checkpoint and booted as a Bridge, and both are timed on it.
+
+Usage: python benchmarks/bench_edges.py [--repeats 5] [--ig-steps 5] [--tl4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_atp import N_PAIRS, N_TOKENS, NODES, interleaved_times, make_task  # noqa: E402
+
+import atp_plugin  # noqa: E402
+from atp_plugin import metrics  # noqa: E402
+from atp_plugin.edges import attribute_edges  # noqa: E402
+
+TARGETS = {"edges atp+qk / node atp+qk": 1.5}
+
+
+def forward_backward(model, clean: torch.Tensor, metric) -> None:
+    """One forward + backward of the summed metric to the residual entering layer 0."""
+    idx = torch.arange(clean.shape[0])
+    resid: dict[str, torch.Tensor] = {}
+
+    def leaf(x, hook):
+        resid["x"] = x.detach().requires_grad_(True)
+        return resid["x"]
+
+    logits = model.run_with_hooks(clean, fwd_hooks=[("blocks.0.hook_resid_pre", leaf)])
+    torch.autograd.grad(metric(logits, idx).sum(), resid["x"])
+
+
+def hooked_rows(repeats: int, steps: int) -> list[tuple[str, float]]:
+    from bench_atp import build_model
+    model = build_model()
+    clean, corrupt, answer, wrong = make_task()
+    metric = metrics.logit_diff(answer, wrong)
+    n_edges = attribute_edges(model, clean[:1], corrupt[:1], metrics.logit_diff(answer[:1], wrong[:1])).graph.n_edges
+
+    def edges(method: str):
+        return lambda: attribute_edges(model, clean, corrupt, metric, method=method, ig_steps=steps,
+                                       per_position=True, batch_size=N_PAIRS, progress=False)
+
+    fns = {"one forward + backward": lambda: forward_backward(model, clean, metric),
+           "node atp+qk (q, k, v, z, neurons)": lambda: atp_plugin.attribute(
+               model, clean, corrupt, metric, nodes=NODES, method="atp+qk", batch_size=N_PAIRS, progress=False),
+           f"edges atp ({n_edges} edges x {N_TOKENS} positions)": edges("atp"),
+           "edges atp+qk": edges("atp+qk"),
+           f"edges ig ({steps} steps)": edges("ig")}
+    times = interleaved_times(fns, repeats)
+    names = list(times)
+    rows = [(name, times[name]) for name in names]
+    rows += [("edges atp / node atp+qk", times[names[2]] / times[names[1]]),
+             ("edges atp+qk / node atp+qk (target <= 1.5)", times[names[3]] / times[names[1]]),
+             (f"edges ig / one forward + backward (target <= {steps + 1})", times[names[4]] / times[names[0]])]
+    return rows
+
+
+def tl4_rows(repeats: int) -> list[tuple[str, float]]:
+    """TransformerLens 4.3's edge EAP and ours on one Bridge (a GPT-2 with the benchmark's sizes)."""
+    import transformers
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformer_lens.tools.analysis.attribution_patching import EdgeAttributionConfig, attribution_patch
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=6, n_embd=256, n_head=8, n_inner=1024, vocab_size=1000, n_positions=64)
+    path = Path(tempfile.mkdtemp()) / "bench-gpt2"
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
+    bridge = TransformerBridge.boot_transformers(str(path), hf_model=transformers.GPT2LMHeadModel.from_pretrained(path),
+                                                 tokenizer=None)
+    bridge.enable_compatibility_mode(disable_warnings=True)
+    bridge.eval()
+    clean, corrupt, answer, wrong = make_task()
+    metric = metrics.logit_diff(answer, wrong)
+    ours = lambda: attribute_edges(bridge, clean, corrupt, metric, per_position=True, batch_size=N_PAIRS,  # noqa: E731
+                                   progress=False)
+    one = [0]
+
+    def theirs():  # one pair per call of TransformerLens's per-pair loop, its metric a scalar of one prompt's logits
+        i = one[0] % N_PAIRS
+        one[0] += 1
+        attribution_patch(bridge, clean[i:i + 1], corrupt[i:i + 1],
+                          lambda logits: logits[0, -1, answer[i]] - logits[0, -1, wrong[i]],
+                          EdgeAttributionConfig(granularity="edge"))
+
+    times = interleaved_times({"ours, 16 pairs": ours, "TransformerLens 4.3, 1 pair": theirs}, repeats)
+    per_pair = times["TransformerLens 4.3, 1 pair"]
+    return [("edges atp on a Bridge, 16 pairs (ours)", times["ours, 16 pairs"]),
+            ("TransformerLens 4.3 edge EAP, 16 pairs (1 pair timed x 16)", 16 * per_pair),
+            ("TransformerLens 4.3 / ours", 16 * per_pair / times["ours, 16 pairs"])]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--ig-steps", type=int, default=5)
+    parser.add_argument("--tl4", action="store_true", help="time TransformerLens 4.3's edge EAP instead (needs TL 4.3)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    rows = tl4_rows(args.repeats) if args.tl4 else hooked_rows(args.repeats, args.ig_steps)
+    print("| what | seconds or ratio |\n|---|---:|")
+    for what, value in rows:
+        print(f"| {what} | {value:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
