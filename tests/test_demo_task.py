@@ -93,8 +93,9 @@ def test_asking_for_more_pairs_than_a_split_holds_is_an_error() -> None:
 
 
 def test_shipped_model_solves_held_out_ioi(model: HookedTransformer) -> None:
-    # Computed directly from logits, independently of evaluate_demo_model.
-    pairs = ioi_pairs(1000, seed=99, split="test")
+    # Computed directly from logits, independently of evaluate_demo_model, on the README's 1,000
+    # held-out pairs: the figures it prints are held here at the printed precision.
+    pairs = ioi_pairs(1000, seed=1234, split="test")
     with torch.no_grad():
         clean_logits = model(model.to_tokens(pairs.clean))[:, -1]  # [batch, vocab]
         corrupt_logits = model(model.to_tokens(pairs.corrupt))[:, -1]  # [batch, vocab]
@@ -106,10 +107,10 @@ def test_shipped_model_solves_held_out_ioi(model: HookedTransformer) -> None:
     corrupt_diff = corrupt_logits[rows, answer_ids] - corrupt_logits[rows, wrong_ids]  # [batch]
     top_name = name_ids[clean_logits[:, name_ids].argmax(1)]  # [batch]
 
-    assert (top_name == answer_ids).float().mean() >= 0.95
-    assert (clean_diff > 0).float().mean() >= 0.95
-    assert clean_diff.mean() > 2
-    assert corrupt_diff.mean() < -2
+    assert (top_name == answer_ids).all()  # README: accuracy 100%
+    assert (clean_diff > 0).all()
+    assert round(float(clean_diff.double().mean()), 2) == 10.91  # README: mean logit difference +10.91
+    assert round(float(corrupt_diff.double().mean()), 2) == -10.89  # README: -10.89 on the corrupted ones
 
 
 def test_evaluate_demo_model_reports_held_out_scores(model: HookedTransformer) -> None:
