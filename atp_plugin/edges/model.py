@@ -20,6 +20,9 @@ from ..hosts import Host
 from ..errors import UnsupportedModelError
 
 
+_NORMS = ("LayerNorm", "LayerNormPre", "RMSNorm", "RMSNormPre")  # TransformerLens's, closed-form Jacobians
+
+
 @dataclass(frozen=True)
 class Parts:
     """The pieces of ``host.model`` the edge engine uses; ``n_kv`` as the host counts kv-heads."""
@@ -43,6 +46,32 @@ class Parts:
     def ln1(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """The layer's attention input norm applied to ``x`` ``[..., d_model]`` as the model applies it."""
         return self.block(layer).ln1(x)
+
+    def ln1_vjp(self, layer: int, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """dL/dx from dL/d(ln1(x)) for several cotangents at once: ``x`` ``[batch, pos, d_model]``,
+        ``g`` ``[batch, pos, reads, d_model]`` -> ``[batch, pos, reads, d_model]`` (in ``g``'s dtype).
+
+        TransformerLens's own norms in closed form (their forward: x - mean for LayerNorm, scale =
+        sqrt(mean(x^2) + eps), x / scale, times w); any other module by autograd, the forward once
+        and the cotangents batched."""
+        ln = self.block(layer).ln1
+        kind = type(ln).__name__ if type(ln).__module__.startswith(("transformer_lens.components", "torch.nn")) else ""
+        if kind == "Identity":
+            return g
+        if kind in _NORMS:
+            centred = kind.startswith("LayerNorm")
+            x = x.to(g.dtype)
+            x = x - x.mean(-1, keepdim=True) if centred else x
+            scale = (x.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt()[:, :, None]  # [batch, pos, 1, 1]
+            normed = x[:, :, None] / scale
+            gw = g * ln.w.to(g.dtype) if hasattr(ln, "w") else g
+            out = gw - normed * (gw * normed).mean(-1, keepdim=True)
+            return (out - gw.mean(-1, keepdim=True) if centred else out) / scale
+        with torch.enable_grad():
+            xs = x.detach().requires_grad_(True)
+            (out,) = torch.autograd.grad(ln(xs), xs, grad_outputs=g.permute(2, 0, 1, 3).to(xs.dtype),
+                                         is_grads_batched=True)
+        return out.permute(1, 2, 0, 3).to(g.dtype)
 
     def mlp_of(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """The layer's MLP output for the residual ``x`` ``[batch, pos, d_model]`` (its norm included)."""

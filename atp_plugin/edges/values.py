@@ -4,7 +4,7 @@ A sender's write is what it adds to the residual stream (the embedding, ``z_h @ 
 output); a receiver's gradient is dL/d(the residual as that receiver alone reads it):
 
 * a head's query/key/value input: dL/d(hook_q/k/v of that head) pulled back through ``W`` and the
-  Jacobian of ``ln1`` at the run's residual (autograd through the model's own norm module);
+  Jacobian of ``ln1`` at the run's residual (``Parts.ln1_vjp``);
 * an MLP's input: dL/d(resid_mid) - dL/d(resid_post) in a sequential block (resid_post =
   resid_mid + mlp_out); dL/d(resid_pre) - dL/d(resid_post) minus the layer's attention reads in a
   parallel block (resid_post = resid_pre + attn_out + mlp_out);
@@ -66,11 +66,7 @@ def attention_reads(parts: Parts, layer: int, x: torch.Tensor, grads: dict[str, 
     for which in "qkv":
         w, _ = parts.weights(layer, which)
         pulled.append(torch.einsum("bthe,hde->bthd", grads[h.qkv(which)], w))  # through the projection
-    g = torch.cat(pulled, dim=2)  # [batch, pos, reads, d_model]
-    with torch.enable_grad():
-        xs = x.detach()[:, :, None].expand(-1, -1, g.shape[2], -1).clone().requires_grad_(True)
-        (out,) = torch.autograd.grad(parts.ln1(layer, xs), xs, grad_outputs=g.to(xs.dtype))
-    return out.to(dtype)
+    return parts.ln1_vjp(layer, x, torch.cat(pulled, dim=2).to(dtype))  # [batch, pos, reads, d_model]
 
 
 def receiver_grads(parts: Parts, values: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
