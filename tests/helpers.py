@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerFast
 
 from atp_plugin import attribute, metrics
 from conftest import VARIANTS, logit_diff_metric, make_model, make_pairs
 from hf_models import D_VOCAB
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: this module imports under TransformerLens 4 and without SAE-Lens
     from sae_lens import HookedSAETransformer
+    from transformer_lens import HookedTransformer
 
 
 # --- word-level prompts -------------------------------------------------------------------------
