@@ -6,6 +6,12 @@ node AtP is the sum of its edge scores."""
 from __future__ import annotations
 
 import pytest
+
+from conftest import HAS_HOOKED, MISSING
+
+if not HAS_HOOKED:
+    pytest.skip(MISSING["hooked"], allow_module_level=True)
+
 import torch
 
 import edge_reference as ref

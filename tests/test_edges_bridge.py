@@ -5,14 +5,30 @@ left-padded string pairs on that model."""
 from __future__ import annotations
 
 import pytest
-import torch
 
-pytest.importorskip("transformer_lens.model_bridge")
+from conftest import HAS_HOOKED, MISSING
+
+if not HAS_HOOKED:
+    pytest.skip(MISSING["hooked"], allow_module_level=True)
+
+import torch  # noqa: E402
+
+from atp_plugin import metrics  # noqa: E402
 from atp_plugin.edges import attribute_edges  # noqa: E402
-from hf_models import load_bridge, load_hooked, save_gpt2  # noqa: E402
-from test_bridge import pairs  # noqa: E402
+from hf_models import D_VOCAB, load_bridge, load_hooked, save_gpt2  # noqa: E402
 
 TOL = dict(rtol=1e-7, atol=1e-9)  # the Bridge processes weights at float32-level precision
+
+
+def pairs(n: int = 3, t: int = 6, seed: int = 1):
+    """Token pairs that differ at two positions, and a logit-difference metric."""
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(2, D_VOCAB, (n, t), generator=g)
+    corrupt = clean.clone()
+    for pos in (1, t - 3):
+        corrupt[:, pos] = torch.randint(2, D_VOCAB, (n,), generator=g)
+    return clean, corrupt, metrics.logit_diff(torch.randint(2, D_VOCAB, (n,), generator=g),
+                                              torch.randint(2, D_VOCAB, (n,), generator=g))
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +64,6 @@ PROMPTS = [("w1 w2 w3 w4 w5", "w1 w9 w3 w4 w5"), ("w7 w8 w9", "w7 w8 w2"), ("w3 
 def test_left_padded_pairs_equal_each_pair_alone(models, method):
     """Pairs of different lengths, left-padded together: each position's score is the mean over the
     pairs where it is a real token of what each pair gives run alone, unpadded."""
-    from atp_plugin import metrics
     hooked, _ = models
     metric = metrics.logit_diff([5, 6, 7], [8, 9, 10])
     together = attribute_edges(hooked, [c for c, _ in PROMPTS], [n for _, n in PROMPTS], metric, method=method,

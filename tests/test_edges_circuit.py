@@ -3,13 +3,26 @@ full graph and 0 for the empty circuit, dangling-edge pruning, and the MIB curve
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
+
+from conftest import HAS_HOOKED, MISSING
+
+if not HAS_HOOKED:
+    pytest.skip(MISSING["hooked"], allow_module_level=True)
+
+import numpy as np
 import torch
 
 import edge_reference as ref
-from atp_plugin.edges import (Circuit, attribute_edges, faithfulness, faithfulness_curve, pruned, threshold_circuit,
-                              top_circuit)
+from atp_plugin.edges import (
+    Circuit,
+    attribute_edges,
+    faithfulness,
+    faithfulness_curve,
+    pruned,
+    threshold_circuit,
+    top_circuit,
+)
 from conftest import VARIANTS, logit_diff_metric, make_model, make_pairs
 
 N, T = 3, 5

@@ -5,6 +5,12 @@ on a linear model with a quadratic metric the right-endpoint rule's error is exa
 from __future__ import annotations
 
 import pytest
+
+from conftest import HAS_HOOKED, MISSING
+
+if not HAS_HOOKED:
+    pytest.skip(MISSING["hooked"], allow_module_level=True)
+
 import torch
 
 import edge_reference as ref

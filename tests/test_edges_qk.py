@@ -4,6 +4,12 @@ pattern by real forward passes (tests/edge_reference.qk_fixed); every other edge
 from __future__ import annotations
 
 import pytest
+
+from conftest import HAS_HOOKED, MISSING
+
+if not HAS_HOOKED:
+    pytest.skip(MISSING["hooked"], allow_module_level=True)
+
 import torch
 
 import edge_reference as ref
