@@ -15,6 +15,7 @@ Usage: python benchmarks/bench_edges.py [--repeats 5] [--ig-steps 5] [--tl4]
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -22,14 +23,35 @@ from pathlib import Path
 
 import torch
 
+import atp_plugin
+from atp_plugin import metrics
+from atp_plugin.edges import attribute_edges
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_atp import N_PAIRS, N_TOKENS, NODES, interleaved_times, make_task  # noqa: E402
+N_PAIRS, N_TOKENS, D_VOCAB = 16, 24, 1000  # as bench_atp.py, which needs HookedTransformer to import
 
-import atp_plugin  # noqa: E402
-from atp_plugin import metrics  # noqa: E402
-from atp_plugin.edges import attribute_edges  # noqa: E402
 
-TARGETS = {"edges atp+qk / node atp+qk": 1.5}
+def task(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random pairs of random tokens, a quarter of the positions changed, and answer / wrong ids."""
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, D_VOCAB, (N_PAIRS, N_TOKENS), generator=g)
+    corrupt = torch.where(torch.rand(N_PAIRS, N_TOKENS, generator=g) < 0.25,
+                          torch.randint(0, D_VOCAB, (N_PAIRS, N_TOKENS), generator=g), clean)
+    answer, wrong = torch.randint(0, D_VOCAB, (2, N_PAIRS), generator=g)
+    return clean, corrupt, answer, wrong
+
+
+def medians(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each function, one warm-up call each, the rounds interleaved."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def forward_backward(model, clean: torch.Tensor, metric) -> None:
@@ -46,9 +68,9 @@ def forward_backward(model, clean: torch.Tensor, metric) -> None:
 
 
 def hooked_rows(repeats: int, steps: int) -> list[tuple[str, float]]:
-    from bench_atp import build_model
+    from bench_atp import NODES, build_model
     model = build_model()
-    clean, corrupt, answer, wrong = make_task()
+    clean, corrupt, answer, wrong = task()
     metric = metrics.logit_diff(answer, wrong)
     n_edges = attribute_edges(model, clean[:1], corrupt[:1], metrics.logit_diff(answer[:1], wrong[:1])).graph.n_edges
 
@@ -62,7 +84,7 @@ def hooked_rows(repeats: int, steps: int) -> list[tuple[str, float]]:
            f"edges atp ({n_edges} edges x {N_TOKENS} positions)": edges("atp"),
            "edges atp+qk": edges("atp+qk"),
            f"edges ig ({steps} steps)": edges("ig")}
-    times = interleaved_times(fns, repeats)
+    times = medians(fns, repeats)
     names = list(times)
     rows = [(name, times[name]) for name in names]
     rows += [("edges atp / node atp+qk", times[names[2]] / times[names[1]]),
@@ -85,7 +107,7 @@ def tl4_rows(repeats: int) -> list[tuple[str, float]]:
                                                  tokenizer=None)
     bridge.enable_compatibility_mode(disable_warnings=True)
     bridge.eval()
-    clean, corrupt, answer, wrong = make_task()
+    clean, corrupt, answer, wrong = task()
     metric = metrics.logit_diff(answer, wrong)
     ours = lambda: attribute_edges(bridge, clean, corrupt, metric, per_position=True, batch_size=N_PAIRS,  # noqa: E731
                                    progress=False)
@@ -98,7 +120,7 @@ def tl4_rows(repeats: int) -> list[tuple[str, float]]:
                           lambda logits: logits[0, -1, answer[i]] - logits[0, -1, wrong[i]],
                           EdgeAttributionConfig(granularity="edge"))
 
-    times = interleaved_times({"ours, 16 pairs": ours, "TransformerLens 4.3, 1 pair": theirs}, repeats)
+    times = medians({"ours, 16 pairs": ours, "TransformerLens 4.3, 1 pair": theirs}, repeats)
     per_pair = times["TransformerLens 4.3, 1 pair"]
     return [("edges atp on a Bridge, 16 pairs (ours)", times["ours, 16 pairs"]),
             ("TransformerLens 4.3 edge EAP, 16 pairs (1 pair timed x 16)", 16 * per_pair),
