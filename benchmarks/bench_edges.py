@@ -9,7 +9,10 @@ d_mlp 1024, float32; 16 pairs of 24 tokens), in one process, medians of interlea
   with a TransformerBridge): run with ``--tl4`` in an environment that has it; the same weights are
   saved as a GPT-2 checkpoint and booted as a Bridge, and both are timed on it.
 
-Usage: python benchmarks/bench_edges.py [--repeats 5] [--ig-steps 5] [--tl4]
+- ``--demo``: the edge methods on the bundled IOI model by faithfulness at fixed circuit sizes,
+  MIB's CPR and CMD, and cost.
+
+Usage: python benchmarks/bench_edges.py [--repeats 5] [--ig-steps 5] [--tl4 | --demo]
 """
 
 from __future__ import annotations
@@ -127,13 +130,40 @@ def tl4_rows(repeats: int) -> list[tuple[str, float]]:
             ("TransformerLens 4.3 / ours", 16 * per_pair / times["ours, 16 pairs"])]
 
 
+def demo_rows(n_pairs: int = 32) -> list[tuple[str, ...]]:
+    """The bundled IOI model: each edge method's faithfulness at fixed circuit sizes (top N, pruned),
+    MIB's CPR / CMD, its cost in passes of one prompt, and the exact effect of its top edge."""
+    from atp_plugin.commands.usage import demo_task
+    from atp_plugin.edges import faithfulness_curve, faithfulness_of, top_circuit
+    model, pairs, metric = demo_task(n_pairs, 0)
+    rows = [("method", "f(top 20)", "f(top 40)", "f(top 80)", "CPR", "CMD", "forward", "backward", "seconds")]
+    for method, steps in (("atp", 1), ("atp+qk", 1), ("ig", 5), ("ig", 10)):
+        start = time.perf_counter()
+        result = attribute_edges(model, pairs.clean, pairs.corrupt, metric, method=method, ig_steps=steps,
+                                 progress=False)
+        seconds = time.perf_counter() - start
+        f = faithfulness_of(result, [top_circuit(result, n) for n in (20, 40, 80)])
+        curve = faithfulness_curve(result)
+        name = f"ig ({steps} steps)" if method == "ig" else method
+        rows.append((name, *(f"{v:.3f}" for v in f), f"{curve.cpr:.3f}", f"{curve.cmd:.3f}",
+                     str(result.forward_passes), str(result.backward_passes), f"{seconds:.2f}"))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ig-steps", type=int, default=5)
     parser.add_argument("--tl4", action="store_true", help="time TransformerLens 4.3's edge EAP instead (needs TL 4.3)")
+    parser.add_argument("--demo", action="store_true", help="compare the edge methods on the bundled IOI model instead")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.demo:
+        rows = demo_rows()
+        print("| " + " | ".join(rows[0]) + " |\n|---|" + "---:|" * (len(rows[0]) - 1))
+        for row in rows[1:]:
+            print("| " + " | ".join(row) + " |")
+        return
     rows = tl4_rows(args.repeats) if args.tl4 else hooked_rows(args.repeats, args.ig_steps)
     print("| what | seconds or ratio |\n|---|---:|")
     for what, value in rows:

@@ -41,10 +41,10 @@ def circuit_svg(circuit: Circuit, weights: torch.Tensor, title: str = "") -> str
 
     # rows: 0 embedding, 2l + 1 heads of layer l, 2l + 2 MLP l, 2L + 1 logits; a row of heads lists them all
     n_rows = 2 * g.n_layers + 2
-    width = 2 * MARGIN + COL * (g.n_heads + 1)  # a column per head, the MLPs in the last
+    width = max(2 * MARGIN + COL * (g.n_heads + 1), 8 * len(title))  # a column per head, the MLPs in the last
     height = 2 * MARGIN + ROW * (n_rows - 1) + (24 if title else 0)
     at: dict[str, tuple[float, float]] = {}
-    centre = width / 2
+    centre = MARGIN + COL * (g.n_heads + 1) / 2
     y = lambda row: height - MARGIN - ROW * row  # noqa: E731 - one line of geometry
     at["embed"] = (centre, y(0))
     at["logits"] = (centre, y(n_rows - 1))
@@ -74,7 +74,7 @@ def circuit_svg(circuit: Circuit, weights: torch.Tensor, title: str = "") -> str
                      f'font-family="sans-serif">{escape(name)}</text>')
     legend = [f'<text x="{MARGIN + 70 * i}" y="{height - 12}" font-size="10" font-family="sans-serif" '
               f'fill="{c}">&#9644; {k}</text>' for i, (k, c) in enumerate(COLOURS.items())]
-    head = (f'<text x="{centre:.1f}" y="18" font-size="12" text-anchor="middle" font-family="sans-serif">'
+    head = (f'<text x="{width / 2:.1f}" y="18" font-size="12" text-anchor="middle" font-family="sans-serif">'
             f'{escape(title)}</text>') if title else ""
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
             f'viewBox="0 0 {width} {height}">\n<rect width="100%" height="100%" fill="#ffffff"/>\n{head}\n'
