@@ -51,3 +51,15 @@ def test_circuit_command_on_the_demo_model(tmp_path, capsys):
 def test_bad_arguments(argv, message):
     with pytest.raises(UsageError, match=message):
         command.run(parse(argv))
+
+
+def test_demo_circuit(tmp_path, monkeypatch, capsys):
+    from atp_plugin import cli
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["demo", "--circuit", "--pairs", "4"]) == 0
+    out = capsys.readouterr().out
+    model, task, metric = demo_task(4, 0)
+    result = attribute_edges(model, task.clean, task.corrupt, metric)
+    f = faithfulness(model, task.clean, task.corrupt, metric, top_circuit(result, 40))
+    assert f"faithfulness {f:.4f}" in out and "CPR (area under the curve)" in out
+    assert ET.fromstring((tmp_path / command.DEMO_SVG).read_text()).tag.endswith("svg")

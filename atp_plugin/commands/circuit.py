@@ -126,7 +126,7 @@ def report(result, circuit: Circuit, label: str, scored: float, args: argparse.N
 def demo(args: argparse.Namespace) -> int:
     """``atp demo --circuit``: the IOI circuit of the bundled model (EAP, the top 40 edges pruned),
     its faithfulness and curve, and its picture in ``atp_demo_circuit.svg``."""
-    model, task, metric = demo_task(args.pairs, 0)
+    model, task, metric = demo_task(args.pairs, args.seed)
     start = time.perf_counter()
     result = attribute_edges(model, task.clean, task.corrupt, metric, method="atp")
     scored = time.perf_counter() - start

@@ -30,9 +30,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out pair sample (default 0)")
     parser.add_argument("--sae", action="store_true",
                         help="rank the bundled SAE's features on blocks.2.hook_resid_pre instead of heads and neurons")
+    parser.add_argument("--circuit", action="store_true",
+                        help="find the IOI circuit instead (edge scores, top 40 edges, faithfulness, atp_demo_circuit.svg)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.circuit:
+        from .circuit import demo
+        check_at_least(1, pairs=args.pairs)
+        return demo(args)
     check_registered("--method", [args.method], plugins.backends(), "method(s)")
     check_at_least(1, pairs=args.pairs, top=args.top)
     if not args.sae:
