@@ -75,9 +75,9 @@ def ig_batch(parts: Parts, graph: Graph, tokens: torch.Tensor, corrupt: torch.Te
                                       {embed: interpolate(noise_values[embed], alpha)})
         with torch.no_grad():
             step = receiver_grads(parts, values, grads, dtype)
-            reads = step if reads is None else reads + step
+            reads = step if reads is None else [r + s for r, s in zip(reads, step)]
     with torch.no_grad():
-        return edge_products(graph, delta, reads / steps) * mask[:, None, :]
+        return edge_products(graph, delta, [r / steps for r in reads]) * mask[:, None, :]
 
 
 def path_points(steps: int) -> list[float]:

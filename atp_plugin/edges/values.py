@@ -70,8 +70,9 @@ def attention_reads(parts: Parts, layer: int, x: torch.Tensor, grads: dict[str, 
 
 
 def receiver_grads(parts: Parts, values: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
-                   dtype: torch.dtype) -> torch.Tensor:
-    """Every receiver's gradient, in graph order: ``[batch, pos, receiver, d_model]``."""
+                   dtype: torch.dtype) -> list[torch.Tensor]:
+    """Every receiver's gradient, in graph order, as blocks of receivers that read at one stage (a
+    layer's attention reads, its MLP, the logits): ``[batch, pos, receivers of the block, d_model]`` each."""
     out = []
     for layer in range(parts.n_layers):
         h = hook_names(layer)
@@ -85,7 +86,7 @@ def receiver_grads(parts: Parts, values: dict[str, torch.Tensor], grads: dict[st
             mlp = grads[h.resid_mid].to(dtype) - grads[h.resid_post].to(dtype)
         out.append(mlp[:, :, None])
     out.append(grads[hook_names(parts.n_layers - 1).resid_post].to(dtype)[:, :, None])
-    return torch.cat(out, dim=2)
+    return out
 
 
 def grad_targets(parts: Parts) -> list[str]:
@@ -101,8 +102,14 @@ def grad_targets(parts: Parts) -> list[str]:
     return out
 
 
-def edge_products(graph: Graph, writes: torch.Tensor, reads: torch.Tensor) -> torch.Tensor:
+def edge_products(graph: Graph, writes: torch.Tensor, reads: list[torch.Tensor]) -> torch.Tensor:
     """write(sender) . read(receiver) for every edge at every position: ``[batch, edge, pos]`` from
-    ``writes`` ``[batch, pos, sender, d]`` and ``reads`` ``[batch, pos, receiver, d]``."""
-    full = torch.einsum("btsd,btrd->bsrt", writes, reads)  # [batch, sender, receiver, pos]
-    return full[:, graph.sender_index, graph.receiver_index]
+    ``writes`` ``[batch, pos, sender, d]`` and the blocks of ``receiver_grads``. Edges run receiver by
+    receiver, each over the senders before it (a prefix), so a block's edges are one contiguous run."""
+    out, r0 = [], 0
+    for block in reads:  # [batch, pos, receivers, d]
+        n = graph.senders_before(graph.receivers[r0].stage)
+        prod = torch.einsum("btsd,btrd->brst", writes[:, :, :n], block)  # [batch, receivers, senders, pos]
+        out.append(prod.flatten(1, 2))
+        r0 += block.shape[2]
+    return torch.cat(out, dim=1)
