@@ -24,6 +24,18 @@ _NORMS = ("LayerNorm", "LayerNormPre", "RMSNorm", "RMSNormPre")  # TransformerLe
 
 
 @dataclass(frozen=True)
+class NormStats:
+    """A closed-form norm at one input: ``normed`` x^ ``[batch, pos, d_model]`` and ``scale``
+    ``[batch, pos, 1]`` (None for no norm), its weight ``w`` ``[d_model]`` (None: 1), and whether
+    it centres (LayerNorm) or not (RMSNorm)."""
+
+    normed: torch.Tensor | None
+    scale: torch.Tensor | None
+    w: torch.Tensor | None
+    centred: bool
+
+
+@dataclass(frozen=True)
 class Parts:
     """The pieces of ``host.model`` the edge engine uses; ``n_kv`` as the host counts kv-heads."""
 
@@ -47,29 +59,38 @@ class Parts:
         """The layer's attention input norm applied to ``x`` ``[..., d_model]`` as the model applies it."""
         return self.block(layer).ln1(x)
 
-    def ln1_vjp(self, layer: int, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """dL/dx from dL/d(ln1(x)) for several cotangents at once: ``x`` ``[batch, pos, d_model]``,
-        ``g`` ``[batch, pos, reads, d_model]`` -> ``[batch, pos, reads, d_model]`` (in ``g``'s dtype).
-
-        TransformerLens's own norms in closed form (their forward: x - mean for LayerNorm, scale =
-        sqrt(mean(x^2) + eps), x / scale, times w); any other module by autograd, the forward once
-        and the cotangents batched."""
+    def ln1_stats(self, layer: int, x: torch.Tensor, dtype: torch.dtype) -> NormStats | None:
+        """ln1 at ``x`` ``[batch, pos, d_model]`` as its Jacobian needs it, for TransformerLens's own
+        norms (their forward: x - mean for LayerNorm, scale = sqrt(mean(x^2) + eps), x / scale, times
+        w; ``nn.Identity`` without one); None for any other module."""
         ln = self.block(layer).ln1
         kind = type(ln).__name__ if type(ln).__module__.startswith(("transformer_lens.components", "torch.nn")) else ""
         if kind == "Identity":
-            return g
-        if kind in _NORMS:
-            centred = kind.startswith("LayerNorm")
-            x = x.to(g.dtype)
-            x = x - x.mean(-1, keepdim=True) if centred else x
-            scale = (x.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt()[:, :, None]  # [batch, pos, 1, 1]
-            normed = x[:, :, None] / scale
-            gw = g * ln.w.to(g.dtype) if hasattr(ln, "w") else g
+            return NormStats(None, None, None, False)
+        if kind not in _NORMS:
+            return None
+        centred = kind.startswith("LayerNorm")
+        x = x.to(dtype)
+        x = x - x.mean(-1, keepdim=True) if centred else x
+        scale = (x.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt()
+        return NormStats(x / scale, scale, ln.w.to(dtype) if hasattr(ln, "w") else None, centred)
+
+    def ln1_vjp(self, layer: int, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """dL/dx from dL/d(ln1(x)) for several cotangents at once: ``x`` ``[batch, pos, d_model]``,
+        ``g`` ``[batch, pos, reads, d_model]`` -> ``[batch, pos, reads, d_model]`` (in ``g``'s dtype):
+        (gw - x^ mean(gw x^) [- mean(gw) for LayerNorm]) / scale in closed form (``ln1_stats``); any
+        other norm module by autograd, the forward once and the cotangents batched."""
+        st = self.ln1_stats(layer, x, g.dtype)
+        if st is not None:
+            gw = g if st.w is None else g * st.w
+            if st.scale is None:
+                return gw
+            normed = st.normed[:, :, None]
             out = gw - normed * (gw * normed).mean(-1, keepdim=True)
-            return (out - gw.mean(-1, keepdim=True) if centred else out) / scale
+            return (out - gw.mean(-1, keepdim=True) if st.centred else out) / st.scale[:, :, None]
         with torch.enable_grad():
             xs = x.detach().requires_grad_(True)
-            (out,) = torch.autograd.grad(ln(xs), xs, grad_outputs=g.permute(2, 0, 1, 3).to(xs.dtype),
+            (out,) = torch.autograd.grad(self.ln1(layer, xs), xs, grad_outputs=g.permute(2, 0, 1, 3).to(xs.dtype),
                                          is_grads_batched=True)
         return out.permute(1, 2, 0, 3).to(g.dtype)
 

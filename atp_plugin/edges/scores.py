@@ -20,18 +20,21 @@ from ..engine import qk as qkfix
 from ..engine.runs import run
 from .graph import Graph
 from .model import Parts, hook_names
-from .values import edge_products, grad_targets, receiver_grads, receiver_hooks, sender_hooks, sender_writes
+from .values import ReadSum, edge_products, grad_targets, receiver_grads, receiver_hooks, sender_hooks, sender_writes
 
 Metric = Callable[[torch.Tensor], torch.Tensor]  # logits -> [batch]
 QK_CHUNK = 1 << 24  # entries of [copies, head, t, s] per QK-fix call
 
 
 def _gradient_run(parts: Parts, tokens: torch.Tensor, mask: torch.Tensor, metric: Metric, extra: set[str],
-                  patches: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """One forward + backward: hook values (detached) and the gradients ``grad_targets`` and ``extra`` need."""
+                  patches: dict | None = None, senders: bool = True
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One forward + backward: hook values (detached; the senders' with ``senders``) and the
+    gradients ``grad_targets`` and ``extra`` need."""
     targets = grad_targets(parts) + sorted(extra)
+    capture = receiver_hooks(parts) | extra | (sender_hooks(parts) if senders else set())
     with torch.enable_grad():
-        logits, values = run(parts.host, tokens, mask, receiver_hooks(parts) | sender_hooks(parts) | extra, patches)
+        logits, values = run(parts.host, tokens, mask, capture, patches)
         grads = torch.autograd.grad(metric(logits).sum(), [values[h] for h in targets])
     return {h: v.detach() for h, v in values.items()}, dict(zip(targets, grads))
 
@@ -69,15 +72,14 @@ def ig_batch(parts: Parts, graph: Graph, tokens: torch.Tensor, corrupt: torch.Te
         _, clean_values = run(parts.host, tokens, mask, sender_hooks(parts))
         delta = (sender_writes(parts, noise_values, dtype) - sender_writes(parts, clean_values, dtype))
         delta = delta * mask[:, :, None, None]
-    reads = None
+    reads = ReadSum(parts, dtype)
     for alpha in path_points(steps):
         values, grads = _gradient_run(parts, tokens, mask, metric, set(),
-                                      {embed: interpolate(noise_values[embed], alpha)})
+                                      {embed: interpolate(noise_values[embed], alpha)}, senders=False)
         with torch.no_grad():
-            step = receiver_grads(parts, values, grads, dtype)
-            reads = step if reads is None else [r + s for r, s in zip(reads, step)]
+            reads.add(values, grads)
     with torch.no_grad():
-        return edge_products(graph, delta, [r / steps for r in reads]) * mask[:, None, :]
+        return edge_products(graph, delta, [r / steps for r in reads.blocks()]) * mask[:, None, :]
 
 
 def path_points(steps: int) -> list[float]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .graph import Graph
-from .model import Parts, hook_names
+from .model import NormStats, Parts, hook_names
 
 
 def sender_hooks(parts: Parts) -> set[str]:
@@ -87,6 +87,84 @@ def receiver_grads(parts: Parts, values: dict[str, torch.Tensor], grads: dict[st
         out.append(mlp[:, :, None])
     out.append(grads[hook_names(parts.n_layers - 1).resid_post].to(dtype)[:, :, None])
     return out
+
+
+class ReadSum:
+    """The sum over IG steps of every receiver's gradient, as ``receiver_grads``' blocks.
+
+    Where ln1 has a closed form (``Parts.ln1_stats``) a step's attention reads are added in head
+    space, so a step costs its forward and backward pass and O(reads x d_head) per position, and the
+    d_model-space reads are formed once: with W' = w * W, s_k and x^_k the norm's scale and output
+    at step k, sum_k J_k^T W g_k = W' A - [mean_d(W' A)] - sum_k x^_k c_k, where A = sum_k g_k / s_k
+    and c_k = x^_k . (W' g_k) / (d s_k) (the bracket for LayerNorm only). Other norms: each step's
+    reads in d_model space (``attention_reads``).
+    """
+
+    def __init__(self, parts: Parts, dtype: torch.dtype):
+        self.parts, self.dtype = parts, dtype
+        self.head: dict[int, torch.Tensor] = {}  # layer -> A [batch, pos, reads, d_head]
+        self.corr: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # layer -> [(x^_k, c_k)]
+        self.stats: dict[int, NormStats] = {}
+        self.dense: dict[tuple[int, str], torch.Tensor] = {}  # (layer, "attn"/"mlp") -> d_model-space sums
+
+    def _weights(self, layer: int) -> torch.Tensor:
+        """Every read's projection, q heads then k and v kv-heads: ``[reads, d_model, d_head]``."""
+        return torch.cat([self.parts.weights(layer, w)[0] for w in "qkv"]).to(self.dtype)
+
+    def _add(self, key, value: torch.Tensor) -> None:
+        self.dense[key] = self.dense[key] + value if key in self.dense else value
+
+    def add(self, values: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> None:
+        """One step's hook values and gradients."""
+        p, dtype = self.parts, self.dtype
+        for layer in range(p.n_layers):
+            h = hook_names(layer)
+            x = values[h.resid_pre]
+            st = p.ln1_stats(layer, x, dtype)
+            g = torch.cat([grads[h.qkv(w)] for w in "qkv"], dim=2).to(dtype)  # [batch, pos, reads, d_head]
+            w = self._weights(layer)
+            if st is None:
+                attn = attention_reads(p, layer, x, grads, dtype)
+                self._add((layer, "attn"), attn)
+                attn_sum = attn.sum(2)
+            else:
+                self.stats[layer] = st
+                scaled = g if st.scale is None else g / st.scale[:, :, None]
+                self.head[layer] = self.head[layer] + scaled if layer in self.head else scaled
+                if st.scale is not None:
+                    xw = st.normed if st.w is None else st.normed * st.w
+                    c = (torch.einsum("btd,rde->btre", xw, w) * g).sum(-1) / (x.shape[-1] * st.scale)  # [batch, pos, reads]
+                    self.corr.setdefault(layer, []).append((st.normed, c))
+                attn_sum = p.ln1_vjp(layer, x, torch.einsum("btre,rde->btd", g, w)[:, :, None])[:, :, 0] \
+                    if p.parallel else None
+            if p.attn_only:
+                continue
+            if p.parallel:
+                mlp = grads[h.resid_pre].to(dtype) - grads[h.resid_post].to(dtype) - attn_sum
+            else:
+                mlp = grads[h.resid_mid].to(dtype) - grads[h.resid_post].to(dtype)
+            self._add((layer, "mlp"), mlp[:, :, None])
+        self._add((p.n_layers, "logits"), grads[hook_names(p.n_layers - 1).resid_post].to(dtype)[:, :, None])
+
+    def blocks(self) -> list[torch.Tensor]:
+        """The sums, in graph order, as ``receiver_grads`` returns one step's."""
+        p, out = self.parts, []
+        for layer in range(p.n_layers):
+            if layer in self.head:
+                st, w = self.stats[layer], self._weights(layer)
+                reads = torch.einsum("btre,rde->btrd", self.head[layer], w if st.w is None else w * st.w[:, None])
+                if st.centred:
+                    reads = reads - reads.mean(-1, keepdim=True)
+                if layer in self.corr:
+                    normed, c = (torch.stack(t) for t in zip(*self.corr[layer]))  # [steps, batch, pos, ...]
+                    reads = reads - torch.einsum("kbtr,kbtd->btrd", c, normed)
+                out.append(reads)
+            else:
+                out.append(self.dense[layer, "attn"])
+            if not p.attn_only:
+                out.append(self.dense[layer, "mlp"])
+        out.append(self.dense[p.n_layers, "logits"])
+        return out
 
 
 def grad_targets(parts: Parts) -> list[str]:
