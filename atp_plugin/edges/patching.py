@@ -98,9 +98,10 @@ class _Deltas:
         self.parts, self.graph, self.plan, self.noise, self.live, self.dtype = parts, graph, plan, noise, live, dtype
         self.mask = mask.to(dtype)  # [copies, pos]: padding positions are never patched
         if isinstance(plan, Complement):
+            device = noise.embed.device
             dense = torch.zeros((len(graph.senders), len(graph.receivers)) + plan.patched.shape[1:], dtype=dtype,
-                                device=plan.patched.device)
-            dense[graph.sender_index, graph.receiver_index] = plan.patched.to(dtype)
+                                device=device)
+            dense[graph.sender_index.to(device), graph.receiver_index.to(device)] = plan.patched.to(device, dtype)
             self.dense = dense  # [sender, receiver(, pos)]
 
     def __call__(self, receivers: list[int], copies: int, t: int) -> tuple[torch.Tensor, torch.Tensor] | None:
