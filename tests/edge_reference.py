@@ -165,9 +165,9 @@ def interpolated_grads(model: HookedTransformer, clean: torch.Tensor, corrupt: t
     noise_embed = cached(model, corrupt, {"hook_embed"})["hook_embed"]
     total: dict[str, torch.Tensor] = {}
     for k in range(1, steps + 1):
-        acts = {}
+        acts: dict[str, torch.Tensor] = {}
 
-        def keep(x, hook):
+        def keep(x, hook, acts=acts):
             acts[hook.name] = x
             return x
 
@@ -176,7 +176,8 @@ def interpolated_grads(model: HookedTransformer, clean: torch.Tensor, corrupt: t
 
         with torch.enable_grad():
             logits = model.run_with_hooks(clean, fwd_hooks=[("hook_embed", mix)] + [(h, keep) for h in hooks])
-            grads = torch.autograd.grad(metric(logits, torch.arange(len(clean))).sum(), [acts[h] for h in sorted(hooks)])
+            value = metric(logits, torch.arange(len(clean))).sum()
+            grads = torch.autograd.grad(value, [acts[h] for h in sorted(hooks)])
         for h, g in zip(sorted(hooks), grads):
             total[h] = total.get(h, 0) + g / steps
     return total
@@ -218,14 +219,14 @@ def qk_fixed(model: HookedTransformer, clean: torch.Tensor, corrupt: torch.Tenso
         delta = sender_value(noise, wh, name) - sender_value(clean_acts, wh, name)
         row = []
         for pos in range(t):
-            got = {}
+            got: dict[str, torch.Tensor] = {}
 
             def add(x, hook, pos=pos, ri=ri, delta=delta):
                 x = x.clone()
                 x[(slice(None), pos) + ri] += delta[:, pos]
                 return x
 
-            def grab(x, hook):
+            def grab(x, hook, got=got):
                 got["A"] = x
 
             with torch.no_grad():

@@ -72,7 +72,8 @@ def test_left_padded_pairs_equal_each_pair_alone(models, method):
     sums = torch.zeros_like(together.signed)
     count = torch.zeros(t, dtype=torch.float64)
     for i, (c, n) in enumerate(PROMPTS):
-        alone = attribute_edges(hooked, [c], [n], metrics.logit_diff([5 + i], [8 + i]), method=method, per_position=True)
+        alone = attribute_edges(hooked, [c], [n], metrics.logit_diff([5 + i], [8 + i]), method=method,
+                                per_position=True)
         width = alone.signed.shape[1]
         sums[:, t - width:] += alone.signed
         count[t - width:] += 1

@@ -96,8 +96,8 @@ def check_no_dangling(circuit: Circuit) -> None:
         s, r = g.senders[int(g.sender_index[e])], g.receivers[int(g.receiver_index[e])]
         outs.add(s.name)
         group = g.n_heads // g.n_kv
-        ins |= {f"L{r.layer}.H{h}" for h in ([r.head] if r.kind == "q" else range(r.head * group, (r.head + 1) * group))} \
-            if r.kind in "qkv" else {r.name}
+        heads = [r.head] if r.kind == "q" else range(r.head * group, (r.head + 1) * group)
+        ins |= {f"L{r.layer}.H{h}" for h in heads} if r.kind in "qkv" else {r.name}
     for e in kept.nonzero().flatten().tolist():
         s, r = g.senders[int(g.sender_index[e])], g.receivers[int(g.receiver_index[e])]
         assert s.kind == "embed" or s.name in ins, g.names[e]
@@ -131,7 +131,8 @@ def test_top_and_threshold_circuits():
     assert torch.equal(threshold_circuit(result, cut, prune=False).keep, result.scores >= cut)
     assert torch.equal(top_circuit(result, 10).keep, pruned(top).keep)
     signed = top_circuit(result, 5, prune=False, rank="signed")
-    assert set(signed.keep.nonzero().flatten().tolist()) == set(torch.argsort(-result.signed, descending=True)[:5].tolist())
+    want = torch.argsort(-result.signed, descending=True)[:5]
+    assert set(signed.keep.nonzero().flatten().tolist()) == set(want.tolist())
 
 
 def test_faithfulness_curve_and_mib_summaries():
@@ -158,5 +159,6 @@ def test_bad_circuits():
     result = attribute_edges(model, clean, corrupt, metric)
     with pytest.raises(ValueError, match="percentages"):
         faithfulness_curve(result, (0.5, 0.1))
-    with pytest.raises(ValueError, match="same on the clean and the corrupt"), pytest.warns(UserWarning, match="equals"):
+    with pytest.raises(ValueError, match="same on the clean and the corrupt"), \
+            pytest.warns(UserWarning, match="equals"):
         faithfulness(model, clean, clean, metric, ["embed -> logits"])

@@ -21,7 +21,15 @@ from typing import Any
 import torch
 
 from .. import metrics
-from ..edges import METHODS, Circuit, attribute_edges, faithfulness_curve, faithfulness_of, threshold_circuit, top_circuit
+from ..edges import (
+    METHODS,
+    Circuit,
+    attribute_edges,
+    faithfulness_curve,
+    faithfulness_of,
+    threshold_circuit,
+    top_circuit,
+)
 from ..edges.svg import write_circuit_svg
 from .usage import UsageError, check_at_least, check_output, demo_task
 
@@ -43,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify", type=int, default=0, metavar="K", help="exactly patch the top K edges one by one")
     parser.add_argument("--svg", metavar="PATH", help="write the circuit as a self-contained SVG picture")
     parser.add_argument("--out-csv", metavar="PATH", help="write every edge's score (and whether it is kept) as CSV")
-    parser.add_argument("--out-json", metavar="PATH", help="write the circuit, its faithfulness and the settings as JSON")
+    parser.add_argument("--out-json", metavar="PATH",
+                        help="write the circuit, its faithfulness and the settings as JSON")
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per forward/backward pass (default 16)")
     parser.add_argument("--seed", type=int, default=0, help="which held-out IOI pairs with --model demo (default 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -105,7 +114,8 @@ def report(result, circuit: Circuit, label: str, scored: float, args: argparse.N
                         "cpr": curve.cpr, "cmd": curve.cmd}
     if args.verify:
         checked = result.verify(args.verify)
-        print(f"top {len(checked)} edges by exact single-edge patching ({checked.attrs['forward_passes']} forward passes):")
+        passes = checked.attrs["forward_passes"]
+        print(f"top {len(checked)} edges by exact single-edge patching ({passes} forward passes):")
         print(checked[["edge", "estimate", "effect", "mean_abs_effect"]].to_string(
             index=False, float_format=lambda v: f"{v:.4f}"))
         out["verified"] = checked[["edge", "estimate", "effect", "mean_abs_effect"]].to_dict(orient="records")
@@ -138,7 +148,8 @@ def demo(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":  # until the sub-command is listed in atp_plugin.cli: python -m atp_plugin.commands.circuit
     import sys
-    p = argparse.ArgumentParser(prog="atp circuit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="atp circuit", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     try:
         sys.exit(run(p.parse_args()))

@@ -3,8 +3,17 @@ EAP-IG, exact edge patching), circuits and their faithfulness. See ``graph`` for
 and its naming."""
 
 from .attribute import METHODS, attribute_edges
-from .circuit import (MIB_PERCENTAGES, Circuit, FaithfulnessCurve, faithfulness, faithfulness_curve, faithfulness_of,
-                      pruned, threshold_circuit, top_circuit)
+from .circuit import (
+                      MIB_PERCENTAGES,
+                      Circuit,
+                      FaithfulnessCurve,
+                      faithfulness,
+                      faithfulness_curve,
+                      faithfulness_of,
+                      pruned,
+                      threshold_circuit,
+                      top_circuit,
+)
 from .graph import Graph, Receiver, Sender
 from .result import EdgeResult
 

@@ -81,7 +81,7 @@ def _run(ctx: Context, method: str, ig_steps: int, per_position: bool) -> tuple[
     """Scores and signed means, ``[edge, pos]`` or ``[edge]``."""
     if method == "ap":
         return _exact(ctx, per_position)
-    sums = abs_sums = None
+    sums = abs_sums = torch.zeros((), dtype=ctx.dtype)  # grow to [edge(, pos)] on the first batch
     for idx in ctx.batches(f"edges ({method})"):
         tokens, corrupt, mask = ctx.pairs.clean[idx], ctx.pairs.corrupt[idx], ctx.pairs.mask[idx]
         if method == "ig":
@@ -96,8 +96,7 @@ def _run(ctx: Context, method: str, ig_steps: int, per_position: bool) -> tuple[
         est = est.cpu()  # [batch, edge, pos]
         if not per_position:
             est = est.sum(-1)  # [batch, edge]: the edge patched at every position, to first order
-        sums = est.sum(0) if sums is None else sums + est.sum(0)
-        abs_sums = est.abs().sum(0) if abs_sums is None else abs_sums + est.abs().sum(0)
+        sums, abs_sums = sums + est.sum(0), abs_sums + est.abs().sum(0)
     count = ctx.pairs.mask.sum(0).cpu().to(ctx.dtype).clamp(min=1) if per_position else float(ctx.pairs.n)
     return abs_sums / count, sums / count
 

@@ -16,9 +16,8 @@ from typing import Any
 
 import torch
 
-from ..hosts import Host
 from ..errors import UnsupportedModelError
-
+from ..hosts import Host
 
 _NORMS = ("LayerNorm", "LayerNormPre", "RMSNorm", "RMSNormPre")  # TransformerLens's, closed-form Jacobians
 
@@ -83,7 +82,7 @@ class Parts:
         st = self.ln1_stats(layer, x, g.dtype)
         if st is not None:
             gw = g if st.w is None else g * st.w
-            if st.scale is None:
+            if st.scale is None or st.normed is None:
                 return gw
             normed = st.normed[:, :, None]
             out = gw - normed * (gw * normed).mean(-1, keepdim=True)
@@ -134,7 +133,8 @@ def parts_of(host: Host) -> Parts:
     ``z @ W_O`` and ``mlp_out`` added as they are (post-norms, q/k norms, shortformer embeddings)."""
     cfg = host.model.cfg
     unsupported = [
-        (getattr(cfg, "use_normalization_before_and_after", False), "a norm after attention/MLP (the write is not z @ W_O)"),
+        (getattr(cfg, "use_normalization_before_and_after", False),
+         "a norm after attention/MLP (the write is not z @ W_O)"),
         (getattr(cfg, "use_qk_norm", False), "q/k normalisation"),
         (getattr(cfg, "positional_embedding_type", "standard") == "shortformer", "shortformer positional embeddings"),
         (getattr(cfg, "use_attn_in", False) or getattr(cfg, "use_split_qkv_input", False),
@@ -149,8 +149,8 @@ def parts_of(host: Host) -> Parts:
 
 
 def check_structure(parts: Parts, values: dict[str, torch.Tensor], mask: torch.Tensor) -> None:
-    """Check on one run's values (every layer's resid_pre/mid/post, q, k, v, z and MLP output) that the recomputations the edge
-    engine relies on reproduce the model: q/k/v from ``ln1(resid_pre)``, the MLP output from
+    """Check on one run's values (every layer's resid_pre/mid/post, q, k, v, z and MLP output) that
+    the recomputations the edge engine relies on reproduce the model: q/k/v from ``ln1(resid_pre)``, the MLP output from
     ``mlp(ln2(resid))``, and the residual as the sum of embedding, head writes, MLP writes and
     constant biases. Relative tolerance 1e-9 in float64, 1e-4 otherwise; padding positions skipped."""
     tol = 1e-9 if parts.host.dtype == torch.float64 else 1e-4

@@ -45,7 +45,7 @@ class Writes:
     """Sender writes of one run, kept compact (z rather than z @ W_O): the embedding ``[copies, pos,
     d_model]``, each layer's z ``[copies, pos, head, d_head]`` and MLP output ``[copies, pos, d_model]``."""
 
-    embed: torch.Tensor | None = None
+    embed: torch.Tensor
     z: dict[int, torch.Tensor] = field(default_factory=dict)
     mlp: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -59,9 +59,10 @@ class Writes:
         return w
 
     def rows(self, rows: torch.Tensor) -> "Writes":
-        return Writes(self.embed[rows], {k: v[rows] for k, v in self.z.items()}, {k: v[rows] for k, v in self.mlp.items()})
+        return Writes(self.embed[rows], {k: v[rows] for k, v in self.z.items()},
+                      {k: v[rows] for k, v in self.mlp.items()})
 
-    def all_before(self, parts: Parts, graph: Graph, n: int, dtype: torch.dtype) -> torch.Tensor:
+    def all_before(self, parts: Parts, n: int, dtype: torch.dtype) -> torch.Tensor:
         """Writes of the first ``n`` senders: ``[copies, pos, n, d_model]``."""
         out = [self.embed.to(dtype)[:, :, None]]
         for layer in range(parts.n_layers):
@@ -113,7 +114,7 @@ class _Deltas:
             m = self.dense[:n, receivers]  # [senders, receivers(, pos)]
             if not bool(m.any()):
                 return None
-            diff = self.noise.all_before(self.parts, g, n, self.dtype) - self.live.all_before(self.parts, g, n, self.dtype)
+            diff = self.noise.all_before(self.parts, n, self.dtype) - self.live.all_before(self.parts, n, self.dtype)
             spec = "ctsd,srt->ctrd" if m.ndim == 3 else "ctsd,sr->ctrd"
             delta = torch.einsum(spec, diff, m) * self.mask[:, :, None, None]
             patched = (m.flatten(2).any(-1) if m.ndim == 3 else m.bool()).any(0)
@@ -145,7 +146,7 @@ def patched_logits(parts: Parts, graph: Graph, tokens: torch.Tensor, mask: torch
     """Logits of ``tokens`` ``[copies, pos]`` with the edges of ``plan`` patched from ``noise``
     (the corrupt writes of each copy's pair, ``[copies, ...]``)."""
     copies, t = tokens.shape
-    live = Writes()
+    live = Writes(torch.empty(0))  # the embedding is set when blocks.0.hook_resid_pre fires
     resid: dict[int, torch.Tensor] = {}  # layer -> the residual its heads read
     mlp_in: dict[int, torch.Tensor] = {}
     deltas = _Deltas(parts, graph, plan, noise, live, mask, dtype)
@@ -186,7 +187,8 @@ def patched_logits(parts: Parts, graph: Graph, tokens: torch.Tensor, mask: torch
             delta, patched = got
             rows = patched.any(1).nonzero().flatten()
             xr = resid[layer][rows]
-            normed = recompute(lambda: parts.ln1(layer, xr[:, :, None] + delta[rows].to(xr.dtype)))  # [rows, pos, heads, d]
+            # [rows, pos, heads, d_model]
+            normed = recompute(lambda: parts.ln1(layer, xr[:, :, None] + delta[rows].to(xr.dtype)))
             new = parts.project(layer, which, normed).to(x.dtype)
             out = x.clone()
             out[rows] = torch.where(patched[rows][:, None, :, None], new, x[rows])

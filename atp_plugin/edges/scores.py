@@ -119,7 +119,8 @@ def _qk_fix(parts: Parts, graph: Graph, layer: int, geom, values: dict[str, torc
             d = delta[:, :, senders]  # [batch, pos, senders, d]
             dn = parts.ln1(layer, x[:, :, None] + d.to(x.dtype)) - normed[:, :, None]  # [batch, pos, senders, d]
             w, _ = parts.weights(layer, which)
-            change = torch.einsum("btsd,hde->bsthe", dn.to(dtype), w.to(dtype)).flatten(0, 1)  # [batch*senders, pos, head, d_head]
+            # [batch * senders, pos, head, d_head]
+            change = torch.einsum("btsd,hde->bsthe", dn.to(dtype), w.to(dtype)).flatten(0, 1)
             rep = len(senders)
             m = mask.repeat_interleave(rep, 0)
             change = parts.rotate(layer, change, m)

@@ -123,23 +123,26 @@ class ReadSum:
             st = p.ln1_stats(layer, x, dtype)
             g = torch.cat([grads[h.qkv(w)] for w in "qkv"], dim=2).to(dtype)  # [batch, pos, reads, d_head]
             w = self._weights(layer)
+            attn_sum: torch.Tensor | None = None  # the layer's attention reads summed: a parallel MLP needs it
             if st is None:
                 attn = attention_reads(p, layer, x, grads, dtype)
                 self._add((layer, "attn"), attn)
-                attn_sum = attn.sum(2)
+                if p.parallel:
+                    attn_sum = attn.sum(2)
             else:
                 self.stats[layer] = st
                 scaled = g if st.scale is None else g / st.scale[:, :, None]
                 self.head[layer] = self.head[layer] + scaled if layer in self.head else scaled
-                if st.scale is not None:
+                if st.scale is not None and st.normed is not None:
                     xw = st.normed if st.w is None else st.normed * st.w
-                    c = (torch.einsum("btd,rde->btre", xw, w) * g).sum(-1) / (x.shape[-1] * st.scale)  # [batch, pos, reads]
+                    # [batch, pos, reads]
+                    c = (torch.einsum("btd,rde->btre", xw, w) * g).sum(-1) / (x.shape[-1] * st.scale)
                     self.corr.setdefault(layer, []).append((st.normed, c))
-                attn_sum = p.ln1_vjp(layer, x, torch.einsum("btre,rde->btd", g, w)[:, :, None])[:, :, 0] \
-                    if p.parallel else None
+                if p.parallel:
+                    attn_sum = p.ln1_vjp(layer, x, torch.einsum("btre,rde->btd", g, w)[:, :, None])[:, :, 0]
             if p.attn_only:
                 continue
-            if p.parallel:
+            if attn_sum is not None:  # parallel
                 mlp = grads[h.resid_pre].to(dtype) - grads[h.resid_post].to(dtype) - attn_sum
             else:
                 mlp = grads[h.resid_mid].to(dtype) - grads[h.resid_post].to(dtype)
