@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..edges.scores import interpolate, path_points
 from ..engine.runs import run
 from ..hookspecs import hookimpl
-from ..edges.scores import interpolate, path_points
 
 EMBED_HOOK = "blocks.0.hook_resid_pre"
 DEFAULT_STEPS = 10
