@@ -34,7 +34,8 @@ def test_circuit_command_on_the_demo_model(tmp_path, capsys):
     curve = faithfulness_curve(result)
     assert f"CPR (area under the curve) {curve.cpr:.4f}; CMD (area between it and 1) {curve.cmd:.4f}" in out
     saved = json.loads(js.read_text())
-    assert saved["faithfulness"] == pytest.approx(f, rel=1e-12) and sorted(saved["circuit"]) == sorted(circuit.edges())
+    assert saved["faithfulness"] == pytest.approx(f, rel=1e-12)
+    assert sorted(e["edge"] for e in saved["circuit"]) == sorted(circuit.edges())
     table = pd.read_csv(csv)
     assert len(table) == result.graph.n_edges and int(table["in_circuit"].sum()) == circuit.n_edges
     root = ET.fromstring(svg.read_text())  # well-formed, self-contained: no external references
@@ -63,3 +64,15 @@ def test_demo_circuit(tmp_path, monkeypatch, capsys):
     f = faithfulness(model, task.clean, task.corrupt, metric, top_circuit(result, 40))
     assert f"faithfulness {f:.4f}" in out and "CPR (area under the curve)" in out
     assert ET.fromstring((tmp_path / command.DEMO_SVG).read_text()).tag.endswith("svg")
+
+
+def test_per_position_circuit(capsys):
+    assert command.run(parse(["--n-pairs", "3", "--size", "30", "--per-position", "--quiet"])) == 0
+    out = capsys.readouterr().out
+    model, task, metric = demo_task(3, 0)
+    result = attribute_edges(model, task.clean, task.corrupt, metric, per_position=True)
+    circuit = top_circuit(result, 30)
+    assert circuit.per_position
+    f = faithfulness(model, task.clean, task.corrupt, metric, circuit)
+    assert f"circuit: {circuit.n_edges} edges (top 30, dangling edges pruned); faithfulness {f:.4f}" in out
+    assert " pos " in out.splitlines()[2]

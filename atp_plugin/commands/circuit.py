@@ -47,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--size", type=int, default=40, help="keep the top N edges, then prune (default 40)")
     size.add_argument("--threshold", type=float, help="keep every edge scoring at least this, then prune")
+    parser.add_argument("--per-position", action="store_true",
+                        help="score and keep each edge at each position (default: each edge at every position)")
     parser.add_argument("--curve", action="store_true", help="also the faithfulness curve over MIB's circuit sizes")
     parser.add_argument("--verify", type=int, default=0, metavar="K", help="exactly patch the top K edges one by one")
     parser.add_argument("--svg", metavar="PATH", help="write the circuit as a self-contained SVG picture")
@@ -66,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     model, clean, corrupt, metric, label = _task(args)
     start = time.perf_counter()
     result = attribute_edges(model, clean, corrupt, metric, method=args.method, ig_steps=args.ig_steps,
-                             batch_size=args.batch_size, progress=False if args.quiet else None)
+                             per_position=args.per_position, batch_size=args.batch_size,
+                             progress=False if args.quiet else None)
     scored = time.perf_counter() - start
     circuit = (threshold_circuit(result, args.threshold) if args.threshold is not None
                else top_circuit(result, args.size))
@@ -93,18 +96,19 @@ def report(result, circuit: Circuit, label: str, scored: float, args: argparse.N
            svg_default: str | None = None) -> None:
     """Print the circuit, its faithfulness (and curve), and write the files asked for."""
     f = faithfulness_of(result, [circuit])[0]
-    kept = circuit.keep.nonzero().flatten()
+    kept = circuit.keep.reshape(-1).nonzero().flatten()  # rows of to_frame(): edge-major, then position
     frame = result.to_frame().iloc[kept.numpy()].sort_values("score", ascending=False, kind="stable")
+    shown = ["edge", "pos", "score", "signed"] if result.per_position else ["edge", "score", "signed"]
     print(f"atp circuit: {label}; method {result.method}; {result.graph.n_edges} edges scored in {scored:.2f}s "
           f"({result.forward_passes} forward, {result.backward_passes} backward passes of one prompt)")
     how = f"top {args.size}" if args.threshold is None else f"score >= {args.threshold:g}"
     print(f"circuit: {circuit.n_edges} edges ({how}, dangling edges pruned); faithfulness {f:.4f} "
           "(1 = the full model, 0 = the corrupt run)")
-    print(frame[["edge", "score", "signed"]].head(30).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(frame[shown].head(30).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if circuit.n_edges > 30:
         print(f"... {circuit.n_edges - 30} more edges in the circuit")
     out: dict[str, Any] = {"model": label, "method": result.method, "edges_scored": result.graph.n_edges,
-                           "circuit": frame["edge"].tolist(), "faithfulness": f}
+                           "circuit": frame[shown[:-2]].to_dict(orient="records"), "faithfulness": f}
     if args.curve:
         curve = faithfulness_curve(result)
         print("faithfulness curve (MIB sizes): " + ", ".join(
