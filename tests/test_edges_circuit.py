@@ -162,3 +162,23 @@ def test_bad_circuits():
     with pytest.raises(ValueError, match="same on the clean and the corrupt"), \
             pytest.warns(UserWarning, match="equals"):
         faithfulness(model, clean, clean, metric, ["embed -> logits"])
+
+
+def test_cost_of_verification_curves():
+    """Each curve: the method's own cost (forward + 2 x backward passes of one prompt) plus one
+    patched forward pass per pair for every edge down to the last of the true top x (by exact
+    patching) in the method's order."""
+    from atp_plugin.edges.evaluate import evaluate_edges
+    model, clean, corrupt, metric = setup()
+    curves, truth = evaluate_edges(model, clean, corrupt, metric, methods=("atp", "ig"), ig_steps=2, top_x=6)
+    exact = attribute_edges(model, clean, corrupt, metric, method="ap")
+    torch.testing.assert_close(truth.signed, exact.signed, rtol=0, atol=0)
+    true_top = torch.argsort(exact.scores, descending=True)[:6].tolist()
+    for method, own in (("atp", 2 * N + 2 * N), ("ig", (2 + 2) * N + 2 * 2 * N)):
+        scores = attribute_edges(model, clean, corrupt, metric, method=method, ig_steps=2).scores
+        rank = {e: i + 1 for i, e in enumerate(torch.argsort(scores, descending=True).tolist())}
+        deepest = [max(rank[e] for e in true_top[:x]) for x in range(1, 7)]
+        assert curves[method].tolist() == [own] + [own + N * d for d in deepest]
+    assert curves["oracle"].tolist() == [N * x for x in range(7)]
+    with pytest.raises(ValueError, match="methods must be edge methods"):
+        evaluate_edges(model, clean, corrupt, metric, methods=("ap",))

@@ -1,22 +1,14 @@
 """Edges: attribution patching for the connections between components (EAP, EAP with the QK fix,
-EAP-IG, exact edge patching), circuits and their faithfulness. See ``graph`` for the edge graph
-and its naming."""
+EAP-IG, exact edge patching), circuits, their faithfulness and cost-of-verification curves. See
+``graph`` for the edge graph and its naming."""
 
 from .attribute import METHODS, attribute_edges
-from .circuit import (
-                      MIB_PERCENTAGES,
-                      Circuit,
-                      FaithfulnessCurve,
-                      faithfulness,
-                      faithfulness_curve,
-                      faithfulness_of,
-                      pruned,
-                      threshold_circuit,
-                      top_circuit,
-)
+from .circuit import (MIB_PERCENTAGES, Circuit, FaithfulnessCurve, faithfulness, faithfulness_curve, faithfulness_of,
+                      pruned, threshold_circuit, top_circuit)
+from .evaluate import evaluate_edges
 from .graph import Graph, Receiver, Sender
 from .result import EdgeResult
 
 __all__ = ["METHODS", "MIB_PERCENTAGES", "Circuit", "EdgeResult", "FaithfulnessCurve", "Graph", "Receiver", "Sender",
-           "attribute_edges", "faithfulness", "faithfulness_curve", "faithfulness_of", "pruned", "threshold_circuit",
-           "top_circuit"]
+           "attribute_edges", "evaluate_edges", "faithfulness", "faithfulness_curve", "faithfulness_of", "pruned",
+           "threshold_circuit", "top_circuit"]
