@@ -3,8 +3,17 @@ EAP-IG, exact edge patching), circuits, their faithfulness and cost-of-verificat
 ``graph`` for the edge graph and its naming."""
 
 from .attribute import METHODS, attribute_edges
-from .circuit import (MIB_PERCENTAGES, Circuit, FaithfulnessCurve, faithfulness, faithfulness_curve, faithfulness_of,
-                      pruned, threshold_circuit, top_circuit)
+from .circuit import (
+    MIB_PERCENTAGES,
+    Circuit,
+    FaithfulnessCurve,
+    faithfulness,
+    faithfulness_curve,
+    faithfulness_of,
+    pruned,
+    threshold_circuit,
+    top_circuit,
+)
 from .evaluate import evaluate_edges
 from .graph import Graph, Receiver, Sender
 from .result import EdgeResult
