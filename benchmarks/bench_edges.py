@@ -10,7 +10,7 @@ d_mlp 1024, float32; 16 pairs of 24 tokens), in one process, medians of interlea
   saved as a GPT-2 checkpoint and booted as a Bridge, and both are timed on it.
 
 - ``--demo``: the edge methods on the bundled IOI model by faithfulness at fixed circuit sizes,
-  MIB's CPR and CMD, and cost.
+  MIB's CPR and CMD, and cost; and their cost of verification (``evaluate_edges``).
 
 Usage: python benchmarks/bench_edges.py [--repeats 5] [--ig-steps 5] [--tl4 | --demo]
 """
@@ -150,6 +150,21 @@ def demo_rows(n_pairs: int = 32) -> list[tuple[str, ...]]:
     return rows
 
 
+def verification_rows(n_pairs: int = 16) -> list[tuple[str, ...]]:
+    """Cost of verification on the bundled IOI model: forward passes of one prompt (a backward pass
+    counting 2) to have verified the true top-x edges by exhaustive edge patching."""
+    from atp_plugin.commands.usage import demo_task
+    from atp_plugin.edges import evaluate_edges
+    model, pairs, metric = demo_task(n_pairs, 0)
+    curves, truth = evaluate_edges(model, pairs.clean, pairs.corrupt, metric, methods=("atp", "atp+qk", "ig"),
+                                   ig_steps=5, top_x=20)
+    rows = [("true top-x found", "atp", "atp+qk", "ig (5 steps)", "oracle")]
+    for x in (0, 1, 5, 10, 15, 20):
+        rows.append((str(x) if x else "0 (own cost)", *(f"{curves.loc[x, c]:,.0f}" for c in curves.columns)))
+    rows.append((f"exhaustive: {truth.forward_passes:,}", "", "", "", ""))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -159,10 +174,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.demo:
-        rows = demo_rows()
-        print("| " + " | ".join(rows[0]) + " |\n|---|" + "---:|" * (len(rows[0]) - 1))
-        for row in rows[1:]:
-            print("| " + " | ".join(row) + " |")
+        for rows in (demo_rows(), verification_rows()):
+            print("| " + " | ".join(rows[0]) + " |\n|---|" + "---:|" * (len(rows[0]) - 1))
+            for row in rows[1:]:
+                print("| " + " | ".join(row) + " |")
+            print()
         return
     rows = tl4_rows(args.repeats) if args.tl4 else hooked_rows(args.repeats, args.ig_steps)
     print("| what | seconds or ratio |\n|---|---:|")
