@@ -52,8 +52,9 @@ def attribute_edges(model: Any, clean: torch.Tensor | Sequence[str], corrupt: to
         ctx = make_context(model, clean, corrupt, metric, batch_size=batch_size, patch_batch_size=patch_batch_size,
                            progress=progress)
         if method == "atp+qk":
-            for layer in range(ctx.parts.n_layers):
-                ctx.host.attention(layer)  # unsupported attention variants fail here, before the method's runs
+            for layer in range(ctx.parts.n_layers):  # unsupported attention fails here, before the method runs
+                ctx.host.attention(layer)
+                ctx.parts.check_rotary(layer)
         scores, signed = _run(ctx, method, ig_steps, per_position)
     pairs = ctx.pairs
     return EdgeResult(method, ctx.graph, scores, signed, per_position, pairs.mask.sum(0).cpu(), pairs.n,

@@ -104,9 +104,10 @@ class Parts:
         grouped-query attention, one copy per query head where the model ungroups them)."""
         attn = self.block(layer).attn
         name = which.upper()
-        if which != "q" and self.n_kv != self.n_heads and hasattr(attn, f"_W_{name}"):
-            return getattr(attn, f"_W_{name}"), getattr(attn, f"_b_{name}")
-        return getattr(attn, f"W_{name}"), getattr(attn, f"b_{name}")
+        w, b = getattr(attn, f"W_{name}"), getattr(attn, f"b_{name}", None)
+        if which != "q" and self.n_kv != self.n_heads and getattr(attn, f"_W_{name}", None) is not None:
+            w, b = getattr(attn, f"_W_{name}"), getattr(attn, f"_b_{name}", None)  # the stored kv-heads
+        return w, torch.zeros(w.shape[0], w.shape[2], dtype=w.dtype, device=w.device) if b is None else b
 
     def project(self, layer: int, which: str, normed: torch.Tensor) -> torch.Tensor:
         """q/k/v of every head from normed inputs ``[batch, pos, heads, d_model]``: ``[batch, pos, heads, d_head]``."""
@@ -117,15 +118,18 @@ class Parts:
         """``[n_heads, d_head, d_model]``."""
         return self.block(layer).attn.W_O
 
+    def check_rotary(self, layer: int) -> None:
+        """Fail unless the layer's rotary embedding (if any) can be applied to changed q/k vectors."""
+        if self.rotary and not hasattr(self.block(layer).attn, "apply_rotary"):
+            raise UnsupportedModelError("the QK fix for edges needs the attention's apply_rotary (a HookedTransformer "
+                                        "with rotary embeddings); use method='atp' for this model")
+
     def rotate(self, layer: int, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Rotary embedding of q or k vectors ``[batch, pos, heads, d_head]`` (identity without rotary)."""
         if not self.rotary:
             return x
-        attn = self.block(layer).attn
-        if not hasattr(attn, "apply_rotary"):
-            raise UnsupportedModelError("the QK fix for edges needs the attention's apply_rotary (a HookedTransformer "
-                                        "with rotary embeddings); use method='atp' for this model")
-        return attn.apply_rotary(x, 0, None if bool(mask.all()) else mask.long()).to(x.dtype)
+        self.check_rotary(layer)
+        return self.block(layer).attn.apply_rotary(x, 0, None if bool(mask.all()) else mask.long()).to(x.dtype)
 
 
 def parts_of(host: Host) -> Parts:
@@ -174,7 +178,8 @@ def check_structure(parts: Parts, values: dict[str, torch.Tensor], mask: torch.T
                 heads = parts.n_heads if which == "q" else parts.n_kv
                 normed = parts.ln1(layer, x)[:, :, None].expand(-1, -1, heads, -1)
                 close(parts.project(layer, which, normed), values[h.qkv(which)], f"layer {layer} hook_{which}")
-            write = torch.einsum("bthe,hed->btd", values[h.z], parts.W_O(layer)) + parts.block(layer).attn.b_O
+            b_O = parts.block(layer).attn.b_O  # None where the model has no output bias (a Bridge's Llama)
+            write = torch.einsum("bthe,hed->btd", values[h.z], parts.W_O(layer)) + (0.0 if b_O is None else b_O)
             after = x + write
             if not parts.attn_only:
                 mlp_in = x if parts.parallel else after
