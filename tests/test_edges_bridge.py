@@ -97,3 +97,14 @@ def test_llama_bridge_equals_hooked(tmp_path_factory):
         torch.testing.assert_close(got.signed, want.signed, rtol=1e-6, atol=1e-7)
     with pytest.raises(UnsupportedModelError, match="apply_rotary"):
         attribute_edges(bridge, clean, corrupt, metric, method="atp+qk")
+
+
+def test_node_ig_equals_hooked(models):
+    from atp_plugin import attribute
+    from atp_plugin.backends.ig import IntegratedGradients
+    hooked, bridge = models
+    clean, corrupt, metric = pairs()
+    want = attribute(hooked, clean, corrupt, metric, nodes=["attn_z", "mlp_neurons"], method=IntegratedGradients(3))
+    got = attribute(bridge, clean, corrupt, metric, nodes=["attn_z", "mlp_neurons"], method=IntegratedGradients(3))
+    for key in want.scores:
+        torch.testing.assert_close(got.signed[key], want.signed[key], **TOL)
