@@ -13,6 +13,8 @@ output); a receiver's gradient is dL/d(the residual as that receiver alone reads
 
 from __future__ import annotations
 
+from typing import Iterable, Iterator
+
 import torch
 
 from .graph import Graph
@@ -70,23 +72,22 @@ def attention_reads(parts: Parts, layer: int, x: torch.Tensor, grads: dict[str, 
 
 
 def receiver_grads(parts: Parts, values: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
-                   dtype: torch.dtype) -> list[torch.Tensor]:
+                   dtype: torch.dtype) -> Iterator[torch.Tensor]:
     """Every receiver's gradient, in graph order, as blocks of receivers that read at one stage (a
-    layer's attention reads, its MLP, the logits): ``[batch, pos, receivers of the block, d_model]`` each."""
-    out = []
+    layer's attention reads, its MLP, the logits): ``[batch, pos, receivers of the block, d_model]`` each,
+    one at a time (a large model's would not all fit at once)."""
     for layer in range(parts.n_layers):
         h = hook_names(layer)
         attn = attention_reads(parts, layer, values[h.resid_pre], grads, dtype)
-        out.append(attn)
+        yield attn
         if parts.attn_only:
             continue
         if parts.parallel:
             mlp = grads[h.resid_pre].to(dtype) - grads[h.resid_post].to(dtype) - attn.sum(2)
         else:
             mlp = grads[h.resid_mid].to(dtype) - grads[h.resid_post].to(dtype)
-        out.append(mlp[:, :, None])
-    out.append(grads[hook_names(parts.n_layers - 1).resid_post].to(dtype)[:, :, None])
-    return out
+        yield mlp[:, :, None]
+    yield grads[hook_names(parts.n_layers - 1).resid_post].to(dtype)[:, :, None]
 
 
 class ReadSum:
@@ -149,9 +150,9 @@ class ReadSum:
             self._add((layer, "mlp"), mlp[:, :, None])
         self._add((p.n_layers, "logits"), grads[hook_names(p.n_layers - 1).resid_post].to(dtype)[:, :, None])
 
-    def blocks(self) -> list[torch.Tensor]:
-        """The sums, in graph order, as ``receiver_grads`` returns one step's."""
-        p, out = self.parts, []
+    def blocks(self) -> Iterator[torch.Tensor]:
+        """The sums, in graph order, as ``receiver_grads`` yields one step's."""
+        p = self.parts
         for layer in range(p.n_layers):
             if layer in self.head:
                 st, w = self.stats[layer], self._weights(layer)
@@ -161,13 +162,12 @@ class ReadSum:
                 if layer in self.corr:
                     normed, c = (torch.stack(t) for t in zip(*self.corr[layer]))  # [steps, batch, pos, ...]
                     reads = reads - torch.einsum("kbtr,kbtd->btrd", c, normed)
-                out.append(reads)
+                yield reads
             else:
-                out.append(self.dense[layer, "attn"])
+                yield self.dense[layer, "attn"]
             if not p.attn_only:
-                out.append(self.dense[layer, "mlp"])
-        out.append(self.dense[p.n_layers, "logits"])
-        return out
+                yield self.dense[layer, "mlp"]
+        yield self.dense[p.n_layers, "logits"]
 
 
 def grad_targets(parts: Parts) -> list[str]:
@@ -183,7 +183,7 @@ def grad_targets(parts: Parts) -> list[str]:
     return out
 
 
-def edge_products(graph: Graph, writes: torch.Tensor, reads: list[torch.Tensor]) -> torch.Tensor:
+def edge_products(graph: Graph, writes: torch.Tensor, reads: Iterable[torch.Tensor]) -> torch.Tensor:
     """write(sender) . read(receiver) for every edge at every position: ``[batch, edge, pos]`` from
     ``writes`` ``[batch, pos, sender, d]`` and the blocks of ``receiver_grads``. Edges run receiver by
     receiver, each over the senders before it (a prefix), so a block's edges are one contiguous run."""
