@@ -234,3 +234,15 @@ def qk_fixed(model: HookedTransformer, clean: torch.Tensor, corrupt: torch.Tenso
             row.append(((got["A"] - A[pattern]) * G[pattern]).sum((1, 2, 3)))
         out.append(torch.stack(row, -1))
     return [e[0] for e in es], torch.stack(out, 1)
+
+
+def linear_model(make_model, n_layers: int = 3) -> HookedTransformer:
+    """Attention-only, no LayerNorm, W_Q = W_K = 0: every pattern is the uniform causal one whatever
+    the residual, so the model is affine in every residual read and a logit difference is too
+    (``make_model``: conftest's random float64 model builder)."""
+    model = make_model(4, n_layers=n_layers, attn_only=True, normalization_type=None)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.W_Q.zero_()
+            block.attn.W_K.zero_()
+    return model

@@ -75,19 +75,8 @@ def test_verify_matches_naive_patching():
     assert list(checked["edge"]) == list(top["edge"]) and list(checked["estimate"]) == list(top["score"])
 
 
-def linear_model(n_layers: int = 3):
-    """Attention-only, no LayerNorm, W_Q = W_K = 0: every pattern is the uniform causal one whatever
-    the residual, so the model is affine in every residual read and a logit difference is too."""
-    model = make_model(4, n_layers=n_layers, attn_only=True, normalization_type=None)
-    with torch.no_grad():
-        for block in model.blocks:
-            block.attn.W_Q.zero_()
-            block.attn.W_K.zero_()
-    return model
-
-
 def test_first_order_is_exact_on_a_linear_model():
-    model = linear_model()
+    model = ref.linear_model(make_model)
     clean, corrupt = make_pairs(N, T)
     metric = logit_diff_metric(N)
     atp = attribute_edges(model, clean, corrupt, metric, method="atp", per_position=True)

@@ -18,7 +18,6 @@ from atp_plugin import attribute, plugins
 from atp_plugin.backends.ig import IntegratedGradients
 from atp_plugin.edges import attribute_edges
 from conftest import VARIANTS, logit_diff_metric, make_model, make_pairs
-from test_edges import linear_model
 
 N, T = 2, 4
 
@@ -65,7 +64,7 @@ def test_ig_converges_at_rate_one_over_m():
     mean over m points is the integral plus exactly c/m. Summed over every sender into the logits
     (the whole change of the final residual) the integral is L(noise) - L(clean) by the fundamental
     theorem of calculus, computed here from two plain forward passes."""
-    model = linear_model()
+    model = ref.linear_model(make_model)
     clean, corrupt = make_pairs(N, T)
     metric = quadratic_metric(N)
     with torch.no_grad():
@@ -87,7 +86,7 @@ def test_ig_converges_at_rate_one_over_m():
 def test_ig_per_edge_limit_is_the_trapezoid():
     """Per edge, with an affine gradient along the path, I_m = A + B (m + 1) / (2m): m = 1 is the
     gradient at the corrupt end, EAP (atp) the one at the clean end, and every m lies on that line."""
-    model = linear_model()
+    model = ref.linear_model(make_model)
     clean, corrupt = make_pairs(N, T)
     metric = quadratic_metric(N)
     atp = attribute_edges(model, clean, corrupt, metric, method="atp", per_position=True).signed
