@@ -19,7 +19,7 @@ import torch
 from ..engine import qk as qkfix
 from ..engine.runs import run
 from .graph import Graph
-from .model import Parts, hook_names
+from .model import Parts, check_structure, hook_names
 from .values import ReadSum, edge_products, grad_targets, receiver_grads, receiver_hooks, sender_hooks, sender_writes
 
 Metric = Callable[[torch.Tensor], torch.Tensor]  # logits -> [batch]
@@ -47,13 +47,15 @@ def noise_writes(parts: Parts, corrupt: torch.Tensor, mask: torch.Tensor, dtype:
 
 
 def atp_batch(parts: Parts, graph: Graph, tokens: torch.Tensor, corrupt: torch.Tensor, mask: torch.Tensor,
-              metric: Metric, dtype: torch.dtype, *, qk: bool) -> torch.Tensor:
+              metric: Metric, dtype: torch.dtype, *, qk: bool, check: bool = False) -> torch.Tensor:
     """Iatp (Iqk for edges into q/k with ``qk``) per pair, edge and position: ``[batch, edge, pos]``, 0
-    at padding."""
+    at padding. ``check``: first check the model's structure on the clean run's first prompt."""
     noise = noise_writes(parts, corrupt, mask, dtype)
     geoms = {layer: parts.host.attention(layer) for layer in range(parts.n_layers)} if qk else {}
     extra = {h for g in geoms.values() for h in (g.q_hook, g.k_hook, g.scores_hook, g.pattern_hook)}
     values, grads = _gradient_run(parts, tokens, mask, metric, extra)
+    if check:
+        check_structure(parts, {h: v[:1] for h, v in values.items()}, mask[:1])
     with torch.no_grad():
         delta = (noise - sender_writes(parts, values, dtype)) * mask[:, :, None, None]
         out = edge_products(graph, delta, receiver_grads(parts, values, grads, dtype))
