@@ -133,3 +133,13 @@ def test_unsupported_models_are_clear_errors():
     with pytest.raises(UnsupportedModelError, match="layer 1 residual"):
         attribute_edges(model, clean, corrupt, logit_diff_metric(N))
     model.reset_hooks()
+
+
+def test_verify_position_free_equals_exact():
+    model, clean, corrupt, metric = setup("gqa")
+    result = attribute_edges(model, clean, corrupt, metric, method="atp+qk")
+    exact = attribute_edges(model, clean, corrupt, metric, method="ap")
+    checked = result.verify(7)
+    rows = [result.graph.edge_of[e] for e in checked["edge"]]
+    torch.testing.assert_close(torch.tensor(checked["effect"].to_numpy()), exact.signed[rows], rtol=1e-12, atol=1e-14)
+    assert checked.attrs["forward_passes"] == 2 * N + 7 * N and "pos" not in checked
