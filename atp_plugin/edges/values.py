@@ -62,13 +62,27 @@ def sender_writes(parts: Parts, values: dict[str, torch.Tensor], dtype: torch.dt
 def attention_reads(parts: Parts, layer: int, x: torch.Tensor, grads: dict[str, torch.Tensor],
                     dtype: torch.dtype) -> torch.Tensor:
     """dL/d(residual ``x`` ``[batch, pos, d_model]`` as each q, k and v input of the layer reads it):
-    ``[batch, pos, n_heads + 2 n_kv, d_model]`` in the order q heads, k kv-heads, v kv-heads."""
+    ``[batch, pos, n_heads + 2 n_kv, d_model]`` in the order q heads, k kv-heads, v kv-heads.
+
+    With a closed-form ln1 (``Parts.ln1_stats``), gw = (w * W) g is the only d_model-space product:
+    mean(gw x^) and mean(gw) come from head space, (x^ . w W) . g and (mean_d w W) . g, so the
+    Jacobian costs three passes over the reads instead of eight."""
     h = hook_names(layer)
-    pulled = []
-    for which in "qkv":
-        w, _ = parts.weights(layer, which)
-        pulled.append(torch.einsum("bthe,hde->bthd", grads[h.qkv(which)], w))  # through the projection
-    return parts.ln1_vjp(layer, x, torch.cat(pulled, dim=2).to(dtype))  # [batch, pos, reads, d_model]
+    g = torch.cat([grads[h.qkv(which)] for which in "qkv"], dim=2).to(dtype)  # [batch, pos, reads, d_head]
+    w = torch.cat([parts.weights(layer, which)[0] for which in "qkv"]).to(dtype)  # [reads, d_model, d_head]
+    st = parts.ln1_stats(layer, x, dtype)
+    if st is None:
+        return parts.ln1_vjp(layer, x, torch.einsum("btre,rde->btrd", g, w))
+    if st.w is not None:
+        w = w * st.w[:, None]
+    gw = torch.einsum("btre,rde->btrd", g, w)  # [batch, pos, reads, d_model]
+    if st.scale is None or st.normed is None:
+        return gw
+    along = (torch.einsum("btd,rde->btre", st.normed, w) * g).sum(-1) / x.shape[-1]  # mean(gw x^) [batch, pos, reads]
+    gw -= st.normed[:, :, None] * along[..., None]
+    if st.centred:
+        gw -= (torch.einsum("btre,re->btr", g, w.mean(1)))[..., None]  # mean(gw)
+    return gw.div_(st.scale[:, :, None])
 
 
 def receiver_grads(parts: Parts, values: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
