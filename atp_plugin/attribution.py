@@ -14,6 +14,7 @@ from .adapters import NodeAdapter, resolve
 from .backends import Backend
 from .engine import Engine, Metric
 from .engine.pairs import make_pairs
+from .errors import AtpError
 from .hosts import Host
 from .metrics import check_metric
 from .result import AttributionResult
@@ -81,6 +82,9 @@ def attribute(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Te
     backend's name (``atp*`` by default) or a backend instance (e.g. a configured
     ``Subsampling(n_subsets=64)``). ``batch_size`` pairs are processed at a time.
     """
+    if torch.is_inference_mode_enabled():
+        raise AtpError("attribute() was called under torch.inference_mode(), where no gradient can be taken; "
+                       "call it outside the inference_mode block (it switches gradients on only where it needs them)")
     backends = plugins.backends()
     if isinstance(method, str):
         if method not in backends:

@@ -14,6 +14,7 @@ from .plugins import PluginError
 #: sub-command name -> module in atp_plugin.commands with ``add_arguments(parser)`` and ``run(args) -> int``
 COMMANDS = {
     "demo": "demo",
+    "circuit": "circuit",
     "evaluate": "evaluate",
     "rank": "rank",
 }

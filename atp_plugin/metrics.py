@@ -64,6 +64,9 @@ def token_ids(model, tokens: Sequence[str], *, what: str = "the answer token") -
     """Token ids of single-token strings such as ``" Mary"`` (a clear error otherwise, also for a
     word the tokenizer does not know, which would silently become its unknown token); ``what``
     names the strings in the error."""
+    if isinstance(tokens, str):
+        raise TypeError(f"token_ids takes a list of strings, got the string {tokens!r} (it would be read character "
+                        f"by character): token_ids(model, [{tokens!r}])")
     ids = []
     for text in tokens:
         tokenized = model.to_tokens(text, prepend_bos=False)[0].tolist()

@@ -109,10 +109,12 @@ def _check_cache(model: Any, tokens: torch.Tensor, clean_cache: Any, hooks: list
                              "cache with this model (no hooks attached) from the clean prompts")
 
 
-def _batch_metric(patching_metric: PatchingMetric, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def _batch_metric(patching_metric: PatchingMetric, n: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """TransformerLens's batch metric as the engine's per-prompt metric: each of the ``n`` prompts
-    gets 1/n of the batch value, so the per-prompt estimates add up to the batch's."""
-    def per_prompt(logits: torch.Tensor) -> torch.Tensor:
+    gets 1/n of the batch value, so the per-prompt estimates add up to the batch's. Only valid on
+    the whole batch in order (the first-order runs here, with ``batch_size=n``): it takes the pair
+    indices to say that it is not a row-by-row metric, and never patches exactly."""
+    def per_prompt(logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         value = patching_metric(logits)
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise TypeError("patching_metric must return one number for the whole batch, as a tensor computed from "

@@ -43,7 +43,8 @@ NEEDS = {
     **dict.fromkeys(["test_bad_input.py", "test_baselines.py", "test_bound.py", "test_custom_adapter.py",
                      "test_demo_task.py", "test_evaluate.py", "test_identities.py", "test_patching.py",
                      "test_plugin_docs.py", "test_reference.py", "test_report.py", "test_shapes.py",
-                     "test_verify.py", "test_cli_rank.py", "test_demo_hf.py", "test_saturation.py"], "hooked"),
+                     "test_verify.py", "test_cli_rank.py", "test_demo_hf.py", "test_saturation.py",
+                     "test_soundness.py"], "hooked"),
 }
 needs_hooked = pytest.mark.skipif(not HAS_HOOKED, reason=MISSING["hooked"] or "")
 

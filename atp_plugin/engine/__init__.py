@@ -10,6 +10,7 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import MetricError
 from ..hosts import Host
 from .estimates import Site, check_order, estimate_batch, sites_of
 from .pairs import Pairs
@@ -22,7 +23,15 @@ Metric = Callable[..., torch.Tensor]
 def bind_metric(metric: Metric) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Call ``metric(logits, indices)``, or ``metric(logits)`` when it takes one argument, and
     check it returns one finite value per pair, differentiable where the logits are (AtP's
-    gradient runs)."""
+    gradient runs).
+
+    Exact patching runs patched copies of pairs in batches of any make-up, so ``indices`` is how a
+    metric knows which pair each row belongs to. A one-argument metric cannot know: it must
+    compute each row from that row's logits alone. The first differentiable call checks that (on
+    the batch reversed and on its first row alone) and that the metric's gradient is not zero
+    everywhere (``sign``, ``round``, an answer equal to the wrong token): either would give
+    silently wrong numbers.
+    """
     if not callable(metric):
         raise TypeError(f"metric must be callable as metric(logits, indices) or metric(logits), got {metric!r}")
     try:
@@ -31,25 +40,58 @@ def bind_metric(metric: Metric) -> Callable[[torch.Tensor, torch.Tensor], torch.
         two = len(params) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
     except (TypeError, ValueError):  # builtins without a signature: assume the documented form
         two = True
+    name = getattr(metric, "__qualname__", repr(metric))
+    checked = False
 
     def call(logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        nonlocal checked
         out = metric(logits, indices) if two else metric(logits)
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"metric must return a tensor with one value per pair, got {type(out).__name__}")
         if out.shape != (logits.shape[0],):
-            raise ValueError(f"metric must return one value per pair: expected shape ({logits.shape[0]},) "
-                             f"for {logits.shape[0]} prompts, got {tuple(out.shape)}")
+            raise MetricError(f"metric must return one value per pair: expected shape ({logits.shape[0]},) "
+                              f"for {logits.shape[0]} prompts, got {tuple(out.shape)}")
         if logits.requires_grad and not out.requires_grad:
-            raise ValueError(
-                f"metric {getattr(metric, '__qualname__', metric)!r} returned values that carry no gradient "
-                f"(dtype {out.dtype}, requires_grad=False), so AtP cannot differentiate it; compute it from the "
-                "logits without detaching, .item(), integer casts or constants")
+            raise MetricError(
+                f"metric {name!r} returned values that carry no gradient (dtype {out.dtype}, requires_grad=False), "
+                "so AtP cannot differentiate it; compute it from the logits without detaching, .item(), integer "
+                "casts or constants")
         if not torch.isfinite(out).all():
-            bad = indices[~torch.isfinite(out).cpu()].tolist()
-            raise ValueError(f"metric returned non-finite values for pairs {bad[:10]}; check the metric and the answer ids")
+            bad = indices[~torch.isfinite(out).to(indices.device)].tolist()
+            raise MetricError(f"metric returned non-finite values for pairs {bad[:10]}; check the metric and the "
+                              "answer ids")
+        if logits.requires_grad and not checked:
+            checked = True
+            if not two:
+                _check_rowwise(metric, name, logits.detach(), out.detach())
+            (grad,) = torch.autograd.grad(out.sum(), logits, retain_graph=True)
+            if not bool(grad.any()):
+                raise MetricError(
+                    f"the gradient of metric {name!r} with respect to the logits is zero for every pair, so every "
+                    "AtP score would be 0 and the ranking arbitrary: the metric is constant or piecewise constant "
+                    "(sign, round, argmax, a comparison) or compares a token with itself (answer == wrong); use a "
+                    "smooth metric such as metrics.logit_diff with distinct tokens")
         return out
 
     return call
+
+
+def _check_rowwise(metric: Metric, name: str, logits: torch.Tensor, out: torch.Tensor) -> None:
+    """Refuse a one-argument metric whose value for a row depends on where the row sits in the
+    batch (e.g. per-pair answers indexed by row): exact patching batches rows in other orders."""
+    fix = (f"metric {name!r} takes only the logits, so it must compute each row from that row alone; it reads "
+           "per-pair data by row position, which exact patching (verify, ap, baselines) reorders. Take the pair "
+           "indices as a second argument: metric(logits, indices) -> one value per pair, with indices the pairs "
+           "of the rows (the built-in metrics.logit_diff does)")
+    with torch.no_grad():
+        try:
+            flipped = metric(logits.flip(0)).flip(0)
+            first = metric(logits[:1])
+        except (IndexError, RuntimeError, ValueError) as e:
+            raise MetricError(f"{fix} (on a reordered batch it raised {type(e).__name__}: {e})") from e
+    if not (torch.allclose(flipped, out, rtol=1e-5, atol=1e-6, equal_nan=True)
+            and torch.allclose(first, out[:1], rtol=1e-5, atol=1e-6, equal_nan=True)):
+        raise MetricError(fix)
 
 
 class Engine:
@@ -90,11 +132,19 @@ class Engine:
         return True if n < 4 else None
 
     def assemble(self, per_site: dict[tuple[int, str], torch.Tensor], sites: list[Site]) -> dict[str, torch.Tensor]:
-        """Per-site tensors ``[pos, *node]`` -> result tensors, stacking layered adapters' sites."""
-        out: dict[str, list[torch.Tensor]] = {}
+        """Per-site tensors ``[pos, *node]`` keyed (site number, group) -> result tensors, a layered
+        adapter's sites stacked by their layer index (whatever order ``per_site`` lists them in).
+        Every site and group must be there exactly once: a missing or unknown one is an error."""
+        expected = {(n, grp) for n, s in enumerate(sites) for grp in s.adapter.groups(self.host)}
+        if set(per_site) != expected:
+            missing, extra = sorted(expected - set(per_site)), sorted(set(per_site) - expected)
+            raise ValueError(f"assemble() needs one tensor per (site number, group) of the {len(sites)} sites: "
+                             f"missing {missing[:5]}, unknown {extra[:5]}")
+        slots: dict[str, dict[int, torch.Tensor]] = {}
         for (n, grp), v in per_site.items():
-            out.setdefault(sites[n].adapter.name + grp, []).append(v)
-        return {key: (torch.stack(vs) if "layer" in self._dims(key) else vs[0]) for key, vs in out.items()}
+            slots.setdefault(sites[n].adapter.name + grp, {})[sites[n].index] = v
+        return {key: (torch.stack([vs[i] for i in range(len(vs))]) if "layer" in self._dims(key) else vs[0])
+                for key, vs in slots.items()}
 
     def _dims(self, key: str) -> tuple[str, ...]:
         adapter, grp = self.keys()[key]
