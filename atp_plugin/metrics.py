@@ -14,10 +14,12 @@ from .tokens import check_known
 
 def _ids(ids: Sequence[int] | torch.Tensor, what: str) -> torch.Tensor:
     if not isinstance(ids, torch.Tensor) and any(isinstance(i, str) for i in ids):
-        raise TypeError(f"{what} holds strings; the metric takes token ids: metrics.token_ids(model, {list(ids)[:2]!r})")
+        raise TypeError(f"{what} holds strings; the metric takes token ids: "
+                        f"metrics.token_ids(model, {list(ids)[:2]!r})")
     t = torch.as_tensor(ids)
     if t.ndim != 1 or t.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"{what} must be a 1-D sequence of token ids (one per pair), got {t.dtype} of shape {tuple(t.shape)}")
+        raise ValueError(f"{what} must be a 1-D sequence of token ids (one per pair), "
+                         f"got {t.dtype} of shape {tuple(t.shape)}")
     if t.numel() and int(t.min()) < 0:
         bad = (t < 0).nonzero().flatten().tolist()
         raise ValueError(f"{what} holds negative token ids (pairs {bad[:10]}); token ids count from 0 "

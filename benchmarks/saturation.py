@@ -30,10 +30,9 @@ from transformer_lens import HookedTransformer
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # the test suite's random-model factories
 
-from conftest import make_model, make_pairs  # noqa: E402
-
 import atp_plugin  # noqa: E402
 from atp_plugin import metrics  # noqa: E402
+from conftest import make_model, make_pairs  # noqa: E402
 
 NODES = ("attn_q", "attn_k")
 METHODS = ("ap", "atp", "atp+qk")

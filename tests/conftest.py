@@ -166,7 +166,8 @@ def usage_error(capsys, argv: list) -> str:
 def logit_diff_metric(n: int, d_vocab: int = 50, seed: int = 2):
     from atp_plugin import metrics
     g = torch.Generator().manual_seed(seed)
-    return metrics.logit_diff(torch.randint(0, d_vocab, (n,), generator=g), torch.randint(0, d_vocab, (n,), generator=g))
+    answer = torch.randint(0, d_vocab, (n,), generator=g)
+    return metrics.logit_diff(answer, torch.randint(0, d_vocab, (n,), generator=g))
 
 
 @pytest.fixture(params=sorted(VARIANTS))

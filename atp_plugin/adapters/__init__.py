@@ -8,7 +8,7 @@ the site. Write your own by following ``NodeAdapter``.
 
 from __future__ import annotations
 
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -80,7 +80,8 @@ def _wrapper_for(item: object) -> str | None:
     return "SAEFeatures" if isinstance(item, SAE) else None
 
 
-def resolve(nodes: "str | NodeAdapter | list[str | NodeAdapter] | tuple", known: dict[str, NodeAdapter]) -> list[NodeAdapter]:
+def resolve(nodes: "str | NodeAdapter | Sequence[str | NodeAdapter]",
+            known: dict[str, NodeAdapter]) -> list[NodeAdapter]:
     """Turn ``nodes=`` (names and/or adapter instances) into adapters, with a clear error."""
     if isinstance(nodes, (str, NodeAdapter)):
         items = [nodes]

@@ -29,6 +29,7 @@ import torch
 from ..hosts import Host
 from ..hosts.spliced import spliced
 
+
 class SAEFeatures:
     """Nodes of one SAE-Lens SAE: its features at every position, and its error term.
 

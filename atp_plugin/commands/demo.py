@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sae", action="store_true",
                         help="rank the bundled SAE's features on blocks.2.hook_resid_pre instead of heads and neurons")
     parser.add_argument("--circuit", action="store_true",
-                        help="find the IOI circuit instead (edge scores, top 40 edges, faithfulness, atp_demo_circuit.svg)")
+                        help="find the IOI circuit instead (edge scores, top 40 edges, faithfulness, "
+                             "atp_demo_circuit.svg)")
 
 
 def run(args: argparse.Namespace) -> int:

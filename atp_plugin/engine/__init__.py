@@ -164,7 +164,7 @@ class Engine:
         for idx in self.batches("attribution"):
             first, gd = estimate_batch(
                 self.host, sites, self.pairs.clean[idx], self.pairs.corrupt[idx], self.pairs.mask[idx],
-                lambda logits: self.metric(logits, idx), graddrop=graddrop, acc=self.acc)
+                lambda logits, idx=idx: self.metric(logits, idx), graddrop=graddrop, acc=self.acc)
             self.forward_passes += 2 * len(idx)
             # one full backward, plus GradDrop's cut at layer l running through l of the L layers
             self.backward_passes += len(idx) * (1 + ((self.host.n_layers - 1) / 2 if graddrop else 0))
@@ -233,7 +233,8 @@ class Engine:
                     n, grp = keys[i]
                     sel = owner[mm] == i
                     one = one_hot_masks(shapes[i], torch.where(sel, flat[mm], 0))
-                    masks.setdefault(n, {})[grp] = (one & sel.reshape((-1,) + (1,) * (one.ndim - 1))).to(self.host.device)
+                    chosen = one & sel.reshape((-1,) + (1,) * (one.ndim - 1))
+                    masks.setdefault(n, {})[grp] = chosen.to(self.host.device)
                 hooks = {h for n in masks for h in sites[n].needs}
                 vals = self.patched_metric(idx[p.to(idx.device)], {h: noise[h][p.to(idx.device)] for h in hooks}, masks)
                 effect = vals.cpu() - base[p]  # [chunk]

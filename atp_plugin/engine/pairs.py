@@ -55,7 +55,8 @@ def make_pairs(host: Host, clean: torch.Tensor | Sequence[str], corrupt: torch.T
     if len(clean) == 0:
         raise ValueError("no prompt pairs given: clean is empty")
     if len(clean) != len(corrupt):
-        raise ValueError(f"clean has {len(clean)} prompts but corrupt has {len(corrupt)}; give one corrupt prompt per clean prompt")
+        raise ValueError(f"clean has {len(clean)} prompts but corrupt has {len(corrupt)}; "
+                         "give one corrupt prompt per clean prompt")
     if isinstance(clean, torch.Tensor) != isinstance(corrupt, torch.Tensor):
         raise TypeError("clean and corrupt must both be token tensors or both be lists of strings")
     if isinstance(clean, torch.Tensor):

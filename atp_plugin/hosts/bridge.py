@@ -139,7 +139,8 @@ class TransformerBridgeHost(TransformerLensHost):
         err = float((rebuilt[live] - scores[live]).abs().max()) / max(float(scores[live].abs().max()), 1e-30)
         if not err <= tol:
             raise UnsupportedModelError(
-                f"layer {layer} of this TransformerBridge ({self.cfg.architecture}) forms attention scores that are not "
+                f"layer {layer} of this TransformerBridge ({self.cfg.architecture}) forms attention scores that are "
+                f"not "
                 f"softcap(q . k / scale) (relative mismatch {err:.2g}; e.g. ALiBi or another score bias), so the QK "
                 "fix cannot recompute them; use method='atp' or 'atp+gd' for attn_q/attn_k nodes")
         return geom
