@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -44,35 +46,65 @@ class AttributionResult:
         """One row per node: node_type, its coordinates (layer, pos, head/neuron/feature, …),
         score, signed, and ``pairs`` (in how many pairs the node's position is a real token, not
         left padding). ``attrs`` carry the ``method``, the ``view`` and the prompts' ``alignment``."""
-        frames = []
-        for key, score in self.scores.items():
-            dims = self.dims[key]
-            grid = torch.stack(torch.meshgrid(*[torch.arange(n) for n in score.shape], indexing="ij"), -1)
-            frame = pd.DataFrame(grid.reshape(-1, len(dims)).numpy(), columns=list(dims))
-            frame.insert(0, "node_type", key)
-            frame["score"] = score.detach().double().reshape(-1).cpu().numpy()
-            frame["signed"] = self.signed[key].detach().double().reshape(-1).cpu().numpy()
-            if "pos" in dims:
-                frame["pairs"] = self.pairs.cpu().numpy()[frame["pos"].to_numpy()]
-            frames.append(frame)
-        frame = pd.concat(frames, ignore_index=True)
-        coords = [c for c in ("layer", "pos") if c in frame] + [
-            c for c in frame.columns if c not in ("node_type", "layer", "pos", "score", "signed", "pairs")]
-        for c in coords:
-            frame[c] = frame[c].astype("Int64")
-        frame.insert(1, "node", [_label(row, coords) for row in frame[["node_type"] + coords].itertuples(index=False)])
-        frame.attrs["view"] = self.view
-        frame.attrs["method"] = self.method
-        frame.attrs["alignment"] = self.alignment
-        return frame
+        return self._frame({key: torch.arange(score.numel()) for key, score in self.scores.items()})
 
     def top(self, k: int = 10) -> pd.DataFrame:
-        """The ``k`` nodes with the largest scores, largest first."""
+        """The ``k`` nodes with the largest scores, largest first (ties in node order). Selected on
+        the score tensors, so only ``k`` rows are built, whatever the number of nodes."""
         if not isinstance(k, numbers.Integral) or isinstance(k, bool):
             raise TypeError(f"k must be an int (a number of nodes), got {k!r}")
         if k < 1:
             raise ValueError(f"k must be at least 1 (a number of nodes), got {k}")
-        return self.to_frame().nlargest(k, "score")
+        keys = list(self.scores)
+        sizes = torch.tensor([self.scores[key].numel() for key in keys])
+        starts = sizes.cumsum(0) - sizes  # [keys]: where each key's rows start in to_frame()
+        values, found = [], []  # each key's own top k, then the top k of those
+        for key, start in zip(keys, starts.tolist()):
+            score = self.scores[key].detach().reshape(-1).nan_to_num(nan=-math.inf)
+            v, i = torch.topk(score, min(int(k), len(score)))
+            values.append(v.double().cpu())
+            found.append(i.cpu() + start)
+        value, candidate = torch.cat(values), torch.cat(found)
+        order = sorted(range(len(candidate)), key=lambda j: (-float(value[j]), int(candidate[j])))[: int(k)]
+        picked = candidate[order]  # [k] row numbers in to_frame(), largest score first
+        owner = torch.searchsorted(sizes.cumsum(0), picked, right=True)  # [k]
+        mine = {i: owner == i for i in owner.unique().tolist()}
+        frame = self._frame({keys[i]: picked[sel] - starts[i] for i, sel in mine.items()})
+        # index: each row's number in to_frame(), as nlargest would keep it; rows in rank order
+        frame.index = torch.cat([picked[sel] for sel in mine.values()]).numpy()
+        return frame.loc[picked.numpy()]
+
+    def _frame(self, nodes: dict[str, torch.Tensor]) -> pd.DataFrame:
+        """Rows for the given flat node indices of each result key, in that order; columns:
+        node_type, node, layer, pos, other coordinates, score, signed, pairs."""
+        frames = []
+        for key, flat in nodes.items():
+            score, dims = self.scores[key], self.dims[key]
+            grid = np.unravel_index(flat.numpy(), tuple(score.shape)) if dims else ()
+            coords = np.stack(grid, -1) if dims else np.zeros((len(flat), 0), dtype=np.int64)  # [rows, dims]
+            frame = pd.DataFrame(coords, columns=list(dims))
+            frame.insert(0, "node_type", key)
+            index = flat.to(score.device)
+            frame["score"] = score.detach().reshape(-1)[index].double().cpu().numpy()
+            frame["signed"] = self.signed[key].detach().reshape(-1)[index].double().cpu().numpy()
+            if "pos" in dims:
+                frame["pairs"] = self.pairs.cpu().numpy()[frame["pos"].to_numpy()]
+            frames.append(frame)
+        frame = pd.concat(frames, ignore_index=True)
+        names = list(dict.fromkeys(d for key in self.scores for d in self.dims[key]))  # every key's, so that
+        coords = [c for c in ("layer", "pos") if c in names] + [  # top(k) has to_frame()'s columns
+            c for c in names if c not in ("layer", "pos")]
+        frame = frame.reindex(columns=[*frame.columns, *[c for c in coords if c not in frame]])
+        for c in coords:
+            frame[c] = frame[c].astype("Int64")
+        frame.insert(1, "node", [_label(row, coords) for row in frame[["node_type"] + coords].itertuples(index=False)])
+        tail = ["score", "signed"] + (["pairs"] if any("pos" in d for d in self.dims.values()) else [])
+        frame = frame.reindex(columns=[*frame.columns, *[c for c in tail if c not in frame]])
+        frame = frame[["node_type", "node", *coords, *tail]]
+        frame.attrs["view"] = self.view
+        frame.attrs["method"] = self.method
+        frame.attrs["alignment"] = self.alignment
+        return frame
 
     def sum_over_positions(self) -> "AttributionResult":
         """A view with scores and signed values summed over positions, labelled as such

@@ -108,3 +108,24 @@ def test_a_model_on_the_meta_device_is_refused():
     model = torch.nn.Module.to_empty(make_model(), device="meta")
     with pytest.raises(AtpError, match=r"'meta' device.*load real weights"):
         attribute(model, *make_pairs(n=2), logit_diff_metric(2), nodes="attn_z")
+
+
+def test_top_selects_on_tensors_the_rows_to_frame_would_rank_first():
+    """top(k) builds only k rows; they are to_frame()'s k largest scores, in order, with its columns
+    (node_type, node, layer, pos, node coordinates, score, signed, pairs), for mixed node types."""
+    model = make_model(n_layers=2)
+    clean, corrupt = make_pairs(n=3)
+    result = attribute(model, clean, corrupt, logit_diff_metric(3), nodes=["attn_z", "mlp_neurons", "resid_pre"],
+                       method="atp")
+    full = result.to_frame()
+    for view, frame in ((result, full), (result.sum_over_positions(), result.sum_over_positions().to_frame())):
+        for k in (1, 7, 50, len(frame) + 5):
+            top = view.top(k)
+            expected = frame.sort_values("score", ascending=False, kind="stable").head(k)
+            assert top["node"].tolist() == expected["node"].tolist()
+            assert list(top.columns) == list(frame.columns)
+            assert top["score"].tolist() == expected["score"].tolist()
+            assert top["signed"].tolist() == expected["signed"].tolist()
+    assert list(full.columns) == ["node_type", "node", "layer", "pos", "head", "neuron", "score", "signed", "pairs"]
+    top = result.top(9)
+    assert (full.loc[top.index, "node"] == top["node"]).all()  # top's index: the rows' numbers in to_frame()
