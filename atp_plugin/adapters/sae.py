@@ -21,6 +21,7 @@ Transcoders (features read at one hook, written at another) are ``TranscoderFeat
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -44,22 +45,31 @@ class SAEFeatures:
 
     qk = None
 
-    def __init__(self, sae: Any, name: str | None = None):
-        from sae_lens import SAE
-
-        if not isinstance(sae, SAE):
-            raise TypeError(f"SAEFeatures takes a SAE-Lens SAE, got {type(sae).__name__}")
-        cfg = sae.cfg
-        if hasattr(cfg, "d_out") or sae.W_dec.shape[-1] != cfg.d_in:
+    def __init__(self, sae: Any, name: str | None = None, *, hook: str | None = None):
+        """``sae``: a SAE-Lens SAE, or any SAE-shaped object (``encode``, ``decode``, ``W_dec``
+        ``[d_sae, d_in]``; e.g. ``atp_plugin.saes.TopKSAE``, an SAE of another library, your own
+        module); ``hook``: the hook it reads, where the SAE does not name it (``cfg.metadata.hook_name``,
+        ``cfg.hook_name`` or ``hook_name``)."""
+        if _is_sae_lens(sae):
+            from sae_lens import SAE
+            if not isinstance(sae, SAE):
+                raise TypeError(f"SAEFeatures takes a SAE-Lens SAE, got {type(sae).__name__}")
+        missing = [m for m in ("encode", "decode") if not callable(getattr(sae, m, None))]
+        if missing or not isinstance(getattr(sae, "W_dec", None), torch.Tensor):
+            raise TypeError(f"SAEFeatures takes an SAE: an object with encode(x), decode(f) and a decoder W_dec "
+                            f"[d_sae, d_in]; {type(sae).__name__} lacks {missing or ['W_dec']}")
+        cfg = getattr(sae, "cfg", None)
+        if hasattr(cfg, "d_out") or (hasattr(cfg, "d_in") and sae.W_dec.shape[-1] != cfg.d_in):
             raise TypeError(
                 f"{type(sae).__name__} is a transcoder (it reads one hook and writes another); SAEFeatures "
                 "supports SAEs that reconstruct the activation they read: use "
                 "atp_plugin.adapters.TranscoderFeatures(transcoder) for transcoders")
         meta = getattr(cfg, "metadata", None)
-        hook = getattr(meta, "hook_name", None) or getattr(cfg, "hook_name", None)
+        hook = hook or getattr(meta, "hook_name", None) or getattr(cfg, "hook_name", None) \
+            or getattr(sae, "hook_name", None)
         if not hook:
-            raise ValueError("the SAE names no hook: set sae.cfg.metadata.hook_name to the TransformerLens hook "
-                             "it reads, e.g. 'blocks.0.hook_resid_post'")
+            raise ValueError("the SAE names no hook: pass SAEFeatures(sae, hook='blocks.0.hook_resid_post') (or set "
+                             "sae.cfg.metadata.hook_name) to the TransformerLens hook it reads")
         head = getattr(meta, "hook_head_index", None)
         self.sae = sae
         self.hook: str = hook
@@ -99,13 +109,13 @@ class SAEFeatures:
 
     def _fits(self, shape: tuple[int, ...]) -> None:
         """Check the SAE's input width against a site's trailing ``shape``; a clear error otherwise."""
-        d_in = self.sae.cfg.d_in
+        d_in = self.sae.W_dec.shape[-1]
         where = f"{self.name}: hook {self.hook!r} holds [batch, pos, {', '.join(map(str, shape))}]"
         if self.head is not None:
             if len(shape) != 2 or not 0 <= self.head < shape[0]:
                 raise ValueError(f"{where}, which has no head {self.head} (the SAE's hook_head_index)")
             width = shape[1]
-        elif len(shape) == 2 and self.sae.cfg.reshape_activations != "hook_z":
+        elif len(shape) == 2 and getattr(getattr(self.sae, "cfg", None), "reshape_activations", None) != "hook_z":
             raise ValueError(f"{where}: an SAE there must flatten the heads (reshape_activations='hook_z') or "
                              "read one head (metadata.hook_head_index)")
         else:
@@ -147,6 +157,8 @@ class SAEFeatures:
         Note: ``encode`` also records the input's run-time normalisation, which the next ``decode``
         uses (and forgets), so each ``decode`` below follows an ``encode`` of the input it belongs to.
         """
+        if not _is_sae_lens(self.sae):
+            return contextlib.nullcontext()
         from sae_lens.saes.sae import _disable_hooks
         return _disable_hooks(self.sae)
 
@@ -188,6 +200,11 @@ class SAEFeatures:
             else:
                 out = ac + (err - err_clean)
         return self._site_out(clean, out)
+
+
+def _is_sae_lens(sae: Any) -> bool:
+    """Whether ``sae`` is SAE-Lens's (without importing SAE-Lens, which may be absent)."""
+    return type(sae).__module__.startswith("sae_lens")
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
