@@ -20,6 +20,7 @@ last position.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import random
 import re
@@ -30,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import einops
 import torch
@@ -41,6 +42,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from .errors import MissingDependencyError
+from .saes import TopKSAE
 
 if TYPE_CHECKING:
     import transformers
@@ -233,11 +235,11 @@ def ioi_pairs(n: int, *, seed: int = 0, split: str = "test") -> IOIPairs:
 
 def _read_data_file(name: str) -> bytes:
     """Read a file shipped in ``atp_plugin/data`` (works from wheels and zips)."""
-    return files("atp_plugin").joinpath("data", name).read_bytes()
+    return files("atp_plugin").joinpath("data").joinpath(name).read_bytes()
 
 
 def _new_model(
-    config: dict[str, object], tokenizer: PreTrainedTokenizerFast, device: str, dtype: torch.dtype
+    config: dict[str, Any], tokenizer: PreTrainedTokenizerFast, device: str, dtype: torch.dtype
 ) -> HookedTransformer:
     """Build an (untrained) HookedTransformer from :data:`MODEL_CONFIG`-style settings (TransformerLens 3)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -246,7 +248,7 @@ def _new_model(
     return HookedTransformer(cfg, tokenizer=tokenizer)
 
 
-def _demo_parts() -> tuple[dict[str, object], PreTrainedTokenizerFast, dict[str, torch.Tensor]]:
+def _demo_parts() -> tuple[dict[str, Any], PreTrainedTokenizerFast, dict[str, torch.Tensor]]:
     """The shipped config, tokenizer and weights (TransformerLens names), from the package data."""
     config = json.loads(_read_data_file(_CONFIG_FILE))
     tokenizer = _to_hf_tokenizer(Tokenizer.from_str(_read_data_file(_TOKENIZER_FILE).decode()))
@@ -300,7 +302,8 @@ def demo_gpt2(dtype: torch.dtype = torch.float32) -> tuple[transformers.GPT2LMHe
         layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
-    hf = transformers.GPT2LMHeadModel(hf_config).to(dtype)
+    # transformers declares PreTrainedModel.to with functools.wraps(nn.Module.to), which types it as unbound
+    hf = transformers.GPT2LMHeadModel(hf_config).to(dtype)  # type: ignore[arg-type]
     missing, unexpected = hf.load_state_dict(_gpt2_state_dict(state, int(config["n_layers"])), strict=False)
     if unexpected or any(not k.endswith(("attn.bias", "masked_bias")) for k in missing):
         raise RuntimeError(f"GPT-2 export does not match: missing {missing}, unexpected {unexpected}")
@@ -344,30 +347,37 @@ def _load_demo_bridge(device: str, dtype: torch.dtype):
     from transformer_lens.model_bridge import TransformerBridge
 
     hf, tokenizer = demo_gpt2(dtype)
-    model = TransformerBridge.boot_transformers(str(MODEL_CONFIG["model_name"]), hf_model=hf.to(device),
+    # hf.to: transformers types PreTrainedModel.to (functools.wraps(nn.Module.to)) as unbound
+    model = TransformerBridge.boot_transformers(str(MODEL_CONFIG["model_name"]), hf_model=hf.to(device),  # type: ignore[arg-type]
                                                 tokenizer=tokenizer, dtype=dtype, device=device)
     model.enable_compatibility_mode(disable_warnings=True)
     return model.eval()
 
 
-def load_demo_sae(device: str = "cpu", dtype: torch.dtype = torch.float32) -> SAE:
+def load_demo_sae(device: str = "cpu", dtype: torch.dtype = torch.float32) -> SAE | TopKSAE:
     """Load the SAE shipped with the demo model: top-k (k=16), 512 features, on
     ``blocks.2.hook_resid_pre``, trained by ``scripts/train_demo_sae.py`` with SAE-Lens's runner.
 
-    Read with SAE-Lens's own ``SAE.load_from_disk`` from the package data; when the package is not a
-    plain directory (a zip), its two files are copied to a temporary directory first.
+    Read with SAE-Lens's own ``SAE.load_from_disk`` where SAE-Lens is installed, else as an
+    ``atp_plugin.saes.TopKSAE`` (the same function, no SAE-Lens: TransformerLens 4). When the package
+    is not a plain directory (a zip), its two files are copied to a temporary directory first.
     """
-    # imported here, not at the top: SAE-Lens is slow to import and only this function needs it
-    from sae_lens import SAE
-
-    dtype_name = str(dtype).removeprefix("torch.")
-    root = files("atp_plugin").joinpath("data", _SAE_DIR)
+    root = files("atp_plugin").joinpath("data").joinpath(_SAE_DIR)
     if isinstance(root, Path):
-        return SAE.load_from_disk(root, device=device, dtype=dtype_name).eval()
+        return _read_sae(root, device, dtype)
     with tempfile.TemporaryDirectory() as tmp:
         for item in root.iterdir():
             (Path(tmp) / item.name).write_bytes(item.read_bytes())
-        return SAE.load_from_disk(tmp, device=device, dtype=dtype_name).eval()
+        return _read_sae(Path(tmp), device, dtype)
+
+
+def _read_sae(path: Path, device: str, dtype: torch.dtype) -> SAE | TopKSAE:
+    if importlib.util.find_spec("sae_lens") is None:
+        return TopKSAE.load(path, dtype=dtype, device=device).eval()
+    # imported here, not at the top: SAE-Lens is slow to import and only this function needs it
+    from sae_lens import SAE
+
+    return SAE.load_from_disk(path, device=device, dtype=str(dtype).removeprefix("torch.")).eval()
 
 
 def _batch_loss(

@@ -5,11 +5,29 @@ prompts and the model before running anything (``check_metric``)."""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence, cast
 
 import torch
 
 from .tokens import check_known
+
+
+class PairMetric(Protocol):
+    """A built-in metric: ``metric(logits, indices)`` -> ``[batch]``, with what ``check_metric`` reads."""
+
+    n_pairs: int
+    token_ids: torch.Tensor
+    position: int
+
+    def __call__(self, logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor: ...
+
+
+def _described(metric: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], n_pairs: int,
+               token_ids: torch.Tensor, position: int) -> PairMetric:
+    """``metric`` with ``n_pairs``, ``token_ids`` and ``position`` set on it."""
+    out = cast(PairMetric, metric)
+    out.n_pairs, out.token_ids, out.position = n_pairs, token_ids, position
+    return out
 
 
 def _ids(ids: Sequence[int] | torch.Tensor, what: str) -> torch.Tensor:
@@ -81,7 +99,7 @@ def token_ids(model, tokens: Sequence[str], *, what: str = "the answer token") -
 
 
 def logit_diff(answer: Sequence[int] | torch.Tensor, wrong: Sequence[int] | torch.Tensor, *,
-               position: int = -1) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+               position: int = -1) -> PairMetric:
     """logit(answer) - logit(wrong) at ``position``, with per-pair token ids."""
     answer, wrong, position = _ids(answer, "answer"), _ids(wrong, "wrong"), _position(position)
     if answer.shape != wrong.shape:
@@ -93,12 +111,10 @@ def logit_diff(answer: Sequence[int] | torch.Tensor, wrong: Sequence[int] | torc
         idx = indices.to(answer.device)
         return at[rows, answer[idx].to(at.device)] - at[rows, wrong[idx].to(at.device)]
 
-    metric.n_pairs, metric.token_ids, metric.position = len(answer), torch.cat([answer, wrong]), position
-    return metric
+    return _described(metric, len(answer), torch.cat([answer, wrong]), position)
 
 
-def log_prob(answer: Sequence[int] | torch.Tensor, *, position: int = -1
-             ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def log_prob(answer: Sequence[int] | torch.Tensor, *, position: int = -1) -> PairMetric:
     """log P(answer) at ``position``, with per-pair token ids."""
     answer, position = _ids(answer, "answer"), _position(position)
 
@@ -107,5 +123,4 @@ def log_prob(answer: Sequence[int] | torch.Tensor, *, position: int = -1
         rows = torch.arange(logp.shape[0], device=logp.device)
         return logp[rows, answer[indices.to(answer.device)].to(logp.device)]
 
-    metric.n_pairs, metric.token_ids, metric.position = len(answer), answer, position
-    return metric
+    return _described(metric, len(answer), answer, position)

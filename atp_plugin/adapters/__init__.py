@@ -8,7 +8,7 @@ the site. Write your own by following ``NodeAdapter``.
 
 from __future__ import annotations
 
-from typing import Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Literal, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -33,9 +33,14 @@ class NodeAdapter(Protocol):
     still returns the new value of ``hook``.
     """
 
-    name: str
-    #: "q" or "k" when the nodes are a layer's queries or keys (the QK fix applies), else None.
-    qk: Literal["q", "k"] | None
+    # Read-only members, so that frozen dataclasses (and plain attributes) satisfy the protocol.
+    @property
+    def name(self) -> str:
+        """The node type's name; score keys are ``name + group``."""
+
+    @property
+    def qk(self) -> Literal["q", "k"] | None:
+        """``"q"`` or ``"k"`` when the nodes are a layer's queries or keys (the QK fix applies), else None."""
 
     def hooks(self, host: Host) -> list[str]:
         """Hook names this adapter reads, in score order (one per layer for layered adapters)."""
@@ -46,14 +51,15 @@ class NodeAdapter(Protocol):
         A leading ``"layer"`` dimension means one slice per hook; otherwise the adapter has one hook.
         """
 
-    def encode(self, hook: str, act: torch.Tensor) -> dict[str, torch.Tensor]:
+    # ``act``, ``clean`` and ``noise`` are site values: a tensor, or for an adapter with ``reads``
+    # a dict hook name -> tensor (see above). Typed Any so that an adapter declares the one it takes.
+    def encode(self, hook: str, act: Any) -> dict[str, torch.Tensor]:
         """Node values of a site value: group -> ``[batch, pos, *node_dims, feat]``."""
 
-    def pullback(self, hook: str, act: torch.Tensor, grad: torch.Tensor) -> dict[str, torch.Tensor]:
+    def pullback(self, hook: str, act: Any, grad: torch.Tensor) -> dict[str, torch.Tensor]:
         """dL/d(node values) given dL/d(site value) at site value ``act``; same shapes as encode."""
 
-    def patch(self, hook: str, clean: torch.Tensor, noise: torch.Tensor,
-              masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    def patch(self, hook: str, clean: Any, noise: Any, masks: dict[str, torch.Tensor]) -> torch.Tensor:
         """The site value with the nodes selected by ``masks`` (group -> bool ``[batch, pos,
         *node_dims]``) set to their values in ``noise`` and every other node left as in ``clean``."""
 

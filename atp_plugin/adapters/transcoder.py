@@ -95,7 +95,9 @@ class TranscoderFeatures(SAEFeatures):
                              "hook")
 
     # --- node values: the SAE's code with the input (x) and the written site (a) apart ---------
-    def _read(self, act: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    # Site values here are dicts hook name -> value (the adapter reads another hook: see NodeAdapter),
+    # where SAEFeatures gets tensors; typed Any so that these overrides accept what the base takes.
+    def _read(self, act: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """The input hook's value ``[batch, pos, d_in]`` and the output site's ``[batch, pos, d_out]``."""
         return self._flat(self.hook_in, act[self.hook_in]), self._part(act[self.hook])
 
@@ -108,5 +110,5 @@ class TranscoderFeatures(SAEFeatures):
         self._vector(hook, tuple(t.shape[2:]))
         return t
 
-    def _site_out(self, act: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def _site_out(self, act: Any, x: torch.Tensor) -> torch.Tensor:
         return x.to(act[self.hook].dtype)

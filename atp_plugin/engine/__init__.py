@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -16,6 +16,9 @@ from .estimates import Site, check_order, estimate_batch, sites_of
 from .pairs import Pairs
 from .patching import Masks, one_hot_masks, patched_run
 from .runs import run
+
+if TYPE_CHECKING:  # annotations only: the engine does not import the adapters package at run time
+    from ..adapters import NodeAdapter
 
 Metric = Callable[..., torch.Tensor]
 
@@ -98,7 +101,7 @@ class Engine:
     """Everything a backend needs: runs, gradients, the QK fix, GradDrop and exact patching over
     the pairs, in batches of ``batch_size`` pairs (memory does not grow with the number of pairs)."""
 
-    def __init__(self, host: Host, pairs: Pairs, metric: Metric, adapters: list, *,
+    def __init__(self, host: Host, pairs: Pairs, metric: Metric, adapters: list[NodeAdapter], *,
                  batch_size: int, patch_batch_size: int = 64, progress: bool | None = None):
         self.host, self.pairs, self.adapters = host, pairs, adapters
         self.metric = bind_metric(metric)
@@ -115,7 +118,7 @@ class Engine:
     def sites(self, qk: bool = False) -> list[Site]:
         return sites_of(self.host, self.adapters, qk)
 
-    def keys(self) -> dict[str, tuple[object, str]]:
+    def keys(self) -> dict[str, tuple[NodeAdapter, str]]:
         """Result key (adapter name + group) -> (adapter, group)."""
         return {a.name + grp: (a, grp) for a in self.adapters for grp in a.groups(self.host)}
 
@@ -159,7 +162,9 @@ class Engine:
     def first_order(self, *, qk: bool, graddrop: bool) -> tuple[dict, dict, dict | None]:
         """Means over pairs of |I|, I and (with GradDrop) c_gd, per site: ``[pos, *node]``."""
         sites = self.sites(qk)
-        sums_abs, sums, sums_gd = {}, {}, {}
+        sums_abs: dict[tuple[int, str], torch.Tensor] = {}
+        sums: dict[tuple[int, str], torch.Tensor] = {}
+        sums_gd: dict[tuple[int, str], torch.Tensor] = {}
         graddrop = graddrop and self.host.n_layers > 1
         for idx in self.batches("attribution"):
             first, gd = estimate_batch(

@@ -8,12 +8,16 @@ layer through the layers below its cut, all on the same forward graph.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..hosts import Host, SitePosition
 from . import qk as qkfix
 from .runs import run
+
+if TYPE_CHECKING:  # annotations only: the engine does not import the adapters package at run time
+    from ..adapters import NodeAdapter
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,7 @@ class Site:
     never patched, and must run before ``hook`` in the forward pass.
     """
 
-    adapter: object
+    adapter: NodeAdapter
     hook: str
     index: int
     pos: SitePosition
@@ -43,13 +47,13 @@ class Site:
         return {h: values[h] for h in self.needs} if self.reads else values[self.hook]
 
 
-def sites_of(host: Host, adapters: list, qk: bool) -> list[Site]:
+def sites_of(host: Host, adapters: list[NodeAdapter], qk: bool) -> list[Site]:
     """Every (adapter, hook) pair, with its position relative to the residual stream.
 
     A site's position is its written hook's: an adapter's nodes change the model only there, so
     GradDrop treats them as part of that hook's layer wherever their ``reads`` sit.
     """
-    sites = []
+    sites: list[Site] = []
     for a in adapters:
         for i, h in enumerate(a.hooks(host)):
             reads = tuple(a.reads(h)) if hasattr(a, "reads") else ()
@@ -114,16 +118,17 @@ def estimate_batch(host: Host, sites: list[Site], tokens: torch.Tensor, corrupt:
 
     with torch.no_grad():
         # what the QK fix needs besides G, per layer: A' - A [batch, head, t, s] for queries
-        fixes: dict[tuple[int, str], torch.Tensor | qkfix.KeyFix] = {}
+        q_fixes: dict[int, torch.Tensor] = {}
+        k_fixes: dict[int, qkfix.KeyFix] = {}
         for s in sites:
-            if s.qk_fixed and (s.pos.layer, s.adapter.qk) not in fixes:
+            if s.qk_fixed and s.pos.layer not in (q_fixes if s.adapter.qk == "q" else k_fixes):
                 g = geoms[s.pos.layer]
                 sc, q, k = (clean[h].detach().to(acc) for h in (g.scores_hook, g.q_hook, g.k_hook))
                 if s.adapter.qk == "q":
-                    fixes[s.pos.layer, "q"] = qkfix.query_delta(sc, q, noise[g.q_hook].to(acc), k, g)
+                    q_fixes[s.pos.layer] = qkfix.query_delta(sc, q, noise[g.q_hook].to(acc), k, g)
                 else:
                     A = clean[g.pattern_hook].detach().to(acc)
-                    fixes[s.pos.layer, "k"] = qkfix.key_fix(sc, A, q, k, noise[g.k_hook].to(acc), g)
+                    k_fixes[s.pos.layer] = qkfix.key_fix(sc, A, q, k, noise[g.k_hook].to(acc), g)
         fixed = {h: v.detach() for h, v in clean.items()}  # clean site values, no graph
         deltas = {}
         for n, s in enumerate(sites):
@@ -137,9 +142,9 @@ def estimate_batch(host: Host, sites: list[Site], tokens: torch.Tensor, corrupt:
                 g = geoms[s.pos.layer]
                 G = grad_of[g.pattern_hook].to(acc)
                 if s.adapter.qk == "q":
-                    out = {"": qkfix.query_effect(fixes[s.pos.layer, "q"], G)}
+                    out = {"": qkfix.query_effect(q_fixes[s.pos.layer], G)}
                 else:
-                    out = {"": qkfix.key_effect(fixes[s.pos.layer, "k"], G, g.group)}
+                    out = {"": qkfix.key_effect(k_fixes[s.pos.layer], G, g.group)}
             else:
                 pulled = s.adapter.pullback(s.hook, s.value(fixed), grad_of[s.hook])
                 out = {grp: _dot(deltas[n][grp], pulled[grp].to(acc)) for grp in pulled}

@@ -59,7 +59,7 @@ def make_pairs(host: Host, clean: torch.Tensor | Sequence[str], corrupt: torch.T
                          "give one corrupt prompt per clean prompt")
     if isinstance(clean, torch.Tensor) != isinstance(corrupt, torch.Tensor):
         raise TypeError("clean and corrupt must both be token tensors or both be lists of strings")
-    if isinstance(clean, torch.Tensor):
+    if isinstance(clean, torch.Tensor) and isinstance(corrupt, torch.Tensor):  # both or neither, checked above
         c = _as_tokens(clean, "clean", host.d_vocab)
         n = _as_tokens(corrupt, "corrupt", host.d_vocab)
         if c.shape != n.shape:

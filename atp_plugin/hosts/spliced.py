@@ -50,7 +50,8 @@ def error_gradients(wrappers: dict[str, torch.nn.Module]) -> Iterator[list[tuple
         return
     from sae_lens.saes.sae import _disable_hooks
 
-    handles, hooks = [], []
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    hooks: list[tuple[str, Hook]] = []
     for name, wrapper in wrappers.items():
         if not wrapper.use_error_term:
             continue  # the model uses the reconstruction itself: its gradients are the true ones
