@@ -13,8 +13,9 @@ from ..hosts import Host
 
 @dataclass(frozen=True)
 class SliceAdapter:
-    """Nodes that are slices of a per-layer site: heads of ``[batch, pos, head, d_head]``,
-    neurons of ``[batch, pos, d_mlp]`` (``scalar``), or the whole vector of ``[batch, pos, d]``."""
+    """Nodes that are slices of a site: heads of ``[batch, pos, head, d_head]``, neurons of
+    ``[batch, pos, d_mlp]`` (``scalar``), or the whole vector of ``[batch, pos, d]``; one site per
+    layer where ``hook`` holds ``{layer}``, else the one hook."""
 
     name: str
     hook: str                  # template with {layer}
@@ -22,11 +23,15 @@ class SliceAdapter:
     scalar: bool = False       # each element of the last axis is a node
     qk: Literal["q", "k"] | None = None
 
+    @property
+    def layered(self) -> bool:
+        return "{layer}" in self.hook
+
     def hooks(self, host: Host) -> list[str]:
-        return [self.hook.format(layer=layer) for layer in range(host.n_layers)]
+        return [self.hook.format(layer=layer) for layer in range(host.n_layers)] if self.layered else [self.hook]
 
     def groups(self, host: Host) -> dict[str, tuple[str, ...]]:
-        dims = ("layer", "pos") + ((self.node_dim,) if self.node_dim else ())
+        dims = (("layer",) if self.layered else ()) + ("pos",) + ((self.node_dim,) if self.node_dim else ())
         return {"": dims}
 
     def encode(self, hook: str, act: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -48,6 +53,8 @@ BUILTIN_ADAPTERS = (
     SliceAdapter("attn_z", "blocks.{layer}.attn.hook_z", "head"),
     SliceAdapter("mlp_neurons", "blocks.{layer}.mlp.hook_post", "neuron", scalar=True),
     SliceAdapter("resid_pre", "blocks.{layer}.hook_resid_pre", None),
+    SliceAdapter("mlp_out", "blocks.{layer}.hook_mlp_out", None),
+    SliceAdapter("embed", "hook_embed", None),
 )
 
 
