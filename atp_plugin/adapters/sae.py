@@ -58,7 +58,7 @@ class SAEFeatures:
         if missing or not isinstance(getattr(sae, "W_dec", None), torch.Tensor):
             raise TypeError(f"SAEFeatures takes an SAE: an object with encode(x), decode(f) and a decoder W_dec "
                             f"[d_sae, d_in]; {type(sae).__name__} lacks {missing or ['W_dec']}")
-        cfg = getattr(sae, "cfg", None)
+        cfg: Any = getattr(sae, "cfg", None)
         if hasattr(cfg, "d_out") or (hasattr(cfg, "d_in") and sae.W_dec.shape[-1] != cfg.d_in):
             raise TypeError(
                 f"{type(sae).__name__} is a transcoder (it reads one hook and writes another); SAEFeatures "
