@@ -81,8 +81,8 @@ class AttributionResult:
         for key, flat in nodes.items():
             score, dims = self.scores[key], self.dims[key]
             grid = np.unravel_index(flat.numpy(), tuple(score.shape)) if dims else ()
-            coords = np.stack(grid, -1) if dims else np.zeros((len(flat), 0), dtype=np.int64)  # [rows, dims]
-            frame = pd.DataFrame(coords, columns=list(dims))
+            at = np.stack(grid, -1) if dims else np.zeros((len(flat), 0), dtype=np.int64)  # [rows, dims]
+            frame = pd.DataFrame(at, columns=list(dims))
             frame.insert(0, "node_type", key)
             index = flat.to(score.device)
             frame["score"] = score.detach().reshape(-1)[index].double().cpu().numpy()

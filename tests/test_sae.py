@@ -340,7 +340,7 @@ def test_an_sae_that_does_not_fit_the_model_is_a_clear_error() -> None:
     unhooked.cfg.metadata.hook_name = None
     with pytest.raises(ValueError, match="names no hook"):
         SAEFeatures(unhooked)
-    with pytest.raises(TypeError, match="SAE-Lens SAE"):
+    with pytest.raises(TypeError, match=r"SAEFeatures takes an SAE: .*HookedTransformer lacks"):
         SAEFeatures(model)
     with pytest.raises(TypeError, match=r"got a sae_lens\.\S+StandardSAE; wrap it: nodes=\[SAEFeatures\(\.\.\.\)\]"):
         # the SAE itself, not its adapter
