@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import io
 import os
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +36,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig, patchin
 
 import atp_plugin
 from atp_plugin import metrics
+from timing import interleaved_times  # this script's folder is on sys.path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NODES = ["attn_q", "attn_k", "attn_v", "attn_z", "mlp_neurons"]
@@ -70,21 +70,6 @@ def make_task(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
     corrupt[change] = torch.randint(0, D_VOCAB, (int(change.sum()),), generator=g)
     answer, wrong = torch.randint(0, D_VOCAB, (2, N_PAIRS), generator=g)
     return clean, corrupt, answer, wrong
-
-
-def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time of each function over ``repeats`` rounds, after one warm-up call each.
-    Rounds run every function in turn, so a load that comes and goes on the machine hits them
-    alike and the ratios stay fair."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def floor(model: HookedTransformer, clean: torch.Tensor, metric) -> None:

@@ -18,7 +18,6 @@ Usage: python benchmarks/bench_edges.py [--repeats 5] [--ig-steps 5] [--tl4 | --
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -31,6 +30,8 @@ from atp_plugin import metrics
 from atp_plugin.edges import attribute_edges
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import interleaved_times  # noqa: E402
+
 N_PAIRS, N_TOKENS, D_VOCAB = 16, 24, 1000  # as bench_atp.py, which needs HookedTransformer to import
 
 
@@ -42,19 +43,6 @@ def task(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch
                           torch.randint(0, D_VOCAB, (N_PAIRS, N_TOKENS), generator=g), clean)
     answer, wrong = torch.randint(0, D_VOCAB, (2, N_PAIRS), generator=g)
     return clean, corrupt, answer, wrong
-
-
-def medians(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each function, one warm-up call each, the rounds interleaved."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def forward_backward(model, clean: torch.Tensor, metric) -> None:
@@ -87,7 +75,7 @@ def hooked_rows(repeats: int, steps: int) -> list[tuple[str, float]]:
            f"edges atp ({n_edges} edges x {N_TOKENS} positions)": edges("atp"),
            "edges atp+qk": edges("atp+qk"),
            f"edges ig ({steps} steps)": edges("ig")}
-    times = medians(fns, repeats)
+    times = interleaved_times(fns, repeats)
     names = list(times)
     rows = [(name, times[name]) for name in names]
     rows += [("edges atp / node atp+qk", times[names[2]] / times[names[1]]),
@@ -123,7 +111,7 @@ def tl4_rows(repeats: int) -> list[tuple[str, float]]:
                           lambda logits: logits[0, -1, answer[i]] - logits[0, -1, wrong[i]],
                           EdgeAttributionConfig(granularity="edge"))
 
-    times = medians({"ours, 16 pairs": ours, "TransformerLens 4.3, 1 pair": theirs}, repeats)
+    times = interleaved_times({"ours, 16 pairs": ours, "TransformerLens 4.3, 1 pair": theirs}, repeats)
     per_pair = times["TransformerLens 4.3, 1 pair"]
     return [("edges atp on a Bridge, 16 pairs (ours)", times["ours, 16 pairs"]),
             ("TransformerLens 4.3 edge EAP, 16 pairs (1 pair timed x 16)", 16 * per_pair),

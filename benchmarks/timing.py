@@ -1,0 +1,22 @@
+"""Timing shared by the benchmark scripts (no TransformerLens import, so both major versions load it)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time of each function over ``repeats`` rounds, after one warm-up call each.
+    Rounds run every function in turn, so a load that comes and goes on the machine hits them
+    alike and the ratios stay fair."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
