@@ -68,6 +68,12 @@ class Graph:
         r, s = (s_stage[None, :] < r_stage[:, None]).nonzero(as_tuple=True)
         return s, r
 
+    @cached_property
+    def receiver_start(self) -> torch.Tensor:
+        """Receiver -> its first edge ``[n_receivers]`` (its edges are the next senders_before(stage))."""
+        counts = torch.bincount(self.receiver_index, minlength=len(self.receivers))
+        return torch.cumsum(counts, 0) - counts
+
     @property
     def n_edges(self) -> int:
         return len(self.sender_index)

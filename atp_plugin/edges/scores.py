@@ -16,14 +16,14 @@ from typing import Callable
 
 import torch
 
-from ..engine import qk as qkfix
 from ..engine.runs import run
+from ..hosts import AttentionGeometry
+from . import qk as qkfix
 from .graph import Graph
 from .model import Parts, check_structure, hook_names
 from .values import ReadSum, edge_products, grad_targets, receiver_grads, receiver_hooks, sender_hooks, sender_writes
 
 Metric = Callable[[torch.Tensor], torch.Tensor]  # logits -> [batch]
-QK_CHUNK = 1 << 24  # entries of [copies, head, t, s] per QK-fix call
 
 
 def _gradient_run(parts: Parts, tokens: torch.Tensor, mask: torch.Tensor, metric: Metric, extra: set[str],
@@ -96,45 +96,30 @@ def interpolate(noise: torch.Tensor, alpha: float) -> Callable[[torch.Tensor], t
     return patch
 
 
-def _qk_fix(parts: Parts, graph: Graph, layer: int, geom, values: dict[str, torch.Tensor],
+def _qk_fix(parts: Parts, graph: Graph, layer: int, geom: AttentionGeometry, values: dict[str, torch.Tensor],
             grads: dict[str, torch.Tensor], delta: torch.Tensor, mask: torch.Tensor, out: torch.Tensor,
             dtype: torch.dtype) -> None:
     """Overwrite ``out`` ``[batch, edge, pos]`` at edges into the layer's queries and keys with Iqk.
 
-    For each sender u before the layer: the change of every head's q (kv-head's k) at each position
-    when the residual read there gains u's change ``delta`` ``[batch, pos, sender, d]`` through ln1,
-    W and rotary; then every attention row exactly through the softmax, dotted with G.
+    Every sender u before the layer at once: the change of every head's q and kv-head's k at each
+    position when the residual read there gains u's change ``delta`` ``[batch, pos, sender, d]``
+    (through ln1 once, W_Q and W_K in one product, rotary), then the attention rows exactly through
+    the softmax, dotted with G (``edges.qk``).
     """
     h = hook_names(layer)
-    n_s = graph.senders_before(2 * layer + 1)
+    n_s, n_q = graph.senders_before(2 * layer + 1), parts.n_heads
     x = values[h.resid_pre]  # [batch, pos, d_model]
     b, t = x.shape[:2]
-    normed = parts.ln1(layer, x)
-    scores, G = values[geom.scores_hook].to(dtype), grads[geom.pattern_hook].to(dtype)  # [batch, head, t, s]
-    q, k, A = values[geom.q_hook].to(dtype), values[geom.k_hook].to(dtype), values[geom.pattern_hook].to(dtype)
-    n_heads = scores.shape[1]
-    chunk = max(1, QK_CHUNK // max(1, b * n_heads * t * t))
-    for which in "qk":
-        rs = graph.receivers_of(which, layer)
-        for start in range(0, n_s, chunk):
-            senders = torch.arange(start, min(n_s, start + chunk))
-            d = delta[:, :, senders]  # [batch, pos, senders, d]
-            dn = parts.ln1(layer, x[:, :, None] + d.to(x.dtype)) - normed[:, :, None]  # [batch, pos, senders, d]
-            w, _ = parts.weights(layer, which)
-            # [batch * senders, pos, head, d_head]
-            change = torch.einsum("btsd,hde->bsthe", dn.to(dtype), w.to(dtype)).flatten(0, 1)
-            rep = len(senders)
-            m = mask.repeat_interleave(rep, 0)
-            change = parts.rotate(layer, change, m)
-            sc, g_ = scores.repeat_interleave(rep, 0), G.repeat_interleave(rep, 0)
-            qq, kk = q.repeat_interleave(rep, 0), k.repeat_interleave(rep, 0)
-            if which == "q":
-                eff = qkfix.query_effect(qkfix.query_delta(sc, qq, qq + change, kk, geom), g_)  # [b*senders, pos, head]
-            else:
-                fix = qkfix.key_fix(sc, A.repeat_interleave(rep, 0), qq, kk, kk + change, geom)
-                eff = qkfix.key_effect(fix, g_, geom.group)  # [b*senders, pos, kv_head]
-            eff = eff.unflatten(0, (b, rep))  # [batch, senders, pos, heads]
-            for r_local, r in enumerate(rs):
-                edges = ((graph.receiver_index == r) & (graph.sender_index >= start)
-                         & (graph.sender_index < start + rep)).nonzero().flatten()
-                out[:, edges] = eff[:, graph.sender_index[edges] - start, :, r_local]
+    dn = (parts.ln1(layer, x[:, :, None] + delta[:, :, :n_s].to(x.dtype)) - parts.ln1(layer, x)[:, :, None]).to(dtype)
+    w = torch.cat([parts.weights(layer, which)[0] for which in "qk"]).to(dtype)  # [n_q + n_kv, d_model, d_head]
+    change = (dn @ w.permute(1, 0, 2).flatten(1)).view(b, t, -1, w.shape[2])  # [batch, pos, senders * (q + kv), d_head]
+    change = parts.rotate(layer, change, mask).unflatten(2, (n_s, -1))  # [batch, pos, senders, q + kv, d_head]
+    q, k = values[geom.q_hook].to(dtype), values[geom.k_hook].to(dtype)  # [batch, pos, heads, d_head]
+    rw = qkfix.rows(values[geom.scores_hook].to(dtype), q, k, grads[geom.pattern_hook].to(dtype), geom)
+    dq = change[:, :, :, :n_q].permute(0, 3, 2, 1, 4)  # [batch, head, senders, pos, d_head]
+    # per query head: [batch, head, d_head, senders, pos]
+    dk = change[:, :, :, n_q:].repeat_interleave(geom.group, dim=3).permute(0, 3, 4, 2, 1)
+    for which, eff in (("q", qkfix.query_effects(rw, dq, k, geom)), ("k", qkfix.key_effects(rw, q, dk, geom))):
+        rs = torch.tensor(graph.receivers_of(which, layer))
+        edges = graph.receiver_start[rs][None, :] + torch.arange(n_s)[:, None]  # [senders, receivers]
+        out[:, edges.flatten()] = eff.transpose(2, 3).flatten(1, 2)  # eff [batch, senders, pos, receivers]
