@@ -170,6 +170,9 @@ class TransformerBridgeHost(TransformerLensHost):
                 "ignores its return value, or a hook or no_grad block detaches it), so gradients would vanish and "
                 "patches would do nothing. Choose other node types (nodes=) or remove the detaching hook.")
         self._probes.checked.update(new)
+        # the bridge wires hooks of its own into a block on the block's first forward (a fresh
+        # model's first run is this probe): the state the probes hold is the state after it
+        self._probes.state = model_state(self.model)
 
     def attention(self, layer: int) -> AttentionGeometry:
         geometry = self._probes.geometry
