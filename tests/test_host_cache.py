@@ -67,7 +67,7 @@ def probe_runs(monkeypatch) -> list[int]:
 def test_a_second_call_probes_nothing_and_gives_the_same_numbers(gpt2_dir, probe_runs):
     model = load(gpt2_dir)
     first = rank(model)
-    assert len(probe_runs) >= 3  # the hook check and one scale measurement per layer (2 layers)
+    assert len(probe_runs) >= 2  # the scales of all layers, then the check of the hooks the runs use
     probe_runs.clear()
     again = rank(model)
     assert probe_runs == []

@@ -20,13 +20,15 @@ Speed. The probes above cost a forward (and backward) pass each, so their result
 model between ``attribute()`` calls (``_PROBES``, keyed weakly by the model) together with each hook
 name's hook point, and reused while ``model_state`` (the model's module tree, the hooks on it, its
 parameters' dtypes and devices, its config, compatibility mode) is unchanged; anything else is
-learned again. And the hooks of a run reach ``run_with_hooks`` as one name filter with one
-dispatching hook instead of one entry per name: under TransformerLens 3 each named entry rebuilds
-the bridge's ``hook_dict`` with all its aliases (about 1.6 ms on a 6-layer GPT-2, so 50-100 ms a call).
+learned again. The scales of all layers are measured in one probe run. The hooks of a run reach
+``run_with_hooks`` as one name filter with one dispatching hook instead of one entry per name:
+under TransformerLens 3 each named entry rebuilds the bridge's ``hook_dict`` with all its aliases
+(about 1.6 ms on a 6-layer GPT-2, 50-100 ms an ``attribute()`` call).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import weakref
 from collections.abc import Hashable
@@ -52,7 +54,8 @@ class Probes:
     state: Hashable
     canonical: dict[str, str]  # every hook name the bridge knows (aliases included) -> its hook point's name
     checked: set[str] = field(default_factory=set)  # hook names whose returned value reaches the logits
-    geometry: dict[int, AttentionGeometry] = field(default_factory=dict)  # layer -> measured geometry
+    # layer -> measured geometry, or why the QK fix cannot serve the layer
+    geometry: dict[int, AttentionGeometry | str] = field(default_factory=dict)
 
 
 #: per model, its probes from earlier calls (dropped with the model)
@@ -158,7 +161,7 @@ class TransformerBridgeHost(TransformerLensHost):
             return hook
 
         with torch.enable_grad():
-            logits = self.model.run_with_hooks(self._probe_tokens(), fwd_hooks=[(n, add_leaf(n)) for n in new])
+            logits = self._probe_run([(n, add_leaf(n)) for n in new])
             fired = [n for n in new if n in leaves]
             grads = torch.autograd.grad(logits.sum(), [leaves[n] for n in fired], allow_unused=True) if fired else ()
         reached = {n for n, g in zip(fired, grads) if g is not None}
@@ -170,36 +173,61 @@ class TransformerBridgeHost(TransformerLensHost):
                 "ignores its return value, or a hook or no_grad block detaches it), so gradients would vanish and "
                 "patches would do nothing. Choose other node types (nodes=) or remove the detaching hook.")
         self._probes.checked.update(new)
-        # the bridge wires hooks of its own into a block on the block's first forward (a fresh
-        # model's first run is this probe): the state the probes hold is the state after it
+
+    def _probe_run(self, hooks: list[tuple[Any, Hook]]) -> torch.Tensor:
+        """The logits of the probe prompt run with ``hooks`` (``run_with_hooks`` entries)."""
+        logits = self.model.run_with_hooks(self._probe_tokens(), fwd_hooks=hooks)
+        # the bridge wires hooks of its own into each block on the block's first forward (a fresh
+        # model's first run is a probe): the state the probes hold is the state after it
         self._probes.state = model_state(self.model)
+        return logits
 
     def attention(self, layer: int) -> AttentionGeometry:
         geometry = self._probes.geometry
-        if layer not in geometry:
-            geometry[layer] = self._measure_attention(layer)
-        return geometry[layer]
+        if layer not in geometry:  # every layer at once: one probe run instead of one a layer
+            geometry.update(self._measure_attention([n for n in range(self.n_layers) if n not in geometry]))
+        found = geometry[layer]
+        if isinstance(found, str):
+            raise UnsupportedModelError(found)
+        return found
 
-    def _measure_attention(self, layer: int) -> AttentionGeometry:
-        """The layer's geometry, its scale measured on the probe prompt and checked to reproduce
-        the scores the bridge computes (to float rounding)."""
-        post = "rot_" if self.has_hook(f"blocks.{layer}.attn.hook_rot_q") else ""
-        geom = self.geometry(layer, scale=1.0, post=post)
-        missing = [h for h in (geom.q_hook, geom.k_hook, geom.scores_hook, geom.pattern_hook) if not self.has_hook(h)]
-        if missing:
-            raise UnsupportedModelError(f"the QK fix needs hook(s) {missing}, which this TransformerBridge lacks; "
-                                        "use method='atp' or 'atp+gd' for attn_q/attn_k nodes")
+    def _measure_attention(self, layers: list[int]) -> dict[int, AttentionGeometry | str]:
+        """Each layer's geometry, its scale measured on the probe prompt and checked to reproduce
+        the scores the bridge computes (to float rounding), or why the QK fix cannot serve it."""
+        found: dict[int, AttentionGeometry | str] = {}
+        guesses: dict[int, AttentionGeometry] = {}
+        for layer in layers:
+            post = "rot_" if self.has_hook(f"blocks.{layer}.attn.hook_rot_q") else ""
+            geom = self.geometry(layer, scale=1.0, post=post)
+            missing = [h for h in (geom.q_hook, geom.k_hook, geom.scores_hook, geom.pattern_hook)
+                       if not self.has_hook(h)]
+            if missing:
+                found[layer] = (f"the QK fix needs hook(s) {missing}, which this TransformerBridge lacks; "
+                                "use method='atp' or 'atp+gd' for attn_q/attn_k nodes")
+            else:
+                guesses[layer] = geom
         acts: dict[str, torch.Tensor] = {}
 
         def keep(name: str) -> Hook:
-            def hook(x: torch.Tensor, hook: Any = None) -> torch.Tensor:
+            def hook(x: torch.Tensor, hook: Any = None) -> None:
                 acts[name] = x.detach()
-                return x
             return hook
 
-        hooks = [(h, keep(h)) for h in (geom.q_hook, geom.k_hook, geom.scores_hook)]
-        with torch.no_grad():
-            self.run(self._probe_tokens(), None, hooks)
+        names = [h for geom in guesses.values() for h in (geom.q_hook, geom.k_hook, geom.scores_hook)]
+        if names:
+            with torch.no_grad():
+                self._probe_run(self._dispatched([(h, keep(h)) for h in names]))
+        for layer, geom in guesses.items():
+            silent = [h for h in (geom.q_hook, geom.k_hook, geom.scores_hook) if h not in acts]
+            found[layer] = self._fit_scale(layer, geom, acts) if not silent else (
+                f"the QK fix reads hook(s) {silent}, which do not fire in this TransformerBridge "
+                f"({self.cfg.architecture}); use method='atp' or 'atp+gd' for attn_q/attn_k nodes")
+        return found
+
+    def _fit_scale(self, layer: int, geom: AttentionGeometry, acts: dict[str, torch.Tensor]
+                   ) -> AttentionGeometry | str:
+        """Layer ``layer``'s ``geom`` with the least-squares scale of the probe run's values
+        ``acts``, or why no single scale reproduces its scores."""
         q, k = acts[geom.q_hook].double(), acts[geom.k_hook].double().repeat_interleave(geom.group, dim=2)
         raw = torch.einsum("bthd,bshd->bhts", q, k)  # q . k, [batch, head, t, s]
         scores = acts[geom.scores_hook].double()
@@ -208,18 +236,16 @@ class TransformerBridgeHost(TransformerLensHost):
         if geom.softcap is not None:
             target = geom.softcap * torch.atanh((target / geom.softcap).clamp(-1 + 1e-12, 1 - 1e-12))
         inv = float((raw[live] * target).sum() / (raw[live] ** 2).sum())  # least squares 1/scale
-        geom = self.geometry(layer, scale=1.0 / inv, post=post)
+        geom = dataclasses.replace(geom, scale=1.0 / inv)
         rebuilt = raw * inv
         if geom.softcap is not None:
             rebuilt = geom.softcap * torch.tanh(rebuilt / geom.softcap)
         tol = 1e-9 if self.dtype == torch.float64 else 1e-4
         err = float((rebuilt[live] - scores[live]).abs().max()) / max(float(scores[live].abs().max()), 1e-30)
         if not err <= tol:
-            raise UnsupportedModelError(
-                f"layer {layer} of this TransformerBridge ({self.cfg.architecture}) forms attention scores that are "
-                f"not "
-                f"softcap(q . k / scale) (relative mismatch {err:.2g}; e.g. ALiBi or another score bias), so the QK "
-                "fix cannot recompute them; use method='atp' or 'atp+gd' for attn_q/attn_k nodes")
+            return (f"layer {layer} of this TransformerBridge ({self.cfg.architecture}) forms attention scores that "
+                    f"are not softcap(q . k / scale) (relative mismatch {err:.2g}; e.g. ALiBi or another score bias), "
+                    "so the QK fix cannot recompute them; use method='atp' or 'atp+gd' for attn_q/attn_k nodes")
         return geom
 
 
