@@ -39,28 +39,25 @@ def _gradient_run(parts: Parts, tokens: torch.Tensor, mask: torch.Tensor, metric
     return {h: v.detach() for h, v in values.items()}, dict(zip(targets, grads))
 
 
-def noise_writes(parts: Parts, corrupt: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Sender writes on the corrupt prompts ``[batch, pos, sender, d_model]`` (one forward, no grad)."""
-    with torch.no_grad():
-        _, values = run(parts.host, corrupt, mask, sender_hooks(parts))
-        return sender_writes(parts, values, dtype)
-
-
 def atp_batch(parts: Parts, graph: Graph, tokens: torch.Tensor, corrupt: torch.Tensor, mask: torch.Tensor,
               metric: Metric, dtype: torch.dtype, *, qk: bool, check: bool = False) -> torch.Tensor:
     """Iatp (Iqk for edges into q/k with ``qk``) per pair, edge and position: ``[batch, edge, pos]``, 0
     at padding. ``check``: first check the model's structure on the clean run's first prompt."""
-    noise = noise_writes(parts, corrupt, mask, dtype)
+    with torch.no_grad():
+        _, noise = run(parts.host, corrupt, mask, sender_hooks(parts))
     geoms = {layer: parts.host.attention(layer) for layer in range(parts.n_layers)} if qk else {}
     extra = {h for g in geoms.values() for h in (g.q_hook, g.k_hook, g.scores_hook, g.pattern_hook)}
     values, grads = _gradient_run(parts, tokens, mask, metric, extra)
     if check:
         check_structure(parts, {h: v[:1] for h, v in values.items()}, mask[:1])
     with torch.no_grad():
-        delta = (noise - sender_writes(parts, values, dtype)) * mask[:, :, None, None]
+        real = mask[:, :, None, None]
+        delta = (sender_writes(parts, noise, dtype) - sender_writes(parts, values, dtype)) * real
         out = edge_products(graph, delta, receiver_grads(parts, values, grads, dtype))
+        if geoms:
+            dz = [(noise[h.z].to(dtype) - values[h.z].to(dtype)) * real for h in map(hook_names, range(parts.n_layers))]
         for layer, geom in geoms.items():
-            _qk_fix(parts, graph, layer, geom, values, grads, delta, mask, out, dtype)
+            _qk_fix(parts, graph, layer, geom, values, grads, delta, dz, mask, out, dtype)
     return out * mask[:, None, :]
 
 
@@ -97,29 +94,74 @@ def interpolate(noise: torch.Tensor, alpha: float) -> Callable[[torch.Tensor], t
 
 
 def _qk_fix(parts: Parts, graph: Graph, layer: int, geom: AttentionGeometry, values: dict[str, torch.Tensor],
-            grads: dict[str, torch.Tensor], delta: torch.Tensor, mask: torch.Tensor, out: torch.Tensor,
-            dtype: torch.dtype) -> None:
+            grads: dict[str, torch.Tensor], delta: torch.Tensor, dz: list[torch.Tensor], mask: torch.Tensor,
+            out: torch.Tensor, dtype: torch.dtype) -> None:
     """Overwrite ``out`` ``[batch, edge, pos]`` at edges into the layer's queries and keys with Iqk.
 
     Every sender u before the layer at once: the change of every head's q and kv-head's k at each
-    position when the residual read there gains u's change ``delta`` ``[batch, pos, sender, d]``
-    (through ln1 once, W_Q and W_K in one product, rotary), then the attention rows exactly through
-    the softmax, dotted with G (``edges.qk``).
+    position when the residual read there gains u's change (``_read_changes``), rotary applied,
+    then the attention rows exactly through the softmax, dotted with G (``edges.qk``).
     """
-    h = hook_names(layer)
     n_s, n_q = graph.senders_before(2 * layer + 1), parts.n_heads
-    x = values[h.resid_pre]  # [batch, pos, d_model]
-    b, t = x.shape[:2]
-    dn = (parts.ln1(layer, x[:, :, None] + delta[:, :, :n_s].to(x.dtype)) - parts.ln1(layer, x)[:, :, None]).to(dtype)
     w = torch.cat([parts.weights(layer, which)[0] for which in "qk"]).to(dtype)  # [n_q + n_kv, d_model, d_head]
-    change = (dn @ w.permute(1, 0, 2).flatten(1)).view(b, t, -1, w.shape[2])  # [batch, pos, senders * (q + kv), d_head]
-    change = parts.rotate(layer, change, mask).unflatten(2, (n_s, -1))  # [batch, pos, senders, q + kv, d_head]
+    x = values[hook_names(layer).resid_pre]  # [batch, pos, d_model]
+    b, t = x.shape[:2]
+    change = _read_changes(parts, layer, x, delta[:, :, :n_s], dz[:layer], w.permute(1, 0, 2).flatten(1), dtype)
+    change = parts.rotate(layer, change.view(n_s * b, t, -1, w.shape[2]), mask.repeat(n_s, 1))
+    change = change.view(n_s, b, t, -1, w.shape[2])  # [senders, batch, pos, q + kv, d_head]
     q, k = values[geom.q_hook].to(dtype), values[geom.k_hook].to(dtype)  # [batch, pos, heads, d_head]
     rw = qkfix.rows(values[geom.scores_hook].to(dtype), q, k, grads[geom.pattern_hook].to(dtype), geom)
-    dq = change[:, :, :, :n_q].permute(0, 3, 2, 1, 4)  # [batch, head, senders, pos, d_head]
+    dq = change[..., :n_q, :].permute(1, 3, 0, 2, 4)  # [batch, head, senders, pos, d_head]
     # per query head: [batch, head, d_head, senders, pos]
-    dk = change[:, :, :, n_q:].repeat_interleave(geom.group, dim=3).permute(0, 3, 4, 2, 1)
+    dk = change[..., n_q:, :].repeat_interleave(geom.group, dim=3).permute(1, 3, 4, 0, 2)
     for which, eff in (("q", qkfix.query_effects(rw, dq, k, geom)), ("k", qkfix.key_effects(rw, q, dk, geom))):
         rs = torch.tensor(graph.receivers_of(which, layer))
         edges = graph.receiver_start[rs][None, :] + torch.arange(n_s)[:, None]  # [senders, receivers]
         out[:, edges.flatten()] = eff.transpose(2, 3).flatten(1, 2)  # eff [batch, senders, pos, receivers]
+
+
+def _read_changes(parts: Parts, layer: int, x: torch.Tensor, delta: torch.Tensor, dz: list[torch.Tensor],
+                  w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(ln1(x + delta_u) - ln1(x)) @ ``w`` for every sender u: ``[senders, batch, pos, out]`` from the
+    residual ``x`` ``[batch, pos, d_model]``, the senders' changes ``delta`` ``[batch, pos, senders,
+    d_model]`` (embedding, earlier layers' heads and MLPs), the heads' z changes ``dz`` (one
+    ``[batch, pos, head, d_head]`` per earlier layer) and ``w`` ``[d_model, out]``.
+
+    Closed-form norms (``Parts.ln1_stats``): with x_c the centred x, d_c u's centred change, s and
+    s' the norm's scale before and after, ln1(x + d) - ln1(x) = w (d_c / s' + x^ (s / s' - 1)), s'^2
+    = s^2 + (2 x_c . d + d_c . d_c) / d_model. So the product needs (d_c / s') @ (w W) per sender
+    only, and for a head that is (dz / s') @ (W_O (w W)): d_head rather than d_model wide, about a
+    quarter of the multiply-adds of projecting every sender's d_model-wide change; each product
+    is written straight into its senders' rows. Other norms: through the module.
+    """
+    st = parts.ln1_stats(layer, x, dtype)
+    if st is None:
+        dn = parts.ln1(layer, x[:, :, None] + delta.to(x.dtype)) - parts.ln1(layer, x)[:, :, None]
+        return dn.to(dtype).permute(2, 0, 1, 3) @ w
+    ww = w if st.w is None else st.w[:, None] * w  # [d_model, out]
+    wc = ww - ww.mean(0) if st.centred else ww  # d @ wc = d_c @ ww
+    b, t, n_s, d_model = delta.shape
+    inv = torch.ones(b, t, n_s, dtype=dtype, device=x.device)  # 1 / s' [batch, pos, senders]
+    grow = torch.zeros_like(inv)  # s'^2 - s^2
+    if st.scale is not None and st.normed is not None:
+        dd = torch.linalg.vector_norm(delta, dim=-1).pow_(2)  # [batch, pos, senders]
+        if st.centred:
+            dd -= delta.sum(-1).pow(2) / d_model  # d_c . d_c
+        grow = (2 * torch.einsum("btd,btud->btu", st.normed * st.scale, delta) + dd) / d_model
+        inv = (st.scale.pow(2) + grow).rsqrt()
+    out = torch.empty(n_s, b * t, w.shape[1], dtype=dtype, device=x.device)  # [senders, batch * pos, out]
+    rows = [0]  # senders of the embedding and each earlier MLP: d_model wide
+    for earlier, z in enumerate(dz):
+        start = 1 + earlier * (z.shape[2] + (0 if parts.attn_only else 1))
+        heads = slice(start, start + z.shape[2])
+        m = torch.einsum("hed,df->hef", parts.W_O(earlier).to(dtype), wc)  # [head, d_head, out]
+        torch.bmm((z * inv[:, :, heads, None]).flatten(0, 1).transpose(0, 1), m, out=out[heads])
+        if not parts.attn_only:
+            rows.append(heads.stop)
+    for i in rows:
+        torch.mm((delta[:, :, i] * inv[:, :, i, None]).flatten(0, 1), wc, out=out[i])
+    out = out.view(n_s, b, t, -1)
+    if st.scale is None or st.normed is None:
+        return out
+    shrink = -grow / (st.scale + 1 / inv) * inv  # s / s' - 1 = -(s'^2 - s^2) / (s' (s + s'))
+    return out.addcmul_((st.normed @ ww)[None], shrink.permute(2, 0, 1)[..., None])
