@@ -29,6 +29,7 @@ under TransformerLens 3 each named entry rebuilds the bridge's ``hook_dict`` wit
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
 import weakref
 from collections.abc import Hashable
@@ -64,16 +65,16 @@ _PROBES: weakref.WeakKeyDictionary[Any, Probes] = weakref.WeakKeyDictionary()
 
 def model_state(model: Any) -> Hashable:
     """Everything the probes depend on that can change after the bridge is built: compatibility
-    mode; the config (``repr`` of its fields: dtype, device, the ``set_use_*`` hook gates, grouped-
-    query ungrouping...); the dtype and device of every parameter (``model.to(...)``); and the
-    module tree with the forward hooks and pre-hooks registered on each module (a module swapped in
-    or out, or a hook that detaches or replaces a value, changes which hooks feed the logits and
-    how scores are formed). Weight values are not in it: the probes test structure, not values.
-    About 0.6 ms on a 6-layer GPT-2."""
+    mode; the config (``repr`` of its fields: dtype, device, the ``set_use_*`` hook gates,
+    grouped-query ungrouping...); the dtype and device of every parameter and buffer
+    (``model.to(...)``); and the module tree with the forward hooks and pre-hooks registered on
+    each module (a module swapped in or out, or a hook that detaches or replaces a value, changes
+    which hooks feed the logits and how scores are formed). Weight values are not in it: the
+    probes test structure, not values. About 0.6 ms on a 6-layer GPT-2."""
     cfg = repr(sorted(vars(model.cfg).items(), key=lambda item: item[0]))
-    params = frozenset((p.dtype, p.device) for p in model.parameters())
+    tensors = frozenset((t.dtype, t.device) for t in itertools.chain(model.parameters(), model.buffers()))
     modules = tuple((id(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for m in model.modules())
-    return bool(model.compatibility_mode), cfg, params, modules
+    return bool(model.compatibility_mode), cfg, tensors, modules
 
 
 def probes_for(model: Any) -> Probes:
