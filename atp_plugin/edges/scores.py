@@ -78,7 +78,7 @@ def ig_batch(parts: Parts, graph: Graph, tokens: torch.Tensor, corrupt: torch.Te
         with torch.no_grad():
             reads.add(values, grads)
     with torch.no_grad():
-        return edge_products(graph, delta, (r / steps for r in reads.blocks())) * mask[:, None, :]
+        return edge_products(graph, delta, reads.blocks()).div_(steps) * mask[:, None, :]
 
 
 def path_points(steps: int) -> list[float]:

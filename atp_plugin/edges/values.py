@@ -170,12 +170,13 @@ class ReadSum:
         for layer in range(p.n_layers):
             if layer in self.head:
                 st, w = self.stats[layer], self._weights(layer)
-                reads = torch.einsum("btre,rde->btrd", self.head[layer], w if st.w is None else w * st.w[:, None])
-                if st.centred:
-                    reads = reads - reads.mean(-1, keepdim=True)
+                ww = w if st.w is None else w * st.w[:, None]  # [reads, d_model, d_head]
+                if st.centred:  # W'A - mean_d(W'A) = (W' - mean_d W') A
+                    ww = ww - ww.mean(1, keepdim=True)
+                reads = torch.einsum("btre,rde->btrd", self.head[layer], ww)
                 if layer in self.corr:
                     normed, c = (torch.stack(t) for t in zip(*self.corr[layer]))  # [steps, batch, pos, ...]
-                    reads = reads - torch.einsum("kbtr,kbtd->btrd", c, normed)
+                    reads.sub_(torch.einsum("kbtr,kbtd->btrd", c, normed))
                 yield reads
             else:
                 yield self.dense[layer, "attn"]
