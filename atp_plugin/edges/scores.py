@@ -65,16 +65,16 @@ def ig_batch(parts: Parts, graph: Graph, tokens: torch.Tensor, corrupt: torch.Te
              metric: Metric, dtype: torch.dtype, steps: int) -> torch.Tensor:
     """Iig per pair, edge and position ``[batch, edge, pos]``: the sender's change dotted with the
     receiver's gradient averaged over ``steps`` runs along the embedding path."""
-    embed = hook_names(0).resid_pre
-    with torch.no_grad():
-        _, noise_values = run(parts.host, corrupt, mask, sender_hooks(parts))
-        _, clean_values = run(parts.host, tokens, mask, sender_hooks(parts))
-        delta = (sender_writes(parts, noise_values, dtype) - sender_writes(parts, clean_values, dtype))
-        delta = delta * mask[:, :, None, None]
+    embed, b = hook_names(0).resid_pre, len(tokens)
+    with torch.no_grad():  # the corrupt and the clean prompts in one run of 2 x batch
+        _, both = run(parts.host, torch.cat([corrupt, tokens]), torch.cat([mask, mask]), sender_hooks(parts))
+        writes = sender_writes(parts, both, dtype)  # [2 x batch, pos, sender, d_model]
+        delta = (writes[:b] - writes[b:]) * mask[:, :, None, None]
+        noise_embed = both[embed][:b]
     reads = ReadSum(parts, dtype)
     for alpha in path_points(steps):
-        values, grads = _gradient_run(parts, tokens, mask, metric, set(),
-                                      {embed: interpolate(noise_values[embed], alpha)}, senders=False)
+        values, grads = _gradient_run(parts, tokens, mask, metric, set(), {embed: interpolate(noise_embed, alpha)},
+                                      senders=False)
         with torch.no_grad():
             reads.add(values, grads)
     with torch.no_grad():
