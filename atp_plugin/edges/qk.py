@@ -26,8 +26,8 @@ CHUNK = 1 << 19  # score entries per chunk of senders: the working set of the el
 
 
 def _softcapped(raw: torch.Tensor, change: torch.Tensor, geom: AttentionGeometry) -> torch.Tensor:
-    """softcap(raw + change) - softcap(raw), ``change`` in place when there is no soft-capping
-    (the scores are then bilinear, so the change of q . k / scale is the score change)."""
+    """softcap(raw + change) - softcap(raw); without soft-capping ``change`` itself (the scores are
+    then bilinear, so the change of q . k / scale is the score change)."""
     if geom.softcap is None:
         return change
     cap = geom.softcap
@@ -62,8 +62,9 @@ class Rows:
 
 def rows(scores: torch.Tensor, q: torch.Tensor, k: torch.Tensor, G: torch.Tensor,
          geom: AttentionGeometry) -> Rows:
-    """``scores``/``G`` ``[batch, head, t, s]`` (masked scores -inf), clean ``q`` ``[batch, pos, head,
-    d_head]`` and ``k`` ``[batch, pos, kv_head, d_head]``."""
+    """What every sender's fix of one layer shares, computed once: from ``scores``/``G`` ``[batch,
+    head, t, s]`` (masked scores -inf), clean ``q`` ``[batch, pos, head, d_head]`` and ``k``
+    ``[batch, pos, kv_head, d_head]``."""
     raw = scores
     if geom.softcap is not None:
         raw = torch.einsum("bthd,bshd->bhts", q, k.repeat_interleave(geom.group, dim=2)) / geom.scale
