@@ -7,7 +7,7 @@ input) at the clean run, per position. ``ig``: the gradient averaged over runs w
 clean + (k/m)(noise - clean), k = 1..m (Hanna et al.'s "inputs" variant, right-endpoint rule).
 ``atp+qk``: for an edge into a query or key, v's q (or k) recomputed from resid + (u(noise) -
 u(clean)) through ln1, W and rotary, the attention row(s) recomputed exactly through the softmax
-(``engine.qk``) and dotted with G = dL/dA.
+(``edges.qk``: the node fix's formulas, every sender of a layer at once) and dotted with G = dL/dA.
 """
 
 from __future__ import annotations
