@@ -110,10 +110,6 @@ def attribute(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Te
     check_metric(metric, pairs.mask, host.d_vocab)
     engine = Engine(host, pairs, metric, adapters, batch_size=batch_size or DEFAULT_BATCH,
                     patch_batch_size=patch_batch_size, progress=progress)
-    if getattr(backend, "qk", False):
-        for s in engine.sites(qk=True):
-            if s.qk_fixed:
-                host.attention(s.pos.layer)  # unsupported attention variants fail here, before any run
     with eval_mode(model):
         scores, signed = backend.run(engine)
     dims = {key: adapter.groups(host)[grp] for key, (adapter, grp) in engine.keys().items()}

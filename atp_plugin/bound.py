@@ -44,7 +44,7 @@ from scipy import stats
 
 from .attribution import eval_mode
 from .backends.baselines import check_subsampling, subsample
-from .engine import Engine, Metric
+from .engine import Metric
 from .engine.pairs import make_pairs
 from .metrics import check_metric
 from .result import AttributionResult
@@ -117,10 +117,11 @@ def false_negative_bound(model: Any, clean: torch.Tensor | Sequence[str], corrup
     rest = rest.reset_index(drop=True)
     located = locate(result, rest)
     order = np.concatenate([rows for rows, _ in located.values()])  # node u of the subsets is row order[u]
+    engine = result.require_engine("false_negative_bound()")
     with eval_mode(model, "false_negative_bound()"):
         verified = verify(result, k) if k else top.drop(columns=["score", "signed"])
-        est = subsample(result.engine, {key: flat for key, (_, flat) in located.items()},
-                        n_subsets=n_subsets, p=p, seed=seed, desc="false-negative bound")
+        est = subsample(engine, {key: flat for key, (_, flat) in located.items()}, n_subsets=n_subsets, p=p,
+                        seed=seed, desc="false-negative bound")
     out = rest.drop(columns=["signed"]).copy()
     for column, values in (("estimate", est.estimate), ("std_error", est.std_error), ("df", est.df),
                            ("n_in", est.n_in), ("n_out", est.n_out)):
@@ -131,7 +132,7 @@ def false_negative_bound(model: Any, clean: torch.Tensor | Sequence[str], corrup
     out["upper"] = np.where(np.isfinite(se), np.abs(out["estimate"].to_numpy()) + q * np.where(se > 0, se, 0), np.inf)
     out = out.sort_values("upper", ascending=False, kind="stable").reset_index(drop=True)
     return FalseNegativeBound(float(out["upper"].max()), confidence, k, n_subsets, p, out, verified,
-                              result.engine.forward_passes)
+                              engine.forward_passes)
 
 
 def _rebind(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Tensor | Sequence[str], metric: Metric,
@@ -140,16 +141,11 @@ def _rebind(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Tens
     that ``model``, ``clean`` and ``corrupt`` are those the result was computed from."""
     if not isinstance(result, AttributionResult):
         raise TypeError(f"result must be the AttributionResult returned by attribute(), got {type(result).__name__}")
-    old = result.engine
-    if old is None:
-        raise ValueError("this result has no engine (a summed-over-positions view); pass the per-position "
-                         "result returned by attribute()")
+    old = result.require_engine("false_negative_bound()")
     if old.host.model is not model:
         raise ValueError("result was computed on a different model; pass the model given to attribute()")
     pairs = make_pairs(old.host, clean, corrupt)
     if not all(torch.equal(getattr(pairs, f), getattr(old.pairs, f)) for f in ("clean", "corrupt", "mask")):
         raise ValueError("clean/corrupt differ from the prompts result was computed on; pass the same prompts")
     check_metric(metric, pairs.mask, old.host.d_vocab)
-    engine = Engine(old.host, old.pairs, metric, old.adapters, batch_size=old.batch_size,
-                    patch_batch_size=old.patch_batch_size, progress=old.progress)
-    return replace(result, engine=engine)
+    return replace(result, engine=old.with_metric(metric))

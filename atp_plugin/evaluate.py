@@ -88,7 +88,8 @@ class Evaluation:
 
 def cost_of(result: AttributionResult) -> float:
     """A result's own cost: forward passes + ``BACKWARD_COST`` x backward passes of its engine."""
-    return result.engine.forward_passes + BACKWARD_COST * result.engine.backward_passes
+    engine = result.require_engine("the cost of a result")
+    return engine.forward_passes + BACKWARD_COST * engine.backward_passes
 
 
 def rank_order(scores: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
@@ -152,4 +153,4 @@ def evaluate(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Ten
     node_labels = frame["node"].to_numpy()[true_order]
     return Evaluation(pd.DataFrame(curves, index=index), own,
                       pd.DataFrame(ranks, index=pd.Index(node_labels, name="node")), truth, n_pairs, n_nodes,
-                      truth.engine.host.n_layers)
+                      truth.require_engine("evaluate()").host.n_layers)

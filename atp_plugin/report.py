@@ -19,8 +19,6 @@ import pandas as pd
 import torch
 
 from . import plugins
-from .engine import Engine
-from .engine.pairs import Pairs
 from .plots import heatmap
 from .result import AttributionResult
 
@@ -65,13 +63,9 @@ def token_scores(result: AttributionResult, pair: int) -> torch.Tensor:
     (scores are means over pairs of per-pair magnitudes) the mean over pairs of these vectors is
     ``result.scores`` summed over all but the position axis.
     """
-    engine = result.engine
-    if engine is None:
-        raise ValueError("per-token scores need the per-position result returned by attribute() (it has the engine)")
-    pairs = engine.pairs
-    one = Pairs(pairs.clean[pair:pair + 1], pairs.corrupt[pair:pair + 1], pairs.mask[pair:pair + 1])
-    single = Engine(engine.host, one, lambda logits, idx: engine.metric(logits, idx + pair), engine.adapters,
-                    batch_size=1, patch_batch_size=engine.patch_batch_size, progress=False)
+    engine = result.require_engine("per-token scores")
+    single = engine.restricted([pair])
+    single.progress = False  # one bar per shown prompt would drown the report's own output
     backend = plugins.backends().get(result.method)
     if backend is None:
         raise ValueError(f"per-token scores rerun the method by name, and {result.method!r} is not a registered "
@@ -79,7 +73,7 @@ def token_scores(result: AttributionResult, pair: int) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the full run already warned (e.g. few layers for GradDrop)
         scores, _ = backend.run(single)
-    total = torch.zeros(pairs.clean.shape[1], dtype=torch.float64)
+    total = torch.zeros(engine.pairs.clean.shape[1], dtype=torch.float64)
     for key, value in scores.items():
         dims = result.dims[key]
         if "pos" in dims:
@@ -117,7 +111,7 @@ def _cell(value: object) -> str:
 
 
 def _tokens(result: AttributionResult, ids: list[int]) -> list[str]:
-    model = getattr(result.engine.host, "model", None)
+    model = getattr(result.require_engine("the report").host, "model", None)
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         return [f"#{i}" for i in ids]
@@ -125,7 +119,7 @@ def _tokens(result: AttributionResult, ids: list[int]) -> list[str]:
 
 
 def _prompt_html(result: AttributionResult, pair: int, scores: torch.Tensor, top: float, label: str) -> str:
-    pairs = result.engine.pairs
+    pairs = result.require_engine("the report").pairs
     real = pairs.mask[pair].cpu()
     clean = pairs.clean[pair].cpu()[real].tolist()
     corrupt = pairs.corrupt[pair].cpu()[real].tolist()
@@ -173,8 +167,7 @@ def write_report(result: AttributionResult, path: str | Path, *, verified: pd.Da
     token (each costs one attribution of that pair); ``prompt_labels``: a caption per pair (e.g.
     the answer). Returns the HTML path.
     """
-    if result.engine is None:
-        raise ValueError("write_report needs the per-position result returned by attribute(), not a summed view")
+    result.require_engine("write_report")
     if top_k < 1 or prompts < 0:
         raise ValueError(f"top_k must be at least 1 and prompts at least 0, got {top_k} and {prompts}")
     path = Path(path)

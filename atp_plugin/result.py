@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
+
+if TYPE_CHECKING:  # annotations only: the result module does not import the engine at run time
+    from .engine import Engine
 
 
 @dataclass
@@ -18,20 +21,30 @@ class AttributionResult:
 
     ``scores[key]`` / ``signed[key]``: tensors with the dimensions ``dims[key]`` (e.g.
     ``("layer", "pos", "head")``); ``key`` is the node type name (plus ``".error"`` for SAE error
-    nodes). ``pairs[pos]``: in how many pairs the position is a real token; with left-padded
-    prompts of different lengths the early positions are padding in the shorter pairs, have no
-    nodes there, and their scores are means over fewer pairs.
+    nodes). ``pair_counts[pos]``: in how many pairs the position is a real token; with
+    left-padded prompts of different lengths the early positions are padding in the shorter pairs,
+    have no nodes there, and their scores are means over fewer pairs. ``engine``: what computed the
+    scores, kept so that verification and the bound patch the same model, pairs and metric (None
+    for a summed-over-positions view).
     """
 
     method: str
     scores: dict[str, torch.Tensor]
     signed: dict[str, torch.Tensor]
     dims: dict[str, tuple[str, ...]]
-    pairs: torch.Tensor  # [pos] int
+    pair_counts: torch.Tensor  # [pos] int
     alignment: str
     n_pairs: int
     view: str = "per position"
-    engine: Any = field(default=None, repr=False)
+    engine: Engine | None = field(default=None, repr=False)
+
+    def require_engine(self, what: str) -> Engine:
+        """The engine, or a ValueError saying that ``what`` needs the per-position result returned
+        by ``attribute()`` (a summed-over-positions view has none)."""
+        if self.engine is None:
+            raise ValueError(f"{what} needs the per-position result returned by attribute(), which keeps the "
+                             "engine; this is a summed-over-positions view")
+        return self.engine
 
     def __repr__(self) -> str:
         """What the result holds, not its numbers (a notebook cell would otherwise print every tensor)."""
@@ -88,7 +101,7 @@ class AttributionResult:
             frame["score"] = score.detach().reshape(-1)[index].double().cpu().numpy()
             frame["signed"] = self.signed[key].detach().reshape(-1)[index].double().cpu().numpy()
             if "pos" in dims:
-                frame["pairs"] = self.pairs.cpu().numpy()[frame["pos"].to_numpy()]
+                frame["pairs"] = self.pair_counts.cpu().numpy()[frame["pos"].to_numpy()]
             frames.append(frame)
         frame = pd.concat(frames, ignore_index=True)
         names = list(dict.fromkeys(d for key in self.scores for d in self.dims[key]))  # every key's, so that
@@ -112,7 +125,7 @@ class AttributionResult:
         def drop_pos(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             return {k: v.sum(self.dims[k].index("pos")) if "pos" in self.dims[k] else v for k, v in t.items()}
         dims = {k: tuple(d for d in v if d != "pos") for k, v in self.dims.items()}
-        return AttributionResult(self.method, drop_pos(self.scores), drop_pos(self.signed), dims, self.pairs,
+        return AttributionResult(self.method, drop_pos(self.scores), drop_pos(self.signed), dims, self.pair_counts,
                                  self.alignment, self.n_pairs, view="summed over positions")
 
     def verify(self, k: int = 10) -> pd.DataFrame:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -10,11 +11,14 @@ import torch
 
 from .attribution import eval_mode
 
+if TYPE_CHECKING:  # annotations only: result.py imports this module when verify() is called
+    from .result import AttributionResult
 
-def locate(result, frame: pd.DataFrame) -> dict[tuple[int, str], tuple[np.ndarray, torch.Tensor]]:
+
+def locate(result: AttributionResult, frame: pd.DataFrame) -> dict[tuple[int, str], tuple[np.ndarray, torch.Tensor]]:
     """Node rows of ``frame`` (from ``result.to_frame()``) -> the engine's (site number, group)
     -> (positions of those rows in ``frame``, flat indices into the site's ``[pos, *node]``)."""
-    engine = result.engine
+    engine = result.require_engine("locating nodes")
     site_of = {(id(s.adapter), s.index): n for n, s in enumerate(engine.sites())}
     out: dict[tuple[int, str], tuple[list, list]] = {}
     for node_type, rows in frame.groupby("node_type", sort=False).indices.items():
@@ -33,11 +37,13 @@ def locate(result, frame: pd.DataFrame) -> dict[tuple[int, str], tuple[np.ndarra
     return {key: (np.concatenate(r), torch.from_numpy(np.concatenate(f))) for key, (r, f) in out.items()}
 
 
-def exact_effects_of(result, frame: pd.DataFrame, desc: str = "verifying") -> tuple[np.ndarray, np.ndarray]:
+def exact_effects_of(result: AttributionResult, frame: pd.DataFrame, desc: str = "verifying"
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Exact effect of every node row of ``frame``, in row order: the mean over pairs ``[rows]``
     and the mean over pairs of its magnitude ``[rows]``."""
     located = locate(result, frame)
-    effects = result.engine.exact_effects({key: flat for key, (_, flat) in located.items()}, desc=desc)
+    engine = result.require_engine("exact patching")
+    effects = engine.exact_effects({key: flat for key, (_, flat) in located.items()}, desc=desc)
     out = np.empty((2, len(frame)))
     for key, (rows, _) in located.items():
         for i in (0, 1):
@@ -45,7 +51,7 @@ def exact_effects_of(result, frame: pd.DataFrame, desc: str = "verifying") -> tu
     return out[0], out[1]
 
 
-def verify(result, k: int = 10) -> pd.DataFrame:
+def verify(result: AttributionResult, k: int = 10) -> pd.DataFrame:
     """The top ``k`` nodes of ``result`` with their exact effects, patched in eval mode (a model in
     training mode is switched, with a warning, and restored). ``k`` above the number of nodes
     verifies them all, with a warning.
@@ -54,9 +60,7 @@ def verify(result, k: int = 10) -> pd.DataFrame:
     the exact effect I), ``abs_effect`` = |effect| (what ``ap`` scores) and ``mean_abs_effect`` (mean
     over pairs of |I|: what the AtP scores, means of per-pair magnitudes, estimate; it exceeds
     ``abs_effect`` where a node's effect changes sign between pairs)."""
-    if result.engine is None:
-        raise ValueError("this result cannot be verified: it has no engine (a summed-over-positions view); "
-                         "verify the per-position result returned by attribute()")
+    engine = result.require_engine("verify()")
     top = result.top(k)
     n_nodes = sum(score.numel() for score in result.scores.values())
     if k > n_nodes:
@@ -65,7 +69,7 @@ def verify(result, k: int = 10) -> pd.DataFrame:
     out = top.drop(columns=["score", "signed"]).copy()
     out["estimate"] = top["score"].to_numpy()
     out["signed_estimate"] = top["signed"].to_numpy()
-    with eval_mode(result.engine.host.model, "verify()"):
+    with eval_mode(engine.host.model, "verify()"):
         effect, mean_abs = exact_effects_of(result, top)
     out["effect"], out["abs_effect"], out["mean_abs_effect"] = effect, np.abs(effect), mean_abs
     return out.reset_index(drop=True)

@@ -328,7 +328,7 @@ def test_empty_string_prompt() -> None:
                               ["w1 w2", "w4", ""], ["w1 w3", "w5", ""], logit_diff_metric(3))
     # one real token after the BOS is a prompt
     result = attribute(with_bos, ["w1 w2", "w4"], ["w1 w3", "w5"], logit_diff_metric(2), nodes=["attn_z"], method="atp")
-    assert result.scores["attn_z"].shape == (3, 3, 4) and result.pairs.tolist() == [1, 2, 2]
+    assert result.scores["attn_z"].shape == (3, 3, 4) and result.pair_counts.tolist() == [1, 2, 2]
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [

@@ -117,7 +117,7 @@ def test_subsampling_converges_to_ap_within_its_standard_error(additive):
 
 
 @pytest.mark.parametrize("backend", [GroupPatching(branching=2), GroupPatching(branching=3, block_size=6),
-                                     GroupPatching("blocks", "", branching=8, block_size=8)])
+                                     GroupPatching("blocks", branching=8, block_size=8)])
 def test_group_patching_finds_planted_nodes(additive, backend):
     model, clean, corrupt, metric, truth = additive
     result = attribute(model, clean, corrupt, metric, nodes=["attn_v"], method=backend)
@@ -182,7 +182,8 @@ def test_subsampling_on_left_padded_pairs(padded_model):
     nodes = padded_nodes(model)
     result = attribute(model, PADDED_CLEAN, PADDED_CORRUPT, padded_metric(), nodes=PADDED_TYPES,
                        method=Subsampling(n_subsets=S, p=p, seed=seed))
-    assert result.alignment.startswith("left-padded") and result.pairs.tolist() == [1, 2, 3, 3, 3]  # lengths 3, 5, 4
+    # prompt lengths 3, 5, 4
+    assert result.alignment.startswith("left-padded") and result.pair_counts.tolist() == [1, 2, 3, 3, 3]
     member = random_subsets(seed, p, len(nodes))(0, S).numpy()  # [S, U]: only which node is in which subset
     effects = joint_patch_effects(model, [[nodes[u] for u in np.flatnonzero(row)] for row in member])  # [S, N]
     z = real_pair_means(model, effects, [pos for _, _, pos, _ in nodes])  # [S, U]

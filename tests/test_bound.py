@@ -93,8 +93,9 @@ def test_bound_against_a_reference(planted):
         assert bound.p_value(theta) == pytest.approx(p_value(theta), rel=1e-9)
     assert bound.p_value(bound.theta) == pytest.approx(0.1, rel=1e-6)  # theta is where max p = 1 - confidence
     assert bound.p_value(0.99 * bound.theta) > 0.1 > bound.p_value(1.01 * bound.theta)
-    # verification: 2 nodes x N pairs + noise + clean; the subsets: one shape probe + S x N + noise + clean
-    assert bound.forward_passes == (2 * N + 2 * N) + (1 + S * N + 2 * N)
+    # verification: 2 nodes x N pairs + noise + clean; the subsets: S x N + noise + clean (the node
+    # shapes are known from the ap run: Engine.with_metric keeps them, no probe run)
+    assert bound.forward_passes == (2 * N + 2 * N) + (S * N + 2 * N)
 
 
 def test_bound_over_several_sites_against_joint_patches():

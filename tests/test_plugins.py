@@ -99,7 +99,7 @@ def test_duplicate_name_is_an_error_naming_both_plugins(site_dir):
 
         @hookimpl
         def atp_register_backends(register):
-            register(FirstOrder("atp", "a second atp", False, False))
+            register(FirstOrder("atp", qk=False, graddrop=False))
     ''')
     with pytest.raises(plugins.PluginError, match=r"'dupplug'.*'atp'.*'atp_plugin.backends.builtin'"):
         plugins.registries(reload=True)

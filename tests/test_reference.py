@@ -101,7 +101,7 @@ def test_padded_batch_equals_pairs_alone(variant: str) -> None:
             padded = attribute(model, clean, corrupt, metrics.logit_diff(answers, wrongs), nodes=types, method=method,
                                batch_size=2)
         assert padded.alignment.startswith("left-padded")
-        assert padded.pairs.tolist() == count.tolist()  # the longest pair is real at every position
+        assert padded.pair_counts.tolist() == count.tolist()  # the longest pair is real at every position
         for nt in types:
             for kind, got in (("scores", padded.scores[nt]), ("signed", padded.signed[nt])):
                 if kind == "signed" and method in ("atp+gd", "atp*"):

@@ -24,7 +24,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..hookspecs import hookimpl
 from .builtin import ActivationPatching
@@ -73,7 +72,7 @@ def joint_effects(engine, nodes: NodeSet, sets: SetRows, n_sets: int, desc: str)
         real = engine.pairs.mask[idx]  # [batch, pos]
         per_pass = max(1, engine.patch_batch_size // len(idx))
         starts = range(0, n_sets, per_pass)
-        for start in tqdm(starts, desc=desc, disable=engine._quiet(len(starts)), leave=False):
+        for start in starts:
             stop = min(start + per_pass, n_sets)
             member = sets(start, stop)  # [sets, U]
             copies = torch.arange(len(idx), device=device).repeat(stop - start)  # copy c: pair c % batch
@@ -181,7 +180,6 @@ class Subsampling:
     pass per subset per pair, whatever the number of nodes."""
 
     name: str = "subsampling"
-    description: str = "subsampling (Algorithm 1): difference of mean effects over random joint patches"
     n_subsets: int = 200
     p: float = 0.1
     seed: int = 0
@@ -222,7 +220,6 @@ class GroupPatching:
     """
 
     name: str = "hierarchical"
-    description: str = "hierarchical patching: recurse into contiguous groups of nodes with large joint effect"
     branching: int = 4
     block_size: int | None = None
     threshold: float | None = None
@@ -262,11 +259,11 @@ class GroupPatching:
 
 
 BASELINE_BACKENDS = (
-    ActivationPatching("iterative", "exhaustive patching, one node at a time (the paper's iterative baseline; = ap)"),
+    ActivationPatching("iterative"),  # the paper's iterative baseline: one node at a time, the numbers of ap
     Subsampling(),
     GroupPatching(),
-    GroupPatching("blocks", "blocks of 16 contiguous nodes patched jointly; large blocks patched node by node",
-                  branching=16, block_size=16),
+    # blocks of 16 contiguous nodes patched jointly; large blocks are patched node by node
+    GroupPatching("blocks", branching=16, block_size=16),
 )
 
 

@@ -21,7 +21,6 @@ class FirstOrder:
     """
 
     name: str
-    description: str
     qk: bool
     graddrop: bool
 
@@ -48,7 +47,6 @@ class ActivationPatching:
     """Exact activation patching of every node, one patched copy per (pair, node), batched."""
 
     name: str = "ap"
-    description: str = "exact activation patching of every node (the ground truth; slow)"
 
     def run(self, engine):
         sites = engine.sites()
@@ -57,11 +55,11 @@ class ActivationPatching:
 
 
 BUILTIN_BACKENDS = (
-    FirstOrder("atp", "attribution patching: first-order estimate from one clean backward", False, False),
-    FirstOrder("atp+qk", "AtP with the QK fix for query and key nodes", True, False),
-    FirstOrder("atp+gd", "AtP with GradDrop against cancellation", False, True),
-    FirstOrder("atp*", "AtP*: the QK fix and GradDrop (default)", True, True),
-    ActivationPatching(),
+    FirstOrder("atp", qk=False, graddrop=False),  # attribution patching: one clean backward
+    FirstOrder("atp+qk", qk=True, graddrop=False),  # AtP with the QK fix for query and key nodes
+    FirstOrder("atp+gd", qk=False, graddrop=True),  # AtP with GradDrop against cancellation
+    FirstOrder("atp*", qk=True, graddrop=True),  # AtP*: both (the default)
+    ActivationPatching(),  # exact patching of every node: the ground truth, slow
 )
 
 

@@ -27,7 +27,6 @@ class IntegratedGradients:
 
     steps: int = DEFAULT_STEPS
     name: str = "ig"
-    description: str = "integrated gradients along the embedding path (node twin of EAP-IG), ig steps=10"
 
     def run(self, engine):
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:

@@ -3,6 +3,7 @@ map sites to nodes, backends combine what the engine computes."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -12,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..errors import MetricError
 from ..hosts import Host
+from . import progress
 from .estimates import Site, check_order, estimate_batch, sites_of
 from .pairs import Pairs
 from .patching import Masks, one_hot_masks, patched_run
@@ -122,17 +124,46 @@ class Engine:
         """Result key (adapter name + group) -> (adapter, group)."""
         return {a.name + grp: (a, grp) for a in self.adapters for grp in a.groups(self.host)}
 
+    # --- copies ------------------------------------------------------------------------------
+    def with_metric(self, metric: Metric) -> Engine:
+        """A copy on the same model, pairs and node types that evaluates ``metric`` instead (bound
+        and checked afresh), with its own pass counts from 0: what the false-negative bound patches
+        with, on the user's metric, without touching the result's engine."""
+        other = copy.copy(self)
+        other.metric = bind_metric(metric)
+        other.forward_passes, other.backward_passes = 0, 0.0
+        return other
+
+    def restricted(self, indices: torch.Tensor | list[int]) -> Engine:
+        """A copy over the pairs ``indices`` only (in that order), with pass counts from 0. Its
+        metric is called with the pairs' original indices, so per-pair data (answers) still lines
+        up: what per-pair views (``report.token_scores``) rerun a method on."""
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        if len(idx) == 0 or int(idx.min()) < 0 or int(idx.max()) >= self.pairs.n:
+            raise IndexError(f"restricted() takes pair indices in [0, {self.pairs.n}), got {idx.tolist()[:10]}")
+        idx = idx.to(self.pairs.clean.device)
+        metric = self.metric
+        other = copy.copy(self)
+        other.pairs = Pairs(self.pairs.clean[idx], self.pairs.corrupt[idx], self.pairs.mask[idx])
+        other.metric = lambda logits, local: metric(logits, idx[local])
+        other.forward_passes, other.backward_passes = 0, 0.0
+        return other
+
+    # --- progress ----------------------------------------------------------------------------
+    def progress_bar(self, total: int, desc: str, unit: str = "batch") -> tqdm:
+        """A progress bar over ``total`` steps, as ``progress`` asks: never with False, always with
+        True; by default only on a terminal and for 4 steps or more (short loops stay quiet)."""
+        show = self.progress if self.progress is not None else (None if total >= 4 else False)
+        return progress.bar(total, desc, unit, show)
+
     def batches(self, desc: str) -> Iterator[torch.Tensor]:
+        """The pairs in batches of ``batch_size``: ``[batch]`` pair indices each, with progress."""
         idx = torch.arange(self.pairs.n, device=self.host.device)
         chunks = list(idx.split(self.batch_size))
-        yield from tqdm(chunks, desc=desc, disable=self._quiet(len(chunks)), leave=False)
-
-    def _quiet(self, n: int) -> bool | None:
-        """tqdm's ``disable``: forced by ``progress=True/False``; by default off for short loops
-        and (tqdm's None) off where stderr is not a terminal."""
-        if self.progress is not None:
-            return not self.progress
-        return True if n < 4 else None
+        with self.progress_bar(len(chunks), desc) as bar:
+            for chunk in chunks:
+                yield chunk
+                bar.update()
 
     def assemble(self, per_site: dict[tuple[int, str], torch.Tensor], sites: list[Site]) -> dict[str, torch.Tensor]:
         """Per-site tensors ``[pos, *node]`` keyed (site number, group) -> result tensors, a layered
@@ -159,8 +190,18 @@ class Engine:
         return {k: v / count.clamp(min=1).reshape((-1,) + (1,) * (v.ndim - 1)) for k, v in sums.items()}
 
     # --- first order ---------------------------------------------------------------------
+    def check_qk(self) -> None:
+        """Fail before any run where a site the QK fix applies to sits in a layer whose attention
+        the host cannot describe (an unsupported variant raises ``UnsupportedModelError``)."""
+        for s in self.sites(qk=True):
+            if s.qk_fixed:
+                self.host.attention(s.pos.layer)
+
     def first_order(self, *, qk: bool, graddrop: bool) -> tuple[dict, dict, dict | None]:
-        """Means over pairs of |I|, I and (with GradDrop) c_gd, per site: ``[pos, *node]``."""
+        """Means over pairs of |I|, I and (with GradDrop) c_gd, per site: ``[pos, *node]``. With
+        ``qk``, the attention of every QK-fixed site is checked first (``check_qk``)."""
+        if qk:
+            self.check_qk()
         sites = self.sites(qk)
         sums_abs: dict[tuple[int, str], torch.Tensor] = {}
         sums: dict[tuple[int, str], torch.Tensor] = {}
@@ -230,8 +271,8 @@ class Engine:
             pos = flat // per_node  # [nodes]
             real = self.pairs.mask[idx].cpu()[:, pos]  # [batch, nodes]
             pair, m = real.nonzero(as_tuple=True)
-            for chunk in tqdm(torch.arange(len(pair)).split(self.patch_batch_size), desc=desc,
-                              disable=self._quiet(len(pair) // self.patch_batch_size), leave=False):
+            chunks = torch.arange(len(pair)).split(self.patch_batch_size)
+            for chunk in chunks:
                 p, mm = pair[chunk], m[chunk]
                 masks: Masks = {}
                 for i in owner[mm].unique().tolist():

@@ -1,0 +1,131 @@
+"""The engine's public operations (copies on another metric or other pairs, the QK pre-check,
+progress) and the result fields the rest of the library reads instead of the engine's insides."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+import torch
+
+from atp_plugin import attribute, plugins
+from atp_plugin.backends.baselines import BASELINE_BACKENDS
+from atp_plugin.backends.builtin import BUILTIN_BACKENDS
+from atp_plugin.backends.ig import IntegratedGradients
+from atp_plugin.bound import false_negative_bound
+from atp_plugin.errors import UnsupportedModelError
+from atp_plugin.report import token_scores
+from conftest import logit_diff_metric, make_model, make_pairs, needs_hooked
+
+pytestmark = needs_hooked
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = make_model()
+    clean, corrupt = make_pairs(4, 5)
+    metric = logit_diff_metric(4)
+    return model, clean, corrupt, metric
+
+
+def test_with_metric_is_a_fresh_copy_on_the_same_pairs(setup) -> None:
+    model, clean, corrupt, metric = setup
+    engine = attribute(model, clean, corrupt, metric, nodes=["attn_z"], method="atp").engine
+    before = engine.forward_passes
+    assert before > 0
+    doubled = engine.with_metric(lambda logits, idx: 2 * metric(logits, idx))
+    assert doubled is not engine and doubled.forward_passes == 0 and doubled.backward_passes == 0
+    assert doubled.pairs is engine.pairs and doubled.host is engine.host and doubled.adapters is engine.adapters
+    idx = torch.arange(4)
+    torch.testing.assert_close(doubled.clean_metric(idx), 2 * engine.clean_metric(idx))
+    assert doubled.forward_passes == 4 and engine.forward_passes == before + 4  # counted apart
+
+
+def test_the_bound_patches_on_a_copy_and_leaves_the_result_engine_alone(setup) -> None:
+    model, clean, corrupt, metric = setup
+    result = attribute(model, clean, corrupt, metric, nodes=["attn_z"], method="atp")
+    before = result.engine.forward_passes
+    bound = false_negative_bound(model, clean, corrupt, metric, result, k=2, n_subsets=20, p=0.3)
+    assert result.engine.forward_passes == before
+    assert bound.forward_passes > 0
+
+
+def test_restricted_keeps_the_original_pair_indices_for_the_metric(setup) -> None:
+    model, clean, corrupt, metric = setup
+    engine = attribute(model, clean, corrupt, metric, nodes=["attn_z"], method="atp").engine
+    seen: list[list[int]] = []
+
+    def recording(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        seen.append(idx.tolist())
+        return metric(logits, idx)
+
+    sub = engine.with_metric(recording).restricted([3, 1])
+    assert sub.pairs.n == 2 and torch.equal(sub.pairs.clean, clean[[3, 1]])
+    values = sub.clean_metric(torch.arange(2))
+    assert seen[-1] == [3, 1]
+    torch.testing.assert_close(values, engine.clean_metric(torch.tensor([3, 1])))
+    assert sub.forward_passes == 2
+    with pytest.raises(IndexError, match=r"pair indices in \[0, 4\)"):
+        engine.restricted([4])
+
+
+def test_token_scores_of_a_pair_equal_a_run_on_that_pair_alone(setup) -> None:
+    """report.token_scores reruns the method through ``Engine.restricted``: the same numbers as
+    attribute() on that one pair with its own metric."""
+    model, clean, corrupt, metric = setup
+    result = attribute(model, clean, corrupt, metric, nodes=["attn_z", "mlp_neurons"], method="atp")
+    alone = attribute(model, clean[2:3], corrupt[2:3], lambda logits, idx: metric(logits, idx + 2),
+                      nodes=["attn_z", "mlp_neurons"], method="atp")
+    expected = sum(v.sum(dim=(0, *range(2, v.ndim))) for v in alone.scores.values())
+    torch.testing.assert_close(token_scores(result, 2), expected.double())
+
+
+def test_the_qk_precheck_runs_for_any_backend_asking_for_the_qk_fix() -> None:
+    """``Engine.first_order(qk=True)`` checks the attention first, so a plugin backend without a
+    ``qk`` attribute fails before any forward pass, as the built-ins do."""
+    class Custom:
+        name = "custom-qk"
+
+        def run(self, engine):
+            sites = engine.sites(qk=True)
+            mean_abs, mean, _ = engine.first_order(qk=True, graddrop=False)
+            return engine.assemble(mean_abs, sites), engine.assemble(mean, sites)
+
+    model = make_model(use_attention_sinks=True)
+    clean, corrupt = make_pairs(2, 5)
+    calls = [0]
+    handle = model.embed.register_forward_pre_hook(lambda module, args: calls.__setitem__(0, calls[0] + 1))
+    try:
+        with pytest.raises(UnsupportedModelError, match="QK fix cannot handle attention sinks"):
+            attribute(model, clean, corrupt, logit_diff_metric(2), nodes=["attn_k"], method=Custom())
+    finally:
+        handle.remove()
+    assert calls[0] == 0
+
+
+def test_result_counts_pairs_per_position_as_pair_counts(setup) -> None:
+    model, clean, corrupt, metric = setup
+    result = attribute(model, clean, corrupt, metric, nodes=["attn_z"], method="atp")
+    assert result.pair_counts.tolist() == [4] * 5
+    assert not hasattr(result, "pairs")  # engine.pairs are the prompts; the counts have their own name
+    assert result.to_frame()["pairs"].tolist() == [4] * result.scores["attn_z"].numel()
+    assert result.sum_over_positions().pair_counts.tolist() == [4] * 5
+
+
+def test_backends_carry_no_unused_description() -> None:
+    backends = [*BUILTIN_BACKENDS, *BASELINE_BACKENDS, IntegratedGradients()]
+    assert all("description" not in {f.name for f in fields(b)} for b in backends)
+    assert set(plugins.backends()) >= {b.name for b in backends}
+
+
+def test_progress_bar_follows_the_progress_setting(setup, capsys) -> None:
+    model, clean, corrupt, metric = setup
+    engine = attribute(model, clean, corrupt, metric, nodes=["attn_z"], method="atp", progress=False).engine
+    with engine.progress_bar(10, "quiet") as bar:
+        bar.update(10)
+    assert capsys.readouterr().err == ""
+    engine.progress = True  # stderr here is not a terminal: plain lines
+    with engine.progress_bar(10, "shown") as bar:
+        bar.update(10)
+    err = capsys.readouterr().err
+    assert "shown" in err and "\r" not in err and err.endswith("\n")
