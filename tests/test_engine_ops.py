@@ -16,6 +16,7 @@ from atp_plugin.bound import false_negative_bound
 from atp_plugin.errors import UnsupportedModelError
 from atp_plugin.report import token_scores
 from conftest import logit_diff_metric, make_model, make_pairs, needs_hooked
+from helpers import PADDED_CLEAN, PADDED_CORRUPT, padded_metric, tokenized_model
 
 pytestmark = needs_hooked
 
@@ -129,3 +130,55 @@ def test_progress_bar_follows_the_progress_setting(setup, capsys) -> None:
         bar.update(10)
     err = capsys.readouterr().err
     assert "shown" in err and "\r" not in err and err.endswith("\n")
+
+
+def test_exact_patching_is_joint_patching_of_single_nodes(setup) -> None:
+    """``exact_effects`` and ``joint_effects`` run one generator (``Engine.patch_sets``): sets of
+    one node each give the exact effects, pair by pair."""
+    from atp_plugin.backends.baselines import joint_effects
+
+    model, clean, corrupt, metric = setup
+    engine = attribute(model, clean, corrupt, metric, nodes=["attn_z"], method="atp", batch_size=3).engine
+    nodes = {(0, ""): torch.tensor([0, 5, 17]), (1, ""): torch.tensor([2, 19])}
+    means, abs_means = engine.exact_effects(nodes)
+    per_pair = joint_effects(engine, nodes, lambda start, stop: torch.eye(5, dtype=torch.bool)[start:stop], 5, "")
+    torch.testing.assert_close(torch.cat([means[k] for k in nodes]).double(), per_pair.mean(1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.cat([abs_means[k] for k in nodes]).double(), per_pair.abs().mean(1),
+                               rtol=0, atol=1e-12)
+
+
+def test_a_joint_patch_with_every_node_at_padding_is_not_run() -> None:
+    """A copy whose set has no node at a real position of its pair patches nothing: it is not
+    run (no forward pass charged) and its effect is exactly 0."""
+    from atp_plugin.backends.baselines import joint_effects
+
+    model = tokenized_model("ln_gelu")
+    engine = attribute(model, PADDED_CLEAN, PADDED_CORRUPT, padded_metric(), nodes=["attn_z"], method="atp").engine
+    assert engine.pairs.mask[0].tolist() == [False, False, True, True, True]  # pair 0: positions 0, 1 padding
+    n_heads = model.cfg.n_heads
+    nodes = {(0, ""): torch.arange(2 * n_heads)}  # layer 0, every head at positions 0 and 1
+    before = engine.forward_passes
+    effects = joint_effects(engine, nodes, lambda start, stop: torch.ones(stop - start, 2 * n_heads, dtype=torch.bool),
+                            2, "")
+    assert engine.forward_passes - before == 2 * 3 + 2 * 2  # noise + clean runs; 2 sets x the 2 other pairs
+    assert effects[:, 0].tolist() == [0.0, 0.0] and bool((effects[:, 1] != 0).all())
+
+
+def test_exact_patching_encodes_node_shapes_once(setup) -> None:
+    """Node shapes are learned once (from the first noise run) and cached, not re-derived per batch."""
+    model, clean, corrupt, metric = setup
+    result = attribute(model, clean, corrupt, metric, nodes=["attn_z"], method="atp", batch_size=1)
+    adapter = result.require_engine("test").adapters[0]
+    calls = [0]
+    encode = adapter.encode
+
+    def counting(hook, value):
+        calls[0] += 1
+        return encode(hook, value)
+
+    object.__setattr__(adapter, "encode", counting)
+    try:
+        result.verify(3)
+    finally:
+        object.__delattr__(adapter, "encode")
+    assert calls[0] == model.cfg.n_layers  # one per site, for 4 batches of one pair

@@ -61,7 +61,7 @@ class Reordered(FirstOrder):
     """AtP whose per-site dicts list the sites last layer first, or drop one."""
 
     def __init__(self, name: str, drop: bool = False):
-        super().__init__(name, "", qk=False, graddrop=False)
+        super().__init__(name, qk=False, graddrop=False)
         object.__setattr__(self, "drop", drop)
 
     def run(self, engine):

@@ -8,11 +8,12 @@
   groups whose effect is large; a node reached as a single-node group scores its exact effect,
   every node in a pruned group scores 0.
 
-Everything runs through ``Engine.patched_metric`` (multi-node masks, many patched copies per
-forward pass), so ``Engine.forward_passes`` counts their cost like any other backend's. Options
-live on the backend instance: register a configured instance from a plugin, or pass one as
-``attribute(..., method=Subsampling(n_subsets=64))``. ``joint_effects`` and ``subsample`` are the
-shared machinery (the false-negative bound in ``atp_plugin.bound`` reuses ``subsample``).
+Everything runs through ``Engine.patch_sets`` (joint patches, many patched copies per forward
+pass; exact patching is its case of one node per set), so ``Engine.forward_passes`` counts their
+cost like any other backend's. Options live on the backend instance: register a configured
+instance from a plugin, or pass one as ``attribute(..., method=Subsampling(n_subsets=64))``.
+``joint_effects`` and ``subsample`` are the shared machinery (the false-negative bound in
+``atp_plugin.bound`` reuses ``subsample``).
 """
 
 from __future__ import annotations
@@ -25,12 +26,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..engine import Engine, NodeSet
 from ..hookspecs import hookimpl
 from .builtin import ActivationPatching
 
-#: (site number, group) -> flat indices into that site's node grid ``[pos, *node]``. A node set
-#: of U nodes is ordered by concatenating its keys' indices in dict order.
-NodeSet = dict[tuple[int, str], torch.Tensor]
 #: ``sets(start, stop) -> bool [stop - start, U]``: membership of the U nodes in sets start..stop-1.
 #: Called again for every batch of pairs, so it must return the same rows every time.
 SetRows = Callable[[int, int], torch.Tensor]
@@ -38,7 +37,7 @@ SetRows = Callable[[int, int], torch.Tensor]
 STATS_CHUNK = 256  # subsets per step when accumulating per-node statistics
 
 
-def real_nodes(engine) -> NodeSet:
+def real_nodes(engine: Engine) -> NodeSet:
     """Every node of the engine's sites at a position that is real (not padding) in some pair."""
     real = engine.pairs.mask.any(0).cpu()  # [pos]
     out: NodeSet = {}
@@ -48,49 +47,27 @@ def real_nodes(engine) -> NodeSet:
     return out
 
 
-def node_positions(engine, nodes: NodeSet) -> torch.Tensor:
+def node_positions(engine: Engine, nodes: NodeSet) -> torch.Tensor:
     """The token position of each of the U nodes: ``[U]``."""
     shapes = engine.node_shapes()
     return torch.cat([nodes[k].cpu().long() // math.prod(shapes[k][1:]) for k in nodes])
 
 
-def joint_effects(engine, nodes: NodeSet, sets: SetRows, n_sets: int, desc: str) -> torch.Tensor:
+def joint_effects(engine: Engine, nodes: NodeSet, sets: SetRows, n_sets: int, desc: str) -> torch.Tensor:
     """Per-pair effect of patching each set of nodes jointly,
     L(clean | S <- noise) - L(clean): ``[n_sets, n_pairs]`` (float64, CPU).
 
-    One patched copy of every clean prompt per set, many copies per forward pass; a node is patched
-    only in the pairs where its position is real.
+    ``Engine.patch_sets``: one patched copy of every clean prompt per set, many copies per forward
+    pass; a node is patched only in the pairs where its position is real, and a set with no node
+    at a real position of a pair is not run there (effect 0).
     """
-    shapes, sites = engine.node_shapes(), engine.sites()
-    keys = list(nodes)
-    bounds = np.cumsum([0] + [len(nodes[k]) for k in keys])
-    device = engine.host.device
+    def members(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        set_of, node = sets(start, stop).nonzero(as_tuple=True)
+        return set_of, node
+
     out = torch.zeros(n_sets, engine.pairs.n, dtype=torch.float64)
-    for idx in engine.batches(desc):
-        noise = engine.noise_values(idx)
-        base = engine.clean_metric(idx).double().cpu()  # [batch]
-        real = engine.pairs.mask[idx]  # [batch, pos]
-        per_pass = max(1, engine.patch_batch_size // len(idx))
-        starts = range(0, n_sets, per_pass)
-        for start in starts:
-            stop = min(start + per_pass, n_sets)
-            member = sets(start, stop)  # [sets, U]
-            copies = torch.arange(len(idx), device=device).repeat(stop - start)  # copy c: pair c % batch
-            masks: dict[int, dict[str, torch.Tensor]] = {}
-            for i, (n, grp) in enumerate(keys):
-                part = member[:, bounds[i]:bounds[i + 1]]
-                if not part.any():
-                    continue
-                shape = shapes[n, grp]
-                grid = torch.zeros(stop - start, math.prod(shape), dtype=torch.bool)
-                grid[:, nodes[n, grp].cpu().long()] = part
-                grid = grid.reshape(stop - start, 1, *shape).to(device)  # [sets, 1, pos, *node]
-                grid = grid & real.reshape(1, len(idx), shape[0], *(1,) * (len(shape) - 1))
-                masks.setdefault(n, {})[grp] = grid.flatten(0, 1)  # [copies, pos, *node]
-            hooks = {h for n in masks for h in sites[n].needs}
-            vals = engine.patched_metric(idx[copies], {h: noise[h][copies] for h in hooks}, masks)
-            effect = vals.double().cpu() - base[copies.cpu()]  # [copies]
-            out[start:stop, idx.cpu()] = effect.reshape(stop - start, len(idx))
+    for got in engine.patch_sets(nodes, members, n_sets, desc):
+        out[got.start:got.stop, got.idx.cpu()] = got.effect.double()
     return out
 
 
@@ -126,7 +103,7 @@ class SubsetEstimates:
     n_out: torch.Tensor
 
 
-def subsample(engine, nodes: NodeSet, *, n_subsets: int, p: float, seed: int,
+def subsample(engine: Engine, nodes: NodeSet, *, n_subsets: int, p: float, seed: int,
               desc: str = "subsampling") -> SubsetEstimates:
     """Patch ``n_subsets`` random subsets of ``nodes`` jointly (one forward pass per subset per
     pair) and estimate every node's effect as the difference of means (the paper's Algorithm 1).
@@ -161,7 +138,7 @@ def subsample(engine, nodes: NodeSet, *, n_subsets: int, p: float, seed: int,
     return SubsetEstimates(mean[0] - mean[1], se, df, n[0], n[1])
 
 
-def scatter(engine, nodes: NodeSet, values: torch.Tensor) -> dict[str, torch.Tensor]:
+def scatter(engine: Engine, nodes: NodeSet, values: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-node values ``[U]`` -> result tensors (0 for nodes not in ``nodes``)."""
     shapes, per_site = engine.node_shapes(), {}
     offset = 0
@@ -184,7 +161,7 @@ class Subsampling:
     p: float = 0.1
     seed: int = 0
 
-    def run(self, engine):
+    def run(self, engine: Engine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         check_subsampling(self.n_subsets, self.p)
         nodes = real_nodes(engine)
         est = subsample(engine, nodes, n_subsets=self.n_subsets, p=self.p, seed=self.seed, desc=self.name).estimate
@@ -225,7 +202,7 @@ class GroupPatching:
     threshold: float | None = None
     rel_threshold: float = 0.05
 
-    def run(self, engine):
+    def run(self, engine: Engine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         if self.branching < 2:
             raise ValueError(f"{self.name}: branching must be at least 2, got {self.branching}")
         if self.block_size is not None and self.block_size < 1:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
@@ -16,13 +17,36 @@ from ..hosts import Host
 from . import progress
 from .estimates import Site, check_order, estimate_batch, sites_of
 from .pairs import Pairs
-from .patching import Masks, one_hot_masks, patched_run
+from .patching import Masks, patched_run
 from .runs import run
 
 if TYPE_CHECKING:  # annotations only: the engine does not import the adapters package at run time
     from ..adapters import NodeAdapter
 
 Metric = Callable[..., torch.Tensor]
+#: (site number, group) -> flat indices into that site's node grid ``[pos, *node]``. A node set of
+#: U nodes is ordered by concatenating its keys' indices in dict order.
+NodeSet = dict[tuple[int, str], torch.Tensor]
+#: ``members(start, stop) -> (set, node)``: the sets start..stop-1 as two long tensors ``[entries]``,
+#: set numbers counted from ``start`` and node numbers among the U. Called again for every batch
+#: of pairs, so it must list the same sets every time.
+Members = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def single_nodes(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Members`` of the sets of one node each: set j holds node j (exact patching)."""
+    return torch.arange(stop - start), torch.arange(start, stop)
+
+
+@dataclass(frozen=True)
+class SetEffects:
+    """What ``Engine.patch_sets`` yields: the joint effects of sets ``start..stop-1`` in pairs ``idx``."""
+
+    idx: torch.Tensor  # [batch] pair indices
+    start: int
+    stop: int
+    effect: torch.Tensor  # [sets, batch] L(clean | S <- noise) - L(clean), acc dtype, CPU; 0 where not patched
+    patched: torch.Tensor  # [sets, batch] bool: the set has a node at a real position of the pair
 
 
 def bind_metric(metric: Metric) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -247,56 +271,97 @@ class Engine:
         self.forward_passes += len(idx)
         return self.metric(logits, idx).to(self.acc)
 
-    def exact_effects(self, nodes: dict[tuple[int, str], torch.Tensor], desc: str = "exact patching"
-                      ) -> tuple[dict[tuple[int, str], torch.Tensor], dict[tuple[int, str], torch.Tensor]]:
+    def patch_sets(self, nodes: NodeSet, members: Members, n_sets: int, desc: str) -> Iterator[SetEffects]:
+        """Joint patching: the effect of patching each of ``n_sets`` sets of ``nodes`` jointly from
+        the corrupt into the clean prompt of each pair, L(clean | S <- noise) - L(clean), yielded
+        per batch of pairs and range of sets. Exact patching is the case of one node per set.
+
+        Many patched copies (set, pair) run in one forward pass (``copies_per_pass``). A copy whose
+        set has no node at a real (not padding) position of its pair would patch nothing: it is
+        skipped, with effect 0 and ``patched`` False. Each batch of pairs costs a noise and a clean
+        run; the node shapes come from the first noise run (no probe run).
+        """
+        batches = list(torch.arange(self.pairs.n, device=self.host.device).split(self.batch_size))
+        first_noise = self.noise_values(batches[0])
+        shapes, sites = self.node_shapes(first_noise), self.sites()
+        keys = list(nodes)
+        flat = torch.cat([nodes[k].cpu().long() for k in keys])  # [U]: index into its site's grid
+        owner = torch.cat([torch.full((len(nodes[k]),), i, dtype=torch.long) for i, k in enumerate(keys)])  # [U]
+        per_pos = torch.tensor([math.prod(shapes[k][1:]) for k in keys], dtype=torch.long)
+        pos = flat // per_pos[owner]  # [U]: each node's token position
+        per_pass = self.copies_per_pass()
+        planned = sum(int(patched.sum()) for idx in batches
+                      for *_, patched in self._set_ranges(idx, members, n_sets, pos, per_pass))
+        with self.progress_bar(planned, desc, unit="prompt") as bar:
+            for b, idx in enumerate(batches):
+                noise = first_noise if b == 0 else self.noise_values(idx)
+                base = self.clean_metric(idx).cpu()  # [batch]
+                real = self.pairs.mask[idx].cpu()  # [batch, T]
+                for start, stop, (set_of, node), patched in self._set_ranges(idx, members, n_sets, pos, per_pass):
+                    effect = torch.zeros(stop - start, len(idx), dtype=self.acc)  # [sets, batch]
+                    copy_set, copy_pair = patched.nonzero(as_tuple=True)  # [copies]
+                    for chunk in torch.arange(len(copy_set)).split(per_pass):
+                        cs, cp = copy_set[chunk], copy_pair[chunk]
+                        masks: Masks = {}
+                        for i in owner[node].unique().tolist():
+                            sel = owner[node] == i
+                            grid = torch.zeros(stop - start, math.prod(shapes[keys[i]]), dtype=torch.bool)
+                            grid[set_of[sel], flat[node[sel]]] = True  # [sets, nodes of the site]
+                            shape = shapes[keys[i]]
+                            rows = grid[cs].reshape(len(cs), *shape)  # [copies, pos, *node]
+                            rows &= real[cp].reshape(len(cs), shape[0], *(1,) * (len(shape) - 1))
+                            masks.setdefault(keys[i][0], {})[keys[i][1]] = rows.to(self.host.device)
+                        hooks = {h for n in masks for h in sites[n].needs}
+                        rows_dev = cp.to(idx.device)
+                        vals = self.patched_metric(idx[rows_dev], {h: noise[h][rows_dev] for h in hooks}, masks)
+                        effect[cs, cp] = vals.cpu() - base[cp]
+                        bar.update(len(cs))
+                    yield SetEffects(idx, start, stop, effect, patched)
+
+    def _set_ranges(self, idx: torch.Tensor, members: Members, n_sets: int, pos: torch.Tensor, per_pass: int
+                    ) -> Iterator[tuple[int, int, tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
+        """For the pairs ``idx``: consecutive ranges ``start..stop-1`` of the sets, as many as fill
+        one forward pass of ``per_pass`` copies, with their members (set numbers from 0, node
+        numbers) and which copies patch something, ``[sets, batch]`` bool."""
+        real = self.pairs.mask[idx].cpu().float()  # [batch, T]
+        step = max(1, per_pass // len(idx))
+        for start in range(0, n_sets, step):
+            stop = min(start + step, n_sets)
+            set_of, node = members(start, stop)
+            touched = torch.zeros(stop - start, real.shape[1])  # [sets, T]: positions each set patches
+            touched[set_of, pos[node]] = 1.0
+            yield start, stop, (set_of, node), (touched @ real.T) > 0
+
+    def copies_per_pass(self) -> int:
+        """Patched copies per forward pass: ``patch_batch_size``."""
+        return self.patch_batch_size
+
+    def exact_effects(self, nodes: NodeSet, desc: str = "exact patching") -> tuple[NodeSet, NodeSet]:
         """Mean over pairs of the exact effect I(n) = L(clean | n <- noise) - L(clean) of each node,
         and the mean over pairs of |I(n)| (what AtP's score, a mean of per-pair magnitudes, estimates).
 
-        ``nodes``: (site number, group) -> flat indices into that site's ``[pos, *node]``; one
-        patched copy per (pair, node), skipping pairs where the node's position is padding.
+        ``nodes``: (site number, group) -> flat indices into that site's ``[pos, *node]``. Joint
+        patching of single nodes (``patch_sets``): one patched copy per (pair, node), skipping
+        pairs where the node's position is padding; the means are over the other pairs.
         """
-        sites = self.sites()
-        keys = list(nodes)
-        owner = torch.cat([torch.full((len(nodes[k]),), i, dtype=torch.long) for i, k in enumerate(keys)])
-        flat = torch.cat([nodes[k].cpu().long() for k in keys])
-        shapes, sums = {}, torch.zeros(len(flat), dtype=self.acc)
-        abs_sums, count = torch.zeros(len(flat), dtype=self.acc), torch.zeros(len(flat), dtype=self.acc)
-        for idx in self.batches(desc):
-            noise = self.noise_values(idx)
-            base = self.clean_metric(idx).cpu()
-            for i, (n, grp) in enumerate(keys):
-                one = sites[n].value({h: noise[h][:1] for h in sites[n].needs})  # one prompt, for the shape
-                shapes[i] = tuple(sites[n].adapter.encode(sites[n].hook, one)[grp].shape[1:-1])
-            per_node = torch.tensor([math.prod(shapes[int(o)][1:]) for o in owner])
-            pos = flat // per_node  # [nodes]
-            real = self.pairs.mask[idx].cpu()[:, pos]  # [batch, nodes]
-            pair, m = real.nonzero(as_tuple=True)
-            chunks = torch.arange(len(pair)).split(self.patch_batch_size)
-            for chunk in chunks:
-                p, mm = pair[chunk], m[chunk]
-                masks: Masks = {}
-                for i in owner[mm].unique().tolist():
-                    n, grp = keys[i]
-                    sel = owner[mm] == i
-                    one = one_hot_masks(shapes[i], torch.where(sel, flat[mm], 0))
-                    chosen = one & sel.reshape((-1,) + (1,) * (one.ndim - 1))
-                    masks.setdefault(n, {})[grp] = chosen.to(self.host.device)
-                hooks = {h for n in masks for h in sites[n].needs}
-                vals = self.patched_metric(idx[p.to(idx.device)], {h: noise[h][p.to(idx.device)] for h in hooks}, masks)
-                effect = vals.cpu() - base[p]  # [chunk]
-                sums.index_add_(0, mm, effect)
-                abs_sums.index_add_(0, mm, effect.abs())
-                count.index_add_(0, mm, torch.ones(len(mm), dtype=self.acc))
-        means, abs_means = sums / count.clamp(min=1), abs_sums / count.clamp(min=1)
-        return ({k: means[owner == i] for i, k in enumerate(keys)},
-                {k: abs_means[owner == i] for i, k in enumerate(keys)})
+        n_nodes = sum(len(v) for v in nodes.values())
+        sums, abs_sums, count = torch.zeros(3, n_nodes, dtype=self.acc)
+        for got in self.patch_sets(nodes, single_nodes, n_nodes, desc):
+            sums[got.start:got.stop] += got.effect.sum(1)
+            abs_sums[got.start:got.stop] += got.effect.abs().sum(1)
+            count[got.start:got.stop] += got.patched.sum(1)
+        sizes = [len(v) for v in nodes.values()]
+        means, abs_means = (sums / count.clamp(min=1)).split(sizes), (abs_sums / count.clamp(min=1)).split(sizes)
+        return dict(zip(nodes, means)), dict(zip(nodes, abs_means))
 
-    def node_shapes(self) -> dict[tuple[int, str], tuple[int, ...]]:
-        """(site number, group) -> node grid ``(pos, *node)``, from one probe run (cached)."""
+    def node_shapes(self, noise: dict[str, torch.Tensor] | None = None) -> dict[tuple[int, str], tuple[int, ...]]:
+        """(site number, group) -> node grid ``(pos, *node)`` (cached): from ``noise`` (values of a
+        noise run) where given, else from a probe run of one prompt."""
         if self._shapes is None:
-            probe = self.noise_values(torch.arange(1, device=self.host.device))  # one prompt, for the shapes
+            probe = noise if noise is not None else self.noise_values(torch.arange(1, device=self.host.device))
+            one = {h: v[:1] for h, v in probe.items()}  # one prompt is enough for the shapes
             self._shapes = {(n, grp): tuple(enc.shape[1:-1]) for n, s in enumerate(self.sites())
-                            for grp, enc in s.adapter.encode(s.hook, s.value(probe)).items()}
+                            for grp, enc in s.adapter.encode(s.hook, s.value(one)).items()}
         return self._shapes
 
     def exact(self) -> dict[tuple[int, str], torch.Tensor]:

@@ -41,9 +41,3 @@ def patched_run(host: Host, sites: list[Site], tokens: torch.Tensor, mask: torch
     logits, _ = run(host, tokens, mask, patches={h: patch_for(h) for h in set(by_hook) | read})
     return logits
 
-
-def one_hot_masks(shape: tuple[int, ...], flat: torch.Tensor) -> torch.Tensor:
-    """``[copies, *shape]`` bool masks, copy i selecting flat node index ``flat[i]``."""
-    out = torch.zeros(len(flat), int(torch.tensor(shape).prod()), dtype=torch.bool, device=flat.device)
-    out[torch.arange(len(flat), device=flat.device), flat] = True
-    return out.reshape(len(flat), *shape)
