@@ -7,14 +7,17 @@ layer through the layers below its cut, all on the same forward graph.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
 from ..hosts import Host, SitePosition
 from . import qk as qkfix
 from .runs import run
+
+HEAD_CHUNKS = 4  # the QK fix runs over a layer's heads in this many chunks (bounds its temporaries)
 
 if TYPE_CHECKING:  # annotations only: the engine does not import the adapters package at run time
     from ..adapters import NodeAdapter
@@ -98,84 +101,168 @@ def estimate_batch(host: Host, sites: list[Site], tokens: torch.Tensor, corrupt:
     QK-fix estimate for q/k sites when fixed) ``[batch, pos, *node]``; ``gd`` the GradDrop sum
     ``sum_l |I_l|`` (None without GradDrop). Padding positions are 0.
     """
-    geoms = {s.pos.layer: host.attention(s.pos.layer) for s in sites if s.qk_fixed}
-    site_hooks = {h for s in sites for h in s.needs}
-    qk_hooks = {h for g in geoms.values() for h in (g.q_hook, g.k_hook)}
-    with torch.no_grad():
-        _, noise = run(host, corrupt, mask, site_hooks | qk_hooks)
+    batch = _Batch(host, sites, tokens, corrupt, mask, graddrop, acc)
+    try:
+        first = batch.first_order(metric)
+        gd = batch.graddrop(first) if graddrop else None
+    finally:
+        batch.release()
+    if gd is None:
+        return _flat({n: _masked(est, mask) for n, est in first.items()}), None
+    return _flat({n: _masked(est, mask) for n, est in first.items()}), _flat({n: _masked(est, mask)
+                                                                          for n, est in gd.items()})
 
-    resid = [host.resid_hooks(layer) for layer in range(host.n_layers)] if graddrop else []
-    capture = site_hooks | qk_hooks | {h for g in geoms.values() for h in (g.scores_hook, g.pattern_hook)}
-    capture |= {h for pair in resid for h in pair}
-    with torch.enable_grad():
-        logits, clean = run(host, tokens, mask, capture)
-        check_order(sites, clean)
-        values = metric(logits)
-        targets = sorted({s.hook for s in sites if not s.qk_fixed} | {g.pattern_hook for g in geoms.values()}
-                         | {post for _, post in resid})
-        grads = _grad(values.sum(), {h: clean[h] for h in targets}, None, retain=graddrop)
-    full = dict(zip(targets, grads))
 
-    with torch.no_grad():
-        # what the QK fix needs besides G, per layer: A' - A [batch, head, t, s] for queries
-        q_fixes: dict[int, torch.Tensor] = {}
-        k_fixes: dict[int, qkfix.KeyFix] = {}
-        for s in sites:
-            if s.qk_fixed and s.pos.layer not in (q_fixes if s.adapter.qk == "q" else k_fixes):
-                g = geoms[s.pos.layer]
-                sc, q, k = (clean[h].detach().to(acc) for h in (g.scores_hook, g.q_hook, g.k_hook))
-                if s.adapter.qk == "q":
-                    q_fixes[s.pos.layer] = qkfix.query_delta(sc, q, noise[g.q_hook].to(acc), k, g)
-                else:
-                    A = clean[g.pattern_hook].detach().to(acc)
-                    k_fixes[s.pos.layer] = qkfix.key_fix(sc, A, q, k, noise[g.k_hook].to(acc), g)
-        fixed = {h: v.detach() for h, v in clean.items()}  # clean site values, no graph
-        deltas = {}
-        for n, s in enumerate(sites):
-            if not s.qk_fixed:
-                enc_n, enc_c = s.adapter.encode(s.hook, s.value(noise)), s.adapter.encode(s.hook, s.value(fixed))
-                deltas[n] = {grp: (enc_n[grp] - enc_c[grp]).to(acc) for grp in enc_c}
+Sink = Callable[[int, dict[str, torch.Tensor]], None]
 
-        def estimate(n: int, grad_of: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            s = sites[n]
-            if s.qk_fixed:
-                g = geoms[s.pos.layer]
-                G = grad_of[g.pattern_hook].to(acc)
-                if s.adapter.qk == "q":
-                    out = {"": qkfix.query_effect(q_fixes[s.pos.layer], G)}
-                else:
-                    out = {"": qkfix.key_effect(k_fixes[s.pos.layer], G, g.group)}
-            else:
-                pulled = s.adapter.pullback(s.hook, s.value(fixed), grad_of[s.hook])
-                out = {grp: _dot(deltas[n][grp], pulled[grp].to(acc)) for grp in pulled}
-            return out  # padding positions are zeroed once, at the end
 
-        first = {n: _masked(estimate(n, full), mask) for n in range(len(sites))}
-    if not graddrop:
-        return _flat(first), None
+class _Batch:
+    """One batch's runs and estimates, in named steps: the noise run, the clean run with its graph,
+    the first-order pass (one backward), and GradDrop's partial backward passes.
 
-    # every cut below a node's layer leaves its gradient unchanged: I_l = Iatp for those l
-    gd = {n: {grp: v.abs() * sites[n].pos.layer for grp, v in est.items()} for n, est in first.items()}
-    for layer in range(host.n_layers):
-        pre, post = resid[layer]
-        below = [n for n, s in enumerate(sites) if s.pos.layer < layer]
-        needed = sorted({geoms[sites[n].pos.layer].pattern_hook if sites[n].qk_fixed else sites[n].hook for n in below})
-        with torch.enable_grad():
-            cut = _grad(clean[pre], {h: clean[h] for h in needed}, full[post], retain=True) if needed else []
+    The QK fix holds no ``[batch, head, t, s]`` tensor per layer beyond what the forward graph
+    keeps: each layer's fix is computed, a few heads at a time, when the gradient at its attention
+    pattern arrives during the backward pass (a tensor hook), used and dropped. GradDrop's variants
+    need every layer's fix again, so with GradDrop the fixes are kept instead of the clean scores
+    they were computed from (recomputing them per variant doubled atp*'s time).
+    """
+
+    def __init__(self, host: Host, sites: list[Site], tokens: torch.Tensor, corrupt: torch.Tensor,
+                 mask: torch.Tensor, graddrop: bool, acc: torch.dtype):
+        self.host, self.sites, self.acc = host, sites, acc
+        self.geoms = {s.pos.layer: host.attention(s.pos.layer) for s in sites if s.qk_fixed}
+        site_hooks = {h for s in sites for h in s.needs}
+        qk_hooks = {h for g in self.geoms.values() for h in (g.q_hook, g.k_hook)}
         with torch.no_grad():
-            variant = dict(zip(needed, cut))
-            for n, s in enumerate(sites):
-                if s.pos.layer > layer:
-                    continue  # counted in gd's initial value
-                elif s.pos.layer == layer and not s.pos.on_resid:
-                    continue  # I_l = 0: the node's only path out is the write that was cut
-                elif s.pos.layer == layer:
-                    est = estimate(n, {s.hook: full[post]})
-                else:
-                    est = estimate(n, variant)
-                for grp, v in est.items():
-                    gd[n][grp] += v.abs()
-    return _flat(first), _flat({n: _masked(est, mask) for n, est in gd.items()})
+            _, self.noise = run(host, corrupt, mask, site_hooks | qk_hooks)
+        self.resid = [host.resid_hooks(layer) for layer in range(host.n_layers)] if graddrop else []
+        capture = site_hooks | qk_hooks | {h for g in self.geoms.values() for h in (g.scores_hook, g.pattern_hook)}
+        capture |= {h for pair in self.resid for h in pair}
+        self.tokens, self.mask, self.capture = tokens, mask, capture
+        self.sink: Sink = lambda n, est: None  # where the QK hooks put their estimates (set per pass)
+        self.kept: dict[int, list[tuple[slice, torch.Tensor | None, qkfix.KeyFix | None]]] | None = (
+            {} if graddrop else None)  # layer -> per head chunk (heads, query delta, key fix)
+        self.handles: list = []
+
+    def release(self) -> None:
+        """Remove the pattern hooks (they hold this batch and, through it, the model)."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _plain(self, n: int) -> bool:
+        return not self.sites[n].qk_fixed
+
+    def first_order(self, metric) -> dict[int, dict[str, torch.Tensor]]:
+        """The clean run and one backward: every site's AtP (QK-fixed) estimate."""
+        with torch.enable_grad():
+            logits, self.clean = run(self.host, self.tokens, self.mask, self.capture)
+            check_order(self.sites, self.clean)
+            for layer, g in self.geoms.items():
+                self.handles.append(self.clean[g.pattern_hook].register_hook(
+                    lambda G, layer=layer: self._on_pattern(layer, G)))
+            values = metric(logits)
+            targets = sorted({s.hook for s in self.sites if not s.qk_fixed} | {post for _, post in self.resid}
+                             | {g.q_hook for g in self.geoms.values()})  # q: makes the pattern's gradient flow
+            first: dict[int, dict[str, torch.Tensor]] = {}
+            self.sink = first.__setitem__
+            grads = _grad(values.sum(), {h: self.clean[h] for h in targets}, None, retain=bool(self.resid))
+        self.full = dict(zip(targets, grads))
+        # what GradDrop still needs: the gradients after each layer, not those at the sites
+        posts = {post for _, post in self.resid}
+        with torch.no_grad():
+            self.fixed = {h: v.detach() for h, v in self.clean.items()}  # clean site values, no graph
+            self.deltas = {}
+            for n, s in enumerate(self.sites):
+                if self._plain(n):
+                    enc_n = s.adapter.encode(s.hook, s.value(self.noise))
+                    enc_c = s.adapter.encode(s.hook, s.value(self.fixed))
+                    self.deltas[n] = {grp: (enc_n[grp] - enc_c[grp]).to(self.acc) for grp in enc_c}
+            for n in range(len(self.sites)):
+                if self._plain(n):
+                    first[n] = self._plain_estimate(n, self.full)
+        self.full = {h: v for h, v in self.full.items() if h in posts}
+        return first
+
+    def _plain_estimate(self, n: int, grad_of: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """AtP of site ``n`` (not QK-fixed) with the gradients ``grad_of``: delta . pullback(grad)."""
+        s = self.sites[n]
+        pulled = s.adapter.pullback(s.hook, s.value(self.fixed), grad_of[s.hook])
+        return {grp: _dot(self.deltas[n][grp], pulled[grp].to(self.acc)) for grp in pulled}
+
+    def _on_pattern(self, layer: int, G: torch.Tensor) -> None:
+        """The QK-fix estimates of layer ``layer``'s q/k sites from G = dL/dA ``[batch, head, t, s]``,
+        passed to the current sink."""
+        g, acc = self.geoms[layer], self.acc
+        with torch.no_grad():
+            mine = [n for n, s in enumerate(self.sites) if s.qk_fixed and s.pos.layer == layer]
+            outs: dict[str, list[torch.Tensor]] = {"q": [], "k": []}
+            for hs, delta, fix in self._fixes(layer):
+                Gc = G[:, hs].to(acc)
+                if delta is not None:
+                    outs["q"].append(qkfix.query_effect(delta, Gc))  # [batch, t, heads]
+                if fix is not None:
+                    outs["k"].append(qkfix.key_effect(fix, Gc, g.group))  # [batch, s, kv-heads]
+            for n in mine:
+                self.sink(n, {"": torch.cat(outs[self.sites[n].adapter.qk], dim=2)})
+
+    def _fixes(self, layer: int) -> Iterator[tuple[slice, torch.Tensor | None, qkfix.KeyFix | None]]:
+        """Layer ``layer``'s QK fix per chunk of heads (the heads, the query delta and
+        the key fix, each None where the layer has no such sites): kept ones, or computed from the
+        clean run (then kept, and the clean scores dropped, when GradDrop will need them again)."""
+        if self.kept is not None and layer in self.kept:
+            yield from self.kept[layer]
+            return
+        g, acc, clean = self.geoms[layer], self.acc, self.clean
+        scores, A = clean[g.scores_hook].detach(), clean[g.pattern_hook].detach()  # [batch, head, t, s]
+        q, k = clean[g.q_hook].detach(), clean[g.k_hook].detach()  # [batch, pos, (kv-)head, d_head]
+        q_n, k_n = self.noise[g.q_hook], self.noise[g.k_hook]
+        kinds = {s.adapter.qk for s in self.sites if s.qk_fixed and s.pos.layer == layer}
+        n_heads = scores.shape[1]
+        step = g.group * max(1, math.ceil(n_heads // g.group / HEAD_CHUNKS))
+        chunks = []
+        for h0 in range(0, n_heads, step):
+            hs, ks = slice(h0, h0 + step), slice(h0 // g.group, (h0 + step) // g.group)
+            sc, qc, kc = scores[:, hs].to(acc), q[:, :, hs].to(acc), k[:, :, ks].to(acc)
+            delta = qkfix.query_delta(sc, qc, q_n[:, :, hs].to(acc), kc, g) if "q" in kinds else None
+            fix = qkfix.key_fix(sc, A[:, hs].to(acc), qc, kc, k_n[:, :, ks].to(acc), g) if "k" in kinds else None
+            if self.kept is not None:
+                chunks.append((hs, delta, fix))
+            yield hs, delta, fix
+        if self.kept is not None:
+            self.kept[layer] = chunks
+            if not any(g.scores_hook in s.needs for s in self.sites):
+                del clean[g.scores_hook]
+
+    def graddrop(self, first: dict[int, dict[str, torch.Tensor]]) -> dict[int, dict[str, torch.Tensor]]:
+        """sum_l |I_l| per site: one partial backward per layer l, from the residual stream entering
+        it with the gradient it has after the layer (the layer's own path dropped)."""
+        # every cut below a node's layer leaves its gradient unchanged: I_l = Iatp for those l
+        sites = self.sites
+        gd = {n: {grp: v.abs() * sites[n].pos.layer for grp, v in est.items()} for n, est in first.items()}
+
+        def add(n: int, est: dict[str, torch.Tensor]) -> None:
+            for grp, v in est.items():
+                gd[n][grp] += v.abs()
+
+        self.sink = add
+        for layer in range(self.host.n_layers):
+            pre, post = self.resid[layer]
+            below = [n for n, s in enumerate(sites) if s.pos.layer < layer]
+            needed = sorted({sites[n].hook if self._plain(n) else self.geoms[sites[n].pos.layer].q_hook
+                             for n in below})
+            with torch.enable_grad():  # QK-fixed sites below the cut are estimated by their hooks here
+                cut = _grad(self.clean[pre], {h: self.clean[h] for h in needed}, self.full[post],
+                            retain=True) if needed else []
+            with torch.no_grad():
+                variant = dict(zip(needed, cut))
+                for n, s in enumerate(sites):
+                    if not self._plain(n) or s.pos.layer > layer:
+                        continue  # QK-fixed: added by the hook; above the cut: counted in gd's initial value
+                    elif s.pos.layer == layer and not s.pos.on_resid:
+                        continue  # I_l = 0: the node's only path out is the write that was cut
+                    add(n, self._plain_estimate(n, {s.hook: self.full[post]} if s.pos.layer == layer else variant))
+        return gd
 
 
 def _grad(output: torch.Tensor, inputs: dict[str, torch.Tensor], grad_output: torch.Tensor | None,
