@@ -13,8 +13,9 @@ from . import plugins
 from .adapters import NodeAdapter, resolve
 from .backends import Backend
 from .engine import Engine, Metric
+from .engine.memory import check_max_memory
 from .engine.pairs import make_pairs
-from .errors import AtpError
+from .errors import AtpError, UnsupportedModelError
 from .hosts import Host
 from .metrics import check_metric
 from .result import AttributionResult
@@ -65,14 +66,14 @@ def check_length(host: Host, n_tokens: int) -> None:
     positional embeddings and causal mask stop there)."""
     n_ctx = host.n_ctx
     if n_ctx is not None and n_tokens > n_ctx:
-        raise ValueError(f"the prompts are {n_tokens} tokens long (after padding to the longest) but the model's "
+        raise AtpError(f"the prompts are {n_tokens} tokens long (after padding to the longest) but the model's "
                          f"context length n_ctx is {n_ctx}; shorten the prompts to at most {n_ctx} tokens")
 
 
 def attribute(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Tensor | Sequence[str],
               metric: Metric, *, nodes: str | NodeAdapter | Sequence[str | NodeAdapter] = DEFAULT_NODES,
-              method: "str | Backend" = "atp*", batch_size: int | None = None, patch_batch_size: int = 64,
-              progress: bool | None = None) -> AttributionResult:
+              method: "str | Backend" = "atp*", batch_size: int | None = None, patch_batch_size: int | None = None,
+              max_memory: float | None = None, progress: bool | None = None) -> AttributionResult:
     """Score every node of the requested types by how much patching it from ``corrupt`` into
     ``clean`` changes ``metric``.
 
@@ -81,6 +82,15 @@ def attribute(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Te
     ``metric(logits)``). ``nodes``: node type names or adapter instances. ``method``: a registered
     backend's name (``atp*`` by default) or a backend instance (e.g. a configured
     ``Subsampling(n_subsets=64)``). ``batch_size`` pairs are processed at a time.
+
+    Exact patching (``ap``, ``verify``, the baselines, the bound) runs many patched copies of the
+    prompts per forward pass: ``patch_batch_size`` copies, or by default as many as fit in
+    ``max_memory`` bytes by an estimate of a forward pass's peak at this prompt length
+    (``engine.memory``); without ``max_memory``, half the free memory of a CUDA device or a
+    quarter of the available memory on the CPU. ``progress``: False for no progress output, True
+    for progress bars also on short runs; by default bars on a terminal, and for exhaustive work
+    of more than a few hundred patched prompts a first line with its size and time estimate and
+    a progress line every few seconds also where stderr is not a terminal.
     """
     if torch.is_inference_mode_enabled():
         raise AtpError("attribute() was called under torch.inference_mode(), where no gradient can be taken; "
@@ -97,19 +107,24 @@ def attribute(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Te
                         f"`name` and `run(engine)`, got {method!r}")
     if batch_size is not None:
         batch_size = positive_int(batch_size, "batch_size", "it is the number of pairs run at a time")
-    patch_batch_size = positive_int(patch_batch_size, "patch_batch_size",
-                                    "it is the number of patched prompts run at a time")
+    if patch_batch_size is not None:
+        patch_batch_size = positive_int(patch_batch_size, "patch_batch_size",
+                                        "it is the number of patched prompts run at a time")
+        if max_memory is not None:
+            raise ValueError("give patch_batch_size (patched prompts per forward pass) or max_memory (bytes they "
+                             "may use), not both")
+    max_memory = check_max_memory(max_memory)
     adapters = resolve(nodes, plugins.adapters())
     host = host_for(model)
     missing = sorted({h for a in adapters for h in a.hooks(host) if not host.has_hook(h)})
     if missing:
-        raise ValueError(f"the model lacks hook(s) {missing[:5]} needed by nodes={[a.name for a in adapters]}; "
-                         "choose node types this model has")
+        raise UnsupportedModelError(f"the model lacks hook(s) {missing[:5]} needed by "
+                                    f"nodes={[a.name for a in adapters]}; choose node types this model has")
     pairs = make_pairs(host, clean, corrupt)
     check_length(host, pairs.clean.shape[1])
     check_metric(metric, pairs.mask, host.d_vocab)
     engine = Engine(host, pairs, metric, adapters, batch_size=batch_size or DEFAULT_BATCH,
-                    patch_batch_size=patch_batch_size, progress=progress)
+                    patch_batch_size=patch_batch_size, max_memory=max_memory, progress=progress)
     with eval_mode(model):
         scores, signed = backend.run(engine)
     dims = {key: adapter.groups(host)[grp] for key, (adapter, grp) in engine.keys().items()}

@@ -101,13 +101,14 @@ def rank_order(scores: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
 def evaluate(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Tensor | Sequence[str],
              metric: Metric, *, nodes: str | NodeAdapter | Sequence[str | NodeAdapter] = DEFAULT_NODES,
              methods: str | Backend | Sequence[str | Backend] = DEFAULT_METHODS,
-             top_x: int = 20, seed: int = 0, batch_size: int | None = None, patch_batch_size: int = 64,
-             progress: bool | None = None) -> Evaluation:
+             top_x: int = 20, seed: int = 0, batch_size: int | None = None, patch_batch_size: int | None = None,
+             max_memory: float | None = None, progress: bool | None = None) -> Evaluation:
     """Cost-of-verification curves of ``methods`` (registered backend names or backend instances,
     or one of them) on one model and task, against exhaustive patching.
 
     Runs ``ap`` once for the ground truth (so it is slow where ``ap`` is), then every method.
-    The true top-x nodes are the ``top_x`` nodes with the largest |mean effect|.
+    The true top-x nodes are the ``top_x`` nodes with the largest |mean effect|. ``batch_size``,
+    ``patch_batch_size``, ``max_memory`` and ``progress`` go to every ``attribute()`` call.
     """
     # one method (a name or a backend instance) is a list of one, not a string's letters
     chosen: list[str | Backend] = (
@@ -123,7 +124,7 @@ def evaluate(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Ten
     if top_x < 1:
         raise ValueError(f"top_x must be at least 1, got {top_x}")
     options: dict[str, Any] = dict(nodes=nodes, batch_size=batch_size, patch_batch_size=patch_batch_size,
-                                   progress=progress)
+                                   max_memory=max_memory, progress=progress)
     results = {names[0]: attribute(model, clean, corrupt, metric, method=chosen[0], **options)}
     first = results[names[0]].to_frame()  # the node count, known before the slow ground truth runs
     n_nodes = len(first)

@@ -182,3 +182,45 @@ def test_exact_patching_encodes_node_shapes_once(setup) -> None:
     finally:
         object.__delattr__(adapter, "encode")
     assert calls[0] == model.cfg.n_layers  # one per site, for 4 batches of one pair
+
+
+ONE = ["--clean", "w1 w2", "--corrupt", "w1 w3", "--answer", "w4", "--wrong", "w5", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from hf_models import save_gpt2
+
+    return save_gpt2(tmp_path_factory.mktemp("gpt2"))
+
+
+def test_atp_rank_lets_an_internal_error_through_with_its_traceback(model_dir, monkeypatch) -> None:
+    """A ValueError that is not one of the library's input errors (AtpError) is a bug: ``atp rank``
+    must not dress it up as a usage message."""
+    from atp_plugin import cli
+    from atp_plugin.commands import rank
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(rank, "attribute", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        cli.main(["rank", "--model", str(model_dir), *ONE])
+
+
+def test_atp_rank_reports_input_errors_of_the_library_as_usage(model_dir, capsys) -> None:
+    """The library's input errors (AtpError) stay one-line usage messages, exit code 2: prompts past
+    the model's context, a node type whose hooks the model lacks."""
+    from atp_plugin import cli
+
+    long = " ".join(f"w{i}" for i in range(1, 21))
+    argv = ["rank", "--model", str(model_dir), "--clean", long, "--corrupt", long.replace("w3 ", "w30 "),
+            "--answer", "w4", "--wrong", "w5", "--quiet"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("atp rank: error: the prompts are 21 tokens long")  # BOS + 20 words
+    assert len(err.splitlines()) == 1
+    model = make_model(attn_only=True)
+    clean, corrupt = make_pairs(2, 4)
+    with pytest.raises(UnsupportedModelError, match=r"the model lacks hook\(s\)"):
+        attribute(model, clean, corrupt, logit_diff_metric(2), nodes=["mlp_neurons"], method="atp")

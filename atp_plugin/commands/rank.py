@@ -34,6 +34,7 @@ import torch
 
 from .. import attribute, metrics, plugins
 from ..attribution import host_for
+from ..errors import AtpError
 from .usage import UsageError, check_at_least, check_device, check_output, check_registered
 
 FIELDS = ("clean", "corrupt", "answer", "wrong")
@@ -98,8 +99,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             result = attribute(model, [p.clean for p in pairs], [p.corrupt for p in pairs], metric, nodes=nodes,
                                method=args.method, batch_size=args.batch_size, progress=not args.quiet)
-        except ValueError as e:  # e.g. a node type this model lacks
-            raise UsageError(str(e)) from e
+        except AtpError as e:  # what the library names as a problem of the input (a node type this model
+            raise UsageError(str(e)) from e  # lacks, prompts past its context); any other error is a bug
         verified = result.verify(args.verify) if args.verify else None  # warns when K exceeds the nodes
     for w in caught:
         if issubclass(w.category, UserWarning):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -14,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..errors import MetricError
 from ..hosts import Host
-from . import progress
+from . import memory, progress
 from .estimates import Site, check_order, estimate_batch, sites_of
 from .pairs import Pairs
 from .patching import Masks, patched_run
@@ -128,10 +129,13 @@ class Engine:
     the pairs, in batches of ``batch_size`` pairs (memory does not grow with the number of pairs)."""
 
     def __init__(self, host: Host, pairs: Pairs, metric: Metric, adapters: list[NodeAdapter], *,
-                 batch_size: int, patch_batch_size: int = 64, progress: bool | None = None):
+                 batch_size: int, patch_batch_size: int | None = None, max_memory: int | None = None,
+                 progress: bool | None = None):
         self.host, self.pairs, self.adapters = host, pairs, adapters
         self.metric = bind_metric(metric)
-        self.batch_size, self.patch_batch_size = batch_size, patch_batch_size
+        self.batch_size = batch_size
+        # patched copies per forward pass: a fixed number, or sized from a byte budget (copies_per_pass)
+        self.patch_batch_size, self.max_memory = patch_batch_size, max_memory
         self.progress = progress
         self.acc = torch.float64 if host.dtype == torch.float64 else torch.float32
         self.forward_passes = 0  # prompts run, counted as forward passes of one prompt
@@ -174,10 +178,17 @@ class Engine:
         return other
 
     # --- progress ----------------------------------------------------------------------------
-    def progress_bar(self, total: int, desc: str, unit: str = "batch") -> tqdm:
+    def progress_bar(self, total: int, desc: str, unit: str = "batch", *, exhaustive: bool = False) -> tqdm:
         """A progress bar over ``total`` steps, as ``progress`` asks: never with False, always with
-        True; by default only on a terminal and for 4 steps or more (short loops stay quiet)."""
-        show = self.progress if self.progress is not None else (None if total >= 4 else False)
+        True; by default on a terminal for 4 steps or more (short loops stay quiet) and, for
+        ``exhaustive`` work (``total`` patched prompts) above ``progress.PROGRESS_MIN``, also where
+        stderr is not a terminal, as a line every ``progress.LINE_INTERVAL`` seconds."""
+        if self.progress is not None:
+            show: bool | None = self.progress
+        elif exhaustive and total > progress.PROGRESS_MIN:
+            show = True
+        else:
+            show = None if total >= 4 else False
         return progress.bar(total, desc, unit, show)
 
     def batches(self, desc: str) -> Iterator[torch.Tensor]:
@@ -289,10 +300,19 @@ class Engine:
         owner = torch.cat([torch.full((len(nodes[k]),), i, dtype=torch.long) for i, k in enumerate(keys)])  # [U]
         per_pos = torch.tensor([math.prod(shapes[k][1:]) for k in keys], dtype=torch.long)
         pos = flat // per_pos[owner]  # [U]: each node's token position
-        per_pass = self.copies_per_pass()
-        planned = sum(int(patched.sum()) for idx in batches
-                      for *_, patched in self._set_ranges(idx, members, n_sets, pos, per_pass))
-        with self.progress_bar(planned, desc, unit="prompt") as bar:
+        # held per copy: its corrupt values (noise[h][copies]) and one bool mask per site patched
+        held = sum(v[:1].numel() * v.element_size() for v in first_noise.values()) \
+            + sum(math.prod(shapes[k]) for k in keys)
+        per_pass = self.copies_per_pass(held)
+        planned = [int(patched.sum()) for idx in batches  # copies per range of sets
+                   for *_, patched in self._set_ranges(idx, members, n_sets, pos, per_pass)]
+        copies, passes = sum(planned), sum(-(-c // per_pass) for c in planned)
+        announce = self.progress is not False and copies > progress.PROGRESS_MIN
+        if announce:
+            progress.say(desc, f"{copies:,} patched prompts in {passes:,} forward passes of up to {per_pass}, plus "
+                               f"a noise and a clean run of each of the {self.pairs.n} pairs")
+        timed = announce  # the first patched pass is timed for an estimate of the rest
+        with self.progress_bar(copies, desc, unit="prompt", exhaustive=True) as bar:
             for b, idx in enumerate(batches):
                 noise = first_noise if b == 0 else self.noise_values(idx)
                 base = self.clean_metric(idx).cpu()  # [batch]
@@ -313,18 +333,24 @@ class Engine:
                             masks.setdefault(keys[i][0], {})[keys[i][1]] = rows.to(self.host.device)
                         hooks = {h for n in masks for h in sites[n].needs}
                         rows_dev = cp.to(idx.device)
+                        began = time.perf_counter()
                         vals = self.patched_metric(idx[rows_dev], {h: noise[h][rows_dev] for h in hooks}, masks)
                         effect[cs, cp] = vals.cpu() - base[cp]
+                        if timed:
+                            took, timed = time.perf_counter() - began, False
+                            progress.say(desc, f"the first pass took {progress.duration(took)}: about "
+                                               f"{progress.duration(took * (passes - 1))} for the other {passes - 1:,}")
                         bar.update(len(cs))
                     yield SetEffects(idx, start, stop, effect, patched)
 
     def _set_ranges(self, idx: torch.Tensor, members: Members, n_sets: int, pos: torch.Tensor, per_pass: int
                     ) -> Iterator[tuple[int, int, tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
-        """For the pairs ``idx``: consecutive ranges ``start..stop-1`` of the sets, as many as fill
-        one forward pass of ``per_pass`` copies, with their members (set numbers from 0, node
-        numbers) and which copies patch something, ``[sets, batch]`` bool."""
+        """For the pairs ``idx``: consecutive ranges ``start..stop-1`` of the sets with their members
+        (set numbers from 0, node numbers) and which copies patch something, ``[sets, batch]`` bool.
+        A range holds lcm(per_pass, batch) copies, so that it splits into full forward passes of
+        ``per_pass`` copies (where none is skipped), with at most ``per_pass`` sets."""
         real = self.pairs.mask[idx].cpu().float()  # [batch, T]
-        step = max(1, per_pass // len(idx))
+        step = per_pass // math.gcd(per_pass, len(idx))
         for start in range(0, n_sets, step):
             stop = min(start + step, n_sets)
             set_of, node = members(start, stop)
@@ -332,9 +358,14 @@ class Engine:
             touched[set_of, pos[node]] = 1.0
             yield start, stop, (set_of, node), (touched @ real.T) > 0
 
-    def copies_per_pass(self) -> int:
-        """Patched copies per forward pass: ``patch_batch_size``."""
-        return self.patch_batch_size
+    def copies_per_pass(self, held: int = 0) -> int:
+        """Patched copies per forward pass: ``patch_batch_size`` where given, else as many as fit
+        in ``max_memory`` bytes (default: ``memory.default_budget``) at ``memory.forward_bytes`` of
+        the prompt length each, plus ``held`` bytes per copy (its corrupt values and masks)."""
+        if self.patch_batch_size is not None:
+            return self.patch_batch_size
+        budget = self.max_memory if self.max_memory is not None else memory.default_budget(self.host.device)
+        return memory.copies_per_pass(memory.forward_bytes(self.host, self.pairs.clean.shape[1], held), budget)
 
     def exact_effects(self, nodes: NodeSet, desc: str = "exact patching") -> tuple[NodeSet, NodeSet]:
         """Mean over pairs of the exact effect I(n) = L(clean | n <- noise) - L(clean) of each node,

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import torch
 
+from ..errors import AtpError
 from ..hosts import Host
 
 
@@ -42,9 +43,9 @@ def _as_tokens(x: torch.Tensor, what: str, d_vocab: int) -> torch.Tensor:
     if x.ndim == 1:
         x = x[None]
     if x.ndim != 2:
-        raise ValueError(f"{what} must be token ids of shape [N, T], got shape {tuple(x.shape)}")
+        raise AtpError(f"{what} must be token ids of shape [N, T], got shape {tuple(x.shape)}")
     if x.numel() and (int(x.min()) < 0 or int(x.max()) >= d_vocab):
-        raise ValueError(f"{what} holds token ids outside the model's vocabulary [0, {d_vocab})")
+        raise AtpError(f"{what} holds token ids outside the model's vocabulary [0, {d_vocab})")
     return x.long()
 
 
@@ -53,9 +54,9 @@ def make_pairs(host: Host, clean: torch.Tensor | Sequence[str], corrupt: torch.T
     if isinstance(clean, str) or isinstance(corrupt, str):
         raise TypeError("clean and corrupt must be lists of strings (one per pair), not a single string")
     if len(clean) == 0:
-        raise ValueError("no prompt pairs given: clean is empty")
+        raise AtpError("no prompt pairs given: clean is empty")
     if len(clean) != len(corrupt):
-        raise ValueError(f"clean has {len(clean)} prompts but corrupt has {len(corrupt)}; "
+        raise AtpError(f"clean has {len(clean)} prompts but corrupt has {len(corrupt)}; "
                          "give one corrupt prompt per clean prompt")
     if isinstance(clean, torch.Tensor) != isinstance(corrupt, torch.Tensor):
         raise TypeError("clean and corrupt must both be token tensors or both be lists of strings")
@@ -63,10 +64,10 @@ def make_pairs(host: Host, clean: torch.Tensor | Sequence[str], corrupt: torch.T
         c = _as_tokens(clean, "clean", host.d_vocab)
         n = _as_tokens(corrupt, "corrupt", host.d_vocab)
         if c.shape != n.shape:
-            raise ValueError(f"clean tokens have shape {tuple(c.shape)} but corrupt tokens {tuple(n.shape)}; "
+            raise AtpError(f"clean tokens have shape {tuple(c.shape)} but corrupt tokens {tuple(n.shape)}; "
                              "each pair must be token-aligned (same length)")
         if c.shape[1] == 0:
-            raise ValueError("the prompts are empty (zero tokens)")
+            raise AtpError("the prompts are empty (zero tokens)")
         mask = torch.ones_like(c, dtype=torch.bool)
         return _warn_identical(Pairs(c.to(host.device), n.to(host.device), mask.to(host.device)))
     rows_c, rows_n = [], []
@@ -75,13 +76,13 @@ def make_pairs(host: Host, clean: torch.Tensor | Sequence[str], corrupt: torch.T
         try:
             ta, tb = host.tokenize(a), host.tokenize(b)
         except ValueError as e:  # e.g. a word the tokenizer does not know: say which pair
-            raise ValueError(f"pair {i}: {e}") from e
+            raise AtpError(f"pair {i}: {e}") from e
         for what, text, toks in (("clean", a, ta), ("corrupt", b, tb)):
             if len(toks) <= base:
-                raise ValueError(f"pair {i}: the {what} prompt {text!r} has no tokens (besides BOS); give every "
+                raise AtpError(f"pair {i}: the {what} prompt {text!r} has no tokens (besides BOS); give every "
                                  "pair a non-empty prompt or drop the pair")
         if len(ta) != len(tb):
-            raise ValueError(
+            raise AtpError(
                 f"pair {i} is not token-aligned: clean {a!r} has {len(ta)} tokens, corrupt {b!r} has {len(tb)}; "
                 "AtP needs the same length within a pair (change the corrupt prompt so its tokens line up)")
         rows_c.append(ta)

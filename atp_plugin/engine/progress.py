@@ -10,6 +10,7 @@ from typing import TextIO
 from tqdm.auto import tqdm
 
 LINE_INTERVAL = 10.0  # seconds between progress lines where stderr is not a terminal
+PROGRESS_MIN = 300  # patched prompts: exhaustive work larger than this is announced and shown anywhere
 
 
 class _Lines:
@@ -39,3 +40,17 @@ def bar(total: int, desc: str, unit: str, show: bool | None) -> tqdm:
         return tqdm(total=total, desc=desc, unit=unit, leave=False, file=stream)
     return tqdm(total=total, desc=desc, unit=unit, file=_Lines(stream), mininterval=LINE_INTERVAL,
                 maxinterval=LINE_INTERVAL, ascii=True, ncols=100, leave=True)
+
+
+def say(desc: str, text: str) -> None:
+    """One line on stderr: ``atp: <desc>: <text>``."""
+    print(f"atp: {desc}: {text}", file=sys.stderr, flush=True)
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` for people: "40 s", "3.5 min", "2.1 h"."""
+    if seconds < 90:
+        return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
