@@ -319,17 +319,18 @@ class Engine:
                 real = self.pairs.mask[idx].cpu()  # [batch, T]
                 for start, stop, (set_of, node), patched in self._set_ranges(idx, members, n_sets, pos, per_pass):
                     effect = torch.zeros(stop - start, len(idx), dtype=self.acc)  # [sets, batch]
+                    grids = {}  # key number -> [sets, pos, *node] bool: each set's nodes at that site
+                    for i in owner[node].unique().tolist():
+                        sel = owner[node] == i
+                        grid = torch.zeros(stop - start, math.prod(shapes[keys[i]]), dtype=torch.bool)
+                        grid[set_of[sel], flat[node[sel]]] = True
+                        grids[i] = grid.reshape(stop - start, *shapes[keys[i]])
                     copy_set, copy_pair = patched.nonzero(as_tuple=True)  # [copies]
                     for chunk in torch.arange(len(copy_set)).split(per_pass):
                         cs, cp = copy_set[chunk], copy_pair[chunk]
-                        masks: Masks = {}
-                        for i in owner[node].unique().tolist():
-                            sel = owner[node] == i
-                            grid = torch.zeros(stop - start, math.prod(shapes[keys[i]]), dtype=torch.bool)
-                            grid[set_of[sel], flat[node[sel]]] = True  # [sets, nodes of the site]
-                            shape = shapes[keys[i]]
-                            rows = grid[cs].reshape(len(cs), *shape)  # [copies, pos, *node]
-                            rows &= real[cp].reshape(len(cs), shape[0], *(1,) * (len(shape) - 1))
+                        masks: Masks = {}  # a copy patches its set's nodes at its pair's real positions
+                        for i, grid in grids.items():
+                            rows = grid[cs] & real[cp].reshape(len(cs), grid.shape[1], *(1,) * (grid.ndim - 2))
                             masks.setdefault(keys[i][0], {})[keys[i][1]] = rows.to(self.host.device)
                         hooks = {h for n in masks for h in sites[n].needs}
                         rows_dev = cp.to(idx.device)
