@@ -224,3 +224,13 @@ def test_atp_rank_reports_input_errors_of_the_library_as_usage(model_dir, capsys
     clean, corrupt = make_pairs(2, 4)
     with pytest.raises(UnsupportedModelError, match=r"the model lacks hook\(s\)"):
         attribute(model, clean, corrupt, logit_diff_metric(2), nodes=["mlp_neurons"], method="atp")
+
+
+def test_atp_rank_without_quiet_shows_no_bar_for_short_work_off_a_terminal(model_dir, capsys) -> None:
+    """Off a terminal, ``atp rank`` prints progress only for exhaustive work (here: one batch of
+    AtP and 4 verified copies, so none); ``--quiet`` also silences that."""
+    from atp_plugin import cli
+
+    assert cli.main(["rank", "--model", str(model_dir), *ONE[:-1], "--verify", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "attribution" not in err and "verifying" not in err and "%|" not in err, err

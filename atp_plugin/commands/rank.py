@@ -79,7 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per forward/backward pass (default 16)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress output (by default: bars on a terminal, and for exhaustive work, e.g. "
+                             "--method ap or a large --verify, its size, a time estimate and a line every 10 s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("always")
         try:
             result = attribute(model, [p.clean for p in pairs], [p.corrupt for p in pairs], metric, nodes=nodes,
-                               method=args.method, batch_size=args.batch_size, progress=not args.quiet)
+                               method=args.method, batch_size=args.batch_size,
+                               progress=False if args.quiet else None)  # None: bars on a terminal, long work anywhere
         except AtpError as e:  # what the library names as a problem of the input (a node type this model
             raise UsageError(str(e)) from e  # lacks, prompts past its context); any other error is a bug
         verified = result.verify(args.verify) if args.verify else None  # warns when K exceeds the nodes
