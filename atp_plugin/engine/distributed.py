@@ -1,0 +1,59 @@
+"""Several processes with ``torch.distributed``: pairs split across ranks, sums reduced.
+
+Under ``torchrun --nproc_per_node N`` (or any initialized default process group) every rank
+holds all the pairs, runs only its share of the batches, and the engine sums over pairs are
+all-reduced, so every rank ends with the same result. Without a process group (or with one
+rank) nothing changes. Tensors stay on the model's device: NCCL reduces CUDA tensors, gloo CPU
+ones.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from ..errors import AtpError
+
+T = TypeVar("T")
+
+
+def world() -> tuple[int, int]:
+    """(rank, number of ranks) of the default process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def share(items: Sequence[T]) -> list[T]:
+    """This rank's share of ``items``: every ``size``-th one from its rank (round robin, so
+    ranks get equal shares of batches of equal size)."""
+    rank, size = world()
+    return list(items[rank::size])
+
+
+def batch_for_ranks(batch_size: int, n_pairs: int) -> int:
+    """``batch_size``, lowered where needed so that every rank gets at least one batch; a clear
+    error where there are fewer pairs than ranks."""
+    size = world()[1]
+    if n_pairs < size:
+        raise AtpError(f"{n_pairs} pair(s) cannot be split across {size} ranks: give at least {size} pairs or "
+                       f"run on at most {n_pairs} rank(s)")
+    return min(batch_size, -(-n_pairs // size))
+
+
+def all_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over the ranks (in place; returned for convenience)."""
+    if world()[1] > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_sum_float(value: float) -> float:
+    """A Python number summed over the ranks (e.g. pass counts)."""
+    if world()[1] == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item())

@@ -1,0 +1,43 @@
+"""Two ranks under torchrun (gloo, CPU) give what one process gives, to 1e-12 in float64: every
+method, an odd number of pairs split unevenly, left padding, and verify()."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from atp_plugin import attribute
+from distributed_case import METHODS, NODES, case
+from hf_models import save_gpt2
+
+HERE = Path(__file__).parent
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
+def test_two_ranks_equal_one(tmp_path):
+    model_dir = save_gpt2(tmp_path / "gpt2")
+    model, clean, corrupt, metric = case(model_dir)
+    alone = {}
+    for method in METHODS:
+        result = attribute(model, clean, corrupt, metric, method=method, nodes=NODES, batch_size=2,
+                           patch_batch_size=7)
+        alone[method] = result.scores
+        if method == "atp":
+            alone["verify"] = torch.tensor(result.verify(5)[["effect", "mean_abs_effect"]].to_numpy())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(HERE / "distributed_worker.py"), str(model_dir), str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(got["verify"], alone["verify"], rtol=0, atol=1e-12)
+        for method in METHODS:
+            assert set(got[method]) == set(alone[method])
+            for key, value in alone[method].items():
+                torch.testing.assert_close(got[method][key], value, rtol=0, atol=1e-12, msg=f"{method} {key}")
