@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one sub-command; a bad argument or a broken plugin is one line on stderr and exit code 2."""
     args = build_parser().parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: join its process group first
+        from .engine.distributed import join_from_env
+        join_from_env()
     try:
         return args.run(args)
     except (UsageError, PluginError) as e:

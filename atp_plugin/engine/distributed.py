@@ -9,6 +9,7 @@ ones.
 
 from __future__ import annotations
 
+import os
 from typing import Sequence, TypeVar
 
 import torch
@@ -17,6 +18,16 @@ import torch.distributed as dist
 from ..errors import AtpError
 
 T = TypeVar("T")
+
+
+def join_from_env() -> None:
+    """Join the process group torchrun describes in the environment (``WORLD_SIZE`` > 1), once:
+    NCCL where CUDA is available, gloo otherwise. What ``atp`` does first; a script calls
+    ``torch.distributed.init_process_group`` itself."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def world() -> tuple[int, int]:
