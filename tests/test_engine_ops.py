@@ -234,3 +234,16 @@ def test_atp_rank_without_quiet_shows_no_bar_for_short_work_off_a_terminal(model
     assert cli.main(["rank", "--model", str(model_dir), *ONE[:-1], "--verify", "2"]) == 0
     err = capsys.readouterr().err
     assert "attribution" not in err and "verifying" not in err and "%|" not in err, err
+
+
+def test_an_unsupported_attention_fails_before_the_graddrop_warning() -> None:
+    """atp* on a 2-layer model whose attention the QK fix cannot handle: the error comes first, with
+    no warning about GradDrop for a run that never happens."""
+    import warnings
+
+    model = make_model(use_attention_sinks=True)
+    clean, corrupt = make_pairs(2, 5)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(UnsupportedModelError):
+        warnings.simplefilter("always")
+        attribute(model, clean, corrupt, logit_diff_metric(2), nodes=["attn_k"], method="atp*")
+    assert [str(w.message) for w in caught] == []

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..engine import Engine
 from ..hookspecs import hookimpl
 
 FEW_LAYERS = 3
@@ -24,7 +25,9 @@ class FirstOrder:
     qk: bool
     graddrop: bool
 
-    def run(self, engine):
+    def run(self, engine: Engine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        if self.qk:
+            engine.check_qk()  # an unsupported attention is an error before any warning about GradDrop
         n_layers = engine.host.n_layers
         if self.graddrop and n_layers == 1:
             warnings.warn(f"{self.name}: GradDrop is undefined for a one-layer model; "
@@ -48,7 +51,7 @@ class ActivationPatching:
 
     name: str = "ap"
 
-    def run(self, engine):
+    def run(self, engine: Engine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         sites = engine.sites()
         mean = engine.exact()
         return engine.assemble({k: v.abs() for k, v in mean.items()}, sites), engine.assemble(mean, sites)
