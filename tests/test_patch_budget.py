@@ -159,3 +159,16 @@ def test_small_work_and_progress_false_print_nothing(setup, capsys) -> None:
     assert capsys.readouterr().err == ""
     attribute(model, clean, corrupt, metric, nodes=["attn_z"], method="atp").verify(5)  # 20 patched prompts
     assert capsys.readouterr().err == ""
+
+
+def test_evaluate_passes_the_budget_on(setup) -> None:
+    from atp_plugin.evaluate import evaluate
+
+    model, clean, corrupt, metric = setup
+    with forward_sizes(model) as sizes, pytest.raises(ValueError, match="max_memory must be a positive number"):
+        evaluate(model, clean, corrupt, metric, nodes=["attn_z"], methods="atp", top_x=2, max_memory=-1)
+    assert sizes == []
+    with forward_sizes(model) as sizes:
+        evaluate(model, clean, corrupt, metric, nodes=["attn_z"], methods="atp", top_x=2, max_memory=1)
+    # ap: every node (2 layers x 6 positions x 4 heads) one patched prompt per pass, and its shape probe
+    assert max(sizes) == N and sizes.count(1) == 2 * 6 * 4 * N + 1
