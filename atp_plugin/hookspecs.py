@@ -18,7 +18,7 @@ hookimpl = pluggy.HookimplMarker("atp_plugin")
 def atp_register_backends(register: Callable[[Any], None]) -> None:
     """Register attribution backends: call ``register(backend)`` for each.
 
-    A backend has a ``name`` (what users pass as ``method=``), a one-line ``description`` and
+    A backend has a ``name`` (what users pass as ``method=``) and
     ``run(engine) -> (scores, signed)`` (see ``atp_plugin.backends``).
     """
 

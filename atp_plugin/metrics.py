@@ -9,6 +9,7 @@ from typing import Callable, Protocol, Sequence, cast
 
 import torch
 
+from .errors import MetricError
 from .tokens import check_known
 
 
@@ -36,11 +37,11 @@ def _ids(ids: Sequence[int] | torch.Tensor, what: str) -> torch.Tensor:
                         f"metrics.token_ids(model, {list(ids)[:2]!r})")
     t = torch.as_tensor(ids)
     if t.ndim != 1 or t.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"{what} must be a 1-D sequence of token ids (one per pair), "
+        raise MetricError(f"{what} must be a 1-D sequence of token ids (one per pair), "
                          f"got {t.dtype} of shape {tuple(t.shape)}")
     if t.numel() and int(t.min()) < 0:
         bad = (t < 0).nonzero().flatten().tolist()
-        raise ValueError(f"{what} holds negative token ids (pairs {bad[:10]}); token ids count from 0 "
+        raise MetricError(f"{what} holds negative token ids (pairs {bad[:10]}); token ids count from 0 "
                          "(get them with token_ids(model, [...]) or model.to_single_token)")
     return t.long()
 
@@ -63,19 +64,19 @@ def check_metric(metric, mask: torch.Tensor, d_vocab: int) -> None:
     n_pairs, n_tokens = mask.shape
     n_metric = getattr(metric, "n_pairs", None)
     if n_metric is not None and n_metric != n_pairs:
-        raise ValueError(f"the metric holds answers for {_count(n_metric, 'pair')} but {_count(n_pairs, 'pair')} "
+        raise MetricError(f"the metric holds answers for {_count(n_metric, 'pair')} but {_count(n_pairs, 'pair')} "
                          "were given; give one answer per pair")
     ids = getattr(metric, "token_ids", None)
     if ids is not None and ids.numel() and int(ids.max()) >= d_vocab:
-        raise ValueError(f"the metric's answer ids include {int(ids.max())}, outside the model's vocabulary "
+        raise MetricError(f"the metric's answer ids include {int(ids.max())}, outside the model's vocabulary "
                          f"[0, {d_vocab}); take them from this model's tokenizer (token_ids(model, [...]))")
     position = getattr(metric, "position", None)
     if position is not None and not -n_tokens <= position < n_tokens:
-        raise ValueError(f"the metric reads position {position} but the prompts have {n_tokens} tokens "
+        raise MetricError(f"the metric reads position {position} but the prompts have {n_tokens} tokens "
                          f"(valid positions: {-n_tokens} to {n_tokens - 1}; -1 is every prompt's last token)")
     shortest = int(mask.sum(1).min())
     if position is not None and position % n_tokens < n_tokens - shortest:
-        raise ValueError(f"the metric reads position {position}, which is left padding in the prompts shorter than "
+        raise MetricError(f"the metric reads position {position}, which is left padding in the prompts shorter than "
                          f"{n_tokens} tokens (the shortest has {shortest}); prompts are aligned on their last token, "
                          f"so give a position from the end, -1 to {-shortest}")
 
@@ -92,7 +93,7 @@ def token_ids(model, tokens: Sequence[str], *, what: str = "the answer token") -
         tokenized = model.to_tokens(text, prepend_bos=False)[0].tolist()
         check_known(model.tokenizer, text, tokenized, what)
         if len(tokenized) != 1:
-            raise ValueError(f"{what} {text!r} is {len(tokenized)} tokens; it must be exactly one token "
+            raise MetricError(f"{what} {text!r} is {len(tokenized)} tokens; it must be exactly one token "
                              "(e.g. with a leading space, ' Mary')")
         ids += tokenized
     return torch.tensor(ids, dtype=torch.long)
@@ -103,7 +104,7 @@ def logit_diff(answer: Sequence[int] | torch.Tensor, wrong: Sequence[int] | torc
     """logit(answer) - logit(wrong) at ``position``, with per-pair token ids."""
     answer, wrong, position = _ids(answer, "answer"), _ids(wrong, "wrong"), _position(position)
     if answer.shape != wrong.shape:
-        raise ValueError(f"answer has {len(answer)} ids but wrong has {len(wrong)}; give one of each per pair")
+        raise MetricError(f"answer has {len(answer)} ids but wrong has {len(wrong)}; give one of each per pair")
 
     def metric(logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         at = logits[:, position]  # [batch, vocab]

@@ -28,7 +28,6 @@ import transformers
 from transformer_lens.model_bridge import TransformerBridge
 
 from atp_plugin import attribute
-from atp_plugin.errors import UnsupportedModelError
 from atp_plugin.result import AttributionResult
 from conftest import logit_diff_metric, make_model, make_pairs, needs_hooked
 from hf_models import save_gpt2
@@ -103,14 +102,7 @@ def test_hooked_transformer_close_to_float32(dtype: torch.dtype, method: str) ->
     compare(hooked, dtype, method)
 
 
-QK_REFUSED = pytest.mark.xfail(
-    raises=UnsupportedModelError, strict=True,
-    reason="hosts/bridge.py checks the probed attention scale to 1e-4 for every dtype below float64; the "
-           "bridge's half-precision scores miss that by their rounding (measured 2e-3 to 5e-3 in bfloat16, "
-           "3e-4 to 5e-4 in float16), so the QK fix refuses the model")
-
-
-@pytest.mark.parametrize("method", [pytest.param(m, marks=QK_REFUSED) if m != "atp" else m for m in METHODS])
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_bridge_close_to_float32(gpt2_path: Path, dtype: torch.dtype, method: str) -> None:
     compare(lambda d: bridge(gpt2_path, d), dtype, method)

@@ -19,7 +19,6 @@ from atp_plugin import hookimpl
 class SquaredAtP:
     """AtP scores squared: a toy backend that combines the engine's first-order estimates."""
     name: str = "atp-squared"
-    description: str = "mean |AtP|, squared"
 
     def run(self, engine):
         sites = engine.sites()

@@ -1,6 +1,6 @@
 """Attribution backends: each turns what the engine computes into scores and signed values.
 
-A backend has a ``name`` (the ``method=`` users pass), a one-line ``description`` and
+A backend has a ``name`` (the ``method=`` users pass) and
 ``run(engine) -> (scores, signed)``, both dicts of result key -> tensor. Built-ins register through
 ``atp_register_backends`` like any plugin.
 """
@@ -14,6 +14,5 @@ import torch
 
 class Backend(Protocol):
     name: str
-    description: str
 
     def run(self, engine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]: ...

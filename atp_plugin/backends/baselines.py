@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..engine import Engine, NodeSet
+from ..engine import Engine, NodeSet, distributed
 from ..hookspecs import hookimpl
 from .builtin import ActivationPatching
 
@@ -68,7 +68,7 @@ def joint_effects(engine: Engine, nodes: NodeSet, sets: SetRows, n_sets: int, de
     out = torch.zeros(n_sets, engine.pairs.n, dtype=torch.float64)
     for got in engine.patch_sets(nodes, members, n_sets, desc):
         out[got.start:got.stop, got.idx.cpu()] = got.effect.double()
-    return out
+    return distributed.all_sum(out)  # every rank's share of the pairs
 
 
 def random_subsets(seed: int, p: float, n_nodes: int) -> SetRows:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..errors import MetricError
 from ..hosts import Host
-from . import memory, progress
+from . import distributed, memory, progress
 from .estimates import Site, check_order, estimate_batch, sites_of
 from .pairs import Pairs
 from .patching import Masks, patched_run
@@ -194,7 +194,7 @@ class Engine:
     def batches(self, desc: str) -> Iterator[torch.Tensor]:
         """The pairs in batches of ``batch_size``: ``[batch]`` pair indices each, with progress."""
         idx = torch.arange(self.pairs.n, device=self.host.device)
-        chunks = list(idx.split(self.batch_size))
+        chunks = distributed.share(idx.split(distributed.batch_for_ranks(self.batch_size, self.pairs.n)))
         with self.progress_bar(len(chunks), desc) as bar:
             for chunk in chunks:
                 yield chunk
@@ -222,6 +222,7 @@ class Engine:
     def mean_over_pairs(self, sums: dict[tuple[int, str], torch.Tensor]) -> dict[tuple[int, str], torch.Tensor]:
         """Divide sums over pairs by the number of pairs in which each position is real."""
         count = self.pairs.mask.sum(0).to(self.acc)  # [pos]
+        sums = {k: distributed.all_sum(v) for k, v in sums.items()}  # every rank's share of the pairs
         return {k: v / count.clamp(min=1).reshape((-1,) + (1,) * (v.ndim - 1)) for k, v in sums.items()}
 
     # --- first order ---------------------------------------------------------------------
@@ -326,7 +327,7 @@ class Engine:
                         grid[set_of[sel], flat[node[sel]]] = True
                         grids[i] = grid.reshape(stop - start, *shapes[keys[i]])
                     copy_set, copy_pair = patched.nonzero(as_tuple=True)  # [copies]
-                    for chunk in torch.arange(len(copy_set)).split(per_pass):
+                    for chunk in torch.arange(len(copy_set)).split(per_pass) if len(copy_set) else ():  # none: no run
                         cs, cp = copy_set[chunk], copy_pair[chunk]
                         masks: Masks = {}  # a copy patches its set's nodes at its pair's real positions
                         for i, grid in grids.items():
@@ -382,6 +383,8 @@ class Engine:
             sums[got.start:got.stop] += got.effect.sum(1)
             abs_sums[got.start:got.stop] += got.effect.abs().sum(1)
             count[got.start:got.stop] += got.patched.sum(1)
+        for total in (sums, abs_sums, count):
+            distributed.all_sum(total)  # every rank's share of the pairs
         sizes = [len(v) for v in nodes.values()]
         means, abs_means = (sums / count.clamp(min=1)).split(sizes), (abs_sums / count.clamp(min=1)).split(sizes)
         return dict(zip(nodes, means)), dict(zip(nodes, abs_means))

@@ -182,7 +182,7 @@ class _Batch:
                 if self._plain(n):
                     first[n] = self._plain_estimate(n, self.full)
         self.full = {h: v for h, v in self.full.items() if h in posts}
-        return first
+        return {n: first[n] for n in range(len(self.sites))}  # in site order (the QK hooks filled theirs first)
 
     def _plain_estimate(self, n: int, grad_of: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """AtP of site ``n`` (not QK-fixed) with the gradients ``grad_of``: delta . pullback(grad)."""
@@ -204,7 +204,7 @@ class _Batch:
                 if fix is not None:
                     outs["k"].append(qkfix.key_effect(fix, Gc, g.group))  # [batch, s, kv-heads]
             for n in mine:
-                self.sink(n, {"": torch.cat(outs[self.sites[n].adapter.qk], dim=2)})
+                self.sink(n, {"": torch.cat(outs[str(self.sites[n].adapter.qk)], dim=2)})
 
     def _fixes(self, layer: int) -> Iterator[tuple[slice, torch.Tensor | None, qkfix.KeyFix | None]]:
         """Layer ``layer``'s QK fix per chunk of heads (the heads, the query delta and
