@@ -32,10 +32,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig, patching
+from transformer_lens import HookedTransformer, patching
 
 import atp_plugin
 from atp_plugin import metrics
+from models import random_model  # this script's folder is on sys.path
 from timing import interleaved_times  # this script's folder is on sys.path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -48,16 +49,7 @@ TARGETS = {"atp / floor": 1.3, "atp+qk / atp": 1.2, "atp* / (naive GradDrop + fl
 def build_model(seed: int = 0) -> HookedTransformer:
     """The benchmark model: random float32 weights (attention logits scaled up so patterns are
     not uniform, as in a trained model)."""
-    torch.manual_seed(seed)
-    cfg = HookedTransformerConfig(n_layers=6, d_model=256, n_heads=8, d_head=32, d_mlp=1024, d_vocab=D_VOCAB,
-                                  n_ctx=64, act_fn="gelu", normalization_type="LN", dtype=torch.float32,
-                                  seed=seed, default_prepend_bos=False)
-    model = HookedTransformer(cfg)
-    with torch.no_grad():
-        for block in model.blocks:
-            block.attn.W_Q.mul_(2.0)
-            block.attn.W_K.mul_(2.0)
-    return model.eval()
+    return random_model(n_layers=6, d_model=256, n_heads=8, d_mlp=1024, d_vocab=D_VOCAB, n_ctx=64, seed=seed)
 
 
 def make_task(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -44,12 +44,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer
 
 import atp_plugin
 from atp_plugin import metrics
 from bench_atp import build_model as build_bench_model  # this script's folder is on sys.path
 from bench_atp import floor, make_task
+from models import random_model  # this script's folder is on sys.path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NODES = ["attn_q", "attn_k", "attn_v", "attn_z", "mlp_neurons"]
@@ -63,16 +64,7 @@ TOP_K = 50
 
 def build_model(seed: int = 0) -> HookedTransformer:
     """GPT-2-small shape with random float32 weights (W_Q, W_K doubled)."""
-    torch.manual_seed(seed)
-    cfg = HookedTransformerConfig(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=D_VOCAB,
-                                  n_ctx=1024, act_fn="gelu", normalization_type="LN", dtype=torch.float32,
-                                  seed=seed, default_prepend_bos=False)
-    model = HookedTransformer(cfg)
-    with torch.no_grad():
-        for block in model.blocks:
-            block.attn.W_Q.mul_(2.0)
-            block.attn.W_K.mul_(2.0)
-    return model.eval()
+    return random_model(n_layers=12, d_model=768, n_heads=12, d_mlp=3072, d_vocab=D_VOCAB, n_ctx=1024, seed=seed)
 
 
 def make_pairs(n: int, t: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
