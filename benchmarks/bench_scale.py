@@ -1,4 +1,4 @@
-"""Scale benchmark (issue 13 items 1, 2, 3, 8): AtP, AtP+QK fix and AtP* on the GPT-2-small shape
+"""Scale benchmark: AtP, AtP+QK fix and AtP* on the GPT-2-small shape
 at long contexts, time and peak memory against the forward/backward floor; ``verify(10)``'s time
 and added peak; and (``--low-precision``) bfloat16 / float16 scores against float32.
 
@@ -155,7 +155,7 @@ def verify_added(v: dict[str, float]) -> float:
     return max(0.0, v["peak_kb"] - v["start_kb"])
 
 
-#: issue 13's targets at one T: name -> (the ratio, from that T's results; its upper bound)
+#: the targets at one T: name -> (the ratio, from that T's results; its upper bound)
 TARGETS: dict[str, tuple[Callable[[Results], float], float]] = {
     "atp+qk / atp time": (lambda r: r["atp+qk"]["seconds"] / r["atp"]["seconds"], 1.3),
     "atp+qk peak / floor peak": (lambda r: r["atp+qk"]["peak_kb"] / r["floor"]["peak_kb"], 1.3),

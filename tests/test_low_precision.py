@@ -1,4 +1,4 @@
-"""Models in bfloat16 and float16 (issue 13 item 6): ``attribute()`` runs them in their dtype and
+"""Models in bfloat16 and float16: ``attribute()`` runs them in their dtype and
 returns float32 scores, close to the float32 model's.
 
 - Against the float32 model (same weights before the cast): relative L2 error of all scores below
