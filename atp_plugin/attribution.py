@@ -126,7 +126,7 @@ def attribute(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Te
     engine = Engine(host, pairs, metric, adapters, batch_size=batch_size or DEFAULT_BATCH,
                     patch_batch_size=patch_batch_size, max_memory=max_memory, progress=progress)
     with eval_mode(model):
-        scores, signed = backend.run(engine)
+        scores, signed, *std_error = backend.run(engine)  # a third dict: standard errors over pairs
     dims = {key: adapter.groups(host)[grp] for key, (adapter, grp) in engine.keys().items()}
     return AttributionResult(method, scores, signed, dims, pairs.mask.sum(0).cpu(), pairs.alignment, pairs.n,
-                             engine=engine)
+                             engine=engine, std_error=std_error[0] if std_error else None)

@@ -72,7 +72,7 @@ def token_scores(result: AttributionResult, pair: int) -> torch.Tensor:
                          "backend")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the full run already warned (e.g. few layers for GradDrop)
-        scores, _ = backend.run(single)
+        scores, *_ = backend.run(single)
     total = torch.zeros(engine.pairs.clean.shape[1], dtype=torch.float64)
     for key, value in scores.items():
         dims = result.dims[key]

@@ -37,6 +37,9 @@ class AttributionResult:
     n_pairs: int
     view: str = "per position"
     engine: Engine | None = field(default=None, repr=False)
+    #: per key, the standard error over pairs of each score (a mean over pairs), from running
+    #: moments (Welford); None for methods that give none (``ap``, plugins that return two dicts)
+    std_error: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def require_engine(self, what: str) -> Engine:
         """The engine, or a ValueError saying that ``what`` needs the per-position result returned
@@ -100,6 +103,8 @@ class AttributionResult:
             index = flat.to(score.device)
             frame["score"] = score.detach().reshape(-1)[index].double().cpu().numpy()
             frame["signed"] = self.signed[key].detach().reshape(-1)[index].double().cpu().numpy()
+            if self.std_error is not None:
+                frame["std_error"] = self.std_error[key].detach().reshape(-1)[index].double().cpu().numpy()
             if "pos" in dims:
                 frame["pairs"] = self.pair_counts.cpu().numpy()[frame["pos"].to_numpy()]
             frames.append(frame)
@@ -111,7 +116,8 @@ class AttributionResult:
         for c in coords:
             frame[c] = frame[c].astype("Int64")
         frame.insert(1, "node", [_label(row, coords) for row in frame[["node_type"] + coords].itertuples(index=False)])
-        tail = ["score", "signed"] + (["pairs"] if any("pos" in d for d in self.dims.values()) else [])
+        tail = ["score", "signed"] + (["pairs"] if any("pos" in d for d in self.dims.values()) else []) + (
+            ["std_error"] if self.std_error is not None else [])
         frame = frame.reindex(columns=[*frame.columns, *[c for c in tail if c not in frame]])
         frame = frame[["node_type", "node", *coords, *tail]]
         frame.attrs["view"] = self.view

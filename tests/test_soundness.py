@@ -112,7 +112,7 @@ def test_a_model_on_the_meta_device_is_refused():
 
 def test_top_selects_on_tensors_the_rows_to_frame_would_rank_first():
     """top(k) builds only k rows; they are to_frame()'s k largest scores, in order, with its columns
-    (node_type, node, layer, pos, node coordinates, score, signed, pairs), for mixed node types."""
+    (node_type, node, layer, pos, node coordinates, score, signed, pairs, std_error), for mixed node types."""
     model = make_model(n_layers=2)
     clean, corrupt = make_pairs(n=3)
     result = attribute(model, clean, corrupt, logit_diff_metric(3), nodes=["attn_z", "mlp_neurons", "resid_pre"],
@@ -126,6 +126,7 @@ def test_top_selects_on_tensors_the_rows_to_frame_would_rank_first():
             assert list(top.columns) == list(frame.columns)
             assert top["score"].tolist() == expected["score"].tolist()
             assert top["signed"].tolist() == expected["signed"].tolist()
-    assert list(full.columns) == ["node_type", "node", "layer", "pos", "head", "neuron", "score", "signed", "pairs"]
+    assert list(full.columns) == ["node_type", "node", "layer", "pos", "head", "neuron", "score", "signed", "pairs",
+                                  "std_error"]
     top = result.top(9)
     assert (full.loc[top.index, "node"] == top["node"]).all()  # top's index: the rows' numbers in to_frame()

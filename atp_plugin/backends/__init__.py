@@ -15,4 +15,4 @@ import torch
 class Backend(Protocol):
     name: str
 
-    def run(self, engine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]: ...
+    def run(self, engine) -> tuple[dict[str, torch.Tensor], ...]: ...  # scores, signed[, std_error]

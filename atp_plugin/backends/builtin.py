@@ -25,7 +25,7 @@ class FirstOrder:
     qk: bool
     graddrop: bool
 
-    def run(self, engine: Engine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def run(self, engine: Engine) -> tuple[dict[str, torch.Tensor], ...]:
         if self.qk:
             engine.check_qk()  # an unsupported attention is an error before any warning about GradDrop
         n_layers = engine.host.n_layers
@@ -39,10 +39,11 @@ class FirstOrder:
                 "can score near zero. Compare with method='atp+qk'.", stacklevel=3)
         sites = engine.sites(self.qk)
         mean_abs, mean, gd = engine.first_order(qk=self.qk, graddrop=self.graddrop)
+        std_error = engine.assemble(engine.score_std_error, sites)
         if gd is None:
-            return engine.assemble(mean_abs, sites), engine.assemble(mean, sites)
+            return engine.assemble(mean_abs, sites), engine.assemble(mean, sites), std_error
         signed = {k: torch.full_like(v, float("nan")) for k, v in mean.items()}
-        return engine.assemble(gd, sites), engine.assemble(signed, sites)
+        return engine.assemble(gd, sites), engine.assemble(signed, sites), std_error
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from ..errors import MetricError
 from ..hosts import Host
 from . import distributed, memory, progress
 from .estimates import Site, check_order, estimate_batch, sites_of
+from .moments import Moments
 from .pairs import Pairs
 from .patching import Masks, patched_run
 from .runs import run
@@ -143,6 +144,8 @@ class Engine:
         # fraction of the layers it runs through
         self.backward_passes = 0.0
         self._shapes: dict[tuple[int, str], tuple[int, ...]] | None = None
+        # per site, the standard error over pairs of the last first_order()'s per-pair score
+        self.score_std_error: dict[tuple[int, str], torch.Tensor] = {}
 
     # --- layout -----------------------------------------------------------------------------
     def sites(self, qk: bool = False) -> list[Site]:
@@ -243,6 +246,7 @@ class Engine:
         sums: dict[tuple[int, str], torch.Tensor] = {}
         sums_gd: dict[tuple[int, str], torch.Tensor] = {}
         graddrop = graddrop and self.host.n_layers > 1
+        spread: dict[tuple[int, str], Moments] = {}  # of the per-pair score: |I|, or c_gd with GradDrop
         for idx in self.batches("attribution"):
             first, gd = estimate_batch(
                 self.host, sites, self.pairs.clean[idx], self.pairs.corrupt[idx], self.pairs.mask[idx],
@@ -255,6 +259,9 @@ class Engine:
                 _add(sums, k, v.sum(0))
                 if gd is not None:
                     _add(sums_gd, k, gd[k].sum(0) / (self.host.n_layers - 1))
+                spread.setdefault(k, Moments()).add(
+                    gd[k] / (self.host.n_layers - 1) if gd is not None else v.abs(), self.pairs.mask[idx])
+        self.score_std_error = {k: m.std_error() for k, m in spread.items()}
         gd_mean = self.mean_over_pairs(sums_gd) if graddrop else None
         return self.mean_over_pairs(sums_abs), self.mean_over_pairs(sums), gd_mean
 
