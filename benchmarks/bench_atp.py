@@ -36,7 +36,7 @@ from transformer_lens import HookedTransformer, patching
 
 import atp_plugin
 from atp_plugin import metrics
-from models import random_model  # this script's folder is on sys.path
+from random_inputs import random_model, random_pairs  # this script's folder is on sys.path
 from timing import interleaved_times  # this script's folder is on sys.path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -56,10 +56,7 @@ def make_task(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
     """16 token-aligned pairs of 24 tokens (corrupt differs at about a quarter of the positions)
     and per-pair answer / wrong token ids."""
     g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(0, D_VOCAB, (N_PAIRS, N_TOKENS), generator=g)
-    corrupt = clean.clone()
-    change = torch.rand(N_PAIRS, N_TOKENS, generator=g) < 0.25
-    corrupt[change] = torch.randint(0, D_VOCAB, (int(change.sum()),), generator=g)
+    clean, corrupt = random_pairs(N_PAIRS, N_TOKENS, D_VOCAB, g)
     answer, wrong = torch.randint(0, D_VOCAB, (2, N_PAIRS), generator=g)
     return clean, corrupt, answer, wrong
 

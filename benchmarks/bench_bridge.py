@@ -37,7 +37,8 @@ from transformer_lens.model_bridge import TransformerBridge
 
 import atp_plugin
 from atp_plugin import metrics
-from timing import interleaved_times  # this script's folder is on sys.path
+from random_inputs import random_pairs  # this script's folder is on sys.path
+from timing import interleaved_times
 
 NODES = ["attn_q", "attn_k", "attn_v", "attn_z", "mlp_neurons"]
 METHODS = ("atp", "atp+qk", "atp*")
@@ -97,10 +98,7 @@ def make_task(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, Callable[..., 
     """16 token-aligned pairs of 24 tokens (corrupt differs at about a quarter of the positions) and a
     logit-difference metric between per-pair random answer and wrong tokens."""
     g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(0, D_VOCAB, (N_PAIRS, N_TOKENS), generator=g)
-    corrupt = clean.clone()
-    change = torch.rand(N_PAIRS, N_TOKENS, generator=g) < 0.25
-    corrupt[change] = torch.randint(0, D_VOCAB, (int(change.sum()),), generator=g)
+    clean, corrupt = random_pairs(N_PAIRS, N_TOKENS, D_VOCAB, g)
     answer, wrong = torch.randint(0, D_VOCAB, (2, N_PAIRS), generator=g)
     return clean, corrupt, metrics.logit_diff(answer, wrong)
 

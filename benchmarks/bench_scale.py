@@ -50,7 +50,7 @@ import atp_plugin
 from atp_plugin import metrics
 from bench_atp import build_model as build_bench_model  # this script's folder is on sys.path
 from bench_atp import floor, make_task
-from models import random_model  # this script's folder is on sys.path
+from random_inputs import random_model, random_pairs  # this script's folder is on sys.path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NODES = ["attn_q", "attn_k", "attn_v", "attn_z", "mlp_neurons"]
@@ -69,12 +69,7 @@ def build_model(seed: int = 0) -> HookedTransformer:
 
 def make_pairs(n: int, t: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` token-aligned pairs of ``t`` tokens; corrupt differs at about a quarter of the positions."""
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(0, D_VOCAB, (n, t), generator=g)
-    corrupt = clean.clone()
-    change = torch.rand(n, t, generator=g) < 0.25
-    corrupt[change] = torch.randint(0, D_VOCAB, (int(change.sum()),), generator=g)
-    return clean, corrupt
+    return random_pairs(n, t, D_VOCAB, torch.Generator().manual_seed(seed))
 
 
 def peak_kb() -> int:

@@ -255,12 +255,12 @@ class Engine:
             # one full backward, plus GradDrop's cut at layer l running through l of the L layers
             self.backward_passes += len(idx) * (1 + ((self.host.n_layers - 1) / 2 if graddrop else 0))
             for k, v in first.items():
+                score = gd[k] / (self.host.n_layers - 1) if gd is not None else v.abs()  # per pair
                 _add(sums_abs, k, v.abs().sum(0))
                 _add(sums, k, v.sum(0))
                 if gd is not None:
-                    _add(sums_gd, k, gd[k].sum(0) / (self.host.n_layers - 1))
-                spread.setdefault(k, Moments()).add(
-                    gd[k] / (self.host.n_layers - 1) if gd is not None else v.abs(), self.pairs.mask[idx])
+                    _add(sums_gd, k, score.sum(0))
+                spread.setdefault(k, Moments()).add(score, self.pairs.mask[idx])
         self.score_std_error = {k: m.std_error() for k, m in spread.items()}
         gd_mean = self.mean_over_pairs(sums_gd) if graddrop else None
         return self.mean_over_pairs(sums_abs), self.mean_over_pairs(sums), gd_mean

@@ -59,12 +59,3 @@ def all_sum(tensor: torch.Tensor) -> torch.Tensor:
     if world()[1] > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
-
-
-def all_sum_float(value: float) -> float:
-    """A Python number summed over the ranks (e.g. pass counts)."""
-    if world()[1] == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t.item())

@@ -1,5 +1,5 @@
-"""The benchmarks' random models: GPT-2-style HookedTransformers with random float32 weights, W_Q and
-W_K doubled so attention patterns are not uniform (as in a trained model)."""
+"""The benchmarks' random inputs: GPT-2-style HookedTransformers with random float32 weights (W_Q
+and W_K doubled so attention patterns are not uniform, as in a trained model) and random token pairs."""
 
 from __future__ import annotations
 
@@ -9,6 +9,16 @@ import torch
 
 if TYPE_CHECKING:  # HookedTransformer is imported when a model is built (TransformerLens 3 only)
     from transformer_lens import HookedTransformer
+
+
+def random_pairs(n: int, t: int, d_vocab: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` token-aligned pairs of ``t`` random tokens drawn from ``g``; corrupt differs at about a
+    quarter of the positions."""
+    clean = torch.randint(0, d_vocab, (n, t), generator=g)
+    corrupt = clean.clone()
+    change = torch.rand(n, t, generator=g) < 0.25
+    corrupt[change] = torch.randint(0, d_vocab, (int(change.sum()),), generator=g)
+    return clean, corrupt
 
 
 def random_model(*, n_layers: int, d_model: int, n_heads: int, d_mlp: int, d_vocab: int, n_ctx: int,
