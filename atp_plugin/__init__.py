@@ -9,11 +9,12 @@ from . import metrics
 from .adapters import NodeAdapter
 from .attribution import attribute
 from .bound import FalseNegativeBound, false_negative_bound
+from .engine.stream import PairStream
 from .evaluate import Evaluation, evaluate
 from .hookspecs import hookimpl
 from .result import AttributionResult
 from .verify import verify
 
-__all__ = ["attribute", "AttributionResult", "Evaluation", "FalseNegativeBound", "NodeAdapter", "evaluate",
-           "false_negative_bound", "hookimpl", "metrics", "verify"]
+__all__ = ["attribute", "AttributionResult", "Evaluation", "FalseNegativeBound", "NodeAdapter", "PairStream",
+           "evaluate", "false_negative_bound", "hookimpl", "metrics", "verify"]
 __version__ = "0.1.0"

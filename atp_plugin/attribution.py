@@ -14,7 +14,8 @@ from .adapters import NodeAdapter, resolve
 from .backends import Backend
 from .engine import Engine, Metric
 from .engine.memory import check_max_memory
-from .engine.pairs import make_pairs
+from .engine.pairs import PairSource, make_pairs
+from .engine.stream import BoundStream, PairStream
 from .errors import AtpError, UnsupportedModelError
 from .hosts import Host
 from .metrics import check_metric
@@ -70,16 +71,31 @@ def check_length(host: Host, n_tokens: int) -> None:
                          f"context length n_ctx is {n_ctx}; shorten the prompts to at most {n_ctx} tokens")
 
 
-def attribute(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Tensor | Sequence[str],
-              metric: Metric, *, nodes: str | NodeAdapter | Sequence[str | NodeAdapter] = DEFAULT_NODES,
+def make_source(host: Host, clean: torch.Tensor | Sequence[str] | PairStream,
+                corrupt: torch.Tensor | Sequence[str] | None) -> PairSource:
+    """The pairs as the engine reads them: in memory, or a ``PairStream`` bound to the model."""
+    if isinstance(clean, PairStream):
+        if corrupt is not None:
+            raise TypeError("a PairStream holds both prompts of each pair: give no corrupt prompts beside it")
+        return BoundStream(host, clean)
+    if corrupt is None:
+        raise TypeError("give the corrupt prompts (one per clean prompt), or the pairs as a PairStream")
+    return make_pairs(host, clean, corrupt)
+
+
+def attribute(model: Any, clean: torch.Tensor | Sequence[str] | PairStream,
+              corrupt: torch.Tensor | Sequence[str] | None = None, metric: Metric | None = None, *,
+              nodes: str | NodeAdapter | Sequence[str | NodeAdapter] = DEFAULT_NODES,
               method: "str | Backend" = "atp*", batch_size: int | None = None, patch_batch_size: int | None = None,
               max_memory: float | None = None, progress: bool | None = None) -> AttributionResult:
     """Score every node of the requested types by how much patching it from ``corrupt`` into
     ``clean`` changes ``metric``.
 
     ``clean``/``corrupt``: token tensors ``[N, T]`` or lists of N strings (pairs token-aligned;
-    pairs of different lengths are left-padded). ``metric(logits, indices) -> [batch]`` (or
-    ``metric(logits)``). ``nodes``: node type names or adapter instances. ``method``: a registered
+    pairs of different lengths are left-padded); or ``clean`` a ``PairStream`` (pairs read and
+    tokenized a batch at a time, memory flat in their number) and no ``corrupt``.
+    ``metric(logits, indices) -> [batch]`` (or ``metric(logits)``; on a labelled stream
+    ``metric(logits, labels)``). ``nodes``: node type names or adapter instances. ``method``: a registered
     backend's name (``atp*`` by default) or a backend instance (e.g. a configured
     ``Subsampling(n_subsets=64)``). ``batch_size`` pairs are processed at a time.
 
@@ -105,6 +121,9 @@ def attribute(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Te
     else:
         raise TypeError(f"method must be a backend name ({', '.join(sorted(backends))}) or an object with "
                         f"`name` and `run(engine)`, got {method!r}")
+    if metric is None:
+        raise TypeError("attribute() needs a metric: attribute(model, clean, corrupt, metric) or "
+                        "attribute(model, PairStream(...), metric=metric)")
     if batch_size is not None:
         batch_size = positive_int(batch_size, "batch_size", "it is the number of pairs run at a time")
     if patch_batch_size is not None:
@@ -120,13 +139,13 @@ def attribute(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Te
     if missing:
         raise UnsupportedModelError(f"the model lacks hook(s) {missing[:5]} needed by "
                                     f"nodes={[a.name for a in adapters]}; choose node types this model has")
-    pairs = make_pairs(host, clean, corrupt)
-    check_length(host, pairs.clean.shape[1])
-    check_metric(metric, pairs.mask, host.d_vocab)
+    pairs = make_source(host, clean, corrupt)
+    check_length(host, pairs.width)
+    check_metric(metric, pairs, host.d_vocab)
     engine = Engine(host, pairs, metric, adapters, batch_size=batch_size or DEFAULT_BATCH,
                     patch_batch_size=patch_batch_size, max_memory=max_memory, progress=progress)
     with eval_mode(model):
         scores, signed, *std_error = backend.run(engine)  # a third dict: standard errors over pairs
     dims = {key: adapter.groups(host)[grp] for key, (adapter, grp) in engine.keys().items()}
-    return AttributionResult(method, scores, signed, dims, pairs.mask.sum(0).cpu(), pairs.alignment, pairs.n,
+    return AttributionResult(method, scores, signed, dims, pairs.counts.cpu(), pairs.alignment, pairs.n,
                              engine=engine, std_error=std_error[0] if std_error else None)

@@ -45,7 +45,7 @@ from scipy import stats
 from .attribution import eval_mode
 from .backends.baselines import check_subsampling, subsample
 from .engine import Metric
-from .engine.pairs import make_pairs
+from .engine.pairs import Pairs, make_pairs
 from .metrics import check_metric
 from .result import AttributionResult
 from .verify import locate, verify
@@ -144,8 +144,11 @@ def _rebind(model: Any, clean: torch.Tensor | Sequence[str], corrupt: torch.Tens
     old = result.require_engine("false_negative_bound()")
     if old.host.model is not model:
         raise ValueError("result was computed on a different model; pass the model given to attribute()")
+    if not isinstance(old.pairs, Pairs):
+        raise ValueError("false_negative_bound() takes the pairs as lists or tensors, and result was computed on a "
+                         "PairStream; run attribute() and the bound on a list of the pairs (e.g. a sample of them)")
     pairs = make_pairs(old.host, clean, corrupt)
     if not all(torch.equal(getattr(pairs, f), getattr(old.pairs, f)) for f in ("clean", "corrupt", "mask")):
         raise ValueError("clean/corrupt differ from the prompts result was computed on; pass the same prompts")
-    check_metric(metric, pairs.mask, old.host.d_vocab)
+    check_metric(metric, pairs, old.host.d_vocab)
     return replace(result, engine=old.with_metric(metric))

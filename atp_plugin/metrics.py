@@ -5,12 +5,15 @@ prompts and the model before running anything (``check_metric``)."""
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence, cast
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence, cast
 
 import torch
 
 from .errors import MetricError
 from .tokens import check_known
+
+if TYPE_CHECKING:
+    from .engine.pairs import PairSource
 
 
 class PairMetric(Protocol):
@@ -56,12 +59,12 @@ def _position(position: int) -> int:
     return position
 
 
-def check_metric(metric, mask: torch.Tensor, d_vocab: int) -> None:
+def check_metric(metric, pairs: PairSource, d_vocab: int) -> None:
     """Check what a built-in metric holds against the prompts and the model, before any run:
     one answer per pair (``metric.n_pairs``), token ids in ``[0, d_vocab)`` (``metric.token_ids``)
-    and a ``metric.position`` that is a real token of every prompt (``mask``: ``[N, T]``, False at
-    left padding). A metric without these attributes (a user's own function) is not checked here."""
-    n_pairs, n_tokens = mask.shape
+    and a ``metric.position`` that is a real token of every prompt. A metric without these
+    attributes (a user's own function) is not checked here."""
+    n_pairs, n_tokens = pairs.n, pairs.width
     n_metric = getattr(metric, "n_pairs", None)
     if n_metric is not None and n_metric != n_pairs:
         raise MetricError(f"the metric holds answers for {_count(n_metric, 'pair')} but {_count(n_pairs, 'pair')} "
@@ -74,7 +77,7 @@ def check_metric(metric, mask: torch.Tensor, d_vocab: int) -> None:
     if position is not None and not -n_tokens <= position < n_tokens:
         raise MetricError(f"the metric reads position {position} but the prompts have {n_tokens} tokens "
                          f"(valid positions: {-n_tokens} to {n_tokens - 1}; -1 is every prompt's last token)")
-    shortest = int(mask.sum(1).min())
+    shortest = int((pairs.counts == n_pairs).sum())  # prompts are right-aligned
     if position is not None and position % n_tokens < n_tokens - shortest:
         raise MetricError(f"the metric reads position {position}, which is left padding in the prompts shorter than "
                          f"{n_tokens} tokens (the shortest has {shortest}); prompts are aligned on their last token, "
@@ -113,6 +116,25 @@ def logit_diff(answer: Sequence[int] | torch.Tensor, wrong: Sequence[int] | torc
         return at[rows, answer[idx].to(at.device)] - at[rows, wrong[idx].to(at.device)]
 
     return _described(metric, len(answer), torch.cat([answer, wrong]), position)
+
+
+def logit_diff_labels(*, position: int = -1) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """logit(answer) - logit(wrong) at ``position`` for a labelled ``PairStream`` whose labels are
+    ``[answer_id, wrong_id]``: called as ``metric(logits, labels)`` with ``labels`` ``[batch, 2]``."""
+    position = _position(position)
+
+    def metric(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if labels.ndim != 2 or labels.shape[1] != 2 or labels.dtype.is_floating_point:
+            raise MetricError(f"logit_diff_labels() reads labels [answer_id, wrong_id] per pair, got labels of dtype "
+                              f"{labels.dtype} and shape {tuple(labels.shape)}; label each pair with two token ids")
+        if int(labels.min()) < 0 or int(labels.max()) >= logits.shape[-1]:
+            raise MetricError(f"the labels hold token ids outside the model's vocabulary [0, {logits.shape[-1]})")
+        at = logits[:, position]  # [batch, vocab]
+        ids = labels.to(at.device).long()
+        return at.gather(1, ids[:, :1])[:, 0] - at.gather(1, ids[:, 1:])[:, 0]
+
+    metric.position = position  # type: ignore[attr-defined]  # checked against the prompts by check_metric
+    return metric
 
 
 def log_prob(answer: Sequence[int] | torch.Tensor, *, position: int = -1) -> PairMetric:

@@ -155,7 +155,8 @@ def _estimate(model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, patc
     # the engine patches "corrupt" values into "clean" runs: here the corrupted run gets clean values
     result = attribute(model, tokens, clean, _batch_metric(patching_metric, n), nodes=adapters, method=method,
                        batch_size=n, progress=progress)
-    base = result.require_engine("the patching functions").clean_metric(torch.arange(n, device=host.device)).sum()
+    engine = result.require_engine("the patching functions")
+    base = engine.clean_metric(next(engine.pairs.batches(n))).sum()
     return base, [n * result.signed[a.name] for a in adapters]  # mean over prompts -> change of the batch metric
 
 

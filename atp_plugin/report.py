@@ -73,7 +73,7 @@ def token_scores(result: AttributionResult, pair: int) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the full run already warned (e.g. few layers for GradDrop)
         scores, *_ = backend.run(single)
-    total = torch.zeros(engine.pairs.clean.shape[1], dtype=torch.float64)
+    total = torch.zeros(engine.pairs.width, dtype=torch.float64)
     for key, value in scores.items():
         dims = result.dims[key]
         if "pos" in dims:
@@ -119,10 +119,10 @@ def _tokens(result: AttributionResult, ids: list[int]) -> list[str]:
 
 
 def _prompt_html(result: AttributionResult, pair: int, scores: torch.Tensor, top: float, label: str) -> str:
-    pairs = result.require_engine("the report").pairs
-    real = pairs.mask[pair].cpu()
-    clean = pairs.clean[pair].cpu()[real].tolist()
-    corrupt = pairs.corrupt[pair].cpu()[real].tolist()
+    pairs = result.require_engine("the report").pairs.select(torch.tensor([pair]))  # read from a stream
+    real = pairs.mask[0].cpu()
+    clean = pairs.clean[0].cpu()[real].tolist()
+    corrupt = pairs.corrupt[0].cpu()[real].tolist()
     values = scores[real].tolist()
     spans = []
     for tok, c_tok, c_text, value in zip(clean, corrupt, _tokens(result, corrupt), values):

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from atp_plugin import attribute
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distributed_case import METHODS, NODES, case  # noqa: E402
+from distributed_case import METHODS, NODES, case, stream_case  # noqa: E402
 
 
 def main(model_dir: str, out: str) -> None:
@@ -25,6 +25,8 @@ def main(model_dir: str, out: str) -> None:
         saved[method] = {key: v.clone() for key, v in result.scores.items()}
         if method == "atp":
             saved["verify"] = torch.tensor(result.verify(5)[["effect", "mean_abs_effect"]].to_numpy())
+    model, stream, labelled = stream_case(Path(model_dir))
+    saved["stream"] = attribute(model, stream, metric=labelled, method="atp*", nodes=NODES, batch_size=2).scores
     torch.save(saved, Path(out) / f"rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from atp_plugin import attribute, metrics, verify
+from atp_plugin.engine.pairs import Pairs
 from atp_plugin.errors import UnsupportedModelError
 from atp_plugin.metrics import check_metric
 from conftest import VARIANTS, logit_diff_metric, make_model, make_pairs
@@ -268,7 +269,9 @@ def test_metric_answer_ids_and_position(model) -> None:
             raises_before_any_forward(model, ValueError, rf"reads position {position} but the prompts have 5 tokens",
                                       clean, corrupt, metric)
     for position in (4, -5, 0):  # the edges are valid
-        check_metric(metrics.logit_diff([3, 1], [4, 49], position=position), torch.ones(2, 5, dtype=torch.bool), 50)
+        tokens = torch.zeros(2, 5, dtype=torch.long)
+        pairs = Pairs(tokens, tokens, torch.ones(2, 5, dtype=torch.bool))
+        check_metric(metrics.logit_diff([3, 1], [4, 49], position=position), pairs, 50)
 
 
 def test_metric_position_on_left_padding() -> None:

@@ -1,5 +1,6 @@
 """Two ranks under torchrun (gloo, CPU) give what one process gives, to 1e-12 in float64: every
-method, an odd number of pairs split unevenly, left padding, and verify()."""
+method (a baseline too), an odd number of pairs split unevenly, left padding, verify() and a
+PairStream."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from atp_plugin import attribute
-from distributed_case import METHODS, NODES, case
+from distributed_case import METHODS, NODES, case, stream_case
 from hf_models import save_gpt2
 
 HERE = Path(__file__).parent
@@ -29,6 +30,10 @@ def test_two_ranks_equal_one(tmp_path):
         alone[method] = result.scores
         if method == "atp":
             alone["verify"] = torch.tensor(result.verify(5)[["effect", "mean_abs_effect"]].to_numpy())
+    model, stream, labelled = stream_case(model_dir)
+    alone["stream"] = attribute(model, stream, metric=labelled, method="atp*", nodes=NODES, batch_size=2).scores
+    for key, value in alone["stream"].items():  # the stream gives what the lists give
+        torch.testing.assert_close(value, alone["atp*"][key], rtol=0, atol=1e-12)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(HERE / "distributed_worker.py"), str(model_dir), str(tmp_path)],
@@ -37,7 +42,7 @@ def test_two_ranks_equal_one(tmp_path):
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(got["verify"], alone["verify"], rtol=0, atol=1e-12)
-        for method in METHODS:
+        for method in (*METHODS, "stream"):
             assert set(got[method]) == set(alone[method])
             for key, value in alone[method].items():
                 torch.testing.assert_close(got[method][key], value, rtol=0, atol=1e-12, msg=f"{method} {key}")

@@ -37,8 +37,8 @@ def test_with_metric_is_a_fresh_copy_on_the_same_pairs(setup) -> None:
     doubled = engine.with_metric(lambda logits, idx: 2 * metric(logits, idx))
     assert doubled is not engine and doubled.forward_passes == 0 and doubled.backward_passes == 0
     assert doubled.pairs is engine.pairs and doubled.host is engine.host and doubled.adapters is engine.adapters
-    idx = torch.arange(4)
-    torch.testing.assert_close(doubled.clean_metric(idx), 2 * engine.clean_metric(idx))
+    batch = next(engine.pairs.batches(4))
+    torch.testing.assert_close(doubled.clean_metric(batch), 2 * engine.clean_metric(batch))
     assert doubled.forward_passes == 4 and engine.forward_passes == before + 4  # counted apart
 
 
@@ -62,9 +62,9 @@ def test_restricted_keeps_the_original_pair_indices_for_the_metric(setup) -> Non
 
     sub = engine.with_metric(recording).restricted([3, 1])
     assert sub.pairs.n == 2 and torch.equal(sub.pairs.clean, clean[[3, 1]])
-    values = sub.clean_metric(torch.arange(2))
+    values = sub.clean_metric(next(sub.pairs.batches(2)))
     assert seen[-1] == [3, 1]
-    torch.testing.assert_close(values, engine.clean_metric(torch.tensor([3, 1])))
+    torch.testing.assert_close(values, engine.clean_metric(next(engine.pairs.batches(4)))[[3, 1]])
     assert sub.forward_passes == 2
     with pytest.raises(IndexError, match=r"pair indices in \[0, 4\)"):
         engine.restricted([4])

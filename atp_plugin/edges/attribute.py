@@ -71,7 +71,7 @@ def make_context(model: Any, clean, corrupt, metric, *, batch_size: int = DEFAUL
     parts = parts_of(host)
     pairs = make_pairs(host, clean, corrupt)
     check_length(host, pairs.clean.shape[1])
-    check_metric(metric, pairs.mask, host.d_vocab)
+    check_metric(metric, pairs, host.d_vocab)
     acc = torch.float64 if host.dtype == torch.float64 else torch.float32
     if check:
         with torch.no_grad():  # one prompt, not counted as the method's cost

@@ -18,7 +18,7 @@ from ..hosts import Host
 from . import distributed, memory, progress
 from .estimates import Site, check_order, estimate_batch, sites_of
 from .moments import Moments
-from .pairs import Pairs
+from .pairs import Batch, PairSource
 from .patching import Masks, patched_run
 from .runs import run
 
@@ -42,7 +42,8 @@ def single_nodes(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass(frozen=True)
 class SetEffects:
-    """What ``Engine.patch_sets`` yields: the joint effects of sets ``start..stop-1`` in pairs ``idx``."""
+    """What ``Engine.patch_sets`` yields: the joint effects of sets ``start..stop-1`` in pairs ``idx``
+    (this rank's share of the pairs under ``torch.distributed``: sum what you take over ranks)."""
 
     idx: torch.Tensor  # [batch] pair indices
     start: int
@@ -129,7 +130,7 @@ class Engine:
     """Everything a backend needs: runs, gradients, the QK fix, GradDrop and exact patching over
     the pairs, in batches of ``batch_size`` pairs (memory does not grow with the number of pairs)."""
 
-    def __init__(self, host: Host, pairs: Pairs, metric: Metric, adapters: list[NodeAdapter], *,
+    def __init__(self, host: Host, pairs: PairSource, metric: Metric, adapters: list[NodeAdapter], *,
                  batch_size: int, patch_batch_size: int | None = None, max_memory: int | None = None,
                  progress: bool | None = None):
         self.host, self.pairs, self.adapters = host, pairs, adapters
@@ -172,11 +173,11 @@ class Engine:
         idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
         if len(idx) == 0 or int(idx.min()) < 0 or int(idx.max()) >= self.pairs.n:
             raise IndexError(f"restricted() takes pair indices in [0, {self.pairs.n}), got {idx.tolist()[:10]}")
-        idx = idx.to(self.pairs.clean.device)
         metric = self.metric
         other = copy.copy(self)
-        other.pairs = Pairs(self.pairs.clean[idx], self.pairs.corrupt[idx], self.pairs.mask[idx])
-        other.metric = lambda logits, local: metric(logits, idx[local])
+        other.pairs = self.pairs.select(idx)
+        if other.pairs.labels is None:  # the metric gets pair numbers: the original ones
+            other.metric = lambda logits, local: metric(logits, idx.to(local.device)[local])
         other.forward_passes, other.backward_passes = 0, 0.0
         return other
 
@@ -194,13 +195,14 @@ class Engine:
             show = None if total >= 4 else False
         return progress.bar(total, desc, unit, show)
 
-    def batches(self, desc: str) -> Iterator[torch.Tensor]:
-        """The pairs in batches of ``batch_size``: ``[batch]`` pair indices each, with progress."""
-        idx = torch.arange(self.pairs.n, device=self.host.device)
-        chunks = distributed.share(idx.split(distributed.batch_for_ranks(self.batch_size, self.pairs.n)))
-        with self.progress_bar(len(chunks), desc) as bar:
-            for chunk in chunks:
-                yield chunk
+    def batches(self, desc: str) -> Iterator[Batch]:
+        """This rank's batches of ``batch_size`` pairs (all of them without ``torch.distributed``),
+        with progress."""
+        size = distributed.batch_for_ranks(self.batch_size, self.pairs.n)
+        numbers = distributed.share(range(self.pairs.n_batches(size)))
+        with self.progress_bar(len(numbers), desc) as bar:
+            for batch in self.pairs.batches(size, numbers):
+                yield batch
                 bar.update()
 
     def assemble(self, per_site: dict[tuple[int, str], torch.Tensor], sites: list[Site]) -> dict[str, torch.Tensor]:
@@ -224,7 +226,7 @@ class Engine:
 
     def mean_over_pairs(self, sums: dict[tuple[int, str], torch.Tensor]) -> dict[tuple[int, str], torch.Tensor]:
         """Divide sums over pairs by the number of pairs in which each position is real."""
-        count = self.pairs.mask.sum(0).to(self.acc)  # [pos]
+        count = self.pairs.counts.to(self.acc)  # [pos]
         sums = {k: distributed.all_sum(v) for k, v in sums.items()}  # every rank's share of the pairs
         return {k: v / count.clamp(min=1).reshape((-1,) + (1,) * (v.ndim - 1)) for k, v in sums.items()}
 
@@ -247,48 +249,48 @@ class Engine:
         sums_gd: dict[tuple[int, str], torch.Tensor] = {}
         graddrop = graddrop and self.host.n_layers > 1
         spread: dict[tuple[int, str], Moments] = {}  # of the per-pair score: |I|, or c_gd with GradDrop
-        for idx in self.batches("attribution"):
+        for batch in self.batches("attribution"):
             first, gd = estimate_batch(
-                self.host, sites, self.pairs.clean[idx], self.pairs.corrupt[idx], self.pairs.mask[idx],
-                lambda logits, idx=idx: self.metric(logits, idx), graddrop=graddrop, acc=self.acc)
-            self.forward_passes += 2 * len(idx)
+                self.host, sites, batch.clean, batch.corrupt, batch.mask,
+                lambda logits, key=batch.key: self.metric(logits, key), graddrop=graddrop, acc=self.acc)
+            self.forward_passes += 2 * len(batch.idx)
             # one full backward, plus GradDrop's cut at layer l running through l of the L layers
-            self.backward_passes += len(idx) * (1 + ((self.host.n_layers - 1) / 2 if graddrop else 0))
+            self.backward_passes += len(batch.idx) * (1 + ((self.host.n_layers - 1) / 2 if graddrop else 0))
             for k, v in first.items():
                 score = gd[k] / (self.host.n_layers - 1) if gd is not None else v.abs()  # per pair
                 _add(sums_abs, k, v.abs().sum(0))
                 _add(sums, k, v.sum(0))
                 if gd is not None:
                     _add(sums_gd, k, score.sum(0))
-                spread.setdefault(k, Moments()).add(score, self.pairs.mask[idx])
+                spread.setdefault(k, Moments()).add(score, batch.mask)
         self.score_std_error = {k: m.std_error() for k, m in spread.items()}
         gd_mean = self.mean_over_pairs(sums_gd) if graddrop else None
         return self.mean_over_pairs(sums_abs), self.mean_over_pairs(sums), gd_mean
 
     # --- exact patching ----------------------------------------------------------------
-    def noise_values(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Site values (and the values of hooks adapters read) of the corrupt prompts of pairs ``idx``."""
+    def noise_values(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Site values (and the values of hooks adapters read) of the corrupt prompts of ``batch``."""
         sites = self.sites()
         with torch.no_grad():
-            _, acts = run(self.host, self.pairs.corrupt[idx], self.pairs.mask[idx], {h for s in sites for h in s.needs})
+            _, acts = run(self.host, batch.corrupt, batch.mask, {h for s in sites for h in s.needs})
         check_order(sites, acts)
-        self.forward_passes += len(idx)
+        self.forward_passes += len(batch.idx)
         return acts
 
-    def clean_metric(self, idx: torch.Tensor) -> torch.Tensor:
-        """The metric on the unpatched clean prompts of pairs ``idx``: ``[len(idx)]``."""
+    def clean_metric(self, batch: Batch) -> torch.Tensor:
+        """The metric on the unpatched clean prompts of ``batch``: ``[batch]``."""
         with torch.no_grad():
-            logits, _ = run(self.host, self.pairs.clean[idx], self.pairs.mask[idx])
-        self.forward_passes += len(idx)
-        return self.metric(logits, idx).to(self.acc)
+            logits, _ = run(self.host, batch.clean, batch.mask)
+        self.forward_passes += len(batch.idx)
+        return self.metric(logits, batch.key).to(self.acc)
 
-    def patched_metric(self, idx: torch.Tensor, noise: dict[str, torch.Tensor], masks: Masks) -> torch.Tensor:
-        """The metric on copies of clean prompts ``idx`` (``[copies]``) with ``masks`` patched in;
-        ``noise`` holds the matching corrupt values ``[copies, ...]`` of the patched sites' ``needs``."""
+    def patched_metric(self, copies: Batch, noise: dict[str, torch.Tensor], masks: Masks) -> torch.Tensor:
+        """The metric on ``copies`` of clean prompts with ``masks`` patched in; ``noise`` holds the
+        matching corrupt values ``[copies, ...]`` of the patched sites' ``needs``."""
         with torch.no_grad():
-            logits = patched_run(self.host, self.sites(), self.pairs.clean[idx], self.pairs.mask[idx], noise, masks)
-        self.forward_passes += len(idx)
-        return self.metric(logits, idx).to(self.acc)
+            logits = patched_run(self.host, self.sites(), copies.clean, copies.mask, noise, masks)
+        self.forward_passes += len(copies.idx)
+        return self.metric(logits, copies.key).to(self.acc)
 
     def patch_sets(self, nodes: NodeSet, members: Members, n_sets: int, desc: str) -> Iterator[SetEffects]:
         """Joint patching: the effect of patching each of ``n_sets`` sets of ``nodes`` jointly from
@@ -298,10 +300,13 @@ class Engine:
         Many patched copies (set, pair) run in one forward pass (``copies_per_pass``). A copy whose
         set has no node at a real (not padding) position of its pair would patch nothing: it is
         skipped, with effect 0 and ``patched`` False. Each batch of pairs costs a noise and a clean
-        run; the node shapes come from the first noise run (no probe run).
+        run; the node shapes come from the first noise run (no probe run). Under ``torch.distributed``
+        each rank patches its share of the batches of pairs.
         """
-        batches = list(torch.arange(self.pairs.n, device=self.host.device).split(self.batch_size))
-        first_noise = self.noise_values(batches[0])
+        size = distributed.batch_for_ranks(self.batch_size, self.pairs.n)
+        numbers = distributed.share(range(self.pairs.n_batches(size)))
+        first = next(self.pairs.batches(size, numbers[:1]))
+        first_noise = self.noise_values(first)
         shapes, sites = self.node_shapes(first_noise), self.sites()
         keys = list(nodes)
         flat = torch.cat([nodes[k].cpu().long() for k in keys])  # [U]: index into its site's grid
@@ -312,8 +317,8 @@ class Engine:
         held = sum(v[:1].numel() * v.element_size() for v in first_noise.values()) \
             + sum(math.prod(shapes[k]) for k in keys)
         per_pass = self.copies_per_pass(held)
-        planned = [int(patched.sum()) for idx in batches  # copies per range of sets
-                   for *_, patched in self._set_ranges(idx, members, n_sets, pos, per_pass)]
+        planned = [int(patched.sum()) for batch in self.pairs.batches(size, numbers)  # copies per range of sets
+                   for *_, patched in self._set_ranges(batch, members, n_sets, pos, per_pass)]
         copies, passes = sum(planned), sum(-(-c // per_pass) for c in planned)
         announce = self.progress is not False and copies > progress.PROGRESS_MIN
         if announce:
@@ -321,12 +326,12 @@ class Engine:
                                f"a noise and a clean run of each of the {self.pairs.n} pairs")
         timed = announce  # the first patched pass is timed for an estimate of the rest
         with self.progress_bar(copies, desc, unit="prompt", exhaustive=True) as bar:
-            for b, idx in enumerate(batches):
-                noise = first_noise if b == 0 else self.noise_values(idx)
-                base = self.clean_metric(idx).cpu()  # [batch]
-                real = self.pairs.mask[idx].cpu()  # [batch, T]
-                for start, stop, (set_of, node), patched in self._set_ranges(idx, members, n_sets, pos, per_pass):
-                    effect = torch.zeros(stop - start, len(idx), dtype=self.acc)  # [sets, batch]
+            for b, batch in enumerate(self.pairs.batches(size, numbers)):
+                noise = first_noise if b == 0 else self.noise_values(batch)
+                base = self.clean_metric(batch).cpu()  # [batch]
+                real = batch.mask.cpu()  # [batch, T]
+                for start, stop, (set_of, node), patched in self._set_ranges(batch, members, n_sets, pos, per_pass):
+                    effect = torch.zeros(stop - start, len(batch.idx), dtype=self.acc)  # [sets, batch]
                     grids = {}  # key number -> [sets, pos, *node] bool: each set's nodes at that site
                     for i in owner[node].unique().tolist():
                         sel = owner[node] == i
@@ -341,25 +346,25 @@ class Engine:
                             rows = grid[cs] & real[cp].reshape(len(cs), grid.shape[1], *(1,) * (grid.ndim - 2))
                             masks.setdefault(keys[i][0], {})[keys[i][1]] = rows.to(self.host.device)
                         hooks = {h for n in masks for h in sites[n].needs}
-                        rows_dev = cp.to(idx.device)
+                        rows_dev = cp.to(batch.idx.device)
                         began = time.perf_counter()
-                        vals = self.patched_metric(idx[rows_dev], {h: noise[h][rows_dev] for h in hooks}, masks)
+                        vals = self.patched_metric(batch.rows(cp), {h: noise[h][rows_dev] for h in hooks}, masks)
                         effect[cs, cp] = vals.cpu() - base[cp]
                         if timed:
                             took, timed = time.perf_counter() - began, False
                             progress.say(desc, f"the first pass took {progress.duration(took)}: about "
                                                f"{progress.duration(took * (passes - 1))} for the other {passes - 1:,}")
                         bar.update(len(cs))
-                    yield SetEffects(idx, start, stop, effect, patched)
+                    yield SetEffects(batch.idx, start, stop, effect, patched)
 
-    def _set_ranges(self, idx: torch.Tensor, members: Members, n_sets: int, pos: torch.Tensor, per_pass: int
+    def _set_ranges(self, batch: Batch, members: Members, n_sets: int, pos: torch.Tensor, per_pass: int
                     ) -> Iterator[tuple[int, int, tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
-        """For the pairs ``idx``: consecutive ranges ``start..stop-1`` of the sets with their members
+        """For the pairs of ``batch``: consecutive ranges ``start..stop-1`` of the sets with their members
         (set numbers from 0, node numbers) and which copies patch something, ``[sets, batch]`` bool.
         A range holds lcm(per_pass, batch) copies, so that it splits into full forward passes of
         ``per_pass`` copies (where none is skipped), with at most ``per_pass`` sets."""
-        real = self.pairs.mask[idx].cpu().float()  # [batch, T]
-        step = per_pass // math.gcd(per_pass, len(idx))
+        real = batch.mask.cpu().float()  # [batch, T]
+        step = per_pass // math.gcd(per_pass, len(batch.idx))
         for start in range(0, n_sets, step):
             stop = min(start + step, n_sets)
             set_of, node = members(start, stop)
@@ -374,7 +379,7 @@ class Engine:
         if self.patch_batch_size is not None:
             return self.patch_batch_size
         budget = self.max_memory if self.max_memory is not None else memory.default_budget(self.host.device)
-        return memory.copies_per_pass(memory.forward_bytes(self.host, self.pairs.clean.shape[1], held), budget)
+        return memory.copies_per_pass(memory.forward_bytes(self.host, self.pairs.width, held), budget)
 
     def exact_effects(self, nodes: NodeSet, desc: str = "exact patching") -> tuple[NodeSet, NodeSet]:
         """Mean over pairs of the exact effect I(n) = L(clean | n <- noise) - L(clean) of each node,
@@ -400,7 +405,7 @@ class Engine:
         """(site number, group) -> node grid ``(pos, *node)`` (cached): from ``noise`` (values of a
         noise run) where given, else from a probe run of one prompt."""
         if self._shapes is None:
-            probe = noise if noise is not None else self.noise_values(torch.arange(1, device=self.host.device))
+            probe = noise if noise is not None else self.noise_values(next(self.pairs.batches(1, [0])))
             one = {h: v[:1] for h, v in probe.items()}  # one prompt is enough for the shapes
             self._shapes = {(n, grp): tuple(enc.shape[1:-1]) for n, s in enumerate(self.sites())
                             for grp, enc in s.adapter.encode(s.hook, s.value(one)).items()}

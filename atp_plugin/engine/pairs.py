@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -12,29 +12,114 @@ from ..errors import AtpError
 from ..hosts import Host
 
 
-@dataclass
-class Pairs:
-    """N token-aligned prompt pairs.
+@dataclass(frozen=True)
+class Batch:
+    """A batch of pairs as the engine runs them: ``clean``/``corrupt`` ``[batch, T]`` token ids,
+    ``mask`` ``[batch, T]`` (False at left padding), ``idx`` ``[batch]`` the pairs' numbers and
+    ``labels`` (a labelled stream's per-pair data ``[batch, ...]``, else None)."""
 
-    ``clean``/``corrupt``: ``[N, T]`` token ids; ``mask``: ``[N, T]`` bool, False at left padding.
-    """
-
+    idx: torch.Tensor
     clean: torch.Tensor
     corrupt: torch.Tensor
     mask: torch.Tensor
+    labels: torch.Tensor | None = None
+
+    def rows(self, rows: torch.Tensor) -> Batch:
+        """The batch of rows ``rows`` (local numbers, repeats allowed: patched copies of a pair)."""
+        rows = rows.to(self.clean.device)
+        return Batch(self.idx[rows], self.clean[rows], self.corrupt[rows], self.mask[rows],
+                     None if self.labels is None else self.labels[rows.to(self.labels.device)])
+
+    @property
+    def key(self) -> torch.Tensor:
+        """What the metric gets as its second argument for these rows: their labels on a labelled
+        stream, else their pair numbers."""
+        return self.idx if self.labels is None else self.labels
+
+
+class PairSource:
+    """Where the engine reads pairs from, a batch at a time: ``Pairs`` in memory or a stream.
+    ``n`` pairs, every batch left-padded to ``width`` tokens; ``mask`` ``[n, width]`` (False at
+    left padding) and ``counts`` ``[width]`` the number of pairs in which each position is real."""
+
+    @property
+    def n(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def width(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def mask(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self.mask.sum(0)
+
+    def batches(self, batch_size: int, numbers: Sequence[int] | None = None) -> Iterator[Batch]:
+        """The pairs in order, ``batch_size`` at a time; only the batches ``numbers`` where given
+        (a rank's share of them)."""
+        raise NotImplementedError
+
+    def n_batches(self, batch_size: int) -> int:
+        return -(-self.n // batch_size)
+
+    def select(self, indices: torch.Tensor) -> Pairs:
+        """The pairs ``indices`` (in that order) in memory, padded to ``width``."""
+        rows: dict[int, tuple[Batch, int]] = {}
+        wanted = set(indices.tolist())
+        for batch in self.batches(64):
+            rows.update({int(i): (batch, r) for r, i in enumerate(batch.idx.tolist()) if i in wanted})
+        picked = [rows[int(i)][0].rows(torch.tensor([rows[int(i)][1]])) for i in indices]
+        labels = None if picked[0].labels is None else torch.cat([b.labels for b in picked])  # type: ignore[misc]
+        return Pairs(torch.cat([b.clean for b in picked]), torch.cat([b.corrupt for b in picked]),
+                     torch.cat([b.mask for b in picked]), labels)
+
+    @property
+    def padded(self) -> bool:
+        return bool((self.counts < self.n).any())
+
+    @property
+    def alignment(self) -> str:
+        return ("left-padded: position -1 is every prompt's last token; pad positions have no nodes"
+                if self.padded else "unpadded: every prompt has the same length")
+
+
+class Pairs(PairSource):
+    """N token-aligned prompt pairs, held in memory.
+
+    ``clean``/``corrupt``: ``[N, T]`` token ids; ``mask``: ``[N, T]`` bool, False at left padding;
+    ``labels``: per-pair data for the metric ``[N, ...]`` (pairs selected from a labelled stream).
+    """
+
+    def __init__(self, clean: torch.Tensor, corrupt: torch.Tensor, mask: torch.Tensor,
+                 labels: torch.Tensor | None = None):
+        self.clean, self.corrupt, self._mask, self.labels = clean, corrupt, mask, labels
 
     @property
     def n(self) -> int:
         return self.clean.shape[0]
 
     @property
-    def padded(self) -> bool:
-        return not bool(self.mask.all())
+    def width(self) -> int:
+        return self.clean.shape[1]
 
     @property
-    def alignment(self) -> str:
-        return ("left-padded: position -1 is every prompt's last token; pad positions have no nodes"
-                if self.padded else "unpadded: every prompt has the same length")
+    def mask(self) -> torch.Tensor:
+        return self._mask
+
+    def batches(self, batch_size: int, numbers: Sequence[int] | None = None) -> Iterator[Batch]:
+        idx = torch.arange(self.n, device=self.clean.device).split(batch_size)
+        for b in (range(len(idx)) if numbers is None else numbers):
+            yield Batch(idx[b], self.clean[idx[b]], self.corrupt[idx[b]], self.mask[idx[b]],
+                        None if self.labels is None else self.labels[idx[b].to(self.labels.device)])
+
+    def select(self, indices: torch.Tensor) -> Pairs:
+        idx = indices.to(self.clean.device)
+        return Pairs(self.clean[idx], self.corrupt[idx], self.mask[idx],
+                     None if self.labels is None else self.labels[idx.to(self.labels.device)])
 
 
 def _as_tokens(x: torch.Tensor, what: str, d_vocab: int) -> torch.Tensor:
@@ -73,28 +158,39 @@ def make_pairs(host: Host, clean: torch.Tensor | Sequence[str], corrupt: torch.T
     rows_c, rows_n = [], []
     base = len(host.tokenize(""))  # what tokenizing adds to any prompt (a BOS token, or nothing)
     for i, (a, b) in enumerate(zip(clean, corrupt)):
-        try:
-            ta, tb = host.tokenize(a), host.tokenize(b)
-        except ValueError as e:  # e.g. a word the tokenizer does not know: say which pair
-            raise AtpError(f"pair {i}: {e}") from e
-        for what, text, toks in (("clean", a, ta), ("corrupt", b, tb)):
-            if len(toks) <= base:
-                raise AtpError(f"pair {i}: the {what} prompt {text!r} has no tokens (besides BOS); give every "
-                                 "pair a non-empty prompt or drop the pair")
-        if len(ta) != len(tb):
-            raise AtpError(
-                f"pair {i} is not token-aligned: clean {a!r} has {len(ta)} tokens, corrupt {b!r} has {len(tb)}; "
-                "AtP needs the same length within a pair (change the corrupt prompt so its tokens line up)")
+        ta, tb = tokenize_pair(host, a, b, base, f"pair {i}")
         rows_c.append(ta)
         rows_n.append(tb)
-    width = max(len(r) for r in rows_c)
+    return _warn_identical(left_padded(host, rows_c, rows_n, max(len(r) for r in rows_c)))
+
+
+def tokenize_pair(host: Host, clean: str, corrupt: str, base: int, where: str) -> tuple[list[int], list[int]]:
+    """The token ids of one pair of prompts, checked non-empty and token-aligned; ``base``: the
+    number of tokens tokenizing adds to any prompt, ``where``: the pair's name in errors."""
+    try:
+        ta, tb = host.tokenize(clean), host.tokenize(corrupt)
+    except ValueError as e:  # e.g. a word the tokenizer does not know: say which pair
+        raise AtpError(f"{where}: {e}") from e
+    for what, text, toks in (("clean", clean, ta), ("corrupt", corrupt, tb)):
+        if len(toks) <= base:
+            raise AtpError(f"{where}: the {what} prompt {text!r} has no tokens (besides BOS); give every "
+                           "pair a non-empty prompt or drop the pair")
+    if len(ta) != len(tb):
+        raise AtpError(
+            f"{where} is not token-aligned: clean {clean!r} has {len(ta)} tokens, corrupt {corrupt!r} has {len(tb)}; "
+            "AtP needs the same length within a pair (change the corrupt prompt so its tokens line up)")
+    return ta, tb
+
+
+def left_padded(host: Host, rows_c: list[list[int]], rows_n: list[list[int]], width: int) -> Pairs:
+    """Token-aligned rows left-padded to ``width`` tokens, on the model's device."""
     pad = host.pad_id()
 
     def padded(rows: list[list[int]]) -> torch.Tensor:
         return torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
 
-    mask = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows_c])
-    return _warn_identical(Pairs(padded(rows_c).to(host.device), padded(rows_n).to(host.device), mask.to(host.device)))
+    mask = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows_c], dtype=torch.bool)
+    return Pairs(padded(rows_c).to(host.device), padded(rows_n).to(host.device), mask.to(host.device))
 
 
 def _warn_identical(pairs: Pairs) -> Pairs:
