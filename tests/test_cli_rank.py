@@ -217,7 +217,9 @@ BAD_FILES = [
      r"p\.jsonl line 1: answer 'w4 w6' is 2 tokens; it must be exactly one token"),
     ("p.jsonl", '{"clean": "w1 w2", "corrupt": "w1 w3", "answer": "w4", "wrong": "w5"}\n'
                 '{"clean": "w1 w2 w3", "corrupt": "w1 w3", "answer": "w4", "wrong": "w5"}\n',
-     r"p\.jsonl line 2: clean has 4 tokens but corrupt has 3; a pair must be token-aligned"),
+     r"p\.jsonl line 2 is not token-aligned: clean 'w1 w2 w3' has 4 tokens, corrupt 'w1 w3' has 3"),
+    ("p.csv", "clean,corrupt,answer,wrong\nw1 w2,w1 w3,w4,w5\nw1 w2 w3,w1 w3,w4,w5\n",
+     r"p\.csv line 3: clean has 4 tokens but corrupt has 3; a pair must be token-aligned"),
 ]
 
 

@@ -10,15 +10,16 @@ says how much patching it with its value on the corrupt prompt changes that.
 
 --model: ``demo`` (the bundled IOI model), a local Hugging Face model directory (loaded as a
 TransformerBridge in compatibility mode) or a TransformerLens model name (HookedTransformer,
-downloaded from the hub). --pairs: a JSONL file (one JSON object per line), a JSON array of objects
-(.json, or any file whose text starts with "[") or a CSV file (header row) with the fields clean,
-corrupt, answer, wrong.
+downloaded from the hub). --pairs: a JSONL file (one JSON object per line; read a line at a time,
+so memory stays flat however many pairs it holds), a JSON array of objects (.json, or any file
+whose text starts with "[") or a CSV file (header row) with the fields clean, corrupt, answer, wrong.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import sys
@@ -26,18 +27,19 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .. import attribute, metrics, plugins
+from .. import PairStream, attribute, metrics, plugins
 from ..attribution import host_for
 from ..errors import AtpError
 from .usage import UsageError, check_at_least, check_device, check_output, check_registered
 
 FIELDS = ("clean", "corrupt", "answer", "wrong")
+PROMPTS_SHOWN = 6  # pairs the report shows token by token
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -88,18 +90,30 @@ def run(args: argparse.Namespace) -> int:
     nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
     _check_options(args, nodes)
     _check_outputs(args, nodes)
-    pairs = _read_pairs(Path(args.pairs)) if args.pairs else _given_pairs(args)
+    path = Path(args.pairs) if args.pairs else None
+    streamed = path is not None and _is_jsonl(path)
+    if streamed:  # every line checked now, before the model loads; tokenized later a batch at a time
+        first = list(itertools.islice(_jsonl_file(path), PROMPTS_SHOWN))
+        if sum(1 for _ in _jsonl_file(path)) == 0:
+            raise UsageError(f"--pairs {path}: the file holds no pairs")
+    else:
+        pairs = first = _read_pairs(path) if path is not None else _given_pairs(args)
     device = check_device(args.device) if args.device else ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
     model, model_label = load_model(args.model, device, DTYPES[args.dtype], quiet=args.quiet)
-    answers, wrongs = _answer_ids(model, pairs)
-    _check_alignment(model, pairs)
-    metric = metrics.logit_diff(answers, wrongs)
+    if streamed:
+        clean: Any = PairStream(lambda: _labelled(model, _jsonl_file(path)))
+        corrupt, metric = None, metrics.logit_diff_labels()
+    else:
+        answers, wrongs = _answer_ids(model, pairs)
+        _check_alignment(model, pairs)
+        clean, corrupt = [p.clean for p in pairs], [p.corrupt for p in pairs]
+        metric = metrics.logit_diff(answers, wrongs)
     torch.set_grad_enabled(True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            result = attribute(model, [p.clean for p in pairs], [p.corrupt for p in pairs], metric, nodes=nodes,
+            result = attribute(model, clean, corrupt, metric, nodes=nodes,
                                method=args.method, batch_size=args.batch_size,
                                progress=False if args.quiet else None)  # None: bars on a terminal, long work anywhere
         except AtpError as e:  # what the library names as a problem of the input (a node type this model
@@ -112,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     rows = max(args.top_k, args.verify) if args.top_k else 0  # every verified node is shown
     table = ranked_table(result, verified, rows)
 
-    print(f"atp rank: {model_label}; {len(pairs)} pair(s); method {result.method}; "
+    print(f"atp rank: {model_label}; {result.n_pairs} pair(s); method {result.method}; "
           f"{table.attrs['n_nodes']} nodes ({', '.join(nodes)}); {elapsed:.1f}s")
     n_verified = 0 if verified is None else len(verified)  # --verify above the number of nodes verifies them all
     print("metric: logit(answer) - logit(wrong) at the last token" + (
@@ -128,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         written.append(args.out_csv)
     if args.out_json:
         Path(args.out_json).write_text(json.dumps({
-            "model": model_label, "method": result.method, "nodes": nodes, "n_pairs": len(pairs),
+            "model": model_label, "method": result.method, "nodes": nodes, "n_pairs": result.n_pairs,
             "metric": "logit(answer) - logit(wrong) at the last token", "alignment": result.alignment,
             "dtype": args.dtype, "verified": n_verified, "ranked": _records(table)}, indent=1))
         written.append(args.out_json)
@@ -136,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         from ..report import write_report
         write_report(result, args.report, verified=verified, top_k=rows or 20, model_label=model_label,
                      metric_label="logit(answer) - logit(wrong) at the last token",
-                     prompt_labels=[f"{p.answer!r} vs {p.wrong!r}" for p in pairs])
+                     prompts=PROMPTS_SHOWN, prompt_labels=[f"{p.answer!r} vs {p.wrong!r}" for p in first])
         written.append(args.report)
     if written:
         print("wrote " + ", ".join(written))
@@ -173,8 +187,39 @@ def _given_pairs(args: argparse.Namespace) -> list[Pair]:
             for i, (clean, corrupt, answer, wrong) in enumerate(zip(args.clean, args.corrupt, args.answer, args.wrong))]
 
 
+def _is_jsonl(path: Path) -> bool:
+    """Whether ``--pairs`` is a JSONL file (read a line at a time), not a JSON array or a table."""
+    if not path.is_file():
+        raise UsageError(f"--pairs {path}: {'not a regular file' if path.exists() else 'no such file'}")
+    if path.suffix.lower() not in (".jsonl", ".json", ".ndjson"):
+        return False
+    try:
+        with path.open(encoding="utf-8-sig") as f:
+            while (char := f.read(1)).isspace():
+                pass
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--pairs {path}: cannot read it as UTF-8 text ({e})") from e
+    return char != "["  # a JSON array, pretty-printed or not, whatever the file's name
+
+
+def _jsonl_file(path: Path) -> Iterator[Pair]:
+    """The pairs of a JSONL file, read a line at a time."""
+    try:
+        with path.open(encoding="utf-8-sig") as f:
+            yield from _jsonl_pairs(str(path), f)
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--pairs {path}: cannot read it as UTF-8 text ({e})") from e
+
+
+def _labelled(model: Any, pairs: Iterable[Pair]) -> Iterator[tuple[str, str, list[int]]]:
+    """(clean, corrupt, [answer id, wrong id]) per pair: a labelled stream's items."""
+    for p in pairs:
+        answer, wrong = _answer_ids(model, [p])
+        yield p.clean, p.corrupt, [int(answer), int(wrong)]
+
+
 def _read_pairs(path: Path) -> list[Pair]:
-    """Pairs from a JSONL or CSV file, each with the line it came from."""
+    """Pairs from a JSON array or CSV file, each with the line it came from."""
     if not path.is_file():
         raise UsageError(f"--pairs {path}: {'not a regular file' if path.exists() else 'no such file'}")
     try:
@@ -185,7 +230,7 @@ def _read_pairs(path: Path) -> list[Pair]:
     if text.lstrip().startswith("["):  # a JSON array, pretty-printed or not, whatever the file's name
         pairs = _json_array_pairs(str(path), text)
     elif suffix in (".jsonl", ".json", ".ndjson"):
-        pairs = _jsonl_pairs(str(path), text)
+        pairs = list(_jsonl_pairs(str(path), text.splitlines()))
     elif suffix in (".csv", ".tsv"):
         pairs = _csv_pairs(str(path), text, "\t" if suffix == ".tsv" else ",")
     else:
@@ -208,9 +253,8 @@ def _pair(fields: dict[str, Any], where: str) -> Pair:
     return Pair(fields["clean"], fields["corrupt"], fields["answer"], fields["wrong"], where=where)
 
 
-def _jsonl_pairs(name: str, text: str) -> list[Pair]:
-    pairs = []
-    for number, line in enumerate(text.splitlines(), start=1):
+def _jsonl_pairs(name: str, lines: Iterable[str]) -> Iterator[Pair]:
+    for number, line in enumerate((line.rstrip("\r\n") for line in lines), start=1):
         if not line.strip():
             continue
         try:
@@ -221,8 +265,7 @@ def _jsonl_pairs(name: str, text: str) -> list[Pair]:
         if not isinstance(obj, dict):
             raise UsageError(f"{name} line {number}: expected a JSON object with fields {', '.join(FIELDS)}, "
                              f"got {type(obj).__name__}")
-        pairs.append(_pair(obj, f"{name} line {number}"))
-    return pairs
+        yield _pair(obj, f"{name} line {number}")
 
 
 def _json_array_pairs(name: str, text: str) -> list[Pair]:
