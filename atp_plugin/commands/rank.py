@@ -91,18 +91,18 @@ def run(args: argparse.Namespace) -> int:
     _check_options(args, nodes)
     _check_outputs(args, nodes)
     path = Path(args.pairs) if args.pairs else None
-    streamed = path is not None and _is_jsonl(path)
-    if streamed:  # every line checked now, before the model loads; tokenized later a batch at a time
-        first = list(itertools.islice(_jsonl_file(path), PROMPTS_SHOWN))
-        if sum(1 for _ in _jsonl_file(path)) == 0:
+    stream = path if path is not None and _is_jsonl(path) else None
+    if stream is not None:  # every line checked now, before the model loads; tokenized later a batch at a time
+        first = list(itertools.islice(_jsonl_file(stream), PROMPTS_SHOWN))
+        if not any(True for _ in _jsonl_file(stream)):
             raise UsageError(f"--pairs {path}: the file holds no pairs")
     else:
         pairs = first = _read_pairs(path) if path is not None else _given_pairs(args)
     device = check_device(args.device) if args.device else ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
     model, model_label = load_model(args.model, device, DTYPES[args.dtype], quiet=args.quiet)
-    if streamed:
-        clean: Any = PairStream(lambda: _labelled(model, _jsonl_file(path)))
+    if stream is not None:
+        clean: Any = PairStream.named(lambda: _labelled(model, _jsonl_file(stream)))
         corrupt, metric = None, metrics.logit_diff_labels()
     else:
         answers, wrongs = _answer_ids(model, pairs)
@@ -211,11 +211,11 @@ def _jsonl_file(path: Path) -> Iterator[Pair]:
         raise UsageError(f"--pairs {path}: cannot read it as UTF-8 text ({e})") from e
 
 
-def _labelled(model: Any, pairs: Iterable[Pair]) -> Iterator[tuple[str, str, list[int]]]:
-    """(clean, corrupt, [answer id, wrong id]) per pair: a labelled stream's items."""
+def _labelled(model: Any, pairs: Iterable[Pair]) -> Iterator[tuple[str, tuple[str, str, list[int]]]]:
+    """(where, (clean, corrupt, [answer id, wrong id])) per pair: a labelled stream's items."""
     for p in pairs:
         answer, wrong = _answer_ids(model, [p])
-        yield p.clean, p.corrupt, [int(answer), int(wrong)]
+        yield p.where, (p.clean, p.corrupt, [int(answer), int(wrong)])
 
 
 def _read_pairs(path: Path) -> list[Pair]:

@@ -59,8 +59,14 @@ class PairStream:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no pairs file {path}")
+        return cls.named(lambda: _jsonl_items(path))
+
+    @classmethod
+    def named(cls, source: Callable[[], Iterator[tuple[str, Item]]]) -> PairStream:
+        """A stream of ``(where, item)`` from ``source()``, ``where`` naming the item in errors
+        (e.g. ``"pairs.jsonl line 3"``)."""
         stream = cls([])
-        stream._open = lambda: _jsonl_items(path)
+        stream._open = source
         return stream
 
     def items(self) -> Iterator[tuple[str, Item]]:
