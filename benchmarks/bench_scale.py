@@ -51,6 +51,7 @@ from atp_plugin import metrics
 from bench_atp import build_model as build_bench_model  # this script's folder is on sys.path
 from bench_atp import floor, make_task
 from random_inputs import random_model, random_pairs  # this script's folder is on sys.path
+from timing import peak_kb, status_kb
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NODES = ["attn_q", "attn_k", "attn_v", "attn_z", "mlp_neurons"]
@@ -72,18 +73,6 @@ def make_pairs(n: int, t: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tenso
     return random_pairs(n, t, D_VOCAB, torch.Generator().manual_seed(seed))
 
 
-def peak_kb() -> int:
-    """This process's peak resident memory (VmHWM), kB."""
-    return _status_kb("VmHWM")
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def job(model: HookedTransformer, what: str, n_pairs: int, t: int) -> Callable[[], object]:
     """The work measured as ``what`` (floor or a method) on ``n_pairs`` pairs of ``t`` tokens."""
     clean, corrupt = make_pairs(n_pairs, t)
@@ -100,13 +89,13 @@ def child(what: str, n_pairs: int, t: int, repeats: int) -> dict[str, float]:
     verify(10): its time, the peak before it, the resident memory at its start and its own peak
     (VmHWM reset after attribute())."""
     model = build_model()
-    out: dict[str, float] = {"model_kb": _status_kb("VmRSS")}
+    out: dict[str, float] = {"model_kb": status_kb("VmRSS")}
     if what == "verify":
         job(model, "atp", n_pairs, WARMUP_T)().verify(10)
         result = job(model, "atp", n_pairs, t)()
         out["before_kb"] = peak_kb()
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current VmRSS
-        out["start_kb"] = _status_kb("VmRSS")
+        out["start_kb"] = status_kb("VmRSS")
         wall, cpu = time.perf_counter(), time.process_time()
         result.verify(10)
         out["wall"], out["seconds"] = time.perf_counter() - wall, time.process_time() - cpu

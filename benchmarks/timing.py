@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 
@@ -20,3 +21,16 @@ def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int) -> dic
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def peak_kb() -> int:
+    """This process's peak resident memory (VmHWM), kB."""
+    return status_kb("VmHWM")
+
+
+def status_kb(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM), kB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
