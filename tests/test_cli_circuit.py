@@ -1,5 +1,6 @@
 """``atp circuit`` (atp_plugin/commands/circuit.py) on the bundled IOI model: the printed
-faithfulness and files against the library computed independently; bad arguments."""
+faithfulness and files (CSV, JSON, SVG, the HTML report) against the library computed
+independently; bad arguments."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from atp_plugin.commands import circuit as command
 from atp_plugin.commands.usage import UsageError, demo_task
 from atp_plugin.edges import attribute_edges, faithfulness, faithfulness_curve, top_circuit
+from html_report import svgs, tables
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -22,9 +24,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def test_circuit_command_on_the_demo_model(tmp_path, capsys):
-    svg, csv, js = tmp_path / "c.svg", tmp_path / "c.csv", tmp_path / "c.json"
+    svg, csv, js, page = tmp_path / "c.svg", tmp_path / "c.csv", tmp_path / "c.json", tmp_path / "c.html"
     assert command.run(parse(["--n-pairs", "4", "--size", "25", "--curve", "--svg", str(svg), "--out-csv", str(csv),
-                              "--out-json", str(js), "--quiet"])) == 0
+                              "--out-json", str(js), "--report", str(page), "--verify", "3", "--quiet"])) == 0
     out = capsys.readouterr().out
     model, task, metric = demo_task(4, 0)
     result = attribute_edges(model, task.clean, task.corrupt, metric)
@@ -42,12 +44,23 @@ def test_circuit_command_on_the_demo_model(tmp_path, capsys):
     assert root.tag.endswith("svg") and "href" not in svg.read_text()
     titles = [t.text.split(":")[0] for t in root.iter("{http://www.w3.org/2000/svg}title")]
     assert set(titles) == set(circuit.edges())
+    # the report: the same circuit, faithfulness, curve and verified edges (its numbers are checked
+    # against independent computations in test_circuit_report.py)
+    text = page.read_text()
+    found = tables(text)
+    assert float(dict(found["summary"])["faithfulness"]) == pytest.approx(f, rel=5.001e-4)
+    assert float(dict(found["curve-summary"])["CPR (area under the curve)"]) == pytest.approx(curve.cpr, rel=5.001e-4)
+    assert [row[0] for row in found["top-edges"][1:]] == result.top(3)["edge"].tolist()
+    pictured = {p.get("data-edge") for p in svgs(text)["circuit"].iter("{http://www.w3.org/2000/svg}path")}
+    assert pictured == set(circuit.edges())
+    assert "wrote " + str(page) in out
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--size", "-1"], "--size must be at least 0"),
     (["--n-pairs", "0"], "--n-pairs must be at least 1"),
     (["--model", "gpt2"], "--pairs FILE is required"),
+    (["--report", "/nonexistent-dir/c.html"], "--report /nonexistent-dir/c.html: the directory"),
 ])
 def test_bad_arguments(argv, message):
     with pytest.raises(UsageError, match=message):
@@ -64,6 +77,9 @@ def test_demo_circuit(tmp_path, monkeypatch, capsys):
     f = faithfulness(model, task.clean, task.corrupt, metric, top_circuit(result, 40))
     assert f"faithfulness {f:.4f}" in out and "CPR (area under the curve)" in out
     assert ET.fromstring((tmp_path / command.DEMO_SVG).read_text()).tag.endswith("svg")
+    found = tables((tmp_path / command.DEMO_REPORT).read_text())
+    assert float(dict(found["summary"])["faithfulness"]) == pytest.approx(f, rel=5.001e-4)
+    assert len(found["top-edges"]) == 1 + 10 and len(found["curve-points"]) == 1 + 10  # header + rows
 
 
 def test_per_position_circuit(capsys):

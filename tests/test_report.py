@@ -4,11 +4,7 @@ reductions of the result, and the page as a real headless Chromium renders it.""
 from __future__ import annotations
 
 import base64
-import os
 import re
-import subprocess
-from html.parser import HTMLParser
-from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -17,8 +13,8 @@ import torch
 from atp_plugin import attribute, metrics
 from atp_plugin.report import figure_path, heatmap_grid, token_scores, write_report
 from hf_models import load_hooked, save_gpt2
+from html_report import Dom, chromium, external_urls
 
-CHROMIUM = "/usr/bin/chromium"
 NODES = ["attn_z", "attn_q", "mlp_neurons", "resid_pre"]
 CLEAN = ["w1 w2 w3 w4 w5", "w7 w8 w9", "w10 w11 w12 w13"]  # left-padded to 6 tokens (with BOS)
 CORRUPT = ["w1 w6 w3 w4 w5", "w7 w20 w9", "w10 w11 w30 w13"]
@@ -92,38 +88,6 @@ class _nothing:
         return False
 
 
-class Dom(HTMLParser):
-    """Tags of a DOM dump with their attributes and text, enough to check what rendered."""
-
-    def __init__(self, text: str):
-        super().__init__()
-        self.tags: list[tuple[str, dict[str, str]]] = []
-        self.text: dict[int, str] = {}
-        self.feed(text)
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-
-    def handle_data(self, data):
-        if self.tags:
-            self.text[len(self.tags) - 1] = self.text.get(len(self.tags) - 1, "") + data
-
-    def find(self, tag: str, cls: str | None = None) -> list[int]:
-        return [i for i, (t, a) in enumerate(self.tags)
-                if t == tag and (cls is None or cls in a.get("class", "").split())]
-
-
-def chromium(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{CHROMIUM} is missing under CI: .ci/run must install it (apt-get install -y chromium)")
-        pytest.skip(f"{CHROMIUM} is not installed (apt-get install -y chromium); CI is not set")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={cwd / 'chromium-profile'}"]
-    return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120, cwd=cwd)
-
-
 def test_the_report_renders_in_headless_chromium(result, tmp_path):
     verified = result.verify(5)
     page = write_report(result, tmp_path / "report.html", verified=verified, model_label="tiny GPT-2",
@@ -151,6 +115,7 @@ def test_the_report_renders_in_headless_chromium(result, tmp_path):
         assert img["src"].startswith("data:image/png;base64,")
         assert base64.b64decode(img["src"].split(",", 1)[1]) == (tmp_path / f"report_{name}.png").read_bytes()
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", done.stdout), "the page must not fetch anything"
+    assert external_urls(page.read_text()) == []
 
     tokens = [a for t, a in dom.tags if t == "span" and "tok" in a.get("class", "").split()]
     assert len(tokens) == 6 + 4 + 5  # real tokens of the three pairs, BOS included

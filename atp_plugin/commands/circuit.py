@@ -2,12 +2,14 @@
 above a threshold), prune dangling ones and measure the circuit's faithfulness by exact patching.
 
   atp circuit                                      # the bundled IOI model on 32 held-out pairs
-  atp circuit --method atp+qk --size 60 --curve --svg circuit.svg
+  atp circuit --method atp+qk --size 60 --verify 10 --report circuit.html
   atp circuit --model ./my-hf-model --pairs pairs.jsonl --threshold 0.05 --out-csv edges.csv
 
 The behaviour is logit(answer) - logit(wrong) at each clean prompt's last token. Faithfulness is
 (L(circuit) - L(corrupt)) / (L(clean) - L(corrupt)) with every edge outside the circuit fed its
-sender's corrupt value; --curve adds MIB's curve over circuit sizes and its CPR / CMD.
+sender's corrupt value; --curve adds MIB's curve over circuit sizes and its CPR / CMD. --report
+writes one self-contained HTML file: the circuit drawn as a graph, the curve with CPR / CMD, the top
+edges (with their exact effects under --verify).
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from ..edges import (
     top_circuit,
 )
 from ..edges.svg import write_circuit_svg
+from ..report import write_circuit_report
 from .usage import UsageError, check_at_least, check_output, demo_task
 
-DEMO_SVG = "atp_demo_circuit.svg"
+DEMO_SVG, DEMO_REPORT = "atp_demo_circuit.svg", "atp_demo_circuit.html"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--curve", action="store_true", help="also the faithfulness curve over MIB's circuit sizes")
     parser.add_argument("--verify", type=int, default=0, metavar="K", help="exactly patch the top K edges one by one")
     parser.add_argument("--svg", metavar="PATH", help="write the circuit as a self-contained SVG picture")
+    parser.add_argument("--report", metavar="PATH",
+                        help="write a self-contained HTML report: the circuit drawn, the faithfulness curve "
+                             "(computed for it) with CPR and CMD, the top edges (verified under --verify)")
     parser.add_argument("--out-csv", metavar="PATH", help="write every edge's score (and whether it is kept) as CSV")
     parser.add_argument("--out-json", metavar="PATH",
                         help="write the circuit, its faithfulness and the settings as JSON")
@@ -63,7 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     check_at_least(1, n_pairs=args.n_pairs, ig_steps=args.ig_steps, batch_size=args.batch_size)
     check_at_least(0, verify=args.verify, size=args.size)
-    for option, path in (("--svg", args.svg), ("--out-csv", args.out_csv), ("--out-json", args.out_json)):
+    for option, path in (("--svg", args.svg), ("--report", args.report), ("--out-csv", args.out_csv),
+                         ("--out-json", args.out_json)):
         check_output(option, path)
     model, clean, corrupt, metric, label = _task(args)
     start = time.perf_counter()
@@ -92,8 +99,7 @@ def _task(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, str]:
             f"{label}, {len(pairs)} pair(s)")
 
 
-def report(result, circuit: Circuit, label: str, scored: float, args: argparse.Namespace,
-           svg_default: str | None = None) -> None:
+def report(result, circuit: Circuit, label: str, scored: float, args: argparse.Namespace) -> None:
     """Print the circuit, its faithfulness (and curve), and write the files asked for."""
     f = faithfulness_of(result, [circuit])[0]
     kept = circuit.keep.reshape(-1).nonzero().flatten()  # rows of to_frame(): edge-major, then position
@@ -109,13 +115,14 @@ def report(result, circuit: Circuit, label: str, scored: float, args: argparse.N
         print(f"... {circuit.n_edges - 30} more edges in the circuit")
     out: dict[str, Any] = {"model": label, "method": result.method, "edges_scored": result.graph.n_edges,
                            "circuit": frame[shown[:-2]].to_dict(orient="records"), "faithfulness": f}
-    if args.curve:
-        curve = faithfulness_curve(result)
+    curve = faithfulness_curve(result) if args.curve or args.report else None
+    if curve is not None:
         print("faithfulness curve (MIB sizes): " + ", ".join(
             f"{p:g}:{v:.3f}" for p, v in zip(curve.percentages, curve.faithfulness)))
         print(f"CPR (area under the curve) {curve.cpr:.4f}; CMD (area between it and 1) {curve.cmd:.4f}")
         out["curve"] = {"percentages": curve.percentages, "sizes": curve.sizes, "faithfulness": curve.faithfulness,
                         "cpr": curve.cpr, "cmd": curve.cmd}
+    checked = None
     if args.verify:
         checked = result.verify(args.verify)
         passes = checked.attrs["forward_passes"]
@@ -123,10 +130,14 @@ def report(result, circuit: Circuit, label: str, scored: float, args: argparse.N
         print(checked[["edge", "estimate", "effect", "mean_abs_effect"]].to_string(
             index=False, float_format=lambda v: f"{v:.4f}"))
         out["verified"] = checked[["edge", "estimate", "effect", "mean_abs_effect"]].to_dict(orient="records")
-    svg = args.svg or svg_default
-    if svg:
-        write_circuit_svg(circuit, result.scores, svg, f"{label}: {circuit.n_edges} edges, faithfulness {f:.3f}")
-        print(f"wrote {svg}")
+    if args.svg:
+        write_circuit_svg(circuit, result.scores, args.svg, f"{label}: {circuit.n_edges} edges, faithfulness {f:.3f}")
+        print(f"wrote {args.svg}")
+    if args.report:
+        write_circuit_report(result, circuit, args.report, curve=curve, verified=checked, faithfulness=f,
+                             model_label=label, metric_label="logit(answer) - logit(wrong) at the last token",
+                             circuit_label=f"{how}, dangling edges pruned")
+        print(f"wrote {args.report}")
     if args.out_csv:
         table = result.to_frame()
         table["in_circuit"] = circuit.keep.reshape(-1).numpy()
@@ -139,24 +150,15 @@ def report(result, circuit: Circuit, label: str, scored: float, args: argparse.N
 
 def demo(args: argparse.Namespace) -> int:
     """``atp demo --circuit``: the IOI circuit of the bundled model (EAP, the top 40 edges pruned),
-    its faithfulness and curve, and its picture in ``atp_demo_circuit.svg``."""
+    its faithfulness and curve, the top 10 edges verified, its picture in ``atp_demo_circuit.svg``
+    and the whole report in ``atp_demo_circuit.html``."""
     model, task, metric = demo_task(args.pairs, args.seed)
     start = time.perf_counter()
     result = attribute_edges(model, task.clean, task.corrupt, metric, method="atp")
     scored = time.perf_counter() - start
-    settings = argparse.Namespace(size=40, threshold=None, curve=True, verify=0, svg=None, out_csv=None, out_json=None)
+    settings = argparse.Namespace(size=40, threshold=None, curve=True, verify=10, svg=DEMO_SVG, report=DEMO_REPORT,
+                                  out_csv=None, out_json=None)
     report(result, top_circuit(result, settings.size), f"bundled IOI demo model, {args.pairs} held-out pairs",
-           scored, settings, svg_default=DEMO_SVG)
+           scored, settings)
     return 0
 
-
-if __name__ == "__main__":  # until the sub-command is listed in atp_plugin.cli: python -m atp_plugin.commands.circuit
-    import sys
-    p = argparse.ArgumentParser(prog="atp circuit", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    try:
-        sys.exit(run(p.parse_args()))
-    except UsageError as e:
-        print(f"atp circuit: error: {e}", file=sys.stderr)
-        sys.exit(2)

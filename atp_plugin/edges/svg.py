@@ -1,20 +1,26 @@
-"""A circuit as a self-contained SVG picture: components layered by depth (the embedding at the
-bottom, then each layer's heads and its MLP, the logits on top), one curve per kept edge, its width
-proportional to the edge's score and its colour saying what it feeds (query, key, value, MLP,
-logits). Plain SVG text, no script, no fonts or anything else fetched."""
+"""A circuit and its faithfulness curve as self-contained SVG pictures (plain SVG text: no script,
+no fonts or anything else fetched), standalone files or inline in the HTML report.
+
+The circuit: components layered by depth (the embedding at the bottom, then each layer's heads and
+its MLP, the logits on top), one curve per kept edge (under grouped-query attention, one per query
+head an edge into a shared key or value reaches), its width proportional to the edge's score and its
+colour saying what it feeds (query, key, value, MLP, logits). The curve: faithfulness against the
+fraction of edges kept, on a log axis (MIB's sizes span three decades).
+"""
 
 from __future__ import annotations
 
+import math
 from html import escape
 from pathlib import Path
 
 import torch
 
-from .circuit import Circuit
+from .circuit import Circuit, FaithfulnessCurve
 from .graph import Graph
 
 COLOURS = {"q": "#1f77b4", "k": "#2ca02c", "v": "#ff7f0e", "mlp": "#7f7f7f", "logits": "#9467bd"}
-ROW, COL, MARGIN, MAX_WIDTH = 70, 64, 50, 9.0
+ROW, COL, MARGIN, MAX_WIDTH, MIN_WIDTH = 70, 64, 50, 9.0, 0.6
 
 
 def _component(graph: Graph, receiver: int) -> list[str]:
@@ -29,13 +35,34 @@ def _component(graph: Graph, receiver: int) -> list[str]:
     return [f"L{r.layer}.H{h}" for h in heads]
 
 
+def edge_weights(circuit: Circuit, weights: torch.Tensor) -> torch.Tensor:
+    """What sets each edge's width in ``circuit_svg``: ``|weights|`` per edge ``[edge]``, float64.
+
+    ``weights`` ``[edge]`` as is; ``[edge, pos]`` summed over the positions the circuit keeps the edge
+    at (a per-position circuit), or over every position (a circuit keeping each edge at all of them,
+    patched there at once). Shapes that do not fit the circuit's graph are a ValueError."""
+    n = circuit.graph.n_edges
+    if weights.ndim not in (1, 2) or weights.shape[0] != n:
+        raise ValueError(f"weights must be [edge] or [edge, pos] with {n} edges (the circuit's graph), "
+                         f"got shape {tuple(weights.shape)}")
+    w = weights.detach().abs().double().cpu()
+    if w.ndim == 1:
+        return w
+    if not circuit.per_position:
+        return w.sum(-1)
+    if w.shape != circuit.keep.shape:
+        raise ValueError(f"weights {tuple(w.shape)} and the per-position circuit {tuple(circuit.keep.shape)} "
+                         "must have the same shape")
+    return (w * circuit.keep).sum(-1)
+
+
 def circuit_svg(circuit: Circuit, weights: torch.Tensor, title: str = "") -> str:
-    """The picture of ``circuit`` as SVG text; ``weights`` ``[edge]`` (or ``[edge, pos]``, summed
-    over the kept positions) set the edge widths, the largest drawn ``MAX_WIDTH`` px wide."""
+    """The picture of ``circuit`` as SVG text; ``weights`` (``edge_weights``) set the edge widths,
+    the largest drawn ``MAX_WIDTH`` px wide, none thinner than ``MIN_WIDTH``. Each edge's path has
+    ``class="edge"`` and ``data-edge`` (its name), so the picture can be read back."""
     g = circuit.graph
-    keep = circuit.keep
-    w = (weights.abs() * keep).sum(-1) if circuit.per_position else weights.abs() * keep  # [edge]
-    kept = keep.any(-1) if circuit.per_position else keep
+    w = edge_weights(circuit, weights)
+    kept = circuit.keep.any(-1) if circuit.per_position else circuit.keep
     edges = kept.nonzero().flatten().tolist()
     top = max((float(w[e]) for e in edges), default=0.0) or 1.0
 
@@ -62,8 +89,9 @@ def circuit_svg(circuit: Circuit, weights: torch.Tensor, title: str = "") -> str
             used |= {s, target}
             (x0, y0), (x1, y1) = at[s], at[target]
             bend = (x0 + x1) / 2 + 0.25 * (y0 - y1) * (1 if (x1 >= x0) else -1) * 0.3
-            stroke = max(0.6, MAX_WIDTH * float(w[e]) / top)
-            lines.append(f'<path d="M{x0:.1f},{y0:.1f} Q{bend:.1f},{(y0 + y1) / 2:.1f} {x1:.1f},{y1:.1f}" '
+            stroke = max(MIN_WIDTH, MAX_WIDTH * float(w[e]) / top)
+            lines.append(f'<path class="edge" data-edge="{escape(g.names[e])}" '
+                         f'd="M{x0:.1f},{y0:.1f} Q{bend:.1f},{(y0 + y1) / 2:.1f} {x1:.1f},{y1:.1f}" '
                          f'stroke="{COLOURS[kind]}" stroke-width="{stroke:.2f}" fill="none" stroke-opacity="0.7">'
                          f'<title>{escape(g.names[e])}: {float(w[e]):.4g}</title></path>')
     nodes = []
@@ -76,7 +104,7 @@ def circuit_svg(circuit: Circuit, weights: torch.Tensor, title: str = "") -> str
               f'fill="{c}">&#9644; {k}</text>' for i, (k, c) in enumerate(COLOURS.items())]
     head = (f'<text x="{width / 2:.1f}" y="18" font-size="12" text-anchor="middle" font-family="sans-serif">'
             f'{escape(title)}</text>') if title else ""
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" class="circuit" width="{width}" height="{height}" '
             f'viewBox="0 0 {width} {height}">\n<rect width="100%" height="100%" fill="#ffffff"/>\n{head}\n'
             + "\n".join(lines + nodes + legend) + "\n</svg>\n")
 
@@ -86,3 +114,69 @@ def write_circuit_svg(circuit: Circuit, weights: torch.Tensor, path: str | Path,
     path = Path(path)
     path.write_text(circuit_svg(circuit, weights, title), encoding="utf-8")
     return path
+
+
+def curve_svg(curve: FaithfulnessCurve, title: str = "") -> str:
+    """The faithfulness curve as SVG text: one point per circuit size (``class="point"``, a tooltip
+    with the fraction, the size and the faithfulness) joined by a line, the fraction of edges on a
+    log axis with a tick at each power of 10, faithfulness on a linear axis that always spans 0 to 1
+    (the corrupt run and the full model, the latter dashed) and any point beyond them by more than
+    1e-6. Ticks carry ``class="x-tick"`` / ``"y-tick"`` and their labels the value, so the points
+    can be read back."""
+    ps, fs = curve.percentages, curve.faithfulness
+    if not all(math.isfinite(f) for f in fs) or len(ps) != len(fs) or len(ps) < 2 or min(ps) <= 0:
+        raise ValueError(f"a curve to draw needs two or more fractions > 0, each with a finite faithfulness; got "
+                         f"{ps} and {fs}")
+    width, height, left, right, top, bottom = 500, 320, 60, 20, 34 if title else 16, 50
+    lo_x, hi_x = math.floor(math.log10(min(ps))), math.ceil(math.log10(max(ps)))
+    hi_x = max(hi_x, lo_x + 1)
+    low, high = min(fs), max(fs)  # float noise around 0 and 1 (an empty circuit's -4e-8) does not widen the axis
+    low, high = (low if low < -1e-6 else 0.0), (high if high > 1 + 1e-6 else 1.0)
+    step = _nice_step((high - low) / 4)
+    lo_y, hi_y = math.floor(low / step) * step, math.ceil(high / step) * step
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def x(p: float) -> float:
+        return left + plot_w * (math.log10(p) - lo_x) / (hi_x - lo_x)
+
+    def y(f: float) -> float:
+        return top + plot_h * (hi_y - f) / (hi_y - lo_y)
+
+    out = [f'<rect class="plot-area" x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" '
+           'stroke="#999999"/>']
+    for k in range(lo_x, hi_x + 1):
+        xx = x(10.0 ** k)
+        out.append(f'<line class="x-tick" x1="{xx:.2f}" y1="{top}" x2="{xx:.2f}" y2="{top + plot_h + 5}" '
+                   f'stroke="#e4e4e4"/><text class="x-tick-label" x="{xx:.2f}" y="{top + plot_h + 18}" '
+                   f'font-size="10" text-anchor="middle" font-family="sans-serif">{10.0 ** k:g}</text>')
+    for i in range(round((hi_y - lo_y) / step) + 1):
+        value = lo_y + i * step
+        yy = y(value)
+        out.append(f'<line class="y-tick" x1="{left - 5}" y1="{yy:.2f}" x2="{left + plot_w}" y2="{yy:.2f}" '
+                   f'stroke="#e4e4e4"/><text class="y-tick-label" x="{left - 8}" y="{yy + 3.5:.2f}" '
+                   f'font-size="10" text-anchor="end" font-family="sans-serif">{value:.4g}</text>')
+    for level, dash in ((1.0, ' stroke-dasharray="5,4"'), (0.0, "")):
+        out.append(f'<line x1="{left}" y1="{y(level):.2f}" x2="{left + plot_w}" y2="{y(level):.2f}" '
+                   f'stroke="#888888"{dash}/>')
+    points = " ".join(f"{x(p):.2f},{y(f):.2f}" for p, f in zip(ps, fs))
+    out.append(f'<polyline class="curve" points="{points}" fill="none" stroke="#d62728" stroke-width="1.8"/>')
+    for p, size, kept, f in zip(ps, curve.sizes, curve.kept, fs):
+        out.append(f'<circle class="point" cx="{x(p):.2f}" cy="{y(f):.2f}" r="3.5" fill="#d62728">'
+                   f"<title>p = {p:g}: top {size} edges, {kept} kept after pruning; faithfulness {f:.4g}</title>"
+                   "</circle>")
+    out.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 12}" font-size="11" text-anchor="middle" '
+               'font-family="sans-serif">fraction of edges kept (top p, log scale)</text>')
+    out.append(f'<text x="14" y="{top + plot_h / 2:.1f}" font-size="11" text-anchor="middle" font-family="sans-serif" '
+               f'transform="rotate(-90 14 {top + plot_h / 2:.1f})">faithfulness</text>')
+    if title:
+        out.append(f'<text x="{width / 2:.1f}" y="20" font-size="12" text-anchor="middle" font-family="sans-serif">'
+                   f"{escape(title)}</text>")
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" class="faithfulness-curve" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}">\n<rect width="100%" height="100%" fill="#ffffff"/>\n'
+            + "\n".join(out) + "\n</svg>\n")
+
+
+def _nice_step(raw: float) -> float:
+    """The smallest of 1, 2, 2.5, 5 times a power of 10 that is at least ``raw`` (> 0)."""
+    power = 10.0 ** math.floor(math.log10(raw))
+    return next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw * (1 - 1e-12))
