@@ -1,4 +1,9 @@
-"""SAE features as nodes: any SAE-Lens SAE at its hook, its error term one more node per position.
+"""SAE features as nodes: an SAE at its hook, its error term one more node per position.
+
+The SAE is a SAE-Lens SAE or any SAE-shaped object: ``encode(x) -> f`` (dense ``[..., d_sae]``),
+``decode(f)`` and a decoder ``W_dec`` ``[d_sae, d_in]``, at a hook the user names (``hook=``). A
+sparsify ``Sae``, whose ``encode`` returns top-k activations and indices, is wrapped in
+``atp_plugin.saes.SparsifySAE`` here; bare weights go in ``atp_plugin.saes.SimpleSAE``.
 
 The site activation ``a`` splits into the reconstruction and an error term,
 ``a = decode(f) + e`` with ``f = encode(a)`` and ``e = a - decode(f)`` (so the split is exact by
@@ -29,10 +34,12 @@ import torch
 
 from ..hosts import Host
 from ..hosts.spliced import spliced
+from ..saes import SparsifySAE, as_sae_shaped
 
 
 class SAEFeatures:
-    """Nodes of one SAE-Lens SAE: its features at every position, and its error term.
+    """Nodes of one SAE (SAE-Lens's or any SAE-shaped object): its features at every position, and its
+    error term.
 
     Score tensors: ``name`` -> ``[pos, d_sae]`` (dims ``("pos", "feature")``) and
     ``name + ".error"`` -> ``[pos]``. ``name`` defaults to ``"sae:<hook>"``; give SAEs at the same
@@ -46,30 +53,30 @@ class SAEFeatures:
     qk = None
 
     def __init__(self, sae: Any, name: str | None = None, *, hook: str | None = None):
-        """``sae``: a SAE-Lens SAE, or any SAE-shaped object (``encode``, ``decode``, ``W_dec``
-        ``[d_sae, d_in]``; e.g. ``atp_plugin.saes.TopKSAE``, an SAE of another library, your own
-        module); ``hook``: the hook it reads, where the SAE does not name it (``cfg.metadata.hook_name``,
+        """``sae``: a SAE-Lens SAE, or any SAE-shaped object (``encode(x)``, ``decode(f)``, ``W_dec``
+        ``[d_sae, d_in]``; e.g. ``atp_plugin.saes.TopKSAE`` or ``SimpleSAE``, your own module, an
+        EleutherAI sparsify ``Sae``, which is wrapped in ``atp_plugin.saes.SparsifySAE``); ``hook``: the
+        TransformerLens hook it reads, where the SAE does not name it (``cfg.metadata.hook_name``,
         ``cfg.hook_name`` or ``hook_name``)."""
+        sae = as_sae_shaped(sae)
         if _is_sae_lens(sae):
             from sae_lens import SAE
             if not isinstance(sae, SAE):
                 raise TypeError(f"SAEFeatures takes a SAE-Lens SAE, got {type(sae).__name__}")
-        missing = [m for m in ("encode", "decode") if not callable(getattr(sae, m, None))]
-        if missing or not isinstance(getattr(sae, "W_dec", None), torch.Tensor):
-            raise TypeError(f"SAEFeatures takes an SAE: an object with encode(x), decode(f) and a decoder W_dec "
-                            f"[d_sae, d_in]; {type(sae).__name__} lacks {missing or ['W_dec']}")
-        cfg: Any = getattr(sae, "cfg", None)
-        if hasattr(cfg, "d_out") or (hasattr(cfg, "d_in") and sae.W_dec.shape[-1] != cfg.d_in):
+        check_sae_shaped(sae, "SAEFeatures")
+        if _is_transcoder(sae):
             raise TypeError(
-                f"{type(sae).__name__} is a transcoder (it reads one hook and writes another); SAEFeatures "
+                f"{_kind(sae)} is a transcoder (it reads one hook and writes another); SAEFeatures "
                 "supports SAEs that reconstruct the activation they read: use "
                 "atp_plugin.adapters.TranscoderFeatures(transcoder) for transcoders")
+        cfg: Any = getattr(sae, "cfg", None)
         meta = getattr(cfg, "metadata", None)
         hook = hook or getattr(meta, "hook_name", None) or getattr(cfg, "hook_name", None) \
             or getattr(sae, "hook_name", None)
         if not hook:
             raise ValueError("the SAE names no hook: pass SAEFeatures(sae, hook='blocks.0.hook_resid_post') (or set "
-                             "sae.cfg.metadata.hook_name) to the TransformerLens hook it reads")
+                             "sae.cfg.metadata.hook_name) to the TransformerLens hook it reads"
+                             + _SPARSIFY_HOOKS * isinstance(sae, SparsifySAE))
         head = getattr(meta, "hook_head_index", None)
         self.sae = sae
         self.hook: str = hook
@@ -200,6 +207,59 @@ class SAEFeatures:
             else:
                 out = ac + (err - err_clean)
         return self._site_out(clean, out)
+
+
+#: the hint for a sparsify coder without a TransformerLens hook
+_SPARSIFY_HOOKS = ("; sparsify names Hugging Face modules (hookpoint 'layers.3' is the output of layer 3, "
+                   "TransformerLens's 'blocks.3.hook_resid_post'), not TransformerLens hooks")
+
+
+def check_sae_shaped(sae: Any, who: str) -> None:
+    """Raise a ``TypeError`` that says what ``sae`` lacks of an SAE's interface, and how to supply it."""
+    methods = [m for m in ("encode", "decode") if not callable(getattr(sae, m, None))]
+    has_w_dec = isinstance(getattr(sae, "W_dec", None), torch.Tensor)
+    if not methods and has_w_dec:
+        return
+    lacks = " and ".join(([repr(methods)] if methods else []) + ([] if has_w_dec else ["a tensor W_dec"]))
+    weights = [w for w in ("W_enc", "b_enc", "W_dec", "b_dec") if isinstance(getattr(sae, w, None), torch.Tensor)]
+    if len(weights) == 4:
+        fix = ("it has the weights W_enc, b_enc, W_dec, b_dec: wrap them, atp_plugin.saes.SimpleSAE(sae.W_enc, "
+               "sae.b_enc, sae.W_dec, sae.b_dec, activation=torch.relu) (W_enc [d_in, d_sae], W_dec [d_sae, d_out])")
+    else:
+        fix = ("give it encode(x) -> features [..., d_sae], decode(features) -> [..., d_out] and a tensor W_dec "
+               "[d_sae, d_out] (a wrapper module of a few lines does; see docs/custom_adapters.md, 'SAE features'), "
+               "or build atp_plugin.saes.SimpleSAE(W_enc, b_enc, W_dec, b_dec, activation) from its weights")
+    raise TypeError(f"{who} takes an SAE: an object with encode(x), decode(f) and a decoder W_dec [d_sae, d_out]; "
+                    f"{_kind(sae)} lacks {lacks}: {fix}")
+
+
+def input_width(sae: Any) -> int | None:
+    """The width of what ``sae`` encodes, where it says: ``cfg.d_in``, ``d_in``, or ``W_enc``'s dimension
+    that is not ``d_sae``; None where it does not."""
+    for width in (getattr(getattr(sae, "cfg", None), "d_in", None), getattr(sae, "d_in", None)):
+        if isinstance(width, int):
+            return width
+    w_enc, d_sae = getattr(sae, "W_enc", None), sae.W_dec.shape[0]
+    if isinstance(w_enc, torch.Tensor) and w_enc.ndim == 2 and d_sae in w_enc.shape:
+        return int(w_enc.shape[0] if w_enc.shape[1] == d_sae else w_enc.shape[1])
+    return None
+
+
+def _is_transcoder(sae: Any) -> bool:
+    """Whether ``sae`` maps one activation to another rather than reconstructing what it reads."""
+    if _is_sae_lens(sae):
+        return hasattr(sae.cfg, "d_out") or sae.W_dec.shape[-1] != sae.cfg.d_in
+    if isinstance(sae, SparsifySAE):
+        return sae.transcode
+    d_in = input_width(sae)
+    return d_in is not None and d_in != sae.W_dec.shape[-1]
+
+
+def _kind(sae: Any) -> str:
+    """How errors name ``sae``: its class, or the class it wraps."""
+    if isinstance(sae, SparsifySAE):
+        return f"sparsify's {type(sae.coder).__name__}"
+    return type(sae).__name__
 
 
 def _is_sae_lens(sae: Any) -> bool:
