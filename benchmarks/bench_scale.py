@@ -51,7 +51,7 @@ from atp_plugin import metrics
 from bench_atp import build_model as build_bench_model  # this script's folder is on sys.path
 from bench_atp import floor, make_task
 from random_inputs import random_model, random_pairs  # this script's folder is on sys.path
-from timing import peak_kb, status_kb
+from timing import peak_kb, status_kb, write_section
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NODES = ["attn_q", "attn_k", "attn_v", "attn_z", "mlp_neurons"]
@@ -225,18 +225,6 @@ def low_precision_table() -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str, body: str) -> None:
-    """Replace the part of ``path`` between this section's markers with ``body`` (append if absent)."""
-    start, end = f"<!-- bench_scale:{section} -->", f"<!-- /bench_scale:{section} -->"
-    text = path.read_text() if path.exists() else ""
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    if start in text and end in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--T", type=int, nargs="+", default=[128, 512],
@@ -278,7 +266,7 @@ def main() -> None:
     text = header + "\n\n" + body
     print(text)
     if args.out:
-        write_section(args.out, args.section, text)
+        write_section(args.out, f"bench_scale:{args.section}", text)
         print(f"written: {args.out} (section {args.section})")
 
 

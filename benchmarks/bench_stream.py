@@ -13,6 +13,8 @@ reads the file into lists first (inside the measured part: holding the pairs is 
 Usage:
   python benchmarks/bench_stream.py [--pairs 1000 10000 100000] [--method atp] [--threads 1]
       [--out docs/benchmark_stream.md]
+With ``--out``, the command, date and table replace the part of the file between
+``<!-- bench_stream -->`` and ``<!-- /bench_stream -->`` (appended if absent).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 import atp_plugin
 from atp_plugin import PairStream, metrics
 from atp_plugin.demo_task import ioi_pairs, load_demo_model
-from timing import peak_kb, status_kb  # this script's folder is on sys.path
+from timing import peak_kb, status_kb, write_section  # this script's folder is on sys.path
 
 NODES = ["attn_z", "mlp_neurons"]
 BATCH = 64
@@ -113,7 +115,7 @@ def main() -> None:
                       "added peak = VmHWM of the call minus the resident memory it started from.", "", *rows])
     print(text)
     if args.out:
-        args.out.write_text("# Streams of pairs: memory and time\n\n" + text + "\n")
+        write_section(args.out, "bench_stream", text)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Timing shared by the benchmark scripts (no TransformerLens import, so both major versions load it)."""
+"""What the benchmark scripts share: timing, memory readers and writing a table into a markdown
+section (no TransformerLens import, so both major versions load it)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,15 @@ def status_kb(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def write_section(path: Path, section: str, body: str) -> None:
+    """Replace the part of ``path`` between this section's markers with ``body`` (append if absent)."""
+    start, end = f"<!-- {section} -->", f"<!-- /{section} -->"
+    text = path.read_text() if path.exists() else ""
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
+    path.write_text(text)
