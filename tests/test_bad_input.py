@@ -3,6 +3,10 @@
 "Before heavy work" is measured: a forward pre-hook on the token embedding counts forward passes
 (``run_with_hooks`` calls ``model.forward`` directly, so a hook on the model itself would never
 fire); input errors must be raised with none run, metric errors after the first batch only.
+
+On a HookedTransformer (TransformerLens 3) and a TransformerBridge (both); the tests that need one of
+HookedTransformer's configurations (no tokenizer, attention-only, dropout hooks, attention sinks)
+run where it exists.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from atp_plugin import attribute, metrics, verify
 from atp_plugin.engine.pairs import Pairs
 from atp_plugin.errors import UnsupportedModelError
 from atp_plugin.metrics import check_metric
-from conftest import VARIANTS, logit_diff_metric, make_model, make_pairs
+from conftest import HOSTS, VARIANTS, host_model, logit_diff_metric, make_bridge, make_model, make_pairs, needs_hooked
 from helpers import tokenized_model, word_tokenizer
 
 ALL_NODES = ["attn_q", "attn_k", "attn_v", "attn_z", "mlp_neurons", "resid_pre"]
@@ -28,13 +32,16 @@ ALL_METHODS = ["ap", "atp", "atp*", "atp+gd", "atp+qk"]
 
 
 @contextmanager
-def counting_forwards(model: torch.nn.Module) -> Iterator[list[int]]:
+def counting_forwards(model: torch.nn.Module, length: int | None = None) -> Iterator[list[int]]:
     """Count the model's forward passes inside the block: ``calls[0]``. Every run, however it is
-    started (``model(...)``, ``run_with_hooks``, ``run_with_cache``), embeds its tokens once."""
+    started (``model(...)``, ``run_with_hooks``, ``run_with_cache``), embeds its tokens once. With
+    ``length``, only runs on prompts of that many tokens count: the runs on the pairs, not the hook
+    check a TransformerBridge's host runs once per new hook point on a fixed 4-token prompt."""
     calls = [0]
 
     def count(module, args) -> None:
-        calls[0] += 1
+        if length is None or args[0].shape[-1] == length:
+            calls[0] += 1
 
     handle = model.embed.register_forward_pre_hook(count)
     try:
@@ -49,9 +56,14 @@ def raises_before_any_forward(model, exc, match: str, *args, **kwargs) -> None:
     assert calls[0] == 0, f"{calls[0]} forward passes ran before the error"
 
 
-@pytest.fixture(scope="module")
-def model():
-    return make_model()
+@pytest.fixture(scope="module", params=HOSTS)
+def model(request):
+    return host_model(request.param)
+
+
+def words_model(host: str):
+    """A 3-layer float64 model with a word-level tokenizer and no BOS."""
+    return tokenized_model("ln_gelu") if host == "hooked" else make_bridge(0, 3)
 
 
 def test_forward_counter_sees_every_run(model) -> None:
@@ -76,15 +88,17 @@ def test_clean_and_corrupt_shapes_differ(model) -> None:
                               logit_diff_metric(3))
 
 
-def test_string_pair_lengths_differ() -> None:
-    model = tokenized_model("ln_gelu")
+def test_string_pair_lengths_differ(host) -> None:
+    model = words_model(host)
     clean = ["w1 w2 w3", "w4 w5 w6 w7", "w8 w9"]
     corrupt = ["w1 w2 w0", "w4 w5 w6", "w8 w1"]
     raises_before_any_forward(model, ValueError, r"pair 1 is not token-aligned: clean 'w4 w5 w6 w7' has 4 tokens, "
                               r"corrupt 'w4 w5 w6' has 3", clean, corrupt, logit_diff_metric(3))
 
 
-def test_strings_without_tokenizer(model) -> None:
+@needs_hooked
+def test_strings_without_tokenizer() -> None:
+    model = make_model()  # no tokenizer (a Bridge always has one)
     raises_before_any_forward(model, ValueError, "no tokenizer.*token tensors", ["a b"], ["a c"], logit_diff_metric(1))
 
 
@@ -108,7 +122,7 @@ def test_metric_wrong_shape(model) -> None:
     def scalar(logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         return logits[:, -1, 0].mean()
 
-    with counting_forwards(model) as calls, pytest.raises(
+    with counting_forwards(model, length=5) as calls, pytest.raises(
             ValueError, match=r"metric must return one value per pair: expected shape \(1,\) for 1 prompts, got \(\)"):
         attribute(model, clean, corrupt, scalar, method="atp", batch_size=1)
     assert calls[0] <= 2, "the metric was only checked after more than the first batch"  # noise + clean run
@@ -128,7 +142,8 @@ def test_metric_non_finite(model, bad: float) -> None:
         out = logits[:, -1, 0].clone()
         return torch.where(indices == 2, torch.full_like(out, bad), out)
 
-    with counting_forwards(model) as calls, pytest.raises(ValueError, match=r"non-finite values for pairs \[2\]"):
+    with counting_forwards(model, length=5) as calls, \
+            pytest.raises(ValueError, match=r"non-finite values for pairs \[2\]"):
         attribute(model, clean, corrupt, metric, method="atp")
     assert calls[0] <= 2
 
@@ -139,6 +154,7 @@ def test_metric_answers_for_other_number_of_pairs(model) -> None:
                               clean, corrupt, logit_diff_metric(5))
 
 
+@needs_hooked
 def test_model_lacks_hook() -> None:
     model = make_model(**VARIANTS["attn_only"])
     clean, corrupt = make_pairs(2, 4)
@@ -175,6 +191,7 @@ def dropout_model():
     return model
 
 
+@needs_hooked
 @pytest.mark.filterwarnings("ignore:.*GradDrop degenerates")
 def test_training_mode_warns_and_matches_eval() -> None:
     """A dropout hook makes training mode visibly random; attribute() must run in eval mode (with
@@ -205,6 +222,7 @@ def test_training_mode_warns_and_matches_eval() -> None:
         model.reset_hooks(including_permanent=True)
 
 
+@needs_hooked
 def test_verify_in_training_mode_warns_and_matches_eval() -> None:
     """verify() patches in eval mode too: in training mode it warns, and its effects equal those
     verified in eval mode (with dropout live they would be random)."""
@@ -223,6 +241,7 @@ def test_verify_in_training_mode_warns_and_matches_eval() -> None:
         model.reset_hooks(including_permanent=True)
 
 
+@needs_hooked
 @pytest.mark.parametrize("flag, what", [
     (dict(use_attention_sinks=True), "attention sinks"),
     (dict(use_logn_attn=True, positional_embedding_type="rotary", rotary_dim=8), "log-n attention scaling"),
@@ -274,10 +293,10 @@ def test_metric_answer_ids_and_position(model) -> None:
         check_metric(metrics.logit_diff([3, 1], [4, 49], position=position), pairs, 50)
 
 
-def test_metric_position_on_left_padding() -> None:
+def test_metric_position_on_left_padding(host) -> None:
     """Left-padded pairs of 4 and 2 tokens: positions 0 and 1 (-4, -3) are padding in the short
     pair, so a metric reading them would read a pad token's logits; -1 and -2 (2, 3) are real."""
-    model = tokenized_model("ln_gelu")
+    model = words_model(host)
     clean, corrupt = ["w1 w2 w3 w4", "w5 w6"], ["w1 w7 w3 w4", "w8 w6"]
     for position in (0, 1, -4, -3):
         raises_before_any_forward(model, ValueError, rf"reads position {position}, which is left padding in the "
@@ -309,7 +328,7 @@ def test_metric_without_gradient(model, metric) -> None:
     """A metric AtP cannot differentiate fails with its name and the fix after the first clean run,
     not deep inside autograd; exact patching needs no gradient and still takes it."""
     clean, corrupt = make_pairs(3, 5)
-    with counting_forwards(model) as calls, pytest.raises(
+    with counting_forwards(model, length=5) as calls, pytest.raises(
             ValueError, match=rf"metric '{metric.__name__}' returned values that carry no gradient.*without detaching, "
                               r"\.item\(\)"):
         attribute(model, clean, corrupt, metric, nodes=["attn_z"], method="atp")
@@ -317,16 +336,19 @@ def test_metric_without_gradient(model, metric) -> None:
     attribute(model, clean, corrupt, metric, nodes=["attn_z"], method="ap")
 
 
-def test_empty_string_prompt() -> None:
+def test_empty_string_prompt(host) -> None:
     """A prompt with no tokens besides BOS would be an all-padding row: an error naming the pair."""
-    model = tokenized_model("ln_gelu")
+    model = words_model(host)
     for empty in ("", "   "):
         raises_before_any_forward(model, ValueError, rf"pair 1: the clean prompt '{empty}' has no tokens",
                                   ["w1 w2", empty], ["w1 w3", empty], logit_diff_metric(2))
         raises_before_any_forward(model, ValueError, rf"pair 0: the corrupt prompt '{empty}' has no tokens",
                                   ["w1"], [empty], logit_diff_metric(1))
-    with_bos = make_model(**VARIANTS["ln_gelu"], default_prepend_bos=True)
-    with_bos.set_tokenizer(word_tokenizer())
+    if host == "hooked":
+        with_bos = make_model(**VARIANTS["ln_gelu"], default_prepend_bos=True)
+        with_bos.set_tokenizer(word_tokenizer())
+    else:
+        with_bos = make_bridge(0, 3, prepend_bos=True)
     raises_before_any_forward(with_bos, ValueError, r"pair 2: the clean prompt '' has no tokens \(besides BOS\)",
                               ["w1 w2", "w4", ""], ["w1 w3", "w5", ""], logit_diff_metric(3))
     # one real token after the BOS is a prompt
@@ -351,9 +373,10 @@ def test_bad_numeric_arguments(model, kwargs: dict, exc: type, match: str) -> No
     raises_before_any_forward(model, exc, match, clean, corrupt, logit_diff_metric(2), method="ap", **kwargs)
 
 
-@pytest.mark.parametrize("variant", ["ln_gelu", "rms_rotary_gated"])
+@pytest.mark.parametrize("variant", [pytest.param("ln_gelu", marks=needs_hooked),
+                                     pytest.param("rms_rotary_gated", marks=needs_hooked), "bridge"])
 def test_prompts_longer_than_context(variant: str) -> None:
-    model = make_model(**VARIANTS[variant])  # n_ctx 16
+    model = make_bridge() if variant == "bridge" else make_model(**VARIANTS[variant])  # n_ctx 16
     clean, corrupt = make_pairs(2, 17)
     raises_before_any_forward(model, ValueError, r"the prompts are 17 tokens long.*n_ctx is 16; shorten the prompts",
                               clean, corrupt, logit_diff_metric(2))
@@ -361,10 +384,10 @@ def test_prompts_longer_than_context(variant: str) -> None:
     assert result.scores["attn_z"].shape[1] == 16
 
 
-def test_string_prompts_longer_than_context_are_not_cut_off() -> None:
+def test_string_prompts_longer_than_context_are_not_cut_off(host) -> None:
     """TransformerLens's to_tokens truncates text to n_ctx by default: a long string prompt would
     silently become its first 16 tokens (the metric read mid-prompt). It must fail like tokens do."""
-    model = tokenized_model("ln_gelu")  # n_ctx 16
+    model = words_model(host)  # n_ctx 16
     words = " ".join(f"w{i}" for i in range(17))
     raises_before_any_forward(model, ValueError, r"the prompts are 17 tokens long.*n_ctx is 16",
                               [words], [words.replace("w3", "w40")], logit_diff_metric(1))

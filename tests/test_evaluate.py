@@ -1,6 +1,7 @@
 """Cost-of-verification curves: the oracle is the diagonal, ap is the diagonal plus its own cost,
 every curve is a method's cost plus N forward passes per node down to the last true top-x node in
-its order (recomputed here from the results), costs as counted by the engine, curves monotone."""
+its order (recomputed here from the results), costs as counted by the engine, curves monotone; on a
+HookedTransformer (TransformerLens 3) and a TransformerBridge (both)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,15 @@ import pytest
 from atp_plugin import attribute, cli, evaluate
 from atp_plugin.backends.baselines import Subsampling
 from atp_plugin.evaluate import BACKWARD_COST, rank_order
-from conftest import logit_diff_metric, make_model, make_pairs, usage_error
+from conftest import HOSTS, host_model, logit_diff_metric, make_pairs, usage_error
 
 N, T, LAYERS, HEADS = 3, 6, 2, 4
 TOP = 6
 
 
-@pytest.fixture(scope="module")
-def setting():
-    model = make_model(0, n_layers=LAYERS)
+@pytest.fixture(scope="module", params=HOSTS)
+def setting(request):
+    model = host_model(request.param, 0, n_layers=LAYERS)
     clean, corrupt = make_pairs(N, T)
     return model, clean, corrupt, logit_diff_metric(N)
 

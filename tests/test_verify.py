@@ -1,5 +1,6 @@
 """Verification: the ``effect`` column against exact patches written here with TransformerLens hooks,
-one unpadded prompt at a time (float64), for every built-in node type and for left-padded pairs."""
+one unpadded prompt at a time (float64), for every built-in node type and for left-padded pairs, on
+a HookedTransformer (TransformerLens 3) and a TransformerBridge (both)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 import atp_plugin
 from atp_plugin import attribute
-from conftest import make_model, make_pairs
+from conftest import host_model, make_bridge, make_model, make_pairs
 
 HOOKS = {"attn_q": "blocks.{}.attn.hook_q", "attn_k": "blocks.{}.attn.hook_k", "attn_v": "blocks.{}.attn.hook_v",
          "attn_z": "blocks.{}.attn.hook_z", "mlp_neurons": "blocks.{}.mlp.hook_post",
@@ -50,8 +51,8 @@ def ids(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("node_type", sorted(HOOKS))
-def test_effect_equals_an_independent_patch(node_type):
-    model = make_model(0, n_layers=2)
+def test_effect_equals_an_independent_patch(host, node_type):
+    model = host_model(host, 0, n_layers=2)
     clean, corrupt = make_pairs(3, 6)
     answers, wrongs = ids(3, 2)
     metric = atp_plugin.metrics.logit_diff(answers, wrongs)
@@ -69,8 +70,11 @@ def test_effect_equals_an_independent_patch(node_type):
     np.testing.assert_allclose(result.verify(4)["effect"], table["effect"], rtol=0, atol=0)
 
 
-def word_model():
-    """A float64 model with a word-level tokenizer ("w0".."w48", pad "<pad>"), padding on the left."""
+def word_model(host: str):
+    """A float64 model with a word-level tokenizer, no BOS ("w0".."w48", pad "<pad>", padding on the
+    left; on the Bridge the tokenizer of ``hf_models``)."""
+    if host == "bridge":
+        return make_bridge(1, 2)
     words = ["<pad>"] + [f"w{i}" for i in range(49)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -80,11 +84,11 @@ def word_model():
     return model
 
 
-def test_effect_with_left_padding():
+def test_effect_with_left_padding(host):
     """Pairs of lengths 3, 5 and 4: a node at a position that is padding in some pairs averages
     over the pairs where it exists. Checked: every resid_pre node, and the attn_z nodes at the
     positions that are padding in some pairs and at the last position."""
-    model = word_model()
+    model = word_model(host)
     clean = ["w1 w2 w3", "w4 w5 w6 w7 w8", "w9 w10 w11 w12"]
     corrupt = ["w20 w2 w3", "w24 w5 w21 w7 w8", "w9 w22 w11 w23"]
     answers, wrongs = ids(3, 5)
@@ -106,8 +110,8 @@ def test_effect_with_left_padding():
     assert (checked.loc[checked["pos"] == 0, "effect"].abs() > 1e-3).any()  # real in one pair only
 
 
-def test_progress_bar(capsys):
-    model = make_model(0, n_layers=2)
+def test_progress_bar(host, capsys):
+    model = host_model(host, 0, n_layers=2)
     clean, corrupt = make_pairs(3, 6)
     metric = atp_plugin.metrics.logit_diff(*ids(3, 2))
     for progress, shown in ((True, True), (False, False)):
@@ -118,8 +122,8 @@ def test_progress_bar(capsys):
         assert ("verifying" in capsys.readouterr().err) is shown
 
 
-def test_bad_input():
-    model = make_model(0, n_layers=1)
+def test_bad_input(host):
+    model = host_model(host, 0, n_layers=1)
     clean, corrupt = make_pairs(2, 4)
     result = attribute(model, clean, corrupt, atp_plugin.metrics.logit_diff(*ids(2, 2)), nodes=["attn_z"],
                        method="atp")
