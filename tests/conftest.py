@@ -45,13 +45,22 @@ MISSING = {
 #: skipped, with the reason, where it is missing, and only there
 NEEDS = {
     **dict.fromkeys(["test_sae.py", "test_transcoder.py", "test_demo_sae.py", "test_bridge.py"], "sae"),
-    **dict.fromkeys(["test_baselines.py", "test_bound.py", "test_custom_adapter.py",
+    **dict.fromkeys(["test_custom_adapter.py",
                      "test_demo_task.py", "test_identities.py", "test_patching.py",
                      "test_plugin_docs.py", "test_reference.py", "test_report.py", "test_shapes.py",
                      "test_cli_rank.py", "test_demo_hf.py", "test_saturation.py",
                      "test_soundness.py"], "hooked"),
 }
 needs_hooked = pytest.mark.skipif(not HAS_HOOKED, reason=MISSING["hooked"] or "")
+
+
+def needs_hooked_for(why: str) -> pytest.MarkDecorator:
+    """Skip where HookedTransformer is missing, saying what of it the test needs."""
+    return pytest.mark.skipif(not HAS_HOOKED, reason=f"{why}: {MISSING['hooked']}")
+
+
+#: the planted additive setting (``make_additive_model``): no LayerNorm, attention only
+needs_additive = needs_hooked_for("a model without LayerNorm, where effects add exactly (make_additive_model)")
 #: the hosts a test parametrized over ``host`` runs on: HookedTransformer where TransformerLens has it,
 #: and always a TransformerBridge
 HOSTS = ("hooked", "bridge") if HAS_HOOKED else ("bridge",)

@@ -23,7 +23,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from atp_plugin import attribute, metrics
-from conftest import VARIANTS, logit_diff_metric, make_model, make_pairs
+from conftest import VARIANTS, logit_diff_metric, make_bridge, make_model, make_pairs
 from hf_models import D_VOCAB
 
 if TYPE_CHECKING:  # annotations only: this module imports under TransformerLens 4 and without SAE-Lens
@@ -53,6 +53,12 @@ def tokenized_model(variant: str) -> HookedTransformer:
     model = make_model(**VARIANTS[variant])
     model.set_tokenizer(word_tokenizer())
     return model
+
+
+def words_model(host: str):
+    """A 3-layer float64 model with a word-level tokenizer and no BOS: ``tokenized_model("ln_gelu")``
+    on ``"hooked"``, a GPT-2 TransformerBridge (``make_bridge``, "wI" is token I + 2) on ``"bridge"``."""
+    return tokenized_model("ln_gelu") if host == "hooked" else make_bridge(0, 3)
 
 
 def string_pairs(lengths: list[int], seed: int = 3) -> tuple[list[str], list[str]]:
@@ -275,15 +281,17 @@ def joint_patch_effects(model: HookedTransformer, sets: list[list[Node]]) -> np.
             _, cache = model.run_with_cache(corrupt, names_filter=lambda name: name in names)
             base = model(clean)[0, -1]  # [vocab]
 
-        def patch(act: torch.Tensor, hook, where=where, cache=cache) -> torch.Tensor:
-            act = act.clone()
-            for index in where[hook.name]:
-                act[index] = cache[hook.name][(0,) + index[1:]]
-            return act
+        def patch(name: str, where=where, cache=cache):  # by the name asked for: on a Bridge, hook.name
+            def hook(act: torch.Tensor, hook) -> torch.Tensor:  # is that of the point the name aliases
+                act = act.clone()
+                for index in where[name]:
+                    act[index] = cache[name][(0,) + index[1:]]
+                return act
+            return hook
 
         with torch.no_grad():
             logits = model.run_with_hooks(clean.expand(len(sets), -1),
-                                          fwd_hooks=[(h, patch) for h in where])[:, -1]  # [sets, vocab]
+                                          fwd_hooks=[(h, patch(h)) for h in where])[:, -1]  # [sets, vocab]
         out[:, i] = ((logits[:, a] - logits[:, w]) - (base[a] - base[w])).numpy()
     return out
 

@@ -25,7 +25,7 @@ from atp_plugin.engine.pairs import Pairs
 from atp_plugin.errors import UnsupportedModelError
 from atp_plugin.metrics import check_metric
 from conftest import HOSTS, VARIANTS, host_model, logit_diff_metric, make_bridge, make_model, make_pairs, needs_hooked
-from helpers import tokenized_model, word_tokenizer
+from helpers import word_tokenizer, words_model
 
 ALL_NODES = ["attn_q", "attn_k", "attn_v", "attn_z", "mlp_neurons", "resid_pre"]
 ALL_METHODS = ["ap", "atp", "atp*", "atp+gd", "atp+qk"]
@@ -59,11 +59,6 @@ def raises_before_any_forward(model, exc, match: str, *args, **kwargs) -> None:
 @pytest.fixture(scope="module", params=HOSTS)
 def model(request):
     return host_model(request.param)
-
-
-def words_model(host: str):
-    """A 3-layer float64 model with a word-level tokenizer and no BOS."""
-    return tokenized_model("ln_gelu") if host == "hooked" else make_bridge(0, 3)
 
 
 def test_forward_counter_sees_every_run(model) -> None:

@@ -1,7 +1,9 @@
 """Baseline backends: iterative = ap, subsampling against its closed form and its standard error,
 hierarchical/blocks reach the planted nodes with exact numbers; costs as Engine counts them. On
 left-padded pairs of different lengths, subsampling and hierarchical/blocks against naive
-references: joint patches written here with TransformerLens hooks, one unpadded prompt at a time."""
+references: joint patches written here with TransformerLens hooks, one unpadded prompt at a time.
+The planted additive setting needs a model without LayerNorm (a HookedTransformer, TransformerLens 3);
+the other tests also run on a TransformerBridge."""
 
 from __future__ import annotations
 
@@ -11,11 +13,18 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
-from transformer_lens import HookedTransformer
 
 from atp_plugin import attribute, plugins
 from atp_plugin.backends.baselines import GroupPatching, Subsampling, random_subsets, real_nodes, subsample
-from conftest import logit_diff_metric, make_additive_model, make_model, make_pairs, make_planted_pairs
+from conftest import (
+    HOSTS,
+    host_model,
+    logit_diff_metric,
+    make_additive_model,
+    make_pairs,
+    make_planted_pairs,
+    needs_additive,
+)
 from helpers import (
     PADDED_CLEAN,
     PADDED_CORRUPT,
@@ -27,12 +36,10 @@ from helpers import (
     padded_metric,
     padded_nodes,
     real_pair_means,
-    tokenized_model,
+    words_model,
 )
 
 N, T = 3, 6
-
-
 
 
 def reported(result, nodes: list[Node], kind: str = "signed") -> np.ndarray:
@@ -42,10 +49,10 @@ def reported(result, nodes: list[Node], kind: str = "signed") -> np.ndarray:
                      for t, layer, pos, head in nodes])
 
 
-@pytest.fixture(scope="module")
-def padded_model() -> HookedTransformer:
+@pytest.fixture(scope="module", params=HOSTS)
+def padded_model(request):
     """A 3-layer LayerNorm/GELU float64 model with the word-level tokenizer."""
-    return tokenized_model("ln_gelu")
+    return words_model(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +71,8 @@ def test_registered():
     assert plugins.registries()["backends"].owners["subsampling"] == "atp_plugin.backends.baselines"
 
 
-def test_iterative_equals_ap():
-    model = make_model(0, n_layers=2)
+def test_iterative_equals_ap(host):
+    model = host_model(host, 0, n_layers=2)
     clean, corrupt = make_pairs(N, T)
     metric = logit_diff_metric(N)
     runs = {m: attribute(model, clean, corrupt, metric, nodes=["attn_z", "resid_pre"], method=m)
@@ -78,6 +85,7 @@ def test_iterative_equals_ap():
     assert runs["iterative"].engine.forward_passes == n_nodes * N + 2 * N + 1
 
 
+@needs_additive
 def test_subsampling_is_the_difference_of_means(additive):
     """Effects add exactly here, so the mean effect of subset j is sum_m B_jm I(m): the estimate
     of node n must equal sum_m I(m) (mean of B_m over subsets with n - over subsets without n)."""
@@ -93,6 +101,7 @@ def test_subsampling_is_the_difference_of_means(additive):
     assert result.engine.forward_passes == 120 * N + 2 * N + 1
 
 
+@needs_additive
 def test_subsampling_converges_to_ap_within_its_standard_error(additive):
     """Unbiased under additivity: every estimate within 4 standard errors of ap, the standard
     errors and Welch df those of scipy's Welch t-test on the subset means, and the spread of the
@@ -116,6 +125,7 @@ def test_subsampling_converges_to_ap_within_its_standard_error(additive):
     np.testing.assert_allclose(se, expected, rtol=0.1)
 
 
+@needs_additive
 @pytest.mark.parametrize("backend", [GroupPatching(branching=2), GroupPatching(branching=3, block_size=6),
                                      GroupPatching("blocks", branching=8, block_size=8)])
 def test_group_patching_finds_planted_nodes(additive, backend):
@@ -134,6 +144,7 @@ def test_group_patching_finds_planted_nodes(additive, backend):
     assert result.engine.forward_passes < truth.engine.forward_passes
 
 
+@needs_additive
 def test_group_patching_cost_is_counted(additive):
     """branching=2 over 24 nodes: 2 groups of 12 at the first level, then halves of every group
     with |effect| >= threshold; each level costs N patched copies per group plus 2N runs."""
@@ -160,8 +171,8 @@ def test_group_patching_cost_is_counted(additive):
     assert not np.delete(got, reached).any()  # pruned: 0
 
 
-def test_bad_options():
-    model = make_model(0, n_layers=1)
+def test_bad_options(host):
+    model = host_model(host, 0, n_layers=1)
     clean, corrupt = make_pairs(2, 4)
     metric = logit_diff_metric(2)
     with pytest.raises(ValueError, match="p .* must be in"):

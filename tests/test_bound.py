@@ -2,7 +2,8 @@
 two corrupted positions), everything else at least 4x smaller. Effects add exactly there, so the
 subset means, the Welch tests and theta can be recomputed here from the ap effects alone. Over
 several sites (attn_v and resid_pre, three layers, left-padded pairs), every unverified node's row
-against joint patches written with TransformerLens hooks."""
+against joint patches written with TransformerLens hooks. The planted setting needs a model without
+LayerNorm (a HookedTransformer, TransformerLens 3); the other tests also run on a TransformerBridge."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ from scipy import stats
 
 from atp_plugin import attribute, false_negative_bound, metrics
 from atp_plugin.backends.baselines import random_subsets
-from conftest import logit_diff_metric, make_additive_model, make_model, make_pairs, make_planted_pairs
+from conftest import (
+    host_model,
+    logit_diff_metric,
+    make_additive_model,
+    make_pairs,
+    make_planted_pairs,
+    needs_additive,
+)
 from helpers import (
     PADDED_CLEAN,
     PADDED_CORRUPT,
@@ -22,7 +30,7 @@ from helpers import (
     padded_metric,
     padded_nodes,
     real_pair_means,
-    tokenized_model,
+    words_model,
 )
 
 N, T = 3, 6
@@ -40,6 +48,7 @@ def planted():
     return model, clean, corrupt, metric, truth
 
 
+@needs_additive
 def test_bound_exceeds_an_unverified_planted_effect(planted):
     model, clean, corrupt, metric, truth = planted
     frame = truth.to_frame()
@@ -51,6 +60,7 @@ def test_bound_exceeds_an_unverified_planted_effect(planted):
     np.testing.assert_allclose(bound.verified["effect"], frame["signed"].loc[frame["score"].idxmax()], atol=1e-12)
 
 
+@needs_additive
 def test_bound_below_every_verified_planted_effect(planted):
     model, clean, corrupt, metric, truth = planted
     bound = false_negative_bound(model, clean, corrupt, metric, truth, k=2, n_subsets=S, p=P)
@@ -59,6 +69,7 @@ def test_bound_below_every_verified_planted_effect(planted):
     assert str(bound).startswith("with 95% confidence no node outside the verified top 2 has |effect| above")
 
 
+@needs_additive
 def test_bound_against_a_reference(planted):
     """Estimates, Welch statistics, theta and p-values recomputed from the ap effects and the
     documented subsets with scipy; cost counted."""
@@ -98,12 +109,12 @@ def test_bound_against_a_reference(planted):
     assert bound.forward_passes == (2 * N + 2 * N) + (S * N + 2 * N)
 
 
-def test_bound_over_several_sites_against_joint_patches():
+def test_bound_over_several_sites_against_joint_patches(host):
     """attn_v and resid_pre nodes on three layers, pairs of lengths 3, 5, 4: each unverified node's
     estimate (mean effect over the subsets that contain it minus over those that do not, effects
     averaged over the pairs where the node exists), Welch standard error and df, and upper bound,
     from per-subset joint patches run here; rows matched by node label."""
-    model = tokenized_model("ln_gelu")
+    model = words_model(host)
     metric = padded_metric()
     result = attribute(model, PADDED_CLEAN, PADDED_CORRUPT, metric, nodes=PADDED_TYPES, method="atp")
     k, n_subsets, seed = 3, 60, 6
@@ -137,6 +148,7 @@ def test_bound_over_several_sites_against_joint_patches():
     assert bound.theta == pytest.approx(upper.max(), rel=1e-7)
 
 
+@needs_additive
 def test_bad_input(planted):
     model, clean, corrupt, metric, truth = planted
     with pytest.raises(ValueError, match="different model"):
@@ -159,10 +171,10 @@ def test_bad_input(planted):
                              n_subsets=S, p=P)
 
 
-def test_nonadditive_model_runs():
+def test_nonadditive_model_runs(host):
     """On a 2-layer model with LayerNorm the subsets interact; the bound still covers the nodes
     left unverified there (checked against ap at this seed), and every node gets a finite upper bound."""
-    model = make_model(0, n_layers=2)
+    model = host_model(host, 0, n_layers=2)
     clean, corrupt = make_pairs(N, T)
     metric = logit_diff_metric(N)
     truth = attribute(model, clean, corrupt, metric, nodes=["attn_z"], method="ap")
@@ -171,6 +183,7 @@ def test_nonadditive_model_runs():
     assert bound.theta >= truth.to_frame()["score"].nlargest(4).iloc[3]
 
 
+@needs_additive
 def test_too_few_subsets_give_no_bound_and_say_why(planted):
     """With 20 subsets at p=0.1 (the least the input check allows) some nodes land in fewer than 2 of
     them by chance: no standard error for those, so no theta."""
