@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..edges.scores import interpolate, path_points
+from ..engine.pairs import Batch
 from ..engine.runs import run
 from ..hookspecs import hookimpl
 
@@ -34,20 +35,20 @@ class IntegratedGradients:
         sites = engine.sites()
         sums_abs: dict = {}
         sums: dict = {}
-        for idx in engine.batches(f"ig ({self.steps} steps)"):
-            est = self._batch(engine, sites, idx)
-            engine.forward_passes += (2 + self.steps) * len(idx)
-            engine.backward_passes += self.steps * len(idx)
+        for batch in engine.batches(f"ig ({self.steps} steps)"):
+            est = self._batch(engine, sites, batch)
+            engine.forward_passes += (2 + self.steps) * len(batch.idx)
+            engine.backward_passes += self.steps * len(batch.idx)
             for key, v in est.items():
                 sums_abs[key] = sums_abs.get(key, 0) + v.abs().sum(0)
                 sums[key] = sums.get(key, 0) + v.sum(0)
         return (engine.assemble(engine.mean_over_pairs(sums_abs), sites),
                 engine.assemble(engine.mean_over_pairs(sums), sites))
 
-    def _batch(self, engine, sites, idx: torch.Tensor) -> dict[tuple[int, str], torch.Tensor]:
+    def _batch(self, engine, sites, batch: Batch) -> dict[tuple[int, str], torch.Tensor]:
         """Iig per pair ``[batch, pos, *node]`` keyed by (site number, group); 0 at padding."""
         host, acc = engine.host, engine.acc
-        tokens, corrupt, mask = engine.pairs.clean[idx], engine.pairs.corrupt[idx], engine.pairs.mask[idx]
+        tokens, corrupt, mask = batch.clean, batch.corrupt, batch.mask
         needs = {h for s in sites for h in s.needs}
         with torch.no_grad():
             _, noise = run(host, corrupt, mask, needs | {EMBED_HOOK})
@@ -61,7 +62,7 @@ class IntegratedGradients:
         for alpha in path_points(self.steps):
             with torch.enable_grad():
                 logits, values = run(host, tokens, mask, needs, {EMBED_HOOK: interpolate(noise[EMBED_HOOK], alpha)})
-                grads = dict(zip(hooks, torch.autograd.grad(engine.metric(logits, idx).sum(),
+                grads = dict(zip(hooks, torch.autograd.grad(engine.metric(logits, batch.key).sum(),
                                                             [values[h] for h in hooks])))
             with torch.no_grad():
                 fixed = {h: v.detach() for h, v in values.items()}
