@@ -37,9 +37,9 @@ def save_gpt2(path: Path, seed: int = 0, n_layer: int = 2, qk_gain: float = 2.0,
     then differs visibly from AtP).
     """
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(n_layer=n_layer, n_embd=32, n_head=4, vocab_size=D_VOCAB, n_positions=16,
-                                  n_ctx=16, bos_token_id=1, eos_token_id=1, pad_token_id=0, initializer_range=0.1,
-                                  **overrides)
+    cfg = transformers.GPT2Config(**{"n_layer": n_layer, "n_embd": 32, "n_head": 4, "vocab_size": D_VOCAB,
+                                     "n_positions": 16, "n_ctx": 16, "bos_token_id": 1, "eos_token_id": 1,
+                                     "pad_token_id": 0, "initializer_range": 0.1, **overrides})
     model = transformers.GPT2LMHeadModel(cfg).to(torch.float64)
     with torch.no_grad():
         for block in model.transformer.h:
