@@ -48,7 +48,7 @@ NEEDS = {
     **dict.fromkeys(["test_custom_adapter.py",
                      "test_demo_task.py", "test_identities.py", "test_patching.py",
                      "test_plugin_docs.py", "test_reference.py", "test_report.py", "test_shapes.py",
-                     "test_cli_rank.py", "test_demo_hf.py", "test_saturation.py",
+                     "test_demo_hf.py", "test_saturation.py",
                      "test_soundness.py"], "hooked"),
 }
 needs_hooked = pytest.mark.skipif(not HAS_HOOKED, reason=MISSING["hooked"] or "")

@@ -20,7 +20,7 @@ import torch
 
 import atp_plugin
 from atp_plugin import attribute, cli, metrics
-from conftest import usage_error
+from conftest import HAS_HOOKED, usage_error
 from hf_models import load_bridge, load_hooked, save_gpt2
 
 PAIRS = [  # token ids: "w{i}" is i + 2
@@ -332,8 +332,9 @@ def test_a_word_the_demo_model_does_not_know_is_exit_2_naming_it(capsys, field, 
 
 
 def test_a_transformer_lens_name_loads_through_from_pretrained(tmp_path):
-    """``--model gpt2`` takes HookedTransformer.from_pretrained's real path: here it finds a tiny GPT-2
-    saved as the hub cache's "gpt2" (offline), and ranks as that model loaded step by step."""
+    """``--model gpt2`` takes HookedTransformer.from_pretrained's real path (TransformerLens 3) or
+    TransformerBridge.boot_transformers's (4, which has no HookedTransformer): here it finds a tiny
+    GPT-2 saved as the hub cache's "gpt2" (offline), and ranks as that model loaded step by step."""
     revision = "0" * 40
     repo = tmp_path / "hf" / "hub" / "models--gpt2"
     snapshot = save_gpt2(repo / "snapshots" / revision)
@@ -345,10 +346,11 @@ def test_a_transformer_lens_name_loads_through_from_pretrained(tmp_path):
                            "--dtype", "float64", "--method", "atp+qk", "--nodes", "attn_z,attn_q", "--top-k", "0",
                            "--out-csv", str(out), "--quiet"], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "gpt2 (HookedTransformer)" in done.stdout
+    assert f"gpt2 ({'HookedTransformer' if HAS_HOOKED else 'TransformerBridge'})" in done.stdout
 
     ids = lambda key: [int(r[key][1:]) + 2 for r in PAIRS]  # noqa: E731
-    result = attribute(load_hooked(snapshot), [r["clean"] for r in PAIRS], [r["corrupt"] for r in PAIRS],
+    model = load_hooked(snapshot) if HAS_HOOKED else load_bridge(snapshot)
+    result = attribute(model, [r["clean"] for r in PAIRS], [r["corrupt"] for r in PAIRS],
                        metrics.logit_diff(ids("answer"), ids("wrong")), nodes=["attn_z", "attn_q"], method="atp+qk")
     expected = result.to_frame()
     expected = expected.sort_values("score", ascending=False, kind="stable")

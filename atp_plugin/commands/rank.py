@@ -10,8 +10,9 @@ says how much patching it with its value on the corrupt prompt changes that.
 
 --model: ``demo`` (the bundled IOI model), a local Hugging Face model directory (loaded as a
 TransformerBridge in compatibility mode) or a TransformerLens model name (HookedTransformer,
-downloaded from the hub). --pairs: a JSONL file (one JSON object per line; read a line at a time,
-so memory stays flat however many pairs it holds), a JSON array of objects (.json, or any file
+downloaded from the hub; under TransformerLens 4, which has none, a TransformerBridge). --pairs: a
+JSONL file (one JSON object per line; read a line at a time, so memory stays flat however many
+pairs it holds), a JSON array of objects (.json, or any file
 whose text starts with "[") or a CSV file (header row) with the fields clean, corrupt, answer, wrong.
 """
 
@@ -331,21 +332,14 @@ def load_model(spec: str, device: str, dtype: torch.dtype, quiet: bool = False) 
         if not (path / "config.json").is_file():
             raise UsageError(f"--model {spec}: the directory has no config.json; give a Hugging Face model directory "
                              "(save_pretrained), 'demo', or a TransformerLens model name")
-        from transformer_lens.model_bridge import TransformerBridge
-        note(f"loading {spec} as a TransformerBridge (compatibility mode)...")
-        if quiet:
-            import transformers
-            transformers.utils.logging.disable_progress_bar()
-        try:
-            bridge = TransformerBridge.boot_transformers(str(path), device=device, dtype=dtype)
-            bridge.enable_compatibility_mode(disable_warnings=True)
-        except Exception as e:  # noqa: BLE001 - any failure to load is reported as what it is
-            raise UsageError(f"--model {spec}: could not load the Hugging Face model ({type(e).__name__}: {e})") from e
-        return bridge.eval(), f"{spec} (TransformerBridge)"
+        return _boot_bridge(spec, str(path), device, dtype, quiet, note)
     if path.exists() or spec.startswith((".", "/", "~")):
         raise UsageError(f"--model {spec}: {'not a directory' if path.exists() else 'no such directory'}; give "
                          "'demo', a Hugging Face model directory, or a TransformerLens model name")
-    from transformer_lens import HookedTransformer
+    try:
+        from transformer_lens import HookedTransformer
+    except ImportError:  # TransformerLens 4 removed it: the hub name booted as a TransformerBridge
+        return _boot_bridge(spec, spec, device, dtype, quiet, note)
     note(f"loading {spec} with HookedTransformer.from_pretrained...")
     try:
         model = HookedTransformer.from_pretrained(spec, device=device, dtype=dtype)
@@ -353,6 +347,21 @@ def load_model(spec: str, device: str, dtype: torch.dtype, quiet: bool = False) 
         raise UsageError(f"--model {spec}: could not load it as a TransformerLens model "
                          f"({type(e).__name__}: {str(e)[:300]})") from e
     return model.eval(), f"{spec} (HookedTransformer)"
+
+
+def _boot_bridge(spec: str, name: str, device: str, dtype: torch.dtype, quiet: bool, note) -> tuple[Any, str]:
+    """``name`` (a local directory or a hub name) as a TransformerBridge in compatibility mode."""
+    from transformer_lens.model_bridge import TransformerBridge
+    note(f"loading {spec} as a TransformerBridge (compatibility mode)...")
+    if quiet:
+        import transformers
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        bridge = TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
+        bridge.enable_compatibility_mode(disable_warnings=True)
+    except Exception as e:  # noqa: BLE001 - any failure to load is reported as what it is
+        raise UsageError(f"--model {spec}: could not load the Hugging Face model ({type(e).__name__}: {e})") from e
+    return bridge.eval(), f"{spec} (TransformerBridge)"
 
 
 def _answer_ids(model: Any, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
