@@ -47,7 +47,7 @@ NEEDS = {
     **dict.fromkeys(["test_sae.py", "test_transcoder.py", "test_demo_sae.py", "test_bridge.py"], "sae"),
     **dict.fromkeys(["test_custom_adapter.py",
                      "test_demo_task.py", "test_identities.py", "test_patching.py",
-                     "test_plugin_docs.py", "test_reference.py", "test_report.py", "test_shapes.py",
+                     "test_plugin_docs.py", "test_reference.py", "test_shapes.py",
                      "test_demo_hf.py", "test_saturation.py",
                      "test_soundness.py"], "hooked"),
 }

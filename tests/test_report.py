@@ -1,5 +1,6 @@
 """The HTML report: the numbers it shows (heatmaps, per-token shading) against independent
-reductions of the result, and the page as a real headless Chromium renders it."""
+reductions of the result, and the page as a real headless Chromium renders it; on a random GPT-2 as
+a HookedTransformer (TransformerLens 3) and as a TransformerBridge (both)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 
 from atp_plugin import attribute, metrics
 from atp_plugin.report import figure_path, heatmap_grid, token_scores, write_report
-from hf_models import load_hooked, save_gpt2
+from conftest import HOSTS
+from hf_models import load_bridge, load_hooked, save_gpt2
 from html_report import Dom, chromium, external_urls
 
 NODES = ["attn_z", "attn_q", "mlp_neurons", "resid_pre"]
@@ -20,9 +22,10 @@ CLEAN = ["w1 w2 w3 w4 w5", "w7 w8 w9", "w10 w11 w12 w13"]  # left-padded to 6 to
 CORRUPT = ["w1 w6 w3 w4 w5", "w7 w20 w9", "w10 w11 w30 w13"]
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return load_hooked(save_gpt2(tmp_path_factory.mktemp("gpt2")))
+@pytest.fixture(scope="module", params=HOSTS)
+def model(request, tmp_path_factory):
+    path = save_gpt2(tmp_path_factory.mktemp("gpt2"))
+    return load_hooked(path) if request.param == "hooked" else load_bridge(path)
 
 
 @pytest.fixture(scope="module")
