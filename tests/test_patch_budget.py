@@ -1,5 +1,6 @@
 """Patched copies per forward pass sized from the prompt length and a byte budget (``max_memory=``
-or a share of the free memory), with the same effects whatever the budget."""
+or a share of the free memory), with the same effects whatever the budget; on a HookedTransformer
+(TransformerLens 3) and a TransformerBridge (both)."""
 
 from __future__ import annotations
 
@@ -13,27 +14,27 @@ import torch
 
 from atp_plugin import attribute
 from atp_plugin.engine import memory
-from conftest import logit_diff_metric, make_model, make_pairs, needs_hooked
-
-pytestmark = needs_hooked
+from conftest import HOSTS, host_model, logit_diff_metric, make_pairs
 
 N, T = 4, 6
 
 
 @contextmanager
 def forward_sizes(model: torch.nn.Module) -> Iterator[list[int]]:
-    """The number of prompts of every forward pass run inside the block."""
+    """The number of prompts of every forward pass of the T-token pairs run inside the block (not
+    the hook check a TransformerBridge's host runs once per new hook point, on a 4-token prompt)."""
     sizes: list[int] = []
-    handle = model.embed.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    handle = model.embed.register_forward_pre_hook(
+        lambda module, args: sizes.append(args[0].shape[0]) if args[0].shape[-1] == T else None)
     try:
         yield sizes
     finally:
         handle.remove()
 
 
-@pytest.fixture(scope="module")
-def setup():
-    model = make_model()
+@pytest.fixture(scope="module", params=HOSTS)
+def setup(request):
+    model = host_model(request.param)
     clean, corrupt = make_pairs(N, T)
     return model, clean, corrupt, logit_diff_metric(N)
 
@@ -126,20 +127,23 @@ def test_the_default_budget_is_a_share_of_the_free_memory(monkeypatch) -> None:
 
 
 def test_exhaustive_work_announces_its_size_and_time_and_shows_progress_off_a_terminal(setup, capsys) -> None:
-    """ap over 2 layers x 6 positions x (4 heads + 64 neurons) = 816 nodes and 4 pairs: a first
-    line with the patched prompts and forward passes, one with a time estimate after the first
-    pass, and progress as plain lines although stderr (captured) is not a terminal."""
+    """ap over 2 layers x 6 positions x (4 heads + d_mlp neurons) nodes and 4 pairs (d_mlp 64:
+    816 nodes; on the Bridge 128: 1,584): a first line with the patched prompts and forward passes,
+    one with a time estimate after the first pass, and progress as plain lines although stderr
+    (captured) is not a terminal."""
     model, clean, corrupt, metric = setup
     attribute(model, clean, corrupt, metric, nodes=["attn_z", "mlp_neurons"], method="ap", patch_batch_size=1000)
     err = capsys.readouterr().err
     lines = err.splitlines()
-    # 816 nodes x 4 pairs in ranges of lcm(1000, 4) = 1000 copies: 4 passes (the last of 264)
-    assert lines[0] == ("atp: exact patching: 3,264 patched prompts in 4 forward passes of up to 1000, plus a noise "
-                        "and a clean run of each of the 4 pairs")
+    assert model.cfg.d_mlp in (64, 128)
+    prompts = 2 * 6 * (4 + model.cfg.d_mlp) * N  # 3,264 or 6,336
+    passes = math.ceil(prompts / 1000)  # in ranges of lcm(1000, 4) = 1000 copies: 4 or 7
+    assert lines[0] == (f"atp: exact patching: {prompts:,} patched prompts in {passes} forward passes of up to 1000, "
+                        "plus a noise and a clean run of each of the 4 pairs")
     timing = [line for line in lines if line.startswith("atp: exact patching: the first pass took ")]
-    assert len(timing) == 1 and timing[0].endswith("for the other 3")
+    assert len(timing) == 1 and timing[0].endswith(f"for the other {passes - 1}")
     assert "\r" not in err
-    assert any(line.startswith("exact patching:") and "3264/3264" in line for line in lines[2:])  # the last one
+    assert any(line.startswith("exact patching:") and f"{prompts}/{prompts}" in line for line in lines[2:])  # the last
 
 
 def test_progress_lines_come_every_interval(setup, capsys, monkeypatch) -> None:
