@@ -15,15 +15,15 @@ from atp_plugin.backends.ig import IntegratedGradients
 from atp_plugin.bound import false_negative_bound
 from atp_plugin.errors import UnsupportedModelError
 from atp_plugin.report import token_scores
-from conftest import logit_diff_metric, make_model, make_pairs, needs_hooked
-from helpers import PADDED_CLEAN, PADDED_CORRUPT, padded_metric, tokenized_model
+from conftest import HOSTS, host_model, logit_diff_metric, make_model, make_pairs, needs_hooked, needs_hooked_for
+from helpers import PADDED_CLEAN, PADDED_CORRUPT, padded_metric, words_model
 
-pytestmark = needs_hooked
+needs_sinks = needs_hooked_for("attention sinks (a HookedTransformer option)")
 
 
-@pytest.fixture(scope="module")
-def setup():
-    model = make_model()
+@pytest.fixture(scope="module", params=HOSTS)
+def setup(request):
+    model = host_model(request.param)
     clean, corrupt = make_pairs(4, 5)
     metric = logit_diff_metric(4)
     return model, clean, corrupt, metric
@@ -81,6 +81,7 @@ def test_token_scores_of_a_pair_equal_a_run_on_that_pair_alone(setup) -> None:
     torch.testing.assert_close(token_scores(result, 2), expected.double())
 
 
+@needs_sinks
 def test_the_qk_precheck_runs_for_any_backend_asking_for_the_qk_fix() -> None:
     """``Engine.first_order(qk=True)`` checks the attention first, so a plugin backend without a
     ``qk`` attribute fails before any forward pass, as the built-ins do."""
@@ -147,12 +148,12 @@ def test_exact_patching_is_joint_patching_of_single_nodes(setup) -> None:
                                rtol=0, atol=1e-12)
 
 
-def test_a_joint_patch_with_every_node_at_padding_is_not_run() -> None:
+def test_a_joint_patch_with_every_node_at_padding_is_not_run(host) -> None:
     """A copy whose set has no node at a real position of its pair patches nothing: it is not
     run (no forward pass charged) and its effect is exactly 0."""
     from atp_plugin.backends.baselines import joint_effects
 
-    model = tokenized_model("ln_gelu")
+    model = words_model(host)
     engine = attribute(model, PADDED_CLEAN, PADDED_CORRUPT, padded_metric(), nodes=["attn_z"], method="atp").engine
     assert engine.pairs.mask[0].tolist() == [False, False, True, True, True]  # pair 0: positions 0, 1 padding
     n_heads = model.cfg.n_heads
@@ -220,6 +221,12 @@ def test_atp_rank_reports_input_errors_of_the_library_as_usage(model_dir, capsys
     err = capsys.readouterr().err
     assert err.startswith("atp rank: error: the prompts are 21 tokens long")  # BOS + 20 words
     assert len(err.splitlines()) == 1
+
+
+@needs_hooked
+def test_a_node_type_the_model_lacks_is_an_input_error() -> None:
+    """The library's error for hooks the model lacks is an input error (UnsupportedModelError, an
+    AtpError), which ``atp rank`` reports as usage (an attention-only HookedTransformer)."""
     model = make_model(attn_only=True)
     clean, corrupt = make_pairs(2, 4)
     with pytest.raises(UnsupportedModelError, match=r"the model lacks hook\(s\)"):
@@ -236,6 +243,7 @@ def test_atp_rank_without_quiet_shows_no_bar_for_short_work_off_a_terminal(model
     assert "attribution" not in err and "verifying" not in err and "%|" not in err, err
 
 
+@needs_sinks
 def test_an_unsupported_attention_fails_before_the_graddrop_warning() -> None:
     """atp* on a 2-layer model whose attention the QK fix cannot handle: the error comes first, with
     no warning about GradDrop for a run that never happens."""
