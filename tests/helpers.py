@@ -61,12 +61,13 @@ def words_model(host: str):
     return tokenized_model("ln_gelu") if host == "hooked" else make_bridge(0, 3)
 
 
-def string_pairs(lengths: list[int], seed: int = 3) -> tuple[list[str], list[str]]:
+def string_pairs(lengths: list[int], seed: int = 3, n_words: int = len(WORDS)) -> tuple[list[str], list[str]]:
+    """Pairs of prompts of the first ``n_words`` words (48 for ``words_model("bridge")``)."""
     g = torch.Generator().manual_seed(seed)
     clean, corrupt = [], []
     for n in lengths:
-        a = torch.randint(0, len(WORDS), (n,), generator=g)
-        b = torch.where(torch.rand(n, generator=g) < 0.5, torch.randint(0, len(WORDS), (n,), generator=g), a)
+        a = torch.randint(0, n_words, (n,), generator=g)
+        b = torch.where(torch.rand(n, generator=g) < 0.5, torch.randint(0, n_words, (n,), generator=g), a)
         clean.append(" ".join(WORDS[i] for i in a))
         corrupt.append(" ".join(WORDS[i] for i in b))
     return clean, corrupt

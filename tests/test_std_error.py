@@ -1,6 +1,7 @@
 """Each score's standard error over pairs (running moments, merged a batch at a time) equals the
 two-pass formula std(per-pair scores, ddof=1) / sqrt(n) in float64, with left padding (fewer pairs
-at early positions) and batches of every size."""
+at early positions) and batches of every size, on a HookedTransformer (TransformerLens 3) and a
+TransformerBridge (both)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ import torch
 
 from atp_plugin import attribute
 from atp_plugin.engine.moments import Moments
-from conftest import needs_hooked
-from helpers import string_pairs, tokenized_model
+from helpers import string_pairs, words_model
 
 
 def test_moments_equal_the_two_pass_formula():
@@ -30,11 +30,10 @@ def test_moments_equal_the_two_pass_formula():
         torch.testing.assert_close(se[pos], expected, rtol=1e-12, atol=0, equal_nan=True)
 
 
-@needs_hooked
 @pytest.mark.parametrize("method", ["atp", "atp+qk", "atp*"])
-def test_result_std_error_equals_per_pair_scores(method):
-    model = tokenized_model("ln_gelu")
-    clean, corrupt = string_pairs([6, 4, 6, 5, 3])
+def test_result_std_error_equals_per_pair_scores(host, method):
+    model = words_model(host)
+    clean, corrupt = string_pairs([6, 4, 6, 5, 3], n_words=48)  # the Bridge's tokenizer knows w0..w47
     metric = lambda logits, idx: logits[:, -1, 3] - logits[:, -1, 7]  # noqa: E731
     nodes = ["attn_q", "attn_k", "attn_z"]
     result = attribute(model, clean, corrupt, metric, method=method, nodes=nodes, batch_size=2)
