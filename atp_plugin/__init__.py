@@ -10,11 +10,12 @@ from .adapters import NodeAdapter
 from .attribution import attribute
 from .bound import FalseNegativeBound, false_negative_bound
 from .engine.stream import PairStream
+from .estimate import Estimate, estimate
 from .evaluate import Evaluation, evaluate
 from .hookspecs import hookimpl
 from .result import AttributionResult
 from .verify import verify
 
-__all__ = ["attribute", "AttributionResult", "Evaluation", "FalseNegativeBound", "NodeAdapter", "PairStream",
-           "evaluate", "false_negative_bound", "hookimpl", "metrics", "verify"]
+__all__ = ["attribute", "AttributionResult", "Estimate", "Evaluation", "FalseNegativeBound", "NodeAdapter",
+           "PairStream", "estimate", "evaluate", "false_negative_bound", "hookimpl", "metrics", "verify"]
 __version__ = "0.1.0"

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 import numpy as np
 import torch
@@ -157,6 +157,7 @@ class Subsampling:
     pass per subset per pair, whatever the number of nodes."""
 
     name: str = "subsampling"
+    exhaustive: ClassVar[bool] = True  # patched prompts per node set: estimate() does not cover it
     n_subsets: int = 200
     p: float = 0.1
     seed: int = 0
@@ -197,6 +198,7 @@ class GroupPatching:
     """
 
     name: str = "hierarchical"
+    exhaustive: ClassVar[bool] = True  # patched prompts per node set: estimate() does not cover it
     branching: int = 4
     block_size: int | None = None
     threshold: float | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -51,6 +52,7 @@ class ActivationPatching:
     """Exact activation patching of every node, one patched copy per (pair, node), batched."""
 
     name: str = "ap"
+    exhaustive: ClassVar[bool] = True  # one patched prompt per node: estimate() does not cover it
 
     def run(self, engine: Engine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         sites = engine.sites()

@@ -10,7 +10,8 @@ ones.
 from __future__ import annotations
 
 import os
-from typing import Sequence, TypeVar
+from contextlib import contextmanager
+from typing import Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -30,9 +31,23 @@ def join_from_env() -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
+_alone = False  # inside alone(): this process works by itself
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """Work in this process only, as if there were no process group (``estimate()``'s probes)."""
+    global _alone
+    before, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = before
+
+
 def world() -> tuple[int, int]:
-    """(rank, number of ranks) of the default process group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
+    """(rank, number of ranks) of the default process group; (0, 1) without one or ``alone()``."""
+    if not _alone and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 

@@ -16,12 +16,14 @@ class PeakTensorBytes(TorchDispatchMode):
     """Inside ``with PeakTensorBytes() as m``: ``m.peak``, the most bytes of tensor storage alive
     at once among the storages created inside the block (tensors made before it, such as the
     weights, are not counted), and ``m.live``, those alive now. A storage counts from the op that
-    creates it until it is freed, also when autograd holds it for the backward pass."""
+    creates it until it is freed, also when autograd holds it for the backward pass. With
+    ``trace=True``, ``m.trace`` lists the bytes alive after each op, in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, trace: bool = False) -> None:
         super().__init__()
         self.live = 0
         self.peak = 0
+        self.trace: list[int] | None = [] if trace else None
         self._refs: dict[int, weakref.ref] = {}
 
     def _freed(self, key: int, nbytes: int, _: object) -> None:
@@ -46,4 +48,6 @@ class PeakTensorBytes(TorchDispatchMode):
             self.live += nbytes
             self._refs[key] = weakref.ref(storage, partial(self._freed, key, nbytes))
             self.peak = max(self.peak, self.live)
+        if self.trace is not None:
+            self.trace.append(self.live)
         return out

@@ -1,0 +1,148 @@
+"""``estimate()``: the peak memory and the passes ``attribute()`` will need at a prompt length,
+before running it, and the largest batch of pairs that fits a memory budget.
+
+The estimate is measured, not modelled: it runs the method on a few short random prompts (three
+lengths, batches of one pair and of two) while counting the tensor memory torch allocates and frees
+(``engine.tensor_memory``), then extends the peak to ``n_tokens`` as a quadratic in the prompt
+length (activations grow with T, attention patterns with T^2) that is linear in the batch size.
+So it follows the model, host, node types and method as they are, the QK fix and GradDrop
+included. It counts tensors only: the allocator's own overhead (a CUDA caching allocator's
+reserve, a CPU heap's fragmentation) comes on top.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+
+from . import plugins
+from .adapters import NodeAdapter, resolve
+from .attribution import DEFAULT_BATCH, DEFAULT_NODES, attribute, check_length, host_for, positive_int
+from .engine import distributed, memory
+from .engine.tensor_memory import PeakTensorBytes
+from .errors import AtpError
+
+PROBE_LENGTHS = (32, 64, 96)  # prompt lengths of the probe runs (shorter prompts are probed as they are)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What ``attribute(model, ..., method=method, batch_size=batch_size)`` needs on pairs of
+    ``n_tokens`` tokens: ``peak_bytes``, the most tensor memory alive at once above the loaded
+    model (one batch's run, the scores included); ``forward_passes`` and ``backward_passes`` over
+    ``n_pairs`` pairs, counted as in ``result.engine`` (prompts run forward; backward passes of
+    one prompt, GradDrop's partial ones as fractions); ``budget``: the bytes the batch was sized
+    against (``batch_size="auto"``), and ``fits``: whether ``peak_bytes`` is within it."""
+
+    method: str
+    n_tokens: int
+    batch_size: int
+    n_pairs: int
+    peak_bytes: int
+    forward_passes: float
+    backward_passes: float
+    budget: int | None = None
+
+    @property
+    def fits(self) -> bool:
+        return self.budget is None or self.peak_bytes <= self.budget
+
+    def __str__(self) -> str:
+        within = "" if self.budget is None else \
+            f" (budget {self.budget / 2**30:.2f} GiB{'' if self.fits else ', EXCEEDED'})"
+        return (f"{self.method} on {self.n_pairs} pair(s) of {self.n_tokens} tokens, batches of {self.batch_size}: "
+                f"peak {self.peak_bytes / 2**30:.2f} GiB above the model{within}; {self.forward_passes:g} forward "
+                f"and {self.backward_passes:g} backward passes of one prompt")
+
+
+def estimate(model: Any, n_tokens: int, nodes: str | NodeAdapter | Sequence[str | NodeAdapter] = DEFAULT_NODES,
+             method: str = "atp*", batch_size: int | Literal["auto"] = DEFAULT_BATCH, *, n_pairs: int | None = None,
+             max_memory: float | None = None) -> Estimate:
+    """Predict the peak memory and the passes of ``attribute()`` with these ``nodes`` and ``method``
+    on pairs of ``n_tokens`` tokens, in batches of ``batch_size`` pairs, over ``n_pairs`` pairs
+    (default: one batch). ``batch_size="auto"``: the largest batch whose peak fits ``max_memory``
+    bytes (default: the budget exact patching uses, ``engine.memory.default_budget``), at least 1
+    (check ``fits``). The probe runs take a few seconds on a GPT-2-small-sized model.
+
+    Exact patching (``ap``, the baselines) runs one patched prompt per node and sizes its own
+    batches from ``max_memory``; it is refused here.
+    """
+    backends = plugins.backends()
+    if method not in backends:
+        raise ValueError(f"unknown method {method!r}; known methods: {', '.join(sorted(backends))}")
+    if getattr(backends[method], "exhaustive", False):
+        raise ValueError(f"estimate() covers the gradient methods; {method!r} patches every node exactly, with "
+                         "patched prompts per pass sized from max_memory (attribute(..., max_memory=...))")
+    n_tokens = positive_int(n_tokens, "n_tokens", "it is the prompts' length in tokens (after padding)")
+    auto = batch_size == "auto"
+    if not auto:
+        batch_size = positive_int(batch_size, "batch_size", 'it is the number of pairs run at a time, or "auto"')
+    budget = memory.check_max_memory(max_memory)
+    adapters = resolve(nodes, plugins.adapters())
+    host = host_for(model)
+    check_length(host, n_tokens)
+    missing = sorted({h for a in adapters for h in a.hooks(host) if not host.has_hook(h)})
+    if missing:
+        raise AtpError(f"the model lacks hook(s) {missing[:5]} needed by nodes={[a.name for a in adapters]}")
+    lengths = PROBE_LENGTHS if n_tokens > PROBE_LENGTHS[-1] else (n_tokens,)
+    if n_pairs is not None:
+        n_pairs = positive_int(n_pairs, "n_pairs", "it is the number of pairs")
+    # a second batch runs beside the sums the first left: probe two where there will be two
+    batches = 2 if isinstance(batch_size, str) or (n_pairs or 0) > batch_size else 1
+    _probe(model, adapters, method, lengths[0], 1, 1, host.d_vocab)  # one-time work (the host's probe of the model)
+    traces, passes = [], (0.0, 0.0)
+    for b in (1, 2):
+        for t in lengths:
+            trace, passes = _probe(model, adapters, method, t, b, batches, host.d_vocab)
+            traces.append(trace)
+    # the peak at n_tokens with batches of 1 pair, and how much each further pair adds
+    one, two = (_peak_at(traces[i:i + len(lengths)], lengths, n_tokens) for i in (0, len(lengths)))
+    per_pair = max(two - one, 0.0)
+    if auto:
+        budget = budget if budget is not None else memory.default_budget(host.device)
+        batch_size = max(1, int((budget - one) // per_pair) + 1 if per_pair > 0 else 1)
+    assert isinstance(batch_size, int)
+    n = batch_size if n_pairs is None else n_pairs
+    peak = one + (min(batch_size, n) - 1) * per_pair
+    return Estimate(method, n_tokens, batch_size, n, int(peak), passes[0] * n, passes[1] * n,
+                    budget if auto or budget is not None else None)
+
+
+def _peak_at(traces: list[np.ndarray], lengths: Sequence[int], n_tokens: int) -> float:
+    """The peak at ``n_tokens`` from the probes' traces at ``lengths`` (one batch size). Every op's
+    bytes are a polynomial in the length (activations grow with T, attention patterns with T^2), so
+    the polynomial through the probes gives each op's bytes at any length, and their maximum is the
+    peak there whichever op holds it. Where the probes ran different ops (a length-dependent code
+    path), their peaks are extended instead."""
+    if len({len(t) for t in traces}) > 1:
+        traces = [np.array([t.max()]) for t in traces]
+    x = np.stack(traces).astype(float)  # [length, op]
+    weights = np.array([math.prod((n_tokens - o) / (t - o) for o in lengths if o != t) for t in lengths])
+    at_n = np.maximum(weights @ x, x.max(0))  # Lagrange at n_tokens; never below what a shorter probe held
+    return float(at_n.max())
+
+
+def _probe(model: Any, adapters: list[NodeAdapter], method: str, n_tokens: int, batch: int, batches: int,
+           d_vocab: int) -> tuple[np.ndarray, tuple[float, float]]:
+    """The bytes of tensors alive after each op of ``attribute()`` on ``batches`` batches of
+    ``batch`` random pairs of ``n_tokens`` tokens, and its (forward, backward) passes per pair."""
+    g = torch.Generator().manual_seed(n_tokens * 7 + batch)
+    clean = torch.randint(0, d_vocab, (batches * batch, n_tokens), generator=g)
+    corrupt = torch.randint(0, d_vocab, (batches * batch, n_tokens), generator=g)
+
+    def metric(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return logits[:, -1, 0] - logits[:, -1, min(1, d_vocab - 1)]
+
+    with warnings.catch_warnings(), distributed.alone(), PeakTensorBytes(trace=True) as counted:
+        warnings.simplefilter("ignore")  # the user's own run will warn (e.g. GradDrop with few layers)
+        result = attribute(model, clean, corrupt, metric, nodes=adapters, method=method, batch_size=batch,
+                           progress=False)
+    engine = result.require_engine("estimate()")
+    assert counted.trace is not None
+    n = batches * batch
+    return np.array(counted.trace), (engine.forward_passes / n, engine.backward_passes / n)

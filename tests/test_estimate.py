@@ -1,0 +1,89 @@
+"""``estimate()``: its peak equals the tensor memory the real ``attribute()`` run reaches at the
+estimated length (measured by ``PeakTensorBytes``, itself checked here against tensors of known
+size), its passes equal the engine's counts, and ``batch_size="auto"`` is the largest batch within
+the budget. Runs on a TransformerBridge, so under TransformerLens 3 and 4."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from atp_plugin import attribute, estimate, metrics
+from atp_plugin.engine.tensor_memory import PeakTensorBytes
+from atp_plugin.errors import AtpError
+from hf_models import load_bridge, save_gpt2
+
+NODES = ["attn_q", "attn_k", "attn_z", "mlp_neurons"]
+LONG = 200  # past the probe lengths: the estimate extends its probes' peaks
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return load_bridge(save_gpt2(tmp_path_factory.mktemp("gpt2"), n_layer=3, n_positions=256, n_ctx=256))
+
+
+def measured(model, method: str, n_pairs: int, n_tokens: int, batch_size: int):
+    g = torch.Generator().manual_seed(5)
+    clean = torch.randint(0, model.cfg.d_vocab, (n_pairs, n_tokens), generator=g)
+    corrupt = torch.randint(0, model.cfg.d_vocab, (n_pairs, n_tokens), generator=g)
+    metric = metrics.logit_diff(torch.full((n_pairs,), 3), torch.full((n_pairs,), 4))
+    with PeakTensorBytes() as counted:
+        result = attribute(model, clean, corrupt, metric, nodes=NODES, method=method, batch_size=batch_size,
+                           progress=False)
+    return counted.peak, result.engine
+
+
+def test_peak_tensor_bytes_counts_what_torch_allocates_and_frees():
+    x = torch.ones(1000, dtype=torch.float64, requires_grad=True)  # made before: not counted
+    with PeakTensorBytes() as counted:
+        view = x[:10].view(2, 5)  # a view: no new memory
+        assert counted.live == 0
+        y = x.exp()  # 8000 bytes, kept by autograd for the backward pass
+        z = (y * 2).sum()  # y * 2: 8000 bytes, freed once summed; the sum: 8 bytes
+        assert counted.live == 8008 and counted.peak == 16008
+        del y  # still held by autograd (exp's backward needs its result)
+        assert counted.live == 8008
+        z.backward()  # at its peak: y, dL/dy = 2 (expanded: no memory), dL/dy * 2 and dL/dx = x.grad
+        del z  # the graph is freed; x.grad stays
+        assert counted.live == 8000 and counted.peak == 24016
+    assert view.shape == (2, 5)
+
+
+@pytest.mark.parametrize("method", ["atp", "atp+qk", "atp*"])
+def test_the_estimated_peak_is_the_measured_one(model, method):
+    predicted = estimate(model, LONG, NODES, method, batch_size=2, n_pairs=4)
+    peak, engine = measured(model, method, 4, LONG, batch_size=2)
+    assert abs(predicted.peak_bytes / peak - 1) < 0.05, (predicted.peak_bytes, peak)
+    assert predicted.forward_passes == engine.forward_passes
+    assert predicted.backward_passes == engine.backward_passes
+    assert (predicted.method, predicted.n_tokens, predicted.batch_size, predicted.n_pairs) == (method, LONG, 2, 4)
+
+
+def test_short_prompts_are_probed_as_they_are(model):
+    predicted = estimate(model, 20, NODES, "atp", batch_size=3)
+    peak, _ = measured(model, "atp", 3, 20, batch_size=3)
+    assert abs(predicted.peak_bytes / peak - 1) < 0.05, (predicted.peak_bytes, peak)
+
+
+def test_auto_is_the_largest_batch_within_the_budget(model):
+    one = estimate(model, LONG, NODES, "atp+qk", batch_size=1)
+    budget = 5.5 * one.peak_bytes
+    auto = estimate(model, LONG, NODES, "atp+qk", batch_size="auto", max_memory=budget)
+    assert auto.budget == int(budget) and auto.fits and auto.batch_size > 1
+    bigger = estimate(model, LONG, NODES, "atp+qk", batch_size=auto.batch_size + 1)
+    assert auto.peak_bytes <= budget < bigger.peak_bytes
+    tiny = estimate(model, LONG, NODES, "atp+qk", batch_size="auto", max_memory=one.peak_bytes / 2)
+    assert tiny.batch_size == 1 and not tiny.fits and "EXCEEDED" in str(tiny)
+
+
+def test_bad_requests_are_refused_before_any_probe(model):
+    with pytest.raises(ValueError, match="patches every node exactly"):
+        estimate(model, 64, NODES, "ap")
+    with pytest.raises(ValueError, match=r"unknown method 'atp\*\*'"):
+        estimate(model, 64, NODES, "atp**")
+    with pytest.raises(AtpError, match="context length n_ctx is 256"):
+        estimate(model, 300, NODES, "atp")
+    with pytest.raises(TypeError, match='or "auto"'):
+        estimate(model, 64, NODES, "atp", batch_size="big")
+    with pytest.raises(ValueError, match="n_tokens must be a positive int"):
+        estimate(model, 0, NODES, "atp")
