@@ -7,8 +7,8 @@ returns float32 scores, close to the float32 model's.
   top-20 overlap at least ``MIN_OVERLAP`` (worst measured 0.90). The error must also be above
   zero: the cast took effect.
 - Scores are accumulated over pairs in float32: 16 copies of one pair run one at a time (each
-  copy's estimate bitwise the same) give the one pair's scores and signed means (atp; atp*'s
-  GradDrop scores) to float32 rounding, where a
+  copy's estimate bitwise the same; 32 on the Bridge) give the one pair's scores and signed means
+  (atp; atp*'s GradDrop scores) to float32 rounding, where a
   bfloat16 running sum of 16 equal values is off by 0.6% (median; measured) and a float16 sum
   of these magnitudes overflows to inf.
 
@@ -114,18 +114,18 @@ def scaled_logit_diff(logits: torch.Tensor, indices: torch.Tensor) -> torch.Tens
     return METRIC_SCALE * (logits[:, -1, 5] - logits[:, -1, 7])
 
 
-@needs_hooked
 @pytest.mark.parametrize("method", ["atp", "atp*"])  # atp+qk accumulates as atp does
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_scores_accumulate_in_float32(dtype: torch.dtype, method: str) -> None:
-    model = hooked(dtype)
+def test_scores_accumulate_in_float32(host: str, gpt2_path: Path, dtype: torch.dtype, method: str) -> None:
+    model = hooked(dtype) if host == "hooked" else bridge(gpt2_path, dtype)
+    n_copies = COPIES if host == "hooked" else 2 * COPIES  # the GPT-2's atp* scores are smaller
     clean, corrupt = (x[:1] for x in pairs())
     single = attribute(model, clean, corrupt, scaled_logit_diff, nodes=NODES, method=method)
-    copies = attribute(model, clean.repeat(COPIES, 1), corrupt.repeat(COPIES, 1), scaled_logit_diff, nodes=NODES,
+    copies = attribute(model, clean.repeat(n_copies, 1), corrupt.repeat(n_copies, 1), scaled_logit_diff, nodes=NODES,
                        method=method, batch_size=1)
     largest = float(flat_scores(single).max())
     if dtype == torch.float16:  # the claim is testable: a float16 accumulator would overflow
-        assert COPIES * largest > FLOAT16_MAX, largest
+        assert n_copies * largest > FLOAT16_MAX, largest
     flat_scores(copies)  # float32, finite
     for key, want in single.scores.items():
         torch.testing.assert_close(copies.scores[key], want, rtol=1e-5, atol=1e-6 * largest)
