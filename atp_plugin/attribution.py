@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 import warnings
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 
@@ -86,7 +86,8 @@ def make_source(host: Host, clean: torch.Tensor | Sequence[str] | PairStream,
 def attribute(model: Any, clean: torch.Tensor | Sequence[str] | PairStream,
               corrupt: torch.Tensor | Sequence[str] | None = None, metric: Metric | None = None, *,
               nodes: str | NodeAdapter | Sequence[str | NodeAdapter] = DEFAULT_NODES,
-              method: "str | Backend" = "atp*", batch_size: int | None = None, patch_batch_size: int | None = None,
+              method: "str | Backend" = "atp*", batch_size: int | Literal["auto"] | None = None,
+              patch_batch_size: int | None = None,
               max_memory: float | None = None, progress: bool | None = None) -> AttributionResult:
     """Score every node of the requested types by how much patching it from ``corrupt`` into
     ``clean`` changes ``metric``.
@@ -97,7 +98,9 @@ def attribute(model: Any, clean: torch.Tensor | Sequence[str] | PairStream,
     ``metric(logits, indices) -> [batch]`` (or ``metric(logits)``; on a labelled stream
     ``metric(logits, labels)``). ``nodes``: node type names or adapter instances. ``method``: a registered
     backend's name (``atp*`` by default) or a backend instance (e.g. a configured
-    ``Subsampling(n_subsets=64)``). ``batch_size`` pairs are processed at a time.
+    ``Subsampling(n_subsets=64)``). ``batch_size`` pairs are processed at a time (16 by default);
+    ``"auto"``: the largest batch whose peak fits ``max_memory`` by ``estimate()`` (a few seconds
+    of probe runs; the gradient methods only).
 
     Exact patching (``ap``, ``verify``, the baselines, the bound) runs many patched copies of the
     prompts per forward pass: ``patch_batch_size`` copies, or by default as many as fit in
@@ -124,8 +127,8 @@ def attribute(model: Any, clean: torch.Tensor | Sequence[str] | PairStream,
     if metric is None:
         raise TypeError("attribute() needs a metric: attribute(model, clean, corrupt, metric) or "
                         "attribute(model, PairStream(...), metric=metric)")
-    if batch_size is not None:
-        batch_size = positive_int(batch_size, "batch_size", "it is the number of pairs run at a time")
+    if batch_size is not None and batch_size != "auto":
+        batch_size = positive_int(batch_size, "batch_size", 'it is the number of pairs run at a time, or "auto"')
     if patch_batch_size is not None:
         patch_batch_size = positive_int(patch_batch_size, "patch_batch_size",
                                         "it is the number of patched prompts run at a time")
@@ -142,6 +145,10 @@ def attribute(model: Any, clean: torch.Tensor | Sequence[str] | PairStream,
     pairs = make_source(host, clean, corrupt)
     check_length(host, pairs.width)
     check_metric(metric, pairs, host.d_vocab)
+    if batch_size == "auto":
+        from .estimate import estimate  # estimate() probes through attribute()
+        batch_size = estimate(model, pairs.width, adapters, method, "auto", n_pairs=pairs.n,
+                              max_memory=max_memory).batch_size
     engine = Engine(host, pairs, metric, adapters, batch_size=batch_size or DEFAULT_BATCH,
                     patch_batch_size=patch_batch_size, max_memory=max_memory, progress=progress)
     with eval_mode(model):

@@ -87,3 +87,16 @@ def test_bad_requests_are_refused_before_any_probe(model):
         estimate(model, 64, NODES, "atp", batch_size="big")
     with pytest.raises(ValueError, match="n_tokens must be a positive int"):
         estimate(model, 0, NODES, "atp")
+
+
+def test_attribute_sizes_its_batches_by_the_estimate(model):
+    budget = 4 * estimate(model, 100, NODES, "atp", batch_size=1).peak_bytes
+    auto = estimate(model, 100, NODES, "atp", batch_size="auto", n_pairs=12, max_memory=budget)
+    g = torch.Generator().manual_seed(2)
+    clean, corrupt = torch.randint(0, 50, (2, 12, 100), generator=g)
+    metric = metrics.logit_diff(torch.full((12,), 3), torch.full((12,), 4))
+    result = attribute(model, clean, corrupt, metric, nodes=NODES, method="atp", batch_size="auto", max_memory=budget)
+    assert 1 < result.engine.batch_size == auto.batch_size < 12
+    fixed = attribute(model, clean, corrupt, metric, nodes=NODES, method="atp", batch_size=5)
+    for key, value in fixed.scores.items():
+        torch.testing.assert_close(result.scores[key], value, rtol=1e-12, atol=1e-12)
