@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from atp_plugin import attribute, cli, plugins
-from conftest import logit_diff_metric, make_model, make_pairs, needs_hooked
+from conftest import host_model, logit_diff_metric, make_pairs
 
 BACKEND_PLUGIN = '''
 from dataclasses import dataclass
@@ -50,13 +50,12 @@ def site_dir(tmp_path, monkeypatch):
     plugins.registries(reload=True)
 
 
-@needs_hooked
-def test_entry_point_backend_is_found_and_runs(site_dir):
+def test_entry_point_backend_is_found_and_runs(host, site_dir):
     install_dist(site_dir, "toyplug", "toyplug_mod", BACKEND_PLUGIN)
     regs = plugins.registries(reload=True)
     assert regs["backends"].owners["atp-squared"] == "toyplug"
     assert regs["backends"].owners["atp*"] == "atp_plugin.backends.builtin"
-    model = make_model(n_layers=2)
+    model = host_model(host, n_layers=2)
     clean, corrupt = make_pairs(3, 5)
     metric = logit_diff_metric(3)
     squared = attribute(model, clean, corrupt, metric, nodes="attn_z", method="atp-squared")
@@ -104,9 +103,8 @@ def test_duplicate_name_is_an_error_naming_both_plugins(site_dir):
         plugins.registries(reload=True)
 
 
-@needs_hooked
-def test_unknown_method_lists_the_registered_ones():
-    model = make_model(n_layers=1)
+def test_unknown_method_lists_the_registered_ones(host):
+    model = host_model(host, n_layers=1)
     clean, corrupt = make_pairs(2, 4)
     with pytest.raises(ValueError, match=r"unknown method 'atp\+\+'.*atp\*.*atp\+gd"):
         attribute(model, clean, corrupt, logit_diff_metric(2), method="atp++")
