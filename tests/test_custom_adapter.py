@@ -6,6 +6,8 @@ as an installed third-party plugin found by name through its entry point.
   hand (x + delta_c u_j), and moves only that component.
 - ``pip install`` of the example package registers ``resid_axes``; ``registries(reload=True)``
   finds it, and it gives the numbers of an instance with the same directions.
+
+On a HookedTransformer (TransformerLens 3) and a TransformerBridge (both).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pytest
 import torch
 
 from atp_plugin import NodeAdapter, attribute, plugins
-from conftest import clean_gradients, logit_diff_metric, make_model, make_pairs
+from conftest import clean_gradients, host_model, logit_diff_metric, make_pairs
 
 PACKAGE = Path(__file__).resolve().parents[1] / "examples" / "atp_directions"
 N, T = 3, 5
@@ -52,8 +54,8 @@ def close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-10 * scale, msg=lambda m: f"{what}: {m}")
 
 
-def test_instance_matches_hand_computed_atp_and_patching(directions_module) -> None:
-    model = make_model(n_layers=2)
+def test_instance_matches_hand_computed_atp_and_patching(host, directions_module) -> None:
+    model = host_model(host, n_layers=2)
     torch.manual_seed(5)
     dirs = torch.randn(3, 32, dtype=torch.float64)             # not orthogonal, not unit
     adapter = directions_module.ResidualDirections(dirs)
@@ -97,9 +99,9 @@ def test_instance_matches_hand_computed_atp_and_patching(directions_module) -> N
     torch.testing.assert_close(out[:, [0, 1, 3, 4]], x[:, [0, 1, 3, 4]], rtol=0, atol=0)
 
 
-def test_directions_of_the_wrong_width_are_a_clear_error(directions_module) -> None:
+def test_directions_of_the_wrong_width_are_a_clear_error(host, directions_module) -> None:
     with pytest.raises(ValueError, match=r"directions must be \[k, d_model=32\], got \(2, 16\)"):
-        run(make_model(n_layers=2), [directions_module.ResidualDirections(torch.randn(2, 16))], "atp")
+        run(host_model(host, n_layers=2), [directions_module.ResidualDirections(torch.randn(2, 16))], "atp")
 
 
 @pytest.fixture
@@ -122,14 +124,14 @@ def installed_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         plugins.registries(reload=True)
 
 
-def test_installed_plugin_is_found_by_name(installed_plugin: Path, directions_module) -> None:
+def test_installed_plugin_is_found_by_name(host, installed_plugin: Path, directions_module) -> None:
     registry = plugins.registries(reload=True)["adapters"]
     assert "resid_axes" in registry.items, "the installed plugin's adapter was not registered"
     assert registry.owners["resid_axes"] == "directions"  # the entry point's name
     registered = registry.items["resid_axes"]
     assert Path(sys.modules[type(registered).__module__].__file__).is_relative_to(installed_plugin)
 
-    model = make_model(n_layers=2)
+    model = host_model(host, n_layers=2)
     by_name = run(model, "resid_axes", "atp")
     by_instance = run(model, [directions_module.ResidualDirections(torch.eye(32)[:4], name="resid_axes")], "atp")
     assert by_name.scores["resid_axes"].shape == (2, T, 4)
