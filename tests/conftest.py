@@ -46,7 +46,7 @@ MISSING = {
 NEEDS = {
     **dict.fromkeys(["test_sae.py", "test_transcoder.py", "test_demo_sae.py", "test_bridge.py"], "sae"),
     **dict.fromkeys(["test_demo_task.py", "test_identities.py", "test_patching.py",
-                     "test_plugin_docs.py", "test_reference.py", "test_shapes.py",
+                     "test_plugin_docs.py", "test_shapes.py",
                      "test_demo_hf.py", "test_saturation.py",
                      "test_soundness.py"], "hooked"),
 }

@@ -102,11 +102,13 @@ def reference_gradients(model: HookedTransformer, clean: torch.Tensor, metric, n
     (forward values unchanged, gradient into that layer cut)."""
     acts: dict[str, torch.Tensor] = {}
 
-    def keep(x: torch.Tensor, hook) -> torch.Tensor:
-        acts[hook.name] = x
-        return x
+    def keep(name: str):  # by the name asked for: on a Bridge, hook.name is that of the point it aliases
+        def hook(x: torch.Tensor, hook) -> torch.Tensor:
+            acts[name] = x
+            return x
+        return hook
 
-    hooks = [(name, keep) for name in names]
+    hooks = [(name, keep(name)) for name in names]
     if cut is not None:
         hooks.append((f"blocks.{cut}.hook_attn_out", lambda x, hook: x.detach()))
         if not model.cfg.attn_only:
