@@ -47,8 +47,7 @@ NEEDS = {
     **dict.fromkeys(["test_sae.py", "test_transcoder.py", "test_demo_sae.py", "test_bridge.py"], "sae"),
     **dict.fromkeys(["test_demo_task.py", "test_identities.py", "test_patching.py",
                      "test_plugin_docs.py", "test_shapes.py",
-                     "test_demo_hf.py", "test_saturation.py",
-                     "test_soundness.py"], "hooked"),
+                     "test_demo_hf.py", "test_saturation.py"], "hooked"),
 }
 needs_hooked = pytest.mark.skipif(not HAS_HOOKED, reason=MISSING["hooked"] or "")
 

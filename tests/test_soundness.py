@@ -1,5 +1,6 @@
 """No silent wrong numbers: metrics that would give wrong effects or arbitrary rankings are refused
-by name, and per-site results land in their own layer whatever order a backend lists them in."""
+by name, and per-site results land in their own layer whatever order a backend lists them in; on a
+HookedTransformer (TransformerLens 3) and a TransformerBridge (both)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ from atp_plugin import attribute, metrics
 from atp_plugin.backends.builtin import FirstOrder
 from atp_plugin.demo_task import load_demo_model
 from atp_plugin.errors import AtpError, MetricError
-from conftest import logit_diff_metric, make_model, make_pairs
+from conftest import host_model, logit_diff_metric, make_pairs
 
 
-def test_a_one_argument_metric_reading_answers_by_row_is_refused():
+def test_a_one_argument_metric_reading_answers_by_row_is_refused(host):
     """verify() patches copies of pairs in batches of its own make-up: a metric that reads answer
     i from row i would compare the wrong rows (it gave -0.504 where the truth was -0.0287)."""
-    model = make_model()
+    model = host_model(host)
     clean, corrupt = make_pairs(n=4)
     answers, wrongs = torch.tensor([3, 5, 7, 9]), torch.tensor([4, 6, 8, 10])
 
@@ -28,8 +29,8 @@ def test_a_one_argument_metric_reading_answers_by_row_is_refused():
         attribute(model, clean, corrupt, by_row, nodes="attn_z", method="atp")
 
 
-def test_a_one_argument_metric_that_works_row_by_row_verifies_like_the_indexed_one():
-    model = make_model()
+def test_a_one_argument_metric_that_works_row_by_row_verifies_like_the_indexed_one(host):
+    model = host_model(host)
     clean, corrupt = make_pairs(n=5)
     one = attribute(model, clean, corrupt, lambda logits: logits[:, -1, 3] - logits[:, -1, 4], nodes="attn_z",
                     method="atp", patch_batch_size=3)
@@ -46,8 +47,8 @@ def test_a_one_argument_metric_that_works_row_by_row_verifies_like_the_indexed_o
     (lambda logits, idx: torch.round(logits[:, -1, 3]), "round"),
     (metrics.logit_diff([3] * 4, [3] * 4), "answer == wrong"),
 ])
-def test_a_metric_whose_gradient_is_zero_everywhere_is_refused(metric, why):
-    model = make_model()
+def test_a_metric_whose_gradient_is_zero_everywhere_is_refused(host, metric, why):
+    model = host_model(host)
     clean, corrupt = make_pairs(n=4)
     with pytest.raises(MetricError, match=r"gradient of metric .* is zero for every pair.*answer == wrong"):
         attribute(model, clean, corrupt, metric, nodes="attn_z", method="atp")
@@ -72,8 +73,8 @@ class Reordered(FirstOrder):
                 engine.assemble({k: mean[k] for k in keys}, sites))
 
 
-def test_per_site_results_are_placed_by_layer_not_by_dict_order():
-    model = make_model(n_layers=3)
+def test_per_site_results_are_placed_by_layer_not_by_dict_order(host):
+    model = host_model(host, n_layers=3)
     clean, corrupt = make_pairs(n=3)
     metric = logit_diff_metric(3)
     base = attribute(model, clean, corrupt, metric, nodes=["attn_z", "mlp_neurons"], method="atp")
@@ -83,8 +84,8 @@ def test_per_site_results_are_placed_by_layer_not_by_dict_order():
         torch.testing.assert_close(other.signed[key], base.signed[key], rtol=0, atol=0)
 
 
-def test_a_missing_site_is_an_error_not_a_shifted_layer():
-    model = make_model(n_layers=3)
+def test_a_missing_site_is_an_error_not_a_shifted_layer(host):
+    model = host_model(host, n_layers=3)
     clean, corrupt = make_pairs(n=3)
     with pytest.raises(ValueError, match=r"missing \[\(0, ''\)\]"):
         attribute(model, clean, corrupt, logit_diff_metric(3), nodes="attn_z", method=Reordered("drop", drop=True))
@@ -97,23 +98,23 @@ def test_token_ids_refuses_a_bare_string():
     assert metrics.token_ids(model, [" Mary"]).shape == (1,)
 
 
-def test_inference_mode_is_refused_before_any_run():
-    model = make_model()
+def test_inference_mode_is_refused_before_any_run(host):
+    model = host_model(host)
     clean, corrupt = make_pairs(n=2)
     with torch.inference_mode(), pytest.raises(AtpError, match=r"inference_mode\(\).*outside"):
         attribute(model, clean, corrupt, logit_diff_metric(2), nodes="attn_z")
 
 
-def test_a_model_on_the_meta_device_is_refused():
-    model = torch.nn.Module.to_empty(make_model(), device="meta")
+def test_a_model_on_the_meta_device_is_refused(host):
+    model = torch.nn.Module.to_empty(host_model(host), device="meta")
     with pytest.raises(AtpError, match=r"'meta' device.*load real weights"):
         attribute(model, *make_pairs(n=2), logit_diff_metric(2), nodes="attn_z")
 
 
-def test_top_selects_on_tensors_the_rows_to_frame_would_rank_first():
+def test_top_selects_on_tensors_the_rows_to_frame_would_rank_first(host):
     """top(k) builds only k rows; they are to_frame()'s k largest scores, in order, with its columns
     (node_type, node, layer, pos, node coordinates, score, signed, pairs, std_error), for mixed node types."""
-    model = make_model(n_layers=2)
+    model = host_model(host, n_layers=2)
     clean, corrupt = make_pairs(n=3)
     result = attribute(model, clean, corrupt, logit_diff_metric(3), nodes=["attn_z", "mlp_neurons", "resid_pre"],
                        method="atp")
