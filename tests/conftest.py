@@ -46,7 +46,7 @@ MISSING = {
 NEEDS = {
     **dict.fromkeys(["test_sae.py", "test_transcoder.py", "test_demo_sae.py", "test_bridge.py"], "sae"),
     **dict.fromkeys(["test_demo_task.py", "test_identities.py", "test_patching.py",
-                     "test_plugin_docs.py", "test_shapes.py",
+                     "test_plugin_docs.py",
                      "test_demo_hf.py", "test_saturation.py"], "hooked"),
 }
 needs_hooked = pytest.mark.skipif(not HAS_HOOKED, reason=MISSING["hooked"] or "")
@@ -120,18 +120,24 @@ def make_model(seed: int = 0, *, d_model: int = 32, n_heads: int = 4, d_head: in
 _SAVED: dict[tuple, Path] = {}
 
 
-def make_bridge(seed: int = 0, n_layers: int = 2, *, prepend_bos: bool = False, **overrides) -> TransformerBridge:
+def make_bridge(seed: int = 0, n_layers: int = 2, *, prepend_bos: bool = False, llama: bool = False,
+                **overrides) -> TransformerBridge:
     """A random float64 GPT-2 (``hf_models.save_gpt2``: d_model 32, 4 heads of 8, d_mlp 128,
     vocabulary 50, whose tokenizer reads "wI" as token I + 2) as a TransformerBridge in
-    compatibility mode; without ``prepend_bos`` it adds no BOS, like ``make_model``'s models. Each
-    Hugging Face model is saved once per session, and loaded afresh (0.2 s) on each call."""
-    from hf_models import load_bridge, save_gpt2
+    compatibility mode; with ``llama``, ``hf_models.save_llama``'s 2-layer Llama (rotary, 2
+    kv-heads). Without ``prepend_bos`` it adds no BOS, like ``make_model``'s models. Each Hugging
+    Face model is saved once per session, and loaded afresh (0.2 s) on each call."""
+    from hf_models import load_bridge, save_gpt2, save_llama
 
-    key = (seed, n_layers, tuple(sorted(overrides.items())))
+    key = (seed, n_layers, llama, tuple(sorted(overrides.items())))
     if key not in _SAVED:
-        root = Path(tempfile.mkdtemp(prefix="atp-gpt2-"))
+        root = Path(tempfile.mkdtemp(prefix="atp-hf-"))
         atexit.register(shutil.rmtree, root, ignore_errors=True)
-        _SAVED[key] = save_gpt2(root, seed=seed, n_layer=n_layers, **overrides)
+        if llama:
+            assert n_layers == 2, "save_llama's model has 2 layers"
+            _SAVED[key] = save_llama(root, seed=seed, **overrides)
+        else:
+            _SAVED[key] = save_gpt2(root, seed=seed, n_layer=n_layers, **overrides)
     model = load_bridge(_SAVED[key])
     model.cfg.default_prepend_bos = prepend_bos
     return model

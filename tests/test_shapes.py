@@ -1,5 +1,6 @@
 """Score shapes of the built-in node types (docs/method.md, "Nodes and score shapes") and the result's
-tables and views."""
+tables and views, on HookedTransformers (TransformerLens 3) and on a GPT-2 and a Llama (grouped-query
+attention) as TransformerBridges (both)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from atp_plugin import attribute
-from conftest import VARIANTS, logit_diff_metric, make_model, make_pairs
+from conftest import VARIANTS, logit_diff_metric, make_bridge, make_model, make_pairs, needs_hooked
 
 N, T = 2, 5
 NODES = ["attn_q", "attn_k", "attn_v", "attn_z", "mlp_neurons", "resid_pre"]
@@ -29,8 +30,15 @@ def expected_shapes(cfg) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
     }
 
 
+def hooked(*variants: str) -> list:
+    """HookedTransformer variants as parameters skipped where TransformerLens 4 lacks them."""
+    return [pytest.param(v, marks=needs_hooked) for v in variants]
+
+
 def result_for(variant: str, method: str):
-    model = make_model(**VARIANTS[variant])
+    """``"bridge"``: a 2-layer GPT-2 TransformerBridge, ``"bridge_llama"``: a Llama one; else ``make_model``'s."""
+    model = (make_bridge() if variant == "bridge" else make_bridge(llama=True) if variant == "bridge_llama"
+             else make_model(**VARIANTS[variant]))
     clean, corrupt = make_pairs(N, T)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -38,10 +46,10 @@ def result_for(variant: str, method: str):
 
 
 @pytest.mark.parametrize("method", ["atp", "atp*"])
-@pytest.mark.parametrize("variant", ["ln_gelu", "rms_rotary_gated", "gqa"])
+@pytest.mark.parametrize("variant", [*hooked("ln_gelu", "rms_rotary_gated", "gqa"), "bridge", "bridge_llama"])
 def test_score_shapes(variant: str, method: str) -> None:
     model, result = result_for(variant, method)
-    if variant == "gqa":
+    if variant in ("gqa", "bridge_llama"):
         assert model.cfg.n_key_value_heads < model.cfg.n_heads  # the case the k/v shapes are about
     expected = expected_shapes(model.cfg)
     assert set(result.scores) == set(result.signed) == set(NODES)
@@ -55,8 +63,9 @@ def test_score_shapes(variant: str, method: str) -> None:
     assert result.n_pairs == N
 
 
-def test_frame_has_one_row_per_node() -> None:
-    model, result = result_for("gqa", "atp+qk")
+@pytest.mark.parametrize("variant", [*hooked("gqa"), "bridge_llama"])
+def test_frame_has_one_row_per_node(variant: str) -> None:
+    model, result = result_for(variant, "atp+qk")
     frame = result.to_frame()
     assert len(frame) == sum(s.numel() for s in result.scores.values())
     for column in ("node_type", "layer", "pos", "head", "neuron", "score", "signed", "pairs"):
@@ -75,8 +84,9 @@ def test_frame_has_one_row_per_node() -> None:
         assert all(rows[c].isna().all() for c in unused), nt
 
 
-def test_top_k() -> None:
-    _, result = result_for("ln_gelu", "atp*")
+@pytest.mark.parametrize("variant", [*hooked("ln_gelu"), "bridge"])
+def test_top_k(variant: str) -> None:
+    _, result = result_for(variant, "atp*")
     top = result.top(7)
     assert len(top) == 7
     everything = torch.cat([s.reshape(-1) for s in result.scores.values()])
@@ -84,8 +94,9 @@ def test_top_k() -> None:
     torch.testing.assert_close(torch.tensor(top["score"].to_numpy()), expected, rtol=0, atol=0)
 
 
-def test_sum_over_positions_is_labelled() -> None:
-    _, result = result_for("rms_rotary_gated", "atp")
+@pytest.mark.parametrize("variant", [*hooked("rms_rotary_gated"), "bridge_llama"])
+def test_sum_over_positions_is_labelled(variant: str) -> None:
+    _, result = result_for(variant, "atp")
     summed = result.sum_over_positions()
     assert summed.view == "summed over positions"
     assert result.view == "per position"  # the original is untouched
@@ -100,8 +111,9 @@ def test_sum_over_positions_is_labelled() -> None:
     assert len(frame) == sum(s.numel() for s in summed.scores.values())
 
 
-def test_repr_names_the_method_view_and_shapes() -> None:
-    _, result = result_for("ln_gelu", "atp")
+@pytest.mark.parametrize("variant", [*hooked("ln_gelu"), "bridge"])
+def test_repr_names_the_method_view_and_shapes(variant: str) -> None:
+    _, result = result_for(variant, "atp")
     text = repr(result)
     assert text.startswith("AttributionResult(method='atp', ") and "per position" in text
     for nt in NODES:
