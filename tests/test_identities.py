@@ -8,6 +8,10 @@ activation patching (``transformer_lens.patching``).
 - GradDrop: a node inside the last layer has I_l = Iatp for l < L-1 and I_{L-1} = 0, so with the
   1/(L-1) normalisation c_gd = |I| per pair: ``atp*`` equals ``atp+qk`` and ``atp+gd`` equals
   ``atp`` there. With L = 1 GradDrop is undefined and the methods equal their variants without it.
+
+The one-layer models without normalization are HookedTransformers (TransformerLens 3); the GradDrop
+identity and ``ap`` against ``transformer_lens.patching`` also run on a GPT-2 and a Llama as
+TransformerBridges (TransformerLens 3 and 4).
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ from typing import Iterator
 import pandas as pd
 import pytest
 import torch
-from transformer_lens import HookedTransformer, patching
+from transformer_lens import patching
 
 from atp_plugin import attribute
-from conftest import VARIANTS, logit_diff_metric, make_model, make_pairs
+from conftest import VARIANTS, logit_diff_metric, make_bridge, make_model, make_pairs, needs_hooked, needs_hooked_for
 
 ATTN = ["attn_q", "attn_k", "attn_v", "attn_z"]
 ONE_LAYER = {
@@ -33,19 +37,38 @@ ONE_LAYER = {
 }
 
 
+needs_linear = needs_hooked_for("a one-layer attention-only model without LayerNorm (make_model)")
+
+
+def hooked(*variants: str) -> list:
+    """HookedTransformer variants as parameters skipped where TransformerLens 4 lacks them."""
+    return [pytest.param(v, marks=needs_hooked) for v in variants]
+
+
+def model_of(variant: str, **overrides):
+    """``"bridge"``: a random GPT-2 TransformerBridge (3 layers, or ``n_layers``), ``"bridge_llama"``:
+    a 2-layer Llama one (2 kv-heads); else ``make_model`` of the variant with ``overrides``."""
+    if variant == "bridge":
+        return make_bridge(0, overrides.get("n_layers", 3))
+    if variant == "bridge_llama":
+        return make_bridge(llama=True)
+    return make_model(**(VARIANTS[variant] | overrides))
+
+
 def close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = 1e-9) -> None:
     scale = float(expected.abs().max())
     assert scale > 0, f"{what}: the expected values are all zero, the comparison would prove nothing"
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=1e-12 * scale, msg=lambda m: f"{what}: {m}")
 
 
-def run(model: HookedTransformer, clean, corrupt, metric, nodes, method: str):
+def run(model, clean, corrupt, metric, nodes, method: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return attribute(model, clean, corrupt, metric, nodes=nodes, method=method, batch_size=2,
                          patch_batch_size=5)  # 3 pairs in 2 batches: every batch adds to the means
 
 
+@needs_linear
 @pytest.mark.parametrize("kind", sorted(ONE_LAYER))
 def test_first_order_is_exact_on_linear_model(kind: str) -> None:
     model = make_model(**ONE_LAYER[kind])
@@ -66,6 +89,7 @@ def test_first_order_is_exact_on_linear_model(kind: str) -> None:
         close(ap.scores[nt], ap.signed[nt].abs(), f"ap score == |mean I| for {nt}", rtol=1e-15)
 
 
+@needs_linear
 @pytest.mark.parametrize("kind", sorted(ONE_LAYER))
 def test_first_order_is_exact_per_pair(kind: str) -> None:
     """With one pair the scores (magnitudes) agree too."""
@@ -78,8 +102,8 @@ def test_first_order_is_exact_per_pair(kind: str) -> None:
         close(qk.scores[nt], ap.scores[nt], f"atp+qk == ap scores for {nt}")
 
 
-def test_graddrop_undefined_for_one_layer() -> None:
-    model = make_model(**ONE_LAYER["plain"])
+def test_graddrop_undefined_for_one_layer(host: str) -> None:
+    model = make_model(**ONE_LAYER["plain"]) if host == "hooked" else make_bridge(0, 1)
     clean, corrupt = make_pairs(3, 6)
     metric = logit_diff_metric(3)
     for gd, base in (("atp*", "atp+qk"), ("atp+gd", "atp")):
@@ -90,10 +114,10 @@ def test_graddrop_undefined_for_one_layer() -> None:
             close(with_gd.scores[nt], without.scores[nt], f"{gd} == {base} on one layer for {nt}", rtol=1e-15)
 
 
-@pytest.mark.parametrize("variant", ["ln_gelu", "gqa", "parallel", "attn_only"])
+@pytest.mark.parametrize("variant", [*hooked("ln_gelu", "gqa", "parallel", "attn_only"), "bridge"])
 def test_graddrop_last_layer_equals_first_order(variant: str) -> None:
     """c_gd = |I| per pair for nodes inside the last layer (1/(L-1) normalisation)."""
-    model = make_model(**VARIANTS[variant])
+    model = model_of(variant)
     clean, corrupt = make_pairs(3, 6)
     metric = logit_diff_metric(3)
     nodes = ATTN + ([] if model.cfg.attn_only else ["mlp_neurons"])
@@ -138,13 +162,17 @@ TL_PATCHERS = {
 }
 
 
-@pytest.mark.parametrize("variant, nodes", [("ln_gelu", sorted(TL_PATCHERS) + ["mlp_neurons"]),
-                                            ("gqa", ["attn_k", "attn_v"])])  # k/v: n_kv heads
+@pytest.mark.parametrize("variant, nodes", [
+    pytest.param("ln_gelu", sorted(TL_PATCHERS) + ["mlp_neurons"], marks=needs_hooked),
+    pytest.param("gqa", ["attn_k", "attn_v"], marks=needs_hooked),  # k/v: n_kv heads
+    ("bridge", sorted(TL_PATCHERS) + ["mlp_neurons"]),
+    ("bridge_llama", ["attn_k", "attn_v"]),
+])
 def test_ap_equals_transformer_lens_patching(variant: str, nodes: list[str]) -> None:
     """transformer_lens.patching runs its first argument's tokens with the cache's values patched in
     and applies the metric to the patched logits: run it on the clean tokens with the corrupt cache;
     its mean over pairs minus the clean mean is our signed ``ap``."""
-    model = make_model(**(VARIANTS[variant] | dict(n_layers=2)))
+    model = model_of(variant, n_layers=2)
     n, t = 3, 5
     clean, corrupt = make_pairs(n, t)
     metric = logit_diff_metric(n)
