@@ -1,6 +1,10 @@
 """atp_plugin.patching against transformer_lens.patching: same shapes always, same values wherever
 the first-order estimate is exact (one attention-only layer; a multi-layer affine model), and
-AtP / the QK fix written out with TransformerLens hooks elsewhere, for every function."""
+AtP / the QK fix written out with TransformerLens hooks elsewhere, for every function.
+
+The one-layer and affine models (no LayerNorm) are HookedTransformers (TransformerLens 3); the other
+tests also run on a GPT-2 TransformerBridge (and the shapes on a Llama one), under TransformerLens 3
+and 4."""
 
 from __future__ import annotations
 
@@ -11,15 +15,15 @@ from typing import Callable
 import pandas as pd
 import pytest
 import torch
-from transformer_lens import HookedTransformer
 from transformer_lens import patching as tl_patching
 
 from atp_plugin import patching
-from conftest import VARIANTS, make_model, make_pairs
+from conftest import VARIANTS, host_model, make_bridge, make_model, make_pairs, needs_hooked, needs_hooked_for
 from hf_models import load_bridge, load_hooked, save_gpt2
 
 N, T = 3, 5
 HEADS = ("out", "q", "k", "v")
+needs_exact = needs_hooked_for("a model without LayerNorm, where first order is exact (make_model)")
 
 
 def batch_metric(n: int = N, seed: int = 2):
@@ -49,15 +53,23 @@ def both(name: str, model, corrupt, cache, metric, **kwargs):
 
 @pytest.mark.parametrize("name", ["attn_head_out_by_pos", "attn_head_k_all_pos", "mlp_neurons_by_pos",
                                   "block_every"])
-def test_the_cost_is_four_forward_passes_and_one_backward(name):
+def test_the_cost_is_four_forward_passes_and_one_backward(host, name):
     """As the README says: whatever the function and the number of nodes, four forward passes of the
     batch and one backward pass (counted by module hooks on the embedding and the unembedding)."""
-    model = make_model(n_layers=2)
+    model = host_model(host, n_layers=2)
     clean, corrupt = make_pairs(N, T)
     _, cache = model.run_with_cache(clean)
     calls = {"forward": 0, "backward": 0}
-    handles = [model.embed.register_forward_hook(lambda *_: calls.update(forward=calls["forward"] + 1)),
-               model.unembed.register_full_backward_hook(lambda *_: calls.update(backward=calls["backward"] + 1))]
+
+    def forward(module, args, out) -> None:  # passes of the T-token batch: not a Bridge host's hook
+        if args[0].shape[-1] == T:            # probes (once per model and hook point, on a 4-token prompt)
+            calls["forward"] += 1
+
+    def backward(module, grad_input, grad_output) -> None:
+        if grad_output[0].shape[-2] == T:  # [batch, pos, d_vocab]
+            calls["backward"] += 1
+
+    handles = [model.embed.register_forward_hook(forward), model.unembed.register_full_backward_hook(backward)]
     try:
         getattr(patching, f"get_act_patch_{name}")(model, corrupt, cache, batch_metric())
     finally:
@@ -66,9 +78,12 @@ def test_the_cost_is_four_forward_passes_and_one_backward(name):
     assert calls == {"forward": 4, "backward": 1}
 
 
-def test_every_function_has_the_shape_of_the_original():
-    model = make_model(n_layers=2, n_key_value_heads=2, normalization_type="RMS", act_fn="silu", gated_mlp=True,
-                       positional_embedding_type="rotary", rotary_dim=8)
+@pytest.mark.parametrize("host", [pytest.param("hooked", marks=needs_hooked), "bridge_llama"])
+def test_every_function_has_the_shape_of_the_original(host):
+    """2 layers, 4 heads, 2 kv-heads, 64 neurons: a HookedTransformer or a Llama TransformerBridge."""
+    model = make_bridge(llama=True) if host == "bridge_llama" else make_model(
+        n_layers=2, n_key_value_heads=2, normalization_type="RMS", act_fn="silu", gated_mlp=True,
+        positional_embedding_type="rotary", rotary_dim=8)
     clean, corrupt = make_pairs(2, 4)
     _, cache = model.run_with_cache(clean)
     metric = batch_metric(2)
@@ -90,6 +105,7 @@ def test_every_function_has_the_shape_of_the_original():
 ONE_LAYER = {"mha": {}, "gqa": dict(n_key_value_heads=2, positional_embedding_type="rotary", rotary_dim=8)}
 
 
+@needs_exact
 @pytest.mark.parametrize("kind", sorted(ONE_LAYER))
 @pytest.mark.parametrize("name", [f"get_act_patch_attn_head_{h}_by_pos" for h in HEADS]
                          + [f"get_act_patch_attn_head_{h}_all_pos" for h in ("out", "q", "v")]
@@ -110,6 +126,7 @@ def test_values_equal_transformer_lens_where_first_order_is_exact(name, kind):
     torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
 
 
+@needs_exact
 def test_mlp_out_equals_transformer_lens_in_a_one_layer_model_without_layernorm():
     model = make_model(n_layers=1, normalization_type=None)
     clean, corrupt = make_pairs(N, T)
@@ -129,6 +146,7 @@ def tl_neurons(model, corrupt, cache, metric) -> torch.Tensor:
     return flat.reshape(shape)
 
 
+@needs_exact
 @pytest.mark.parametrize("gated", [False, True])
 def test_neurons_equal_transformer_lens_where_first_order_is_exact(gated):
     """One layer, no LayerNorm, a logit difference: the logits are linear in each neuron's output."""
@@ -146,10 +164,10 @@ def test_neurons_equal_transformer_lens_where_first_order_is_exact(gated):
                                rtol=1e-9, atol=1e-12)
 
 
-def test_the_baseline_is_the_corrupted_run_and_the_estimate_is_the_gradient_dot_product():
+def test_the_baseline_is_the_corrupted_run_and_the_estimate_is_the_gradient_dot_product(host):
     """AtP by hand: metric(corrupted run) + sum over prompts of (q_clean - q_corrupt) . dmetric/dq,
     gradients on the corrupted run, for every layer, position and head."""
-    model = make_model(n_layers=2)
+    model = host_model(host, n_layers=2)
     clean, corrupt = make_pairs(N, T)
     metric = batch_metric()
     _, cache = model.run_with_cache(clean)
@@ -171,8 +189,8 @@ def test_the_baseline_is_the_corrupted_run_and_the_estimate_is_the_gradient_dot_
 
 @pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("method", ["atp", "atp+qk"])
-def test_all_positions_is_the_sum_of_the_per_position_changes(head, method):
-    model = make_model(n_layers=2)
+def test_all_positions_is_the_sum_of_the_per_position_changes(host, head, method):
+    model = host_model(host, n_layers=2)
     clean, corrupt = make_pairs(N, T)
     metric = batch_metric()
     _, cache = model.run_with_cache(clean)
@@ -183,6 +201,7 @@ def test_all_positions_is_the_sum_of_the_per_position_changes(head, method):
     torch.testing.assert_close(all_pos, base + (by_pos - base).sum(1), rtol=1e-10, atol=1e-12)
 
 
+@needs_hooked
 def test_the_bridge_gives_the_hooked_transformer_numbers(tmp_path):
     path = save_gpt2(tmp_path)
     bridge, hooked = load_bridge(path), load_hooked(path)
@@ -194,8 +213,8 @@ def test_the_bridge_gives_the_hooked_transformer_numbers(tmp_path):
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-12)
 
 
-def test_explicit_clean_tokens_give_the_same_numbers():
-    model = make_model(n_layers=2)
+def test_explicit_clean_tokens_give_the_same_numbers(host):
+    model = host_model(host, n_layers=2)
     clean, corrupt = make_pairs(N, T)
     _, cache = model.run_with_cache(clean)
     recovered = patching.get_act_patch_resid_pre(model, corrupt, cache, batch_metric())
@@ -203,8 +222,8 @@ def test_explicit_clean_tokens_give_the_same_numbers():
     torch.testing.assert_close(recovered, given, rtol=0, atol=0)
 
 
-def test_bad_input_gets_a_clear_error():
-    model = make_model(n_layers=2)
+def test_bad_input_gets_a_clear_error(host):
+    model = host_model(host, n_layers=2)
     clean, corrupt = make_pairs(N, T)
     _, cache = model.run_with_cache(clean)
     fn = patching.get_act_patch_attn_head_out_by_pos
@@ -221,7 +240,7 @@ def test_bad_input_gets_a_clear_error():
     _, no_embed = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_z"))
     with pytest.raises(ValueError, match=r"no 'hook_embed'.*names_filter"):
         fn(model, corrupt, no_embed, batch_metric())
-    _, other_model = make_model(n_layers=2, seed=5).run_with_cache(clean)
+    _, other_model = host_model(host, 5, n_layers=2).run_with_cache(clean)
     with pytest.raises(ValueError, match=r"not rows of model\.W_E.*clean_tokens="):
         fn(model, corrupt, other_model, batch_metric())
     with pytest.raises(ValueError, match=r"clean_cache\['blocks\.0\.attn\.hook_z'\] does not match"):
@@ -259,7 +278,7 @@ def largest_per_layer(change: torch.Tensor, name: str) -> torch.Tensor:
     return change.flatten(2 if name.endswith("block_every") else 1).abs().amax(-1)
 
 
-def make_affine_model(n_key_value_heads: int | None = None) -> HookedTransformer:
+def make_affine_model(n_key_value_heads: int | None = None):
     """Three layers whose logits are affine in every activation TransformerLens patches, so AtP is
     exact everywhere but at queries and keys: no LayerNorm, W_Q = W_K = b_Q = b_K = 0 (every
     attention pattern uniform over the causal past, whatever the prompt) and ReLU MLPs whose
@@ -275,7 +294,7 @@ def make_affine_model(n_key_value_heads: int | None = None) -> HookedTransformer
     return model
 
 
-def pre_activations(model: HookedTransformer, tokens: torch.Tensor) -> torch.Tensor:
+def pre_activations(model, tokens: torch.Tensor) -> torch.Tensor:
     """Every MLP pre-activation of a run of ``tokens``: ``[n_layers, batch, pos, d_mlp]``."""
     _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("mlp.hook_pre"))
     return torch.stack([cache[f"blocks.{layer}.mlp.hook_pre"] for layer in range(model.cfg.n_layers)])
@@ -285,6 +304,7 @@ AFFINE_EXACT = ([f"get_act_patch_{s}" for s in ("resid_pre", "resid_mid", "attn_
                 + [f"get_act_patch_attn_head_{h}_{p}" for h in ("out", "v") for p in ("by_pos", "all_pos")])
 
 
+@needs_exact
 @pytest.mark.parametrize("n_kv", [None, 2])
 @pytest.mark.parametrize("name", AFFINE_EXACT)
 def test_values_equal_transformer_lens_in_a_multi_layer_affine_model(name, n_kv):
@@ -305,6 +325,7 @@ def test_values_equal_transformer_lens_in_a_multi_layer_affine_model(name, n_kv)
     torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
 
 
+@needs_exact
 def test_neurons_equal_transformer_lens_in_a_multi_layer_affine_model():
     model = make_affine_model()
     clean, corrupt = make_pairs(N, T)
@@ -317,10 +338,11 @@ def test_neurons_equal_transformer_lens_in_a_multi_layer_affine_model():
                                rtol=1e-9, atol=1e-12)
 
 
-def keep_in(store: dict[str, torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """A TransformerLens hook that stores its activation in ``store`` under the hook's name."""
+def keep_in(store: dict[str, torch.Tensor], name: str) -> Callable[..., torch.Tensor]:
+    """A TransformerLens hook that stores its activation in ``store`` under ``name``, the name it is
+    added at (on a Bridge, ``hook.name`` is that of the point the name aliases)."""
     def keep(x: torch.Tensor, hook) -> torch.Tensor:
-        store[hook.name] = x
+        store[name] = x
         return x
     return keep
 
@@ -332,7 +354,7 @@ def hand_atp(model, corrupt, cache, metric, fmt: str, sum_last: bool) -> tuple[t
     ``[n_layers, pos, *node]``."""
     names = [fmt.format(layer) for layer in range(model.cfg.n_layers)]
     kept = {}
-    value = metric(model.run_with_hooks(corrupt, fwd_hooks=[(n, keep_in(kept)) for n in names]))
+    value = metric(model.run_with_hooks(corrupt, fwd_hooks=[(n, keep_in(kept, n)) for n in names]))
     grads = torch.autograd.grad(value, [kept[n] for n in names])
     changes = [((cache[n] - kept[n].detach()) * g).sum(0) for n, g in zip(names, grads)]  # [pos, ...]
     return value.detach(), torch.stack([c.sum(-1) if sum_last else c for c in changes])
@@ -348,29 +370,33 @@ def hand_qk(model, corrupt, cache, metric, fmt: str) -> tuple[torch.Tensor, torc
     n_layers, pos = model.cfg.n_layers, corrupt.shape[1]
     patterns = [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
     kept = {}
-    value = metric(model.run_with_hooks(corrupt, fwd_hooks=[(n, keep_in(kept)) for n in patterns]))
+    value = metric(model.run_with_hooks(corrupt, fwd_hooks=[(n, keep_in(kept, n)) for n in patterns]))
     grads = torch.autograd.grad(value, [kept[n] for n in patterns])  # [batch, head, t, s] each
     n_nodes = cache[fmt.format(0)].shape[2]
     out = torch.zeros(n_layers, pos, n_nodes, dtype=torch.float64)
     for layer, p, node in itertools.product(range(n_layers), range(pos), range(n_nodes)):
-        def patch(x, hook, p=p, node=node):
+        site = fmt.format(layer)
+
+        def patch(x, hook, p=p, node=node, name=site):
             x = x.clone()
-            x[:, p, node] = cache[hook.name][:, p, node]
+            x[:, p, node] = cache[name][:, p, node]
             return x
 
         new = {}  # the patched run's pattern at this layer
         with torch.no_grad():
             model.run_with_hooks(corrupt, stop_at_layer=layer + 1,
-                                 fwd_hooks=[(fmt.format(layer), patch), (patterns[layer], keep_in(new))])
+                                 fwd_hooks=[(site, patch), (patterns[layer], keep_in(new, patterns[layer]))])
         out[layer, p, node] = ((new[patterns[layer]] - kept[patterns[layer]].detach()) * grads[layer]).sum()
     return value.detach(), out
 
 
-@pytest.fixture(scope="module", params=["ln_gelu", "gqa"])
+@pytest.fixture(scope="module", params=[pytest.param("ln_gelu", marks=needs_hooked),
+                                        pytest.param("gqa", marks=needs_hooked), "bridge"])
 def generic(request):
     """A three-layer model where no function is exact (LayerNorm or RMSNorm, GELU or gated SiLU
-    MLPs; "gqa": rotary, 2 kv-heads for 4 heads), its pairs, clean cache and metric."""
-    model = make_model(**VARIANTS[request.param])
+    MLPs; "gqa": rotary, 2 kv-heads for 4 heads; "bridge": a GPT-2 TransformerBridge), its pairs,
+    clean cache and metric."""
+    model = make_bridge(0, 3) if request.param == "bridge" else make_model(**VARIANTS[request.param])
     clean, corrupt = make_pairs(N, T)
     _, cache = model.run_with_cache(clean)
     return model, corrupt, cache, batch_metric()
