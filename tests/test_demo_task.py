@@ -1,4 +1,5 @@
-"""Tests for the IOI demo task and the shipped demo model."""
+"""Tests for the IOI demo task and the shipped demo model, as a HookedTransformer (TransformerLens 3)
+and as a TransformerBridge (both)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import itertools
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer
 
 from atp_plugin.demo_task import (
     NAMES,
@@ -21,14 +21,15 @@ from atp_plugin.demo_task import (
     ioi_pairs,
     load_demo_model,
 )
+from conftest import HOSTS
 
 
-@pytest.fixture(scope="module")
-def model() -> HookedTransformer:
-    return load_demo_model()
+@pytest.fixture(scope="module", params=HOSTS)
+def model(request):
+    return load_demo_model(bridge=request.param == "bridge")
 
 
-def test_tokenizer_round_trips_through_transformer_lens(model: HookedTransformer) -> None:
+def test_tokenizer_round_trips_through_transformer_lens(model) -> None:
     prompt = "When Mary and John went to the store, John gave a drink to"
     tokens = model.to_tokens(prompt)  # [1, pos]
     assert tokens[0, 0].item() == model.tokenizer.bos_token_id
@@ -40,13 +41,13 @@ def test_tokenizer_round_trips_through_transformer_lens(model: HookedTransformer
     assert model.to_single_token(" Mary") == model.to_single_token("Mary") != model.to_single_token(" John")
 
 
-def test_every_template_has_the_same_length(model: HookedTransformer) -> None:
+def test_every_template_has_the_same_length(model) -> None:
     for template in TEMPLATES:
         prompt = template.format(A="Mary", B="John", C="John", PLACE="store", OBJECT="drink")
         assert model.to_tokens(prompt).shape == (1, 1 + PROMPT_LENGTH), template
 
 
-def test_pairs_are_token_aligned_and_answers_flip(model: HookedTransformer) -> None:
+def test_pairs_are_token_aligned_and_answers_flip(model) -> None:
     pairs = ioi_pairs(500, seed=3, split="test")
     assert len(pairs) == 500
     clean = model.to_tokens(pairs.clean)  # [batch, pos]
@@ -92,7 +93,7 @@ def test_asking_for_more_pairs_than_a_split_holds_is_an_error() -> None:
         ioi_pairs(SPLIT_SIZES["test"] + 1)
 
 
-def test_shipped_model_solves_held_out_ioi(model: HookedTransformer) -> None:
+def test_shipped_model_solves_held_out_ioi(model) -> None:
     # Computed directly from logits, independently of evaluate_demo_model, on the README's 1,000
     # held-out pairs: the figures it prints are held here at the printed precision.
     pairs = ioi_pairs(1000, seed=1234, split="test")
@@ -113,7 +114,7 @@ def test_shipped_model_solves_held_out_ioi(model: HookedTransformer) -> None:
     assert round(float(corrupt_diff.double().mean()), 2) == -10.89  # README: -10.89 on the corrupted ones
 
 
-def test_evaluate_demo_model_reports_held_out_scores(model: HookedTransformer) -> None:
+def test_evaluate_demo_model_reports_held_out_scores(model) -> None:
     scores = evaluate_demo_model(model, n=500, seed=5)
     assert scores["accuracy"] >= 0.95 and scores["pairwise_accuracy"] >= 0.95
     assert scores["logit_diff"] > 2 and scores["corrupt_logit_diff"] < -2
