@@ -45,8 +45,7 @@ MISSING = {
 #: skipped, with the reason, where it is missing, and only there
 NEEDS = {
     **dict.fromkeys(["test_sae.py", "test_transcoder.py", "test_demo_sae.py", "test_bridge.py"], "sae"),
-    **dict.fromkeys(["test_plugin_docs.py",
-                     "test_demo_hf.py", "test_saturation.py"], "hooked"),
+    **dict.fromkeys(["test_demo_hf.py", "test_saturation.py"], "hooked"),
 }
 needs_hooked = pytest.mark.skipif(not HAS_HOOKED, reason=MISSING["hooked"] or "")
 
