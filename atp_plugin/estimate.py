@@ -79,8 +79,7 @@ def estimate(model: Any, n_tokens: int, nodes: str | NodeAdapter | Sequence[str 
         raise ValueError(f"estimate() covers the gradient methods; {method!r} patches every node exactly, with "
                          "patched prompts per pass sized from max_memory (attribute(..., max_memory=...))")
     n_tokens = positive_int(n_tokens, "n_tokens", "it is the prompts' length in tokens (after padding)")
-    auto = batch_size == "auto"
-    if not auto:
+    if batch_size != "auto":
         batch_size = positive_int(batch_size, "batch_size", 'it is the number of pairs run at a time, or "auto"')
     budget = memory.check_max_memory(max_memory)
     adapters = resolve(nodes, plugins.adapters())
@@ -89,42 +88,54 @@ def estimate(model: Any, n_tokens: int, nodes: str | NodeAdapter | Sequence[str 
     missing = sorted({h for a in adapters for h in a.hooks(host) if not host.has_hook(h)})
     if missing:
         raise AtpError(f"the model lacks hook(s) {missing[:5]} needed by nodes={[a.name for a in adapters]}")
-    lengths = PROBE_LENGTHS if n_tokens > PROBE_LENGTHS[-1] else (n_tokens,)
     if n_pairs is not None:
         n_pairs = positive_int(n_pairs, "n_pairs", "it is the number of pairs")
     # a second batch runs beside the sums the first left: probe two where there will be two
     batches = 2 if isinstance(batch_size, str) or (n_pairs or 0) > batch_size else 1
-    _probe(model, adapters, method, lengths[0], 1, 1, host.d_vocab)  # one-time work (the host's probe of the model)
-    traces, passes = [], (0.0, 0.0)
-    for b in (1, 2):
-        for t in lengths:
-            trace, passes = _probe(model, adapters, method, t, b, batches, host.d_vocab)
-            traces.append(trace)
-    # the peak at n_tokens with batches of 1 pair, and how much each further pair adds
-    one, two = (_peak_at(traces[i:i + len(lengths)], lengths, n_tokens) for i in (0, len(lengths)))
-    per_pair = max(two - one, 0.0)
-    if auto:
+    prof = profile(model, adapters, method, PROBE_LENGTHS if n_tokens > PROBE_LENGTHS[-1] else (n_tokens,), batches)
+    if isinstance(batch_size, str):
         budget = budget if budget is not None else memory.default_budget(host.device)
-        batch_size = max(1, int((budget - one) // per_pair) + 1 if per_pair > 0 else 1)
-    assert isinstance(batch_size, int)
+        batch_size = prof.largest_batch(n_tokens, budget)
     n = batch_size if n_pairs is None else n_pairs
-    peak = one + (min(batch_size, n) - 1) * per_pair
-    return Estimate(method, n_tokens, batch_size, n, int(peak), passes[0] * n, passes[1] * n,
-                    budget if auto or budget is not None else None)
+    return Estimate(method, n_tokens, batch_size, n, int(prof.peak(n_tokens, min(batch_size, n))),
+                    prof.passes[0] * n, prof.passes[1] * n, budget)
 
 
-def _peak_at(traces: list[np.ndarray], lengths: Sequence[int], n_tokens: int) -> float:
-    """The peak at ``n_tokens`` from the probes' traces at ``lengths`` (one batch size). Every op's
-    bytes are a polynomial in the length (activations grow with T, attention patterns with T^2), so
-    the polynomial through the probes gives each op's bytes at any length, and their maximum is the
-    peak there whichever op holds it. Where the probes ran different ops (a length-dependent code
-    path), their peaks are extended instead."""
-    if len({len(t) for t in traces}) > 1:
-        traces = [np.array([t.max()]) for t in traces]
-    x = np.stack(traces).astype(float)  # [length, op]
-    weights = np.array([math.prod((n_tokens - o) / (t - o) for o in lengths if o != t) for t in lengths])
-    at_n = np.maximum(weights @ x, x.max(0))  # Lagrange at n_tokens; never below what a shorter probe held
-    return float(at_n.max())
+@dataclass(frozen=True)
+class MemoryProfile:
+    """The probe runs' traces (bytes alive after each op, per probe length, for batches of one
+    pair and of two), from which the peak at any length and batch size follows without running
+    again; ``passes``: (forward, backward) passes per pair."""
+
+    lengths: tuple[int, ...]
+    traces: tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]
+    passes: tuple[float, float]
+
+    def peak(self, n_tokens: int, batch_size: int) -> float:
+        """Peak tensor bytes above the model with batches of ``batch_size`` pairs of ``n_tokens``."""
+        one, two = (_peak_at(list(t), self.lengths, n_tokens) for t in self.traces)
+        return one + (batch_size - 1) * max(two - one, 0.0)
+
+    def largest_batch(self, n_tokens: int, budget: float) -> int:
+        """The largest batch whose peak is within ``budget`` bytes (at least 1)."""
+        one = self.peak(n_tokens, 1)
+        per_pair = self.peak(n_tokens, 2) - one
+        return max(1, int((budget - one) // per_pair) + 1 if per_pair > 0 else 1)
+
+
+def profile(model: Any, adapters: list[NodeAdapter], method: str, lengths: Sequence[int], batches: int = 2
+            ) -> MemoryProfile:
+    """Trace ``attribute()`` with ``method`` on random pairs of each of ``lengths`` tokens, in
+    ``batches`` batches of one pair and of two (a second batch runs beside the sums the first left)."""
+    d_vocab = host_for(model).d_vocab
+    _probe(model, adapters, method, lengths[0], 1, 1, d_vocab)  # one-time work (the host's probe of the model)
+    traces: list[tuple[np.ndarray, ...]] = []
+    passes = (0.0, 0.0)
+    for b in (1, 2):
+        runs = [_probe(model, adapters, method, t, b, batches, d_vocab) for t in lengths]
+        traces.append(tuple(trace for trace, _ in runs))
+        passes = runs[-1][1]
+    return MemoryProfile(tuple(lengths), (traces[0], traces[1]), passes)
 
 
 def _probe(model: Any, adapters: list[NodeAdapter], method: str, n_tokens: int, batch: int, batches: int,
@@ -146,3 +157,17 @@ def _probe(model: Any, adapters: list[NodeAdapter], method: str, n_tokens: int, 
     assert counted.trace is not None
     n = batches * batch
     return np.array(counted.trace), (engine.forward_passes / n, engine.backward_passes / n)
+
+
+def _peak_at(traces: list[np.ndarray], lengths: Sequence[int], n_tokens: int) -> float:
+    """The peak at ``n_tokens`` from the probes' traces at ``lengths`` (one batch size). Every op's
+    bytes are a polynomial in the length (activations grow with T, attention patterns with T^2), so
+    the polynomial through the probes gives each op's bytes at any length, and their maximum is the
+    peak there whichever op holds it. Where the probes ran different ops (a length-dependent code
+    path), their peaks are extended instead."""
+    if len({len(t) for t in traces}) > 1:
+        traces = [np.array([t.max()]) for t in traces]
+    x = np.stack(traces).astype(float)  # [length, op]
+    weights = np.array([math.prod((n_tokens - o) / (t - o) for o in lengths if o != t) for t in lengths])
+    at_n = np.maximum(weights @ x, x.max(0))  # Lagrange at n_tokens; never below what a shorter probe held
+    return float(at_n.max())

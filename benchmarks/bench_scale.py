@@ -47,7 +47,9 @@ import torch
 from transformer_lens import HookedTransformer
 
 import atp_plugin
-from atp_plugin import metrics
+from atp_plugin import metrics, plugins
+from atp_plugin.adapters import resolve
+from atp_plugin.estimate import PROBE_LENGTHS, profile
 from bench_atp import build_model as build_bench_model  # this script's folder is on sys.path
 from bench_atp import floor, make_task
 from random_inputs import random_model, random_pairs  # this script's folder is on sys.path
@@ -207,6 +209,27 @@ def code_label() -> str:
     return f"commit {head}" + (" plus uncommitted changes to atp_plugin/" if dirty.strip() else "")
 
 
+def fit_table(budget: float, lengths: list[int]) -> str:
+    """Markdown: per method, by estimate()'s memory profile, the largest batch of pairs at each of
+    ``lengths`` and the longest prompt of one pair (past the model's n_ctx, for a model of this
+    shape with a longer context) whose peak fits ``budget`` bytes beside the loaded model."""
+    model = build_model()
+    room = budget - status_kb("VmRSS") * 1024  # what the process holds with the model loaded
+    lines = ["| method | " + " | ".join(f"largest batch at T = {t}" for t in lengths)
+             + " | longest T, one pair |", "|---|" + "---:|" * (len(lengths) + 1)]
+    for method in METHODS:
+        prof = profile(model, resolve(NODES, plugins.adapters()), method, PROBE_LENGTHS)
+        cells = [str(prof.largest_batch(t, room)) for t in lengths]
+        longest = max((t for t in range(16, 65536, 16) if prof.peak(t, 1) <= room), default=0)
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {longest} |")
+    lines += ["", f"Budget {budget / 1e9:g} GB for the whole process: {room / 2**30:.2f} GiB left after building the "
+              "model (interpreter, torch and weights). From estimate()'s memory profile (probes at T = 32, 64, 96, "
+              "two batches of one and of two pairs), tensor memory only: the allocator's overhead comes on top "
+              "(on this CPU the measured peaks above exceed the estimate by up to the error shown there). "
+              "GPT-2's own context is 1024 tokens; the longest T is for a model of this shape with a longer one."]
+    return "\n".join(lines)
+
+
 def low_precision_table() -> str:
     """Markdown: relative L2 error and top-50 overlap of bfloat16 / float16 scores against float32
     on the bench_atp.py model and task, per method."""
@@ -247,6 +270,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in every child (default 1)")
     parser.add_argument("--device", default="cpu", help="label of the machine in the table (default cpu; "
                                                          "the runs themselves are on CPU)")
+    parser.add_argument("--fit", type=float, metavar="BYTES",
+                        help="instead: by estimate(), the largest batch at each --T and the longest prompt of one "
+                             "pair that fit in BYTES (e.g. 24e9) with the model loaded")
     parser.add_argument("--low-precision", action="store_true",
                         help="instead: bfloat16 / float16 against float32 on bench_atp.py's model")
     parser.add_argument("--out", type=Path, help="markdown file to write the section into")
@@ -260,7 +286,9 @@ def main() -> None:
         return
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO_ROOT), *sys.argv[1:]])
     started = time.perf_counter()
-    if args.low_precision:
+    if args.fit:
+        body = fit_table(args.fit, args.T)
+    elif args.low_precision:
         body = low_precision_table()
     else:
         results: dict[int, Results] = {}
