@@ -12,7 +12,7 @@ import torch
 from . import plugins
 from .adapters import NodeAdapter, resolve
 from .backends import Backend
-from .engine import Engine, Metric
+from .engine import Engine, Metric, distributed
 from .engine.memory import check_max_memory
 from .engine.pairs import PairSource, make_pairs
 from .engine.stream import BoundStream, PairStream
@@ -147,8 +147,8 @@ def attribute(model: Any, clean: torch.Tensor | Sequence[str] | PairStream,
     check_metric(metric, pairs, host.d_vocab)
     if batch_size == "auto":
         from .estimate import estimate  # estimate() probes through attribute()
-        batch_size = estimate(model, pairs.width, adapters, method, "auto", n_pairs=pairs.n,
-                              max_memory=max_memory).batch_size
+        batch_size = distributed.all_min(estimate(model, pairs.width, adapters, method, "auto", n_pairs=pairs.n,
+                                                  max_memory=max_memory).batch_size, host.device)  # one for all ranks
     engine = Engine(host, pairs, metric, adapters, batch_size=batch_size or DEFAULT_BATCH,
                     patch_batch_size=patch_batch_size, max_memory=max_memory, progress=progress)
     with eval_mode(model):

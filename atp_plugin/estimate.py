@@ -12,6 +12,7 @@ reserve, a CPU heap's fragmentation) comes on top.
 
 from __future__ import annotations
 
+import gc
 import math
 import warnings
 from dataclasses import dataclass
@@ -70,7 +71,9 @@ def estimate(model: Any, n_tokens: int, nodes: str | NodeAdapter | Sequence[str 
     (check ``fits``). The probe runs take a few seconds on a GPT-2-small-sized model.
 
     Exact patching (``ap``, the baselines) runs one patched prompt per node and sizes its own
-    batches from ``max_memory``; it is refused here.
+    batches from ``max_memory``; it is refused here. ``method`` is a registered backend's name.
+    The probes use a metric of their own (two logits at the last position): a metric that builds
+    large tensors of its own (e.g. a softmax over every position) adds memory not counted here.
     """
     backends = plugins.backends()
     if method not in backends:
@@ -95,7 +98,7 @@ def estimate(model: Any, n_tokens: int, nodes: str | NodeAdapter | Sequence[str 
     prof = profile(model, adapters, method, PROBE_LENGTHS if n_tokens > PROBE_LENGTHS[-1] else (n_tokens,), batches)
     if isinstance(batch_size, str):
         budget = budget if budget is not None else memory.default_budget(host.device)
-        batch_size = prof.largest_batch(n_tokens, budget)
+        batch_size = prof.largest_batch(n_tokens, budget, n_pairs)
     n = batch_size if n_pairs is None else n_pairs
     return Estimate(method, n_tokens, batch_size, n, int(prof.peak(n_tokens, min(batch_size, n))),
                     prof.passes[0] * n, prof.passes[1] * n, budget)
@@ -116,11 +119,12 @@ class MemoryProfile:
         one, two = (_peak_at(list(t), self.lengths, n_tokens) for t in self.traces)
         return one + (batch_size - 1) * max(two - one, 0.0)
 
-    def largest_batch(self, n_tokens: int, budget: float) -> int:
-        """The largest batch whose peak is within ``budget`` bytes (at least 1)."""
+    def largest_batch(self, n_tokens: int, budget: float, n_pairs: int | None = None) -> int:
+        """The largest batch whose peak is within ``budget`` bytes (at least 1; at most ``n_pairs``)."""
         one = self.peak(n_tokens, 1)
         per_pair = self.peak(n_tokens, 2) - one
-        return max(1, int((budget - one) // per_pair) + 1 if per_pair > 0 else 1)
+        largest = int((budget - one) // per_pair) + 1 if per_pair > 0 else n_pairs or 1
+        return max(1, min(largest, n_pairs or largest))
 
 
 def profile(model: Any, adapters: list[NodeAdapter], method: str, lengths: Sequence[int], batches: int = 2
@@ -149,6 +153,7 @@ def _probe(model: Any, adapters: list[NodeAdapter], method: str, n_tokens: int, 
     def metric(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return logits[:, -1, 0] - logits[:, -1, min(1, d_vocab - 1)]
 
+    gc.collect()  # garbage of earlier runs is not freed in the middle of this one
     with warnings.catch_warnings(), distributed.alone(), PeakTensorBytes(trace=True) as counted:
         warnings.simplefilter("ignore")  # the user's own run will warn (e.g. GradDrop with few layers)
         result = attribute(model, clean, corrupt, metric, nodes=adapters, method=method, batch_size=batch,

@@ -65,6 +65,7 @@ def check_metric(metric, pairs: PairSource, d_vocab: int) -> None:
     and a ``metric.position`` that is a real token of every prompt. A metric without these
     attributes (a user's own function) is not checked here."""
     n_pairs, n_tokens = pairs.n, pairs.width
+    _check_labels(metric, pairs, d_vocab)
     n_metric = getattr(metric, "n_pairs", None)
     if n_metric is not None and n_metric != n_pairs:
         raise MetricError(f"the metric holds answers for {_count(n_metric, 'pair')} but {_count(n_pairs, 'pair')} "
@@ -82,6 +83,25 @@ def check_metric(metric, pairs: PairSource, d_vocab: int) -> None:
         raise MetricError(f"the metric reads position {position}, which is left padding in the prompts shorter than "
                          f"{n_tokens} tokens (the shortest has {shortest}); prompts are aligned on their last token, "
                          f"so give a position from the end, -1 to {-shortest}")
+
+
+def _check_labels(metric, pairs: PairSource, d_vocab: int) -> None:
+    """A metric that reads labels (``metric.label_shape``) gets pairs with labels of that shape and
+    token ids in the vocabulary; one that indexes answers by pair number gets no labels."""
+    wants, has = getattr(metric, "label_shape", None), pairs.label_shape
+    if wants is not None and has is None:
+        raise MetricError(f"the metric reads each pair's label of shape {wants} (e.g. [answer id, wrong id]), and the "
+                          "pairs have none: give a PairStream of (clean, corrupt, label) items, or for lists use "
+                          "metrics.logit_diff(answer, wrong)")
+    if wants is not None and wants != has:
+        raise MetricError(f"the metric reads labels of shape {wants} but the pairs' labels have shape {has}")
+    if wants is not None and pairs.label_range is not None and not 0 <= pairs.label_range[0] <= \
+            pairs.label_range[1] < d_vocab:
+        raise MetricError(f"the pairs' labels hold token ids from {pairs.label_range[0]:g} to "
+                          f"{pairs.label_range[1]:g}, outside the model's vocabulary [0, {d_vocab})")
+    if getattr(metric, "n_pairs", None) is not None and has is not None:
+        raise MetricError("the metric looks answers up by pair number, but a labelled PairStream gives the metric each "
+                          "row's label instead: use metrics.logit_diff_labels() (labels [answer id, wrong id])")
 
 
 def token_ids(model, tokens: Sequence[str], *, what: str = "the answer token") -> torch.Tensor:
@@ -134,6 +154,7 @@ def logit_diff_labels(*, position: int = -1) -> Callable[[torch.Tensor, torch.Te
         return at.gather(1, ids[:, :1])[:, 0] - at.gather(1, ids[:, 1:])[:, 0]
 
     metric.position = position  # type: ignore[attr-defined]  # checked against the prompts by check_metric
+    metric.label_shape = (2,)  # type: ignore[attr-defined]
     return metric
 
 

@@ -28,6 +28,7 @@ from . import plugins
 from .edges.circuit import Circuit, FaithfulnessCurve, faithfulness_of
 from .edges.result import EdgeResult
 from .edges.svg import circuit_svg, curve_svg
+from .engine import distributed
 from .plots import heatmap
 from .result import AttributionResult
 
@@ -81,7 +82,8 @@ def token_scores(result: AttributionResult, pair: int) -> torch.Tensor:
                          "backend")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the full run already warned (e.g. few layers for GradDrop)
-        scores, *_ = backend.run(single)
+        with distributed.alone():  # one pair: every rank reruns it alone
+            scores, *_ = backend.run(single)
     total = torch.zeros(engine.pairs.width, dtype=torch.float64)
     for key, value in scores.items():
         dims = result.dims[key]

@@ -1,5 +1,5 @@
 """Run under torchrun by tests/test_distributed.py: attribute every method on a saved GPT-2 and save
-each rank's scores, exact effects of the top nodes and pass counts to ``<out>/rank<r>.pt``."""
+each rank's scores, the exact effects of the top nodes and a PairStream's scores to ``<out>/rank<r>.pt``."""
 
 from __future__ import annotations
 

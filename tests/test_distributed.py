@@ -46,3 +46,18 @@ def test_two_ranks_equal_one(tmp_path):
             assert set(got[method]) == set(alone[method])
             for key, value in alone[method].items():
                 torch.testing.assert_close(got[method][key], value, rtol=0, atol=1e-12, msg=f"{method} {key}")
+
+
+@pytest.mark.parametrize("size", [2, 3, 4, 6, 7])
+def test_every_rank_gets_a_batch_and_every_pair_one_rank(monkeypatch, size):
+    from atp_plugin.engine import distributed
+    for n in range(size, 40):
+        for batch_size in (1, 2, 3, 5, 16):
+            taken = []
+            for rank in range(size):
+                monkeypatch.setattr(distributed, "world", lambda rank=rank: (rank, size))
+                b = distributed.batch_for_ranks(batch_size, n)
+                mine = distributed.share(range(-(-n // b)))
+                assert mine, (n, size, batch_size, rank)
+                taken += [p for i in mine for p in range(i * b, min((i + 1) * b, n))]
+            assert sorted(taken) == list(range(n)), (n, size, batch_size)

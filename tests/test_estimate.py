@@ -72,6 +72,7 @@ def test_auto_is_the_largest_batch_within_the_budget(model):
     assert auto.budget == int(budget) and auto.fits and auto.batch_size > 1
     bigger = estimate(model, LONG, NODES, "atp+qk", batch_size=auto.batch_size + 1)
     assert auto.peak_bytes <= budget < bigger.peak_bytes
+    assert estimate(model, LONG, NODES, "atp+qk", batch_size="auto", n_pairs=3, max_memory=1e12).batch_size == 3
     tiny = estimate(model, LONG, NODES, "atp+qk", batch_size="auto", max_memory=one.peak_bytes / 2)
     assert tiny.batch_size == 1 and not tiny.fits and "EXCEEDED" in str(tiny)
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from atp_plugin import PairStream, attribute, false_negative_bound, metrics
+from atp_plugin.edges import attribute_edges
 from atp_plugin.errors import AtpError, MetricError
 from atp_plugin.report import token_scores, write_report
 from distributed_case import CLEAN, CORRUPT
@@ -126,9 +127,11 @@ def test_streams_that_cannot_be_read_twice_or_changed_are_refused(model):
         attribute(model, PairStream(labelled()), CORRUPT, metric)
     with pytest.raises(TypeError, match="needs a metric"):
         attribute(model, PairStream(labelled()))
-    passes = iter([labelled(), labelled()[:3], labelled()[:3]])
-    with pytest.raises(AtpError, match="changed between passes"):
-        attribute(model, PairStream(lambda: iter(next(passes))), metric=metric, nodes=["attn_z"], method="atp")
+    for later in (labelled()[:3], labelled() + labelled()[:1], [labelled()[i] for i in (0, 2, 1, 3, 4)]):
+        passes = iter([labelled(), later, later])  # fewer pairs, more pairs, the same pairs reordered
+        with pytest.raises(AtpError, match="changed between passes"):
+            attribute(model, PairStream(lambda passes=passes: iter(next(passes))), metric=metric, nodes=["attn_z"],
+                      method="atp")
 
 
 @pytest.mark.parametrize("items, match", [
@@ -154,9 +157,18 @@ def test_bad_jsonl_lines_and_labels_are_named(model, tmp_path):
         PairStream.jsonl(tmp_path / "missing.jsonl")
     with pytest.raises(MetricError, match="position -5, which is left padding"):
         attribute(model, PairStream(labelled()), metric=metrics.logit_diff_labels(position=-5), nodes=["attn_z"])
-    with pytest.raises(MetricError, match=r"labels \[answer_id, wrong_id\]"):
+    with pytest.raises(MetricError, match=r"reads labels of shape \(2,\) but the pairs' labels have shape \(1,\)"):
         attribute(model, PairStream([(c, k, [a]) for c, k, a in zip(CLEAN, CORRUPT, ANSWERS)]),
                   metric=metrics.logit_diff_labels(), nodes=["attn_z"], method="atp")
+    with pytest.raises(MetricError, match="outside the model's vocabulary"):
+        attribute(model, PairStream(labelled()[:4] + [(CLEAN[4], CORRUPT[4], [5, 10**6])]),
+                  metric=metrics.logit_diff_labels(), nodes=["attn_z"], method="atp")
+    with pytest.raises(MetricError, match="the pairs have none"):
+        attribute(model, CLEAN, CORRUPT, metrics.logit_diff_labels(), nodes=["attn_z"], method="atp")
+    with pytest.raises(MetricError, match="use metrics.logit_diff_labels"):
+        attribute(model, PairStream(labelled()), metric=metrics.logit_diff(ANSWERS, WRONGS), nodes=["attn_z"])
+    with pytest.raises(TypeError, match="a PairStream is read by attribute"):
+        attribute_edges(model, PairStream(labelled()), None, metrics.logit_diff_labels())
 
 
 def test_the_bound_asks_for_lists(model):

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     stream = path if path is not None and _is_jsonl(path) else None
     if stream is not None:  # every line checked now, before the model loads; tokenized later a batch at a time
         first = list(itertools.islice(_jsonl_file(stream), PROMPTS_SHOWN))
-        if not any(True for _ in _jsonl_file(stream)):
+        if sum(1 for _ in _jsonl_file(stream)) == 0:  # reads (and checks) every line
             raise UsageError(f"--pairs {path}: the file holds no pairs")
     else:
         pairs = first = _read_pairs(path) if path is not None else _given_pairs(args)

@@ -10,6 +10,7 @@ from ..attribution import check_length, eval_mode, host_for, positive_int
 from ..engine import bind_metric
 from ..engine.pairs import make_pairs
 from ..engine.runs import run
+from ..engine.stream import PairStream
 from ..metrics import check_metric
 from .context import Context
 from .graph import build_graph
@@ -67,6 +68,9 @@ def make_context(model: Any, clean, corrupt, metric, *, batch_size: int = DEFAUL
     """Validated pairs, the model's parts and graph, and the bound metric; bad input fails before any
     run, then (``check``) the model's structure is checked on one clean prompt (``check_structure``).
     Call it with the model in eval mode."""
+    if isinstance(clean, PairStream):
+        raise TypeError("edge attribution takes the pairs as lists or token tensors; a PairStream is read by "
+                        "attribute() (node scores) only: give a list of the pairs (e.g. a sample of the stream)")
     host = host_for(model)
     parts = parts_of(host)
     pairs = make_pairs(host, clean, corrupt)

@@ -195,11 +195,16 @@ class Engine:
             show = None if total >= 4 else False
         return progress.bar(total, desc, unit, show)
 
+    def my_batches(self) -> tuple[int, list[int]]:
+        """(batch size, the numbers of this rank's batches): ``batch_size`` pairs a batch, lowered
+        where needed so that every rank of a ``torch.distributed`` run gets at least one."""
+        size = distributed.batch_for_ranks(self.batch_size, self.pairs.n)
+        return size, distributed.share(range(self.pairs.n_batches(size)))
+
     def batches(self, desc: str) -> Iterator[Batch]:
         """This rank's batches of ``batch_size`` pairs (all of them without ``torch.distributed``),
         with progress."""
-        size = distributed.batch_for_ranks(self.batch_size, self.pairs.n)
-        numbers = distributed.share(range(self.pairs.n_batches(size)))
+        size, numbers = self.my_batches()
         with self.progress_bar(len(numbers), desc) as bar:
             for batch in self.pairs.batches(size, numbers):
                 yield batch
@@ -303,8 +308,7 @@ class Engine:
         run; the node shapes come from the first noise run (no probe run). Under ``torch.distributed``
         each rank patches its share of the batches of pairs.
         """
-        size = distributed.batch_for_ranks(self.batch_size, self.pairs.n)
-        numbers = distributed.share(range(self.pairs.n_batches(size)))
+        size, numbers = self.my_batches()
         first = next(self.pairs.batches(size, numbers[:1]))
         first_noise = self.noise_values(first)
         shapes, sites = self.node_shapes(first_noise), self.sites()
@@ -317,8 +321,8 @@ class Engine:
         held = sum(v[:1].numel() * v.element_size() for v in first_noise.values()) \
             + sum(math.prod(shapes[k]) for k in keys)
         per_pass = self.copies_per_pass(held)
-        planned = [int(patched.sum()) for batch in self.pairs.batches(size, numbers)  # copies per range of sets
-                   for *_, patched in self._set_ranges(batch, members, n_sets, pos, per_pass)]
+        planned = [int(patched.sum()) for mask in self.pairs.masks(size, numbers)  # copies per range of sets
+                   for *_, patched in self._set_ranges(mask, members, n_sets, pos, per_pass)]
         copies, passes = sum(planned), sum(-(-c // per_pass) for c in planned)
         announce = self.progress is not False and copies > progress.PROGRESS_MIN
         if announce:
@@ -330,7 +334,8 @@ class Engine:
                 noise = first_noise if b == 0 else self.noise_values(batch)
                 base = self.clean_metric(batch).cpu()  # [batch]
                 real = batch.mask.cpu()  # [batch, T]
-                for start, stop, (set_of, node), patched in self._set_ranges(batch, members, n_sets, pos, per_pass):
+                ranges = self._set_ranges(batch.mask, members, n_sets, pos, per_pass)
+                for start, stop, (set_of, node), patched in ranges:
                     effect = torch.zeros(stop - start, len(batch.idx), dtype=self.acc)  # [sets, batch]
                     grids = {}  # key number -> [sets, pos, *node] bool: each set's nodes at that site
                     for i in owner[node].unique().tolist():
@@ -357,14 +362,15 @@ class Engine:
                         bar.update(len(cs))
                     yield SetEffects(batch.idx, start, stop, effect, patched)
 
-    def _set_ranges(self, batch: Batch, members: Members, n_sets: int, pos: torch.Tensor, per_pass: int
+    def _set_ranges(self, mask: torch.Tensor, members: Members, n_sets: int, pos: torch.Tensor, per_pass: int
                     ) -> Iterator[tuple[int, int, tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
-        """For the pairs of ``batch``: consecutive ranges ``start..stop-1`` of the sets with their members
-        (set numbers from 0, node numbers) and which copies patch something, ``[sets, batch]`` bool.
+        """For the pairs of a batch (its ``mask`` ``[batch, T]``): consecutive ranges ``start..stop-1``
+        of the sets with their members (set numbers from 0, node numbers) and which copies patch
+        something, ``[sets, batch]`` bool.
         A range holds lcm(per_pass, batch) copies, so that it splits into full forward passes of
         ``per_pass`` copies (where none is skipped), with at most ``per_pass`` sets."""
-        real = batch.mask.cpu().float()  # [batch, T]
-        step = per_pass // math.gcd(per_pass, len(batch.idx))
+        real = mask.cpu().float()  # [batch, T]
+        step = per_pass // math.gcd(per_pass, len(mask))
         for start in range(0, n_sets, step):
             stop = min(start + step, n_sets)
             set_of, node = members(start, stop)

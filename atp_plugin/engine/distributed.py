@@ -66,7 +66,16 @@ def batch_for_ranks(batch_size: int, n_pairs: int) -> int:
     if n_pairs < size:
         raise AtpError(f"{n_pairs} pair(s) cannot be split across {size} ranks: give at least {size} pairs or "
                        f"run on at most {n_pairs} rank(s)")
-    return min(batch_size, -(-n_pairs // size))
+    return min(batch_size, n_pairs // size)  # then there are at least as many batches as ranks
+
+
+def all_min(value: int, device: torch.device) -> int:
+    """The smallest of ``value`` over the ranks (what every rank then uses)."""
+    if world()[1] == 1:
+        return value
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
 
 
 def all_sum(tensor: torch.Tensor) -> torch.Tensor:

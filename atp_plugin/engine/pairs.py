@@ -66,6 +66,15 @@ class PairSource:
     def n_batches(self, batch_size: int) -> int:
         return -(-self.n // batch_size)
 
+    #: shape of each pair's label (None: unlabelled), and the smallest and largest label value
+    label_shape: tuple[int, ...] | None = None
+    label_range: tuple[float, float] | None = None
+
+    def masks(self, batch_size: int, numbers: Sequence[int]) -> Iterator[torch.Tensor]:
+        """The ``mask`` of each of the batches ``numbers``, without reading the pairs."""
+        for b in numbers:
+            yield self.mask[b * batch_size:(b + 1) * batch_size]
+
     def select(self, indices: torch.Tensor) -> Pairs:
         """The pairs ``indices`` (in that order) in memory, padded to ``width``."""
         rows: dict[int, tuple[Batch, int]] = {}
@@ -97,6 +106,9 @@ class Pairs(PairSource):
     def __init__(self, clean: torch.Tensor, corrupt: torch.Tensor, mask: torch.Tensor,
                  labels: torch.Tensor | None = None):
         self.clean, self.corrupt, self._mask, self.labels = clean, corrupt, mask, labels
+        if labels is not None:
+            self.label_shape = tuple(labels.shape[1:])
+            self.label_range = (float(labels.min()), float(labels.max())) if labels.numel() else None
 
     @property
     def n(self) -> int:
@@ -194,13 +206,20 @@ def left_padded(host: Host, rows_c: list[list[int]], rows_n: list[list[int]], wi
 
 
 def _warn_identical(pairs: Pairs) -> Pairs:
-    """``pairs``, with a warning naming the pairs whose corrupt prompt equals the clean one: every
-    effect there is 0, so they only pull the means towards 0 (all of them: every score is 0)."""
+    """``pairs``, warned about where a corrupt prompt equals its clean one (``warn_identical``)."""
     same = (pairs.clean == pairs.corrupt).all(1).nonzero().flatten().tolist()
-    if len(same) == pairs.n:
-        warnings.warn("every pair's corrupt prompt equals its clean prompt: patching changes nothing and every "
-                      "score will be 0; corrupt the prompts (e.g. swap the names)", stacklevel=3)
-    elif same:
-        warnings.warn(f"pair(s) {same[:10]} have a corrupt prompt equal to the clean one: every effect there is 0, "
-                      "which pulls the means over pairs towards 0; drop or corrupt them", stacklevel=3)
+    warn_identical([f"pair {i}" for i in same[:10]], len(same), pairs.n)
     return pairs
+
+
+def warn_identical(names: list[str], n_same: int, n: int) -> None:
+    """Warn that ``n_same`` of the ``n`` pairs (the first of them ``names``) have a corrupt prompt
+    equal to the clean one: every effect there is 0, so they only pull the means towards 0 (all of
+    them: every score is 0)."""
+    if n_same == n:
+        warnings.warn("every pair's corrupt prompt equals its clean prompt: patching changes nothing and every "
+                      "score will be 0; corrupt the prompts (e.g. swap the names)", stacklevel=4)
+    elif n_same:
+        more = f" and {n_same - len(names)} more" if n_same > len(names) else ""
+        warnings.warn(f"{', '.join(names)}{more} have a corrupt prompt equal to the clean one: every effect there is "
+                      "0, which pulls the means over pairs towards 0; drop or corrupt them", stacklevel=4)

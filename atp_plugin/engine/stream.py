@@ -12,7 +12,6 @@ iterator each time it is called.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -20,7 +19,7 @@ import torch
 
 from ..errors import AtpError
 from ..hosts import Host
-from .pairs import Batch, PairSource, left_padded, tokenize_pair
+from .pairs import Batch, PairSource, left_padded, tokenize_pair, warn_identical
 
 #: one item of a stream: ``(clean, corrupt)``, ``(clean, corrupt, label)`` or a dict with the keys
 #: ``clean``, ``corrupt`` and optionally ``label``; prompts as strings or 1-D token ids.
@@ -75,7 +74,7 @@ class PairStream:
 
 
 def _jsonl_items(path: Path) -> Iterator[tuple[str, Item]]:
-    with path.open() as f:
+    with path.open(encoding="utf-8-sig") as f:  # a byte-order mark is not part of the first line
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -94,13 +93,18 @@ class BoundStream(PairSource):
         self.host, self.stream = host, stream
         self._base = len(host.tokenize(""))  # what tokenizing adds to any prompt (a BOS token, or nothing)
         lengths: list[int] = []
-        identical: list[str] = []
-        self.label_shape: tuple[int, ...] | None = None
+        identical: list[str] = []  # the first few names
+        n_identical = 0
+        low, high = float("inf"), float("-inf")
         for n, (where, (clean, corrupt, label)) in enumerate(self._pairs()):
             lengths.append(len(clean))
             if clean == corrupt:
-                identical.append(where)
+                n_identical += 1
+                if len(identical) < 10:
+                    identical.append(where)
             shape = None if label is None else tuple(label.shape)
+            if label is not None and label.numel():
+                low, high = min(low, float(label.min())), max(high, float(label.max()))
             if n == 0:
                 self.label_shape = shape
             elif shape != self.label_shape:
@@ -110,13 +114,9 @@ class BoundStream(PairSource):
         if not lengths:
             raise AtpError("no prompt pairs given: the stream is empty")
         self.lengths = torch.tensor(lengths)  # [n]: N ints are all a stream keeps per pair
+        self.label_range = (low, high) if high >= low else None
         self._width = max(lengths)
-        if len(identical) == self.n:
-            warnings.warn("every pair's corrupt prompt equals its clean prompt: patching changes nothing and every "
-                          "score will be 0; corrupt the prompts (e.g. swap the names)", stacklevel=3)
-        elif identical:
-            warnings.warn(f"{', '.join(identical[:5])} have a corrupt prompt equal to the clean one: every effect "
-                          "there is 0, which pulls the means over pairs towards 0; drop or corrupt them", stacklevel=3)
+        warn_identical(identical, n_identical, self.n)
 
     @property
     def n(self) -> int:
@@ -129,6 +129,11 @@ class BoundStream(PairSource):
     @property
     def mask(self) -> torch.Tensor:
         return (torch.arange(self.width) >= self.width - self.lengths[:, None]).to(self.host.device)  # [n, width]
+
+    def masks(self, batch_size: int, numbers: Sequence[int]) -> Iterator[torch.Tensor]:
+        for b in numbers:  # from the lengths: the stream is not read
+            lengths = self.lengths[b * batch_size:(b + 1) * batch_size, None]
+            yield (torch.arange(self.width) >= self.width - lengths).to(self.host.device)  # [batch, width]
 
     @property
     def counts(self) -> torch.Tensor:
@@ -157,10 +162,11 @@ class BoundStream(PairSource):
         rows: list[tuple[list[int], list[int], torch.Tensor | None]] = []
         seen = 0
         for where, pair in self._pairs():
-            if len(pair[0]) > self.width:
-                raise AtpError(f"{where} has {len(pair[0])} tokens but the stream's first pass found at most "
-                               f"{self.width}: the source changed between passes; give a source that yields the "
-                               "same pairs each time")
+            if seen >= self.n or len(pair[0]) != self.lengths[seen]:
+                found = "no pair" if seen >= self.n else f"{int(self.lengths[seen])} tokens"
+                raise AtpError(f"{where} has {len(pair[0])} tokens but the stream's first pass found {found} there: "
+                               "the source changed between passes; give a source that yields the same pairs in the "
+                               "same order each time")
             rows.append(pair)
             seen += 1
             if len(rows) == batch_size:
