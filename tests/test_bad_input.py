@@ -178,20 +178,19 @@ def test_malformed_tokens(model) -> None:
     raises_before_any_forward(model, ValueError, "batch_size must be a positive", clean, corrupt, metric, batch_size=0)
 
 
-def dropout_model():
+def dropout_model(host: str):
     """A test model with a permanent dropout hook: training mode is visibly random."""
-    model = make_model()
+    model = host_model(host)
     model.add_hook("blocks.0.hook_resid_mid", lambda x, hook: F.dropout(x, 0.5, training=hook.training),
                    is_permanent=True)
     return model
 
 
-@needs_hooked
 @pytest.mark.filterwarnings("ignore:.*GradDrop degenerates")
-def test_training_mode_warns_and_matches_eval() -> None:
+def test_training_mode_warns_and_matches_eval(host) -> None:
     """A dropout hook makes training mode visibly random; attribute() must run in eval mode (with
     a warning) and leave the model as it found it."""
-    model = dropout_model()
+    model = dropout_model(host)
     clean, corrupt = make_pairs(3, 5)
     metric = logit_diff_metric(3)
     try:
@@ -217,11 +216,10 @@ def test_training_mode_warns_and_matches_eval() -> None:
         model.reset_hooks(including_permanent=True)
 
 
-@needs_hooked
-def test_verify_in_training_mode_warns_and_matches_eval() -> None:
+def test_verify_in_training_mode_warns_and_matches_eval(host) -> None:
     """verify() patches in eval mode too: in training mode it warns, and its effects equal those
     verified in eval mode (with dropout live they would be random)."""
-    model = dropout_model()
+    model = dropout_model(host)
     clean, corrupt = make_pairs(3, 5)
     try:
         result = attribute(model, clean, corrupt, logit_diff_metric(3), nodes=["attn_z"], method="atp")
