@@ -430,7 +430,7 @@ def test_words_the_tokenizer_does_not_know() -> None:
 def test_identical_clean_and_corrupt_prompts_warn(model) -> None:
     clean, corrupt = make_pairs(3, 5)
     corrupt[1] = clean[1]
-    with pytest.warns(UserWarning, match=r"pair\(s\) \[1\] have a corrupt prompt equal to the clean one"):
+    with pytest.warns(UserWarning, match=r"^pair 1 has a corrupt prompt equal to the clean one"):
         attribute(model, clean, corrupt, logit_diff_metric(3), nodes="attn_z", method="atp")
     with pytest.warns(UserWarning, match="every pair's corrupt prompt equals its clean prompt"):
         result = attribute(model, clean, clean, logit_diff_metric(3), nodes="attn_z", method="atp")

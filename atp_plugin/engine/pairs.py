@@ -221,5 +221,6 @@ def warn_identical(names: list[str], n_same: int, n: int) -> None:
                       "score will be 0; corrupt the prompts (e.g. swap the names)", stacklevel=4)
     elif n_same:
         more = f" and {n_same - len(names)} more" if n_same > len(names) else ""
-        warnings.warn(f"{', '.join(names)}{more} have a corrupt prompt equal to the clean one: every effect there is "
-                      "0, which pulls the means over pairs towards 0; drop or corrupt them", stacklevel=4)
+        verb = "has" if n_same == 1 else "have"
+        warnings.warn(f"{', '.join(names)}{more} {verb} a corrupt prompt equal to the clean one: every effect there "
+                      "is 0, which pulls the means over pairs towards 0; drop or corrupt them", stacklevel=4)
