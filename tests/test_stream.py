@@ -177,3 +177,29 @@ def test_the_bound_asks_for_lists(model):
     with pytest.raises(ValueError, match="computed on a PairStream"):
         false_negative_bound(model, CLEAN, CORRUPT, metrics.logit_diff(ANSWERS, WRONGS), result, k=2,
                              n_subsets=20, p=0.3)
+
+
+def test_select_keeps_the_first_pairs_and_finds_others_in_one_pass(model):
+    items = labelled() * 4  # 20 pairs: past the 16 kept from the first pass
+    reads: list[int] = []
+
+    def source():
+        reads.append(1)
+        return iter(items)
+
+    streamed = attribute(model, PairStream(source), metric=metrics.logit_diff_labels(), nodes=["attn_z"],
+                         method="atp")
+    lists = attribute(model, [c for c, _, _ in items], [k for _, k, _ in items],
+                      metrics.logit_diff([a for _, _, (a, _) in items], [w for _, _, (_, w) in items]),
+                      nodes=["attn_z"], method="atp")
+    before = len(reads)
+    for indices, passes in (([3, 0, 3], 0), ([18, 2, 19], 1)):
+        got = streamed.engine.pairs.select(torch.tensor(indices))
+        want = lists.engine.pairs.select(torch.tensor(indices))
+        assert len(reads) == before + passes
+        for field in ("clean", "corrupt", "mask"):
+            assert torch.equal(getattr(got, field), getattr(want, field)), field
+        assert got.labels.tolist() == [items[i][2] for i in indices]
+        before = len(reads)
+    with pytest.raises(IndexError, match=r"in \[0, 20\)"):
+        streamed.engine.pairs.select(torch.tensor([20]))

@@ -77,14 +77,7 @@ class PairSource:
 
     def select(self, indices: torch.Tensor) -> Pairs:
         """The pairs ``indices`` (in that order) in memory, padded to ``width``."""
-        rows: dict[int, tuple[Batch, int]] = {}
-        wanted = set(indices.tolist())
-        for batch in self.batches(64):
-            rows.update({int(i): (batch, r) for r, i in enumerate(batch.idx.tolist()) if i in wanted})
-        picked = [rows[int(i)][0].rows(torch.tensor([rows[int(i)][1]])) for i in indices]
-        labels = None if picked[0].labels is None else torch.cat([b.labels for b in picked])  # type: ignore[misc]
-        return Pairs(torch.cat([b.clean for b in picked]), torch.cat([b.corrupt for b in picked]),
-                     torch.cat([b.mask for b in picked]), labels)
+        raise NotImplementedError
 
     @property
     def padded(self) -> bool:

@@ -19,11 +19,12 @@ import torch
 
 from ..errors import AtpError
 from ..hosts import Host
-from .pairs import Batch, PairSource, left_padded, tokenize_pair, warn_identical
+from .pairs import Batch, Pairs, PairSource, left_padded, tokenize_pair, warn_identical
 
 #: one item of a stream: ``(clean, corrupt)``, ``(clean, corrupt, label)`` or a dict with the keys
 #: ``clean``, ``corrupt`` and optionally ``label``; prompts as strings or 1-D token ids.
 Item = Any
+HEAD = 16  # pairs kept from the first pass, for per-pair views (the report's prompts)
 
 
 class PairStream:
@@ -96,7 +97,10 @@ class BoundStream(PairSource):
         identical: list[str] = []  # the first few names
         n_identical = 0
         low, high = float("inf"), float("-inf")
+        self._head: list[tuple[list[int], list[int], torch.Tensor | None]] = []  # the first pairs, for select()
         for n, (where, (clean, corrupt, label)) in enumerate(self._pairs()):
+            if n < HEAD:
+                self._head.append((clean, corrupt, label))
             lengths.append(len(clean))
             if clean == corrupt:
                 n_identical += 1
@@ -129,6 +133,22 @@ class BoundStream(PairSource):
     @property
     def mask(self) -> torch.Tensor:
         return (torch.arange(self.width) >= self.width - self.lengths[:, None]).to(self.host.device)  # [n, width]
+
+    def select(self, indices: torch.Tensor) -> Pairs:
+        """As ``PairSource.select``: the first ``HEAD`` pairs are kept from the first pass (the
+        report's prompts), others are found by one more pass keeping only them."""
+        wanted = [int(i) for i in indices]
+        if not wanted or min(wanted) < 0 or max(wanted) >= self.n:
+            raise IndexError(f"select() takes pair numbers in [0, {self.n}), got {wanted[:10]}")
+        found = {i: self._head[i] for i in wanted if i < len(self._head)}
+        missing = set(wanted) - set(found)
+        if missing:
+            found.update((n, pair) for n, (_, pair) in enumerate(self._pairs()) if n in missing)
+        rows = [found[i] for i in wanted]
+        padded = left_padded(self.host, [r[0] for r in rows], [r[1] for r in rows], self.width)
+        labels = None if self.label_shape is None else \
+            torch.stack([r[2] for r in rows if r[2] is not None]).to(self.host.device)
+        return Pairs(padded.clean, padded.corrupt, padded.mask, labels)
 
     def masks(self, batch_size: int, numbers: Sequence[int]) -> Iterator[torch.Tensor]:
         for b in numbers:  # from the lengths: the stream is not read
