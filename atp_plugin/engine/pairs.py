@@ -99,6 +99,7 @@ class Pairs(PairSource):
     def __init__(self, clean: torch.Tensor, corrupt: torch.Tensor, mask: torch.Tensor,
                  labels: torch.Tensor | None = None):
         self.clean, self.corrupt, self._mask, self.labels = clean, corrupt, mask, labels
+        self._all = Batch(torch.arange(len(clean), device=clean.device), clean, corrupt, mask, labels)
         if labels is not None:
             self.label_shape = tuple(labels.shape[1:])
             self.label_range = (float(labels.min()), float(labels.max())) if labels.numel() else None
@@ -116,15 +117,13 @@ class Pairs(PairSource):
         return self._mask
 
     def batches(self, batch_size: int, numbers: Sequence[int] | None = None) -> Iterator[Batch]:
-        idx = torch.arange(self.n, device=self.clean.device).split(batch_size)
+        idx = self._all.idx.split(batch_size)
         for b in (range(len(idx)) if numbers is None else numbers):
-            yield Batch(idx[b], self.clean[idx[b]], self.corrupt[idx[b]], self.mask[idx[b]],
-                        None if self.labels is None else self.labels[idx[b].to(self.labels.device)])
+            yield self._all.rows(idx[b])
 
     def select(self, indices: torch.Tensor) -> Pairs:
-        idx = indices.to(self.clean.device)
-        return Pairs(self.clean[idx], self.corrupt[idx], self.mask[idx],
-                     None if self.labels is None else self.labels[idx.to(self.labels.device)])
+        rows = self._all.rows(indices)
+        return Pairs(rows.clean, rows.corrupt, rows.mask, rows.labels)
 
 
 def _as_tokens(x: torch.Tensor, what: str, d_vocab: int) -> torch.Tensor:

@@ -132,7 +132,19 @@ class BoundStream(PairSource):
 
     @property
     def mask(self) -> torch.Tensor:
-        return (torch.arange(self.width) >= self.width - self.lengths[:, None]).to(self.host.device)  # [n, width]
+        return self._mask_of(self.lengths)  # [n, width]
+
+    def _mask_of(self, lengths: torch.Tensor) -> torch.Tensor:
+        """``[len(lengths), width]``: the real positions of pairs of these lengths, left-padded."""
+        return (torch.arange(self.width) >= self.width - lengths[:, None]).to(self.host.device)
+
+    def _in_memory(self, rows: list[tuple[list[int], list[int], torch.Tensor | None]]) -> Pairs:
+        """Checked pairs (clean ids, corrupt ids, label or None) left-padded to ``width``, labels stacked."""
+        padded = left_padded(self.host, [r[0] for r in rows], [r[1] for r in rows], self.width)
+        if self.label_shape is None:
+            return padded
+        labels = torch.stack([r[2] for r in rows if r[2] is not None]).to(self.host.device)
+        return Pairs(padded.clean, padded.corrupt, padded.mask, labels)
 
     def select(self, indices: torch.Tensor) -> Pairs:
         """As ``PairSource.select``: the first ``HEAD`` pairs are kept from the first pass (the
@@ -144,16 +156,11 @@ class BoundStream(PairSource):
         missing = set(wanted) - set(found)
         if missing:
             found.update((n, pair) for n, (_, pair) in enumerate(self._pairs()) if n in missing)
-        rows = [found[i] for i in wanted]
-        padded = left_padded(self.host, [r[0] for r in rows], [r[1] for r in rows], self.width)
-        labels = None if self.label_shape is None else \
-            torch.stack([r[2] for r in rows if r[2] is not None]).to(self.host.device)
-        return Pairs(padded.clean, padded.corrupt, padded.mask, labels)
+        return self._in_memory([found[i] for i in wanted])
 
     def masks(self, batch_size: int, numbers: Sequence[int]) -> Iterator[torch.Tensor]:
         for b in numbers:  # from the lengths: the stream is not read
-            lengths = self.lengths[b * batch_size:(b + 1) * batch_size, None]
-            yield (torch.arange(self.width) >= self.width - lengths).to(self.host.device)  # [batch, width]
+            yield self._mask_of(self.lengths[b * batch_size:(b + 1) * batch_size])  # [batch, width]
 
     @property
     def counts(self) -> torch.Tensor:
@@ -201,10 +208,9 @@ class BoundStream(PairSource):
     def _batch(self, rows: list, seen: int, batch_size: int, wanted: set[int] | None) -> Iterator[Batch]:
         if wanted is not None and (seen - 1) // batch_size not in wanted:
             return
-        padded = left_padded(self.host, [r[0] for r in rows], [r[1] for r in rows], self.width)
-        labels = None if self.label_shape is None else torch.stack([r[2] for r in rows]).to(self.host.device)
+        pairs = self._in_memory(rows)
         idx = torch.arange(seen - len(rows), seen, device=self.host.device)
-        yield Batch(idx, padded.clean, padded.corrupt, padded.mask, labels)
+        yield Batch(idx, pairs.clean, pairs.corrupt, pairs.mask, pairs.labels)
 
 
 def _fields(where: str, item: Item) -> tuple[Any, Any, Any]:
