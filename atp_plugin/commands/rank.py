@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, model_label = load_model(args.model, device, DTYPES[args.dtype], quiet=args.quiet)
     if stream is not None:
-        clean: Any = PairStream.named(lambda: _labelled(model, _jsonl_file(stream)))
+        known: dict[str, int] = {}  # answer word -> token id, tokenized once for every pass
+        clean: Any = PairStream.named(lambda: _labelled(model, _jsonl_file(stream), known))
         corrupt, metric = None, metrics.logit_diff_labels()
     else:
         answers, wrongs = _answer_ids(model, pairs)
@@ -212,17 +213,20 @@ def _jsonl_file(path: Path) -> Iterator[Pair]:
         raise UsageError(f"--pairs {path}: cannot read it as UTF-8 text ({e})") from e
 
 
-def _labelled(model: Any, pairs: Iterable[Pair]) -> Iterator[tuple[str, tuple[str, str, list[int]]]]:
-    """(where, (clean, corrupt, [answer id, wrong id])) per pair: a labelled stream's items."""
+def _labelled(model: Any, pairs: Iterable[Pair], known: dict[str, int]
+              ) -> Iterator[tuple[str, tuple[str, str, list[int]]]]:
+    """(where, (clean, corrupt, [answer id, wrong id])) per pair: a labelled stream's items;
+    ``known`` keeps the answer words' ids from pair to pair and pass to pass."""
     for p in pairs:
-        answer, wrong = _answer_ids(model, [p])
-        yield p.where, (p.clean, p.corrupt, [int(answer), int(wrong)])
+        if p.answer not in known or p.wrong not in known:
+            answer, wrong = _answer_ids(model, [p])
+            known[p.answer], known[p.wrong] = int(answer), int(wrong)
+        yield p.where, (p.clean, p.corrupt, [known[p.answer], known[p.wrong]])
 
 
 def _read_pairs(path: Path) -> list[Pair]:
-    """Pairs from a JSON array or CSV file, each with the line it came from."""
-    if not path.is_file():
-        raise UsageError(f"--pairs {path}: {'not a regular file' if path.exists() else 'no such file'}")
+    """Pairs from a JSON array or CSV file (JSONL files are streamed: ``_is_jsonl``, which also
+    checks the path), each with the line it came from."""
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel's CSV) is not part of the header
     except (OSError, UnicodeDecodeError) as e:
@@ -230,8 +234,6 @@ def _read_pairs(path: Path) -> list[Pair]:
     suffix = path.suffix.lower()
     if text.lstrip().startswith("["):  # a JSON array, pretty-printed or not, whatever the file's name
         pairs = _json_array_pairs(str(path), text)
-    elif suffix in (".jsonl", ".json", ".ndjson"):
-        pairs = list(_jsonl_pairs(str(path), text.splitlines()))
     elif suffix in (".csv", ".tsv"):
         pairs = _csv_pairs(str(path), text, "\t" if suffix == ".tsv" else ",")
     else:
