@@ -116,6 +116,14 @@ def _table(frame: pd.DataFrame, css_class: str, row_class: str = "node-row") -> 
     return f'<table class="data {css_class}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
+def _verified_columns(verified: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    """A ``verify()`` frame's ``names`` columns, its estimates and its exact effects, titled for a
+    report table (nodes and edges alike)."""
+    return verified[[*names, "estimate", "signed_estimate", "effect", "mean_abs_effect"]].rename(columns={
+        "estimate": "score", "signed_estimate": "signed estimate", "effect": "verified mean effect",
+        "mean_abs_effect": "verified mean |effect|"})
+
+
 def _summary(rows: list[tuple[str, str]], css_class: str = "summary") -> str:
     """Label / value rows as a two-column table, rows with an empty value left out."""
     return (f'<table class="{css_class}">' + "".join(
@@ -209,9 +217,7 @@ def write_report(result: AttributionResult, path: str | Path, *, verified: pd.Da
 
     parts.append('<h2 id="top-nodes">Top nodes</h2>')
     if verified is not None:
-        shown = verified[["node", "estimate", "signed_estimate", "effect", "mean_abs_effect"]].rename(columns={
-            "estimate": "score", "signed_estimate": "signed estimate", "effect": "verified mean effect",
-            "mean_abs_effect": "verified mean |effect|"})
+        shown = _verified_columns(verified, ["node"])
         parts.append(f'<p class="note">The top {len(shown)} nodes by {html.escape(result.method)} score, each '
                      "verified by exact activation patching: the effect per pair averaged signed, and as "
                      "magnitudes (what the AtP scores, means of per-pair magnitudes, estimate).</p>")
@@ -326,9 +332,7 @@ def write_circuit_report(result: EdgeResult, circuit: Circuit, path: str | Path,
     parts.append('<h2 id="top-edges">Top edges</h2>')
     where = ["edge", "pos"] if result.per_position else ["edge"]
     if verified is not None:
-        shown = verified[[*where, "estimate", "signed_estimate", "effect", "mean_abs_effect"]].rename(columns={
-            "estimate": "score", "signed_estimate": "signed estimate", "effect": "verified mean effect",
-            "mean_abs_effect": "verified mean |effect|"})
+        shown = _verified_columns(verified, where)
         parts.append(f'<p class="note">The top {len(shown)} edges by {html.escape(result.method)} score, each '
                      "verified by exact single-edge patching: the effect per pair averaged signed, and as magnitudes "
                      "(what the scores, means of per-pair magnitudes, estimate).</p>")
