@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -309,7 +310,8 @@ class Engine:
         each rank patches its share of the batches of pairs.
         """
         size, numbers = self.my_batches()
-        first = next(self.pairs.batches(size, numbers[:1]))
+        batches = self.pairs.batches(size, numbers)  # read once: a stream's first batch is not read twice
+        first = next(batches)
         first_noise = self.noise_values(first)
         shapes, sites = self.node_shapes(first_noise), self.sites()
         keys = list(nodes)
@@ -330,7 +332,7 @@ class Engine:
                                f"a noise and a clean run of each of the {self.pairs.n} pairs")
         timed = announce  # the first patched pass is timed for an estimate of the rest
         with self.progress_bar(copies, desc, unit="prompt", exhaustive=True) as bar:
-            for b, batch in enumerate(self.pairs.batches(size, numbers)):
+            for b, batch in enumerate(itertools.chain([first], batches)):
                 noise = first_noise if b == 0 else self.noise_values(batch)
                 base = self.clean_metric(batch).cpu()  # [batch]
                 real = batch.mask.cpu()  # [batch, T]
