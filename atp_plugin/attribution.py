@@ -71,6 +71,14 @@ def check_length(host: Host, n_tokens: int) -> None:
                          f"context length n_ctx is {n_ctx}; shorten the prompts to at most {n_ctx} tokens")
 
 
+def check_hooks(host: Host, adapters: list[NodeAdapter]) -> None:
+    """Fail before any run where the model lacks a hook the node types read."""
+    missing = sorted({h for a in adapters for h in a.hooks(host) if not host.has_hook(h)})
+    if missing:
+        raise UnsupportedModelError(f"the model lacks hook(s) {missing[:5]} needed by "
+                                    f"nodes={[a.name for a in adapters]}; choose node types this model has")
+
+
 def make_source(host: Host, clean: torch.Tensor | Sequence[str] | PairStream,
                 corrupt: torch.Tensor | Sequence[str] | None) -> PairSource:
     """The pairs as the engine reads them: in memory, or a ``PairStream`` bound to the model."""
@@ -138,10 +146,7 @@ def attribute(model: Any, clean: torch.Tensor | Sequence[str] | PairStream,
     max_memory = check_max_memory(max_memory)
     adapters = resolve(nodes, plugins.adapters())
     host = host_for(model)
-    missing = sorted({h for a in adapters for h in a.hooks(host) if not host.has_hook(h)})
-    if missing:
-        raise UnsupportedModelError(f"the model lacks hook(s) {missing[:5]} needed by "
-                                    f"nodes={[a.name for a in adapters]}; choose node types this model has")
+    check_hooks(host, adapters)
     pairs = make_source(host, clean, corrupt)
     check_length(host, pairs.width)
     check_metric(metric, pairs, host.d_vocab)

@@ -23,10 +23,9 @@ import torch
 
 from . import plugins
 from .adapters import NodeAdapter, resolve
-from .attribution import DEFAULT_BATCH, DEFAULT_NODES, attribute, check_length, host_for, positive_int
+from .attribution import DEFAULT_BATCH, DEFAULT_NODES, attribute, check_hooks, check_length, host_for, positive_int
 from .engine import distributed, memory
 from .engine.tensor_memory import PeakTensorBytes
-from .errors import AtpError
 
 PROBE_LENGTHS = (32, 64, 96)  # prompt lengths of the probe runs (shorter prompts are probed as they are)
 
@@ -88,9 +87,7 @@ def estimate(model: Any, n_tokens: int, nodes: str | NodeAdapter | Sequence[str 
     adapters = resolve(nodes, plugins.adapters())
     host = host_for(model)
     check_length(host, n_tokens)
-    missing = sorted({h for a in adapters for h in a.hooks(host) if not host.has_hook(h)})
-    if missing:
-        raise AtpError(f"the model lacks hook(s) {missing[:5]} needed by nodes={[a.name for a in adapters]}")
+    check_hooks(host, adapters)
     if n_pairs is not None:
         n_pairs = positive_int(n_pairs, "n_pairs", "it is the number of pairs")
     # a second batch runs beside the sums the first left: probe two where there will be two
