@@ -130,12 +130,17 @@ def logit_diff(answer: Sequence[int] | torch.Tensor, wrong: Sequence[int] | torc
         raise MetricError(f"answer has {len(answer)} ids but wrong has {len(wrong)}; give one of each per pair")
 
     def metric(logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        at = logits[:, position]  # [batch, vocab]
-        rows = torch.arange(at.shape[0], device=at.device)
         idx = indices.to(answer.device)
-        return at[rows, answer[idx].to(at.device)] - at[rows, wrong[idx].to(at.device)]
+        return _logit_diff_at(logits, position, answer[idx], wrong[idx])
 
     return _described(metric, len(answer), torch.cat([answer, wrong]), position)
+
+
+def _logit_diff_at(logits: torch.Tensor, position: int, answer: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
+    """logit(answer) - logit(wrong) at ``position`` per row, with the rows' token ids ``[batch]``."""
+    at = logits[:, position]  # [batch, vocab]
+    rows = torch.arange(at.shape[0], device=at.device)
+    return at[rows, answer.to(at.device)] - at[rows, wrong.to(at.device)]
 
 
 def logit_diff_labels(*, position: int = -1) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -149,9 +154,7 @@ def logit_diff_labels(*, position: int = -1) -> Callable[[torch.Tensor, torch.Te
                               f"{labels.dtype} and shape {tuple(labels.shape)}; label each pair with two token ids")
         if int(labels.min()) < 0 or int(labels.max()) >= logits.shape[-1]:
             raise MetricError(f"the labels hold token ids outside the model's vocabulary [0, {logits.shape[-1]})")
-        at = logits[:, position]  # [batch, vocab]
-        ids = labels.to(at.device).long()
-        return at.gather(1, ids[:, :1])[:, 0] - at.gather(1, ids[:, 1:])[:, 0]
+        return _logit_diff_at(logits, position, labels[:, 0].long(), labels[:, 1].long())
 
     metric.position = position  # type: ignore[attr-defined]  # checked against the prompts by check_metric
     metric.label_shape = (2,)  # type: ignore[attr-defined]
