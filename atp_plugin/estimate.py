@@ -25,9 +25,12 @@ from . import plugins
 from .adapters import NodeAdapter, resolve
 from .attribution import DEFAULT_BATCH, DEFAULT_NODES, attribute, check_hooks, check_length, host_for, positive_int
 from .engine import distributed, memory
+from .engine.estimates import BLOCKED_FROM
 from .engine.tensor_memory import PeakTensorBytes
 
-PROBE_LENGTHS = (32, 64, 96)  # prompt lengths of the probe runs (shorter prompts are probed as they are)
+# prompt lengths of the probe runs (shorter prompts are probed as they are); from BLOCKED_FROM on,
+# the QK fix runs the same ops at every length, so each op's bytes extend as a polynomial
+PROBE_LENGTHS = (BLOCKED_FROM, 2 * BLOCKED_FROM, 3 * BLOCKED_FROM)
 
 
 @dataclass(frozen=True)

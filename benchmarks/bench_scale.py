@@ -12,6 +12,8 @@ Every measurement runs in a fresh subprocess (this script with ``--child``), one
 - floor: one no-grad forward of the clean prompts plus one forward + backward of the summed metric
   to ``blocks.0.hook_resid_pre`` (bench_atp.floor);
 - atp, atp+qk, atp*: ``atp_plugin.attribute(...)`` end to end, all pairs in one batch;
+- naive GradDrop: bench_atp.naive_graddrop, L forward + backward passes, one per dropped layer
+  (atp*'s time target is <= 0.6x naive GradDrop + floor);
 - verify: ``attribute(method="atp")`` then ``result.verify(10)`` in one process.
 A child first runs its job once on 16-token prompts (one-time costs; negligible memory), then
 ``--repeats`` times at T (median CPU time, time.process_time: with one torch thread it is the
@@ -51,13 +53,14 @@ from atp_plugin import metrics, plugins
 from atp_plugin.adapters import resolve
 from atp_plugin.estimate import PROBE_LENGTHS, profile
 from bench_atp import build_model as build_bench_model  # this script's folder is on sys.path
-from bench_atp import floor, make_task
+from bench_atp import floor, make_task, naive_graddrop
 from random_inputs import random_model, random_pairs  # this script's folder is on sys.path
 from timing import peak_kb, status_kb, write_section
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NODES = ["attn_q", "attn_k", "attn_v", "attn_z", "mlp_neurons"]
 METHODS = ("atp", "atp+qk", "atp*")
+NAIVE = "naive GradDrop"  # bench_atp.naive_graddrop: L forward/backward passes, one per dropped layer
 D_VOCAB, WARMUP_T = 50257, 16
 ANSWER, WRONG = 318, 373  # the two fixed tokens of the metric
 Results = dict[str, dict[str, float]]  # what ("floor", a method, "verify") -> its child's answer
@@ -81,6 +84,8 @@ def job(model: HookedTransformer, what: str, n_pairs: int, t: int) -> Callable[[
     metric = metrics.logit_diff(torch.full((n_pairs,), ANSWER), torch.full((n_pairs,), WRONG))
     if what == "floor":
         return lambda: floor(model, clean, metric)
+    if what == NAIVE:
+        return lambda: naive_graddrop(model, clean, metric)
     return lambda: atp_plugin.attribute(model, clean, corrupt, metric, nodes=NODES, method=what,
                                         batch_size=n_pairs, progress=False)
 
@@ -148,6 +153,8 @@ TARGETS: dict[str, tuple[Callable[[Results], float], float]] = {
     "atp+qk / atp time": (lambda r: r["atp+qk"]["seconds"] / r["atp"]["seconds"], 1.3),
     "atp+qk peak / floor peak": (lambda r: r["atp+qk"]["peak_kb"] / r["floor"]["peak_kb"], 1.3),
     "atp* peak / floor peak": (lambda r: r["atp*"]["peak_kb"] / r["floor"]["peak_kb"], 1.5),
+    "atp* time / (naive GradDrop + floor)": (
+        lambda r: r["atp*"]["seconds"] / (r[NAIVE]["seconds"] + r["floor"]["seconds"]), 0.6),
     "verify(10) added / floor peak": (lambda r: verify_added(r["verify"]) / r["floor"]["peak_kb"], 1.0),
     **{f"{m} estimate error": (lambda r, m=m: estimate_error(r[m]), 0.25) for m in METHODS},
 }
@@ -165,7 +172,7 @@ def scale_table(results: dict[int, Results], n_pairs: int) -> str:
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for t, r in results.items():
         fl = r["floor"]
-        for what in ("floor", *METHODS):
+        for what in ("floor", *METHODS, NAIVE):
             x = r[what]
             lines.append(f"| {t} | {what} | {x['seconds']:.2f} | {x['wall']:.2f} | "
                          f"{x['seconds'] / fl['seconds']:.2f} | "
@@ -295,7 +302,7 @@ def main() -> None:
         for t in args.T:
             repeats = args.repeats or (3 if t < 512 else 1)
             results[t] = {}
-            for what in ("floor", *METHODS, "verify"):
+            for what in ("floor", *METHODS, NAIVE, "verify"):
                 results[t][what] = spawn(what, args, t, repeats)
                 print(f"T={t} {what}: {results[t][what]}", flush=True)
         body = scale_table(results, args.pairs)

@@ -186,6 +186,17 @@ def test_alibi_attention_is_refused_by_the_qk_fix_before_any_run(tmp_path):
         attribute(bridge, clean, corrupt, metric, nodes=["attn_z", "attn_q"], method="atp*")
 
 
+def test_head_outputs_that_are_not_pattern_times_values_are_refused_by_the_qk_fix(gpt2_dir):
+    """GradDrop keeps each layer's QK fix factored through z = A v; a permanent hook that rescales
+    layer 1's z breaks that, and the host says so before any run instead of keeping a wrong fix."""
+    bridge = load_bridge(gpt2_dir)
+    bridge.add_hook("blocks.1.attn.hook_z", lambda z, hook: 2 * z)
+    clean, corrupt, metric = pairs()
+    with pytest.raises(UnsupportedModelError, match=r"layer 1 .*hook_z as its pattern times the values.*"
+                                                    r"relative mismatch 0\.5.*method='atp'"):
+        attribute(bridge, clean, corrupt, metric, nodes=["attn_z", "attn_k"], method="atp*")
+
+
 def test_a_hook_whose_output_the_bridge_ignores_is_an_error(bridge):
     """The fused qkv hook point never fires on GPT-2 (the bridge splits q, k, v): a node type
     there would get no gradient and no patch; the host says so instead of returning zeros."""

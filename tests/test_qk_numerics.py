@@ -25,8 +25,8 @@ INF = float("inf")
 
 
 def geometry(group: int = 1, scale: float = 1.0) -> AttentionGeometry:
-    return AttentionGeometry(q_hook="", k_hook="", scores_hook="", pattern_hook="", scale=scale, softcap=None,
-                             group=group)
+    return AttentionGeometry(q_hook="", k_hook="", scores_hook="", pattern_hook="", v_hook="", z_hook="",
+                             scale=scale, softcap=None, group=group)
 
 
 def exact_row_change(x: list[float], g: list[float], s: int, d: float) -> float:

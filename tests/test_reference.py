@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from atp_plugin import attribute, metrics
+from atp_plugin.engine.estimates import BLOCKED_FROM, ROW_BLOCKS
 from conftest import VARIANTS, logit_diff_metric, make_bridge, make_model, make_pairs, needs_hooked
 from helpers import (
     ATP_METHODS,
@@ -58,6 +59,18 @@ def test_reference_across_batches(variant: str) -> None:
     model = model_of(variant)
     clean, corrupt = make_pairs(5, 6, seed=4)
     check_against_reference(model, clean, corrupt, logit_diff_metric(5), batch_size=2)
+
+
+@pytest.mark.parametrize("variant", [*hooked("gqa"), "bridge"])
+def test_reference_in_row_blocks(variant: str) -> None:
+    """From BLOCKED_FROM tokens on, the QK fix runs in blocks of query rows, each on the keys its
+    rows see (uneven blocks here: 37 rows in blocks of 5), and GradDrop keeps it factored per block."""
+    n_tokens = BLOCKED_FROM + 5
+    assert n_tokens % ROW_BLOCKS != 0
+    model = (make_bridge(0, 3, n_positions=n_tokens, n_ctx=n_tokens) if variant == "bridge"
+             else make_model(**VARIANTS[variant], n_ctx=n_tokens))
+    clean, corrupt = make_pairs(2, n_tokens, seed=6)
+    check_against_reference(model, clean, corrupt, logit_diff_metric(2))
 
 
 @needs_hooked

@@ -17,7 +17,12 @@ from ..hosts import Host, SitePosition
 from . import qk as qkfix
 from .runs import run
 
-HEAD_CHUNKS = 4  # the QK fix runs over a layer's heads in this many chunks (bounds its temporaries)
+# From BLOCKED_FROM tokens on, the QK fix runs over a layer's query rows in ROW_BLOCKS blocks, each
+# on the keys its rows see (a causal model's blocks cover about its triangle): its temporaries are
+# 1/8 of [batch, head, t, s], and the ops are the same at every such length (estimate() relies on
+# this: it probes at BLOCKED_FROM tokens and more). Shorter prompts take one block (less overhead).
+ROW_BLOCKS = 8
+BLOCKED_FROM = 32
 
 if TYPE_CHECKING:  # annotations only: the engine does not import the adapters package at run time
     from ..adapters import NodeAdapter
@@ -121,10 +126,12 @@ class _Batch:
     the first-order pass (one backward), and GradDrop's partial backward passes.
 
     The QK fix holds no ``[batch, head, t, s]`` tensor per layer beyond what the forward graph
-    keeps: each layer's fix is computed, a few heads at a time, when the gradient at its attention
-    pattern arrives during the backward pass (a tensor hook), used and dropped. GradDrop's variants
-    need every layer's fix again, so with GradDrop the fixes are kept instead of the clean scores
-    they were computed from (recomputing them per variant doubled atp*'s time).
+    keeps: each layer's fix is computed, a block of query rows at a time, when the gradient at its
+    attention pattern arrives during the backward pass (a tensor hook), used and dropped. GradDrop's
+    variants need every layer's fix again, so with GradDrop each is kept in its factored form
+    (``qk.KeptFix``: one ``[batch, head, t, s]`` tensor, the key coefficients, on the keys each
+    block sees) instead of the clean scores (recomputing the fixes per variant doubled atp*'s
+    time); the variants read dL/dz as well as dL/dA.
     """
 
     def __init__(self, host: Host, sites: list[Site], tokens: torch.Tensor, corrupt: torch.Tensor,
@@ -137,11 +144,14 @@ class _Batch:
             _, self.noise = run(host, corrupt, mask, site_hooks | qk_hooks)
         self.resid = [host.resid_hooks(layer) for layer in range(host.n_layers)] if graddrop else []
         capture = site_hooks | qk_hooks | {h for g in self.geoms.values() for h in (g.scores_hook, g.pattern_hook)}
+        if graddrop:  # the kept fixes are factored through v and dL/dz
+            capture |= {h for g in self.geoms.values() for h in (g.v_hook, g.z_hook)}
         capture |= {h for pair in self.resid for h in pair}
         self.tokens, self.mask, self.capture = tokens, mask, capture
         self.sink: Sink = lambda n, est: None  # where the QK hooks put their estimates (set per pass)
-        self.kept: dict[int, list[tuple[slice, torch.Tensor | None, qkfix.KeyFix | None]]] | None = (
-            {} if graddrop else None)  # layer -> per head chunk (heads, query delta, key fix)
+        self.kept: dict[int, list[tuple[slice, int, qkfix.KeptFix]]] | None = (
+            {} if graddrop else None)  # layer -> per block of rows (rows, keys seen, its kept fix)
+        self.grad_z: dict[int, torch.Tensor] = {}  # layer -> dL/dz of the pass under way (GradDrop)
         self.handles: list = []
 
     def release(self) -> None:
@@ -161,6 +171,9 @@ class _Batch:
             for layer, g in self.geoms.items():
                 self.handles.append(self.clean[g.pattern_hook].register_hook(
                     lambda G, layer=layer: self._on_pattern(layer, G)))
+                if self.kept is not None:  # dL/dz arrives before dL/dA
+                    self.handles.append(self.clean[g.z_hook].register_hook(
+                        lambda gz, layer=layer: self.grad_z.__setitem__(layer, gz)))
             values = metric(logits)
             targets = sorted({s.hook for s in self.sites if not s.qk_fixed} | {post for _, post in self.resid}
                              | {g.q_hook for g in self.geoms.values()})  # q: makes the pattern's gradient flow
@@ -178,6 +191,7 @@ class _Batch:
                     enc_n = s.adapter.encode(s.hook, s.value(self.noise))
                     enc_c = s.adapter.encode(s.hook, s.value(self.fixed))
                     self.deltas[n] = {grp: (enc_n[grp] - enc_c[grp]).to(self.acc) for grp in enc_c}
+            self.noise = {}  # every use is behind: the deltas above, the QK fixes in the backward
             for n in range(len(self.sites)):
                 if self._plain(n):
                     first[n] = self._plain_estimate(n, self.full)
@@ -192,45 +206,53 @@ class _Batch:
 
     def _on_pattern(self, layer: int, G: torch.Tensor) -> None:
         """The QK-fix estimates of layer ``layer``'s q/k sites from G = dL/dA ``[batch, head, t, s]``,
-        passed to the current sink."""
+        passed to the current sink: from the clean run the first time, from the kept fix after."""
         g, acc = self.geoms[layer], self.acc
+        q_rows: list[torch.Tensor] = []  # per block of rows, [batch, rows, head]
+        per_key = torch.zeros(G.shape[0], G.shape[3], G.shape[1] // g.group, dtype=acc, device=G.device)
         with torch.no_grad():
-            mine = [n for n, s in enumerate(self.sites) if s.qk_fixed and s.pos.layer == layer]
-            outs: dict[str, list[torch.Tensor]] = {"q": [], "k": []}
-            for hs, delta, fix in self._fixes(layer):
-                Gc = G[:, hs].to(acc)
-                if delta is not None:
-                    outs["q"].append(qkfix.query_effect(delta, Gc))  # [batch, t, heads]
-                if fix is not None:
-                    outs["k"].append(qkfix.key_effect(fix, Gc, g.group))  # [batch, s, kv-heads]
-            for n in mine:
-                self.sink(n, {"": torch.cat(outs[str(self.sites[n].adapter.qk)], dim=2)})
+            if self.kept is not None and layer in self.kept:
+                gz, z = self.grad_z.pop(layer).to(acc), self.clean[g.z_hook].detach()
+                for rows, keys, kept in self.kept[layer]:
+                    if kept.delta_v is not None:
+                        q_rows.append(qkfix.kept_query_effect(kept, gz[:, rows]))
+                    if kept.coeff is not None:
+                        per_key[:, :keys] += qkfix.kept_key_effect(kept, G[:, :, rows, :keys].to(acc), gz[:, rows],
+                                                                   z[:, rows].to(acc), g.group)
+            else:
+                self.grad_z.pop(layer, None)
+                for rows, keys, delta, fix in self._fixes(layer):
+                    Gb = G[:, :, rows, :keys].to(acc)
+                    if delta is not None:
+                        q_rows.append(qkfix.query_effect(delta, Gb))
+                    if fix is not None:
+                        per_key[:, :keys] += qkfix.key_effect(fix, Gb, g.group)
+            for n, s in enumerate(self.sites):
+                if s.qk_fixed and s.pos.layer == layer:
+                    self.sink(n, {"": torch.cat(q_rows, dim=1) if s.adapter.qk == "q" else per_key})
 
-    def _fixes(self, layer: int) -> Iterator[tuple[slice, torch.Tensor | None, qkfix.KeyFix | None]]:
-        """Layer ``layer``'s QK fix per chunk of heads (the heads, the query delta and
-        the key fix, each None where the layer has no such sites): kept ones, or computed from the
-        clean run (then kept, and the clean scores dropped, when GradDrop will need them again)."""
-        if self.kept is not None and layer in self.kept:
-            yield from self.kept[layer]
-            return
+    def _fixes(self, layer: int) -> Iterator[tuple[slice, int, torch.Tensor | None, qkfix.KeyFix | None]]:
+        """Layer ``layer``'s QK fix from the clean run, per block of query rows (the rows, how many
+        leading keys any of them sees, the query delta and the key fix on those, each None where
+        the layer has no such sites). When GradDrop will need it again, its factored form is kept,
+        and the clean scores are dropped."""
         g, acc, clean = self.geoms[layer], self.acc, self.clean
         scores, A = clean[g.scores_hook].detach(), clean[g.pattern_hook].detach()  # [batch, head, t, s]
         q, k = clean[g.q_hook].detach(), clean[g.k_hook].detach()  # [batch, pos, (kv-)head, d_head]
+        v = clean[g.v_hook].detach() if self.kept is not None else None  # [batch, pos, kv-head, d_head]
         q_n, k_n = self.noise[g.q_hook], self.noise[g.k_hook]
         kinds = {s.adapter.qk for s in self.sites if s.qk_fixed and s.pos.layer == layer}
-        n_heads = scores.shape[1]
-        step = g.group * max(1, math.ceil(n_heads // g.group / HEAD_CHUNKS))
-        chunks = []
-        for h0 in range(0, n_heads, step):
-            hs, ks = slice(h0, h0 + step), slice(h0 // g.group, (h0 + step) // g.group)
-            sc, qc, kc = scores[:, hs].to(acc), q[:, :, hs].to(acc), k[:, :, ks].to(acc)
-            delta = qkfix.query_delta(sc, qc, q_n[:, :, hs].to(acc), kc, g) if "q" in kinds else None
-            fix = qkfix.key_fix(sc, A[:, hs].to(acc), qc, kc, k_n[:, :, ks].to(acc), g) if "k" in kinds else None
-            if self.kept is not None:
-                chunks.append((hs, delta, fix))
-            yield hs, delta, fix
+        kept = []
+        for rows, keys in _row_blocks(scores):
+            sc, qb, kb = scores[:, :, rows, :keys].to(acc), q[:, rows].to(acc), k[:, :keys].to(acc)
+            delta = qkfix.query_delta(sc, qb, q_n[:, rows].to(acc), kb, g) if "q" in kinds else None
+            fix = (qkfix.key_fix(sc, A[:, :, rows, :keys].to(acc), qb, kb, k_n[:, :keys].to(acc), g)
+                   if "k" in kinds else None)
+            if v is not None:
+                kept.append((rows, keys, qkfix.keep(delta, fix, v[:, :keys].to(acc).repeat_interleave(g.group, dim=2))))
+            yield rows, keys, delta, fix
         if self.kept is not None:
-            self.kept[layer] = chunks
+            self.kept[layer] = kept
             if not any(g.scores_hook in s.needs for s in self.sites):
                 del clean[g.scores_hook]
 
@@ -263,6 +285,18 @@ class _Batch:
                         continue  # I_l = 0: the node's only path out is the write that was cut
                     add(n, self._plain_estimate(n, {s.hook: self.full[post]} if s.pos.layer == layer else variant))
         return gd
+
+
+def _row_blocks(scores: torch.Tensor) -> list[tuple[slice, int]]:
+    """Blocks of query rows of ``scores`` ``[batch, head, t, s]`` with the number of leading keys
+    any row of the block sees (a finite score in some batch row or head; at least 1): beyond it
+    every entry is masked, so a causal model's block works on its share of the triangle only."""
+    t = scores.shape[2]
+    size = math.ceil(t / ROW_BLOCKS) if t >= BLOCKED_FROM else t
+    seen = torch.isfinite(scores).flatten(0, 1).any(0)  # [t, s]
+    last = (seen * torch.arange(1, seen.shape[1] + 1, device=seen.device)).amax(-1)  # [t]: 1 + last key seen
+    keys = torch.stack([last[t0:t0 + size].max() for t0 in range(0, t, size)]).clamp(min=1).tolist()  # one sync
+    return [(slice(t0, t0 + size), n) for t0, n in zip(range(0, t, size), keys)]
 
 
 def _grad(output: torch.Tensor, inputs: dict[str, torch.Tensor], grad_output: torch.Tensor | None,

@@ -118,5 +118,52 @@ def key_effect(fix: KeyFix, grad_pattern: torch.Tensor, group: int) -> torch.Ten
     centred = grad_pattern - (fix.pattern * grad_pattern).sum(-1, keepdim=True)  # [batch, head, t, s]
     at_top = fix.coeff_top * (grad_pattern.gather(-1, fix.top) - (fix.rest * grad_pattern).sum(-1, keepdim=True))
     per_row = (fix.coeff * centred).scatter(-1, fix.top, at_top)  # [batch, head, t, s]
-    per_head = per_row.sum(2).transpose(1, 2)  # [batch, s, head]
-    return per_head.unflatten(-1, (-1, group)).sum(-1)
+    return _per_kv_head(per_row.sum(2), group)
+
+
+def _per_kv_head(per_head: torch.Tensor, group: int) -> torch.Tensor:
+    """``[batch, head, s]`` summed over the heads each kv-head feeds: ``[batch, s, kv_head]``."""
+    return per_head.transpose(1, 2).unflatten(-1, (-1, group)).sum(-1)
+
+
+@dataclass(frozen=True)
+class KeptFix:
+    """One layer's QK fix as GradDrop keeps it for its variants, ``[batch, head, t, d_head]``
+    unless noted. dL/dA = dL/dz v^T (``AttentionGeometry``), so a query row's change needs delta
+    only through delta v, and a key's top-entry term needs ``rest`` only through rest v: one
+    ``[batch, head, t, s]`` tensor (the key coefficients) instead of three."""
+
+    delta_v: torch.Tensor | None  # (A' - A) v per query row; None without query sites
+    coeff: torch.Tensor | None    # [batch, head, t, s] KeyFix.coeff; None without key sites (then so are the rest)
+    top: torch.Tensor | None      # [batch, head, t, 1]
+    coeff_top: torch.Tensor | None  # [batch, head, t, 1]
+    top_v: torch.Tensor | None    # v at each row's top entry minus rest v
+
+
+def keep(delta: torch.Tensor | None, fix: KeyFix | None, v: torch.Tensor) -> KeptFix:
+    """The factored form of a layer's fix for the values ``v`` ``[batch, pos, head, d_head]``
+    (kv-heads already repeated to the query heads)."""
+    v = v.transpose(1, 2)  # [batch, head, s, d_head]
+    delta_v = delta @ v if delta is not None else None
+    if fix is None:
+        return KeptFix(delta_v, None, None, None, None)
+    at_top = v.gather(2, fix.top.expand(-1, -1, -1, v.shape[-1]))  # [batch, head, t, d_head]
+    return KeptFix(delta_v, fix.coeff, fix.top, fix.coeff_top, at_top - fix.rest @ v)
+
+
+def kept_query_effect(kept: KeptFix, grad_z: torch.Tensor) -> torch.Tensor:
+    """``query_effect`` from the kept fix and dL/dz ``[batch, t, head, d_head]``: ``[batch, t, head]``."""
+    assert kept.delta_v is not None
+    return torch.einsum("bhtd,bthd->bth", kept.delta_v, grad_z)
+
+
+def kept_key_effect(kept: KeptFix, grad_pattern: torch.Tensor, grad_z: torch.Tensor, z: torch.Tensor,
+                    group: int) -> torch.Tensor:
+    """``key_effect`` from the kept fix, G and dL/dz, z ``[batch, t, head, d_head]``: sum_s' A_ts' G_ts'
+    is dL/dz_t . z_t, and the top entry's G_ts - sum_s' rest_ts' G_ts' is dL/dz_t . top_v_t."""
+    assert kept.coeff is not None and kept.top is not None and kept.coeff_top is not None and kept.top_v is not None
+    gz = grad_z.transpose(1, 2)  # [batch, head, t, d_head]
+    mean_g = (gz * z.transpose(1, 2)).sum(-1, keepdim=True)  # [batch, head, t, 1]
+    per_head = (grad_pattern - mean_g).mul_(kept.coeff).sum(2)  # [batch, head, s]; coeff is 0 at each row's top
+    at_top = kept.coeff_top * (gz * kept.top_v).sum(-1, keepdim=True)  # [batch, head, t, 1]
+    return _per_kv_head(per_head.scatter_add_(-1, kept.top.squeeze(-1), at_top.squeeze(-1)), group)

@@ -31,13 +31,18 @@ class AttentionGeometry:
 
     ``q_hook``/``k_hook`` hold the vectors actually dotted (after rotary where the model has it);
     score = softcap(q . k / scale); masked entries are -inf in ``scores_hook``; kv-head j feeds
-    query heads j*group .. (j+1)*group-1.
+    query heads j*group .. (j+1)*group-1. Each head's output at ``z_hook`` is its pattern times the
+    values at ``v_hook`` (z_t = sum_s A_ts v_s) and the pattern feeds nothing else, so dL/dA =
+    dL/dz v^T: GradDrop keeps each layer's query fix as its product with v instead of a
+    ``[batch, head, t, s]`` tensor.
     """
 
     q_hook: str
     k_hook: str
     scores_hook: str
     pattern_hook: str
+    v_hook: str
+    z_hook: str
     scale: float
     softcap: float | None
     group: int

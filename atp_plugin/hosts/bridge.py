@@ -200,8 +200,7 @@ class TransformerBridgeHost(TransformerLensHost):
         for layer in layers:
             post = "rot_" if self.has_hook(f"blocks.{layer}.attn.hook_rot_q") else ""
             geom = self.geometry(layer, scale=1.0, post=post)
-            missing = [h for h in (geom.q_hook, geom.k_hook, geom.scores_hook, geom.pattern_hook)
-                       if not self.has_hook(h)]
+            missing = [h for h in _read(geom) if not self.has_hook(h)]
             if missing:
                 found[layer] = (f"the QK fix needs hook(s) {missing}, which this TransformerBridge lacks; "
                                 "use method='atp' or 'atp+gd' for attn_q/attn_k nodes")
@@ -214,16 +213,31 @@ class TransformerBridgeHost(TransformerLensHost):
                 acts[name] = x.detach()
             return hook
 
-        names = [h for geom in guesses.values() for h in (geom.q_hook, geom.k_hook, geom.scores_hook)]
+        names = [h for geom in guesses.values() for h in _read(geom)]
         if names:
             with torch.no_grad():
                 self._probe_run(self._dispatched([(h, keep(h)) for h in names]))
         for layer, geom in guesses.items():
-            silent = [h for h in (geom.q_hook, geom.k_hook, geom.scores_hook) if h not in acts]
-            found[layer] = self._fit_scale(layer, geom, acts) if not silent else (
-                f"the QK fix reads hook(s) {silent}, which do not fire in this TransformerBridge "
-                f"({self.cfg.architecture}); use method='atp' or 'atp+gd' for attn_q/attn_k nodes")
+            silent = [h for h in _read(geom) if h not in acts]
+            if silent:
+                found[layer] = (f"the QK fix reads hook(s) {silent}, which do not fire in this TransformerBridge "
+                                f"({self.cfg.architecture}); use method='atp' or 'atp+gd' for attn_q/attn_k nodes")
+                continue
+            fitted = self._fit_scale(layer, geom, acts)
+            found[layer] = fitted if isinstance(fitted, str) else (self._mixing_error(layer, fitted, acts) or fitted)
         return found
+
+    def _mixing_error(self, layer: int, geom: AttentionGeometry, acts: dict[str, torch.Tensor]) -> str | None:
+        """Why layer ``layer``'s head outputs in the probe run ``acts`` are not pattern @ values
+        (z_t = sum_s A_ts v_s, which GradDrop's kept QK fix relies on), or None when they are."""
+        v = acts[geom.v_hook].double().repeat_interleave(geom.group, dim=2)  # [batch, pos, head, d_head]
+        z, mixed = acts[geom.z_hook].double(), torch.einsum("bhts,bshd->bthd", acts[geom.pattern_hook].double(), v)
+        err = float((mixed - z).abs().max()) / max(float(z.abs().max()), 1e-30)
+        if err <= _rounding(self.dtype):
+            return None
+        return (f"layer {layer} of this TransformerBridge ({self.cfg.architecture}) does not form its head outputs "
+                f"{geom.z_hook} as its pattern times the values at {geom.v_hook} (relative mismatch {err:.2g}), "
+                "which the QK fix relies on; use method='atp' or 'atp+gd' for attn_q/attn_k nodes")
 
     def _fit_scale(self, layer: int, geom: AttentionGeometry, acts: dict[str, torch.Tensor]
                    ) -> AttentionGeometry | str:
@@ -241,14 +255,23 @@ class TransformerBridgeHost(TransformerLensHost):
         rebuilt = raw * inv
         if geom.softcap is not None:
             rebuilt = geom.softcap * torch.tanh(rebuilt / geom.softcap)
-        # the scores' own rounding: half-precision scores miss a float32 fit by 3e-4 (float16) to 5e-3 (bfloat16)
-        tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(self.dtype, 3e-2)
         err = float((rebuilt[live] - scores[live]).abs().max()) / max(float(scores[live].abs().max()), 1e-30)
-        if not err <= tol:
+        if not err <= _rounding(self.dtype):
             return (f"layer {layer} of this TransformerBridge ({self.cfg.architecture}) forms attention scores that "
                     f"are not softcap(q . k / scale) (relative mismatch {err:.2g}; e.g. ALiBi or another score bias), "
                     "so the QK fix cannot recompute them; use method='atp' or 'atp+gd' for attn_q/attn_k nodes")
         return geom
+
+
+def _read(geom: AttentionGeometry) -> tuple[str, ...]:
+    """The hooks the QK fix reads in a layer of geometry ``geom``."""
+    return geom.q_hook, geom.k_hook, geom.scores_hook, geom.pattern_hook, geom.v_hook, geom.z_hook
+
+
+def _rounding(dtype: torch.dtype) -> float:
+    """The relative mismatch a probe check allows a bridge computing in ``dtype``: its own rounding
+    (half-precision scores miss a float32 fit by 3e-4 (float16) to 5e-3 (bfloat16))."""
+    return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 3e-2)
 
 
 def _zero_grad_of_masked_rows(scores: torch.Tensor, hook: Any = None) -> torch.Tensor:

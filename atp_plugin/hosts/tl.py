@@ -113,5 +113,6 @@ class TransformerLensHost:
         return AttentionGeometry(
             q_hook=f"blocks.{layer}.attn.hook_{post}q", k_hook=f"blocks.{layer}.attn.hook_{post}k",
             scores_hook=f"blocks.{layer}.attn.hook_attn_scores", pattern_hook=f"blocks.{layer}.attn.hook_pattern",
+            v_hook=f"blocks.{layer}.attn.hook_v", z_hook=f"blocks.{layer}.attn.hook_z",
             scale=scale, softcap=float(cap) if cap is not None and cap > 0 else None,
             group=self.n_heads // self.n_kv_heads)
