@@ -174,7 +174,7 @@ def test_cost_of_verification_curves():
     exact = attribute_edges(model, clean, corrupt, metric, method="ap")
     torch.testing.assert_close(truth.signed, exact.signed, rtol=0, atol=0)
     true_top = torch.argsort(exact.scores, descending=True)[:6].tolist()
-    for method, own in (("atp", 2 * N + 2 * N), ("ig", (2 + 2) * N + 2 * 2 * N)):
+    for method, own in (("atp", 2 * N + 2 * N), ("ig", (1 + 2) * N + 2 * 2 * N)):
         scores = attribute_edges(model, clean, corrupt, metric, method=method, ig_steps=2).scores
         rank = {e: i + 1 for i, e in enumerate(torch.argsort(scores, descending=True).tolist())}
         deepest = [max(rank[e] for e in true_top[:x]) for x in range(1, 7)]

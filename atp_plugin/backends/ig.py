@@ -3,7 +3,8 @@ EAP-IG, so node and edge results compare).
 
 Iig(n) = (n(noise) - n(clean)) . mean_{k=1..m} dL/dn at the run whose embedding (what
 ``blocks.0.hook_resid_pre`` holds) is clean + (k/m)(noise - clean): Hanna et al.'s "inputs"
-variant with the right-endpoint rule, m = ``steps``. Costs two forward passes and m forward +
+variant with the right-endpoint rule, m = ``steps``; the last point is the corrupt prompt itself,
+whose run also gives the corrupt values. Costs one forward pass (the clean prompt) and m forward +
 backward passes per pair. For a metric quadratic along the path the error is exactly c/m.
 """
 
@@ -37,7 +38,7 @@ class IntegratedGradients:
         sums: dict = {}
         for batch in engine.batches(f"ig ({self.steps} steps)"):
             est = self._batch(engine, sites, batch)
-            engine.forward_passes += (2 + self.steps) * len(batch.idx)
+            engine.forward_passes += (1 + self.steps) * len(batch.idx)
             engine.backward_passes += self.steps * len(batch.idx)
             for key, v in est.items():
                 sums_abs[key] = sums_abs.get(key, 0) + v.abs().sum(0)
@@ -50,18 +51,13 @@ class IntegratedGradients:
         host, acc = engine.host, engine.acc
         tokens, corrupt, mask = batch.clean, batch.corrupt, batch.mask
         needs = {h for s in sites for h in s.needs}
-        with torch.no_grad():
-            _, noise = run(host, corrupt, mask, needs | {EMBED_HOOK})
-            _, clean = run(host, tokens, mask, needs)
-        deltas = {}
-        for n, s in enumerate(sites):
-            enc_n, enc_c = s.adapter.encode(s.hook, s.value(noise)), s.adapter.encode(s.hook, s.value(clean))
-            deltas[n] = {grp: (enc_n[grp] - enc_c[grp]).to(acc) for grp in enc_c}
         hooks = sorted({s.hook for s in sites})
         pulled: dict[tuple[int, str], torch.Tensor] = {}
-        for alpha in path_points(self.steps):
+
+        def point(prompts: torch.Tensor, patches: dict | None) -> dict[str, torch.Tensor]:
+            """One point's forward + backward: adds its gradients to ``pulled``; its values."""
             with torch.enable_grad():
-                logits, values = run(host, tokens, mask, needs, {EMBED_HOOK: interpolate(noise[EMBED_HOOK], alpha)})
+                logits, values = run(host, prompts, mask, needs | ({EMBED_HOOK} if patches is None else set()), patches)
                 grads = dict(zip(hooks, torch.autograd.grad(engine.metric(logits, batch.key).sum(),
                                                             [values[h] for h in hooks])))
             with torch.no_grad():
@@ -69,6 +65,19 @@ class IntegratedGradients:
                 for n, s in enumerate(sites):
                     for grp, g in s.adapter.pullback(s.hook, s.value(fixed), grads[s.hook]).items():
                         pulled[n, grp] = pulled.get((n, grp), 0) + g.to(acc)
+            return fixed
+
+        # the path's last point (alpha = 1) is the corrupt prompt itself: its run also gives the
+        # corrupt values and the embedding the other points move towards
+        noise = point(corrupt, None)
+        with torch.no_grad():
+            _, clean = run(host, tokens, mask, needs)
+        deltas = {}
+        for n, s in enumerate(sites):
+            enc_n, enc_c = s.adapter.encode(s.hook, s.value(noise)), s.adapter.encode(s.hook, s.value(clean))
+            deltas[n] = {grp: (enc_n[grp] - enc_c[grp]).to(acc) for grp in enc_c}
+        for alpha in path_points(self.steps)[:-1]:
+            point(tokens, {EMBED_HOOK: interpolate(noise[EMBED_HOOK], alpha)})
         real = mask.to(acc)
         out = {}
         for (n, grp), g in pulled.items():

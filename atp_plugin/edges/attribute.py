@@ -93,7 +93,7 @@ def _run(ctx: Context, method: str, ig_steps: int, per_position: bool) -> tuple[
         tokens, corrupt, mask = ctx.pairs.clean[idx], ctx.pairs.corrupt[idx], ctx.pairs.mask[idx]
         if method == "ig":
             est = ig_batch(ctx.parts, ctx.graph, tokens, corrupt, mask, ctx.bound(idx), ctx.dtype, ig_steps)
-            ctx.forward_passes += (2 + ig_steps) * len(idx)
+            ctx.forward_passes += (1 + ig_steps) * len(idx)
             ctx.backward_passes += ig_steps * len(idx)
         else:
             est = atp_batch(ctx.parts, ctx.graph, tokens, corrupt, mask, ctx.bound(idx), ctx.dtype,

@@ -4,7 +4,8 @@ and keys (``atp+qk``) and EAP-IG (``ig``).
 ``atp``: one noise forward (no grad) and one clean forward + backward of the summed metric (pairs
 are independent, so it gives every pair's gradient): Iatp(u -> v) = (u(noise) - u(clean)) . dL/d(v's
 input) at the clean run, per position. ``ig``: the gradient averaged over runs whose embedding is
-clean + (k/m)(noise - clean), k = 1..m (Hanna et al.'s "inputs" variant, right-endpoint rule).
+clean + (k/m)(noise - clean), k = 1..m (Hanna et al.'s "inputs" variant, right-endpoint rule;
+the k = m run is the corrupt prompt's, which also gives the corrupt writes).
 ``atp+qk``: for an edge into a query or key, v's q (or k) recomputed from resid + (u(noise) -
 u(clean)) through ln1, W and rotary, the attention row(s) recomputed exactly through the softmax
 (``edges.qk``: the node fix's formulas, every sender of a layer at once) and dotted with G = dL/dA.
@@ -65,14 +66,18 @@ def ig_batch(parts: Parts, graph: Graph, tokens: torch.Tensor, corrupt: torch.Te
              metric: Metric, dtype: torch.dtype, steps: int) -> torch.Tensor:
     """Iig per pair, edge and position ``[batch, edge, pos]``: the sender's change dotted with the
     receiver's gradient averaged over ``steps`` runs along the embedding path."""
-    embed, b = hook_names(0).resid_pre, len(tokens)
-    with torch.no_grad():  # the corrupt and the clean prompts in one run of 2 x batch
-        _, both = run(parts.host, torch.cat([corrupt, tokens]), torch.cat([mask, mask]), sender_hooks(parts))
-        writes = sender_writes(parts, both, dtype)  # [2 x batch, pos, sender, d_model]
-        delta = (writes[:b] - writes[b:]) * mask[:, :, None, None]
-        noise_embed = both[embed][:b]
+    embed = hook_names(0).resid_pre
     reads = ReadSum(parts, dtype)
-    for alpha in path_points(steps):
+    # the path's last point (alpha = 1) is the corrupt prompt itself: its run also gives the corrupt
+    # writes and the embedding the other points move towards
+    noise, grads = _gradient_run(parts, corrupt, mask, metric, set())
+    with torch.no_grad():
+        reads.add(noise, grads)
+        _, clean = run(parts.host, tokens, mask, sender_hooks(parts))
+        delta = (sender_writes(parts, noise, dtype) - sender_writes(parts, clean, dtype)) * mask[:, :, None, None]
+    noise_embed = noise[embed]
+    del noise, clean, grads
+    for alpha in path_points(steps)[:-1]:
         values, grads = _gradient_run(parts, tokens, mask, metric, set(), {embed: interpolate(noise_embed, alpha)},
                                       senders=False)
         with torch.no_grad():
