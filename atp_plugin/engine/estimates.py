@@ -7,7 +7,6 @@ layer through the layers below its cut, all on the same forward graph.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -243,7 +242,7 @@ class _Batch:
         q_n, k_n = self.noise[g.q_hook], self.noise[g.k_hook]
         kinds = {s.adapter.qk for s in self.sites if s.qk_fixed and s.pos.layer == layer}
         kept = []
-        for rows, keys in _row_blocks(scores):
+        for rows, keys in qkfix.row_blocks(scores, ROW_BLOCKS if scores.shape[2] >= BLOCKED_FROM else 1):
             sc, qb, kb = scores[:, :, rows, :keys].to(acc), q[:, rows].to(acc), k[:, :keys].to(acc)
             delta = qkfix.query_delta(sc, qb, q_n[:, rows].to(acc), kb, g) if "q" in kinds else None
             fix = (qkfix.key_fix(sc, A[:, :, rows, :keys].to(acc), qb, kb, k_n[:, :keys].to(acc), g)
@@ -285,18 +284,6 @@ class _Batch:
                         continue  # I_l = 0: the node's only path out is the write that was cut
                     add(n, self._plain_estimate(n, {s.hook: self.full[post]} if s.pos.layer == layer else variant))
         return gd
-
-
-def _row_blocks(scores: torch.Tensor) -> list[tuple[slice, int]]:
-    """Blocks of query rows of ``scores`` ``[batch, head, t, s]`` with the number of leading keys
-    any row of the block sees (a finite score in some batch row or head; at least 1): beyond it
-    every entry is masked, so a causal model's block works on its share of the triangle only."""
-    t = scores.shape[2]
-    size = math.ceil(t / ROW_BLOCKS) if t >= BLOCKED_FROM else t
-    seen = torch.isfinite(scores).flatten(0, 1).any(0)  # [t, s]
-    last = (seen * torch.arange(1, seen.shape[1] + 1, device=seen.device)).amax(-1)  # [t]: 1 + last key seen
-    keys = torch.stack([last[t0:t0 + size].max() for t0 in range(0, t, size)]).clamp(min=1).tolist()  # one sync
-    return [(slice(t0, t0 + size), n) for t0, n in zip(range(0, t, size), keys)]
 
 
 def _grad(output: torch.Tensor, inputs: dict[str, torch.Tensor], grad_output: torch.Tensor | None,

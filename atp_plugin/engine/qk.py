@@ -15,6 +15,19 @@ import torch
 from ..hosts import AttentionGeometry
 
 
+def row_blocks(scores: torch.Tensor, n_blocks: int) -> list[tuple[slice, int]]:
+    """``n_blocks`` blocks of query rows of ``scores`` ``[batch, head, t, s]`` (the last may be
+    shorter), each with the number of leading keys any of its rows sees (a finite score in some
+    batch row or head; at least 1): beyond it every entry is masked, so a causal model's blocks
+    cover about its triangle (with 8 blocks, 56% of the square)."""
+    t = scores.shape[2]
+    size = math.ceil(t / n_blocks)
+    seen = torch.isfinite(scores).flatten(0, 1).any(0)  # [t, s]
+    last = (seen * torch.arange(1, seen.shape[1] + 1, device=seen.device)).amax(-1)  # [t]: 1 + last key seen
+    keys = torch.stack([last[t0:t0 + size].max() for t0 in range(0, t, size)]).clamp(min=1).tolist()  # one sync
+    return [(slice(t0, t0 + size), n) for t0, n in zip(range(0, t, size), keys)]
+
+
 def _raw_scores(q: torch.Tensor, k: torch.Tensor, geom: AttentionGeometry) -> torch.Tensor:
     """softcap(q . k / scale) for every query/key pair: ``[batch, head, t, s]``."""
     k = k.repeat_interleave(geom.group, dim=2)  # [batch, pos, head, d_head]
