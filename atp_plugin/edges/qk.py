@@ -19,11 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.qk import _log1mexp, row_blocks
+from ..engine.qk import _log1mexp
 from ..hosts import AttentionGeometry
 
 CHUNK = 1 << 19  # score entries per chunk of senders: the working set of the elementwise passes (~2 MB in float32)
-ROW_BLOCKS = 4  # blocks of query rows, each on the keys its rows see: a causal model's work is ~5/8 of the square
 
 
 def _softcapped(raw: torch.Tensor, change: torch.Tensor, geom: AttentionGeometry) -> torch.Tensor:
@@ -86,24 +85,18 @@ def query_effects(rw: Rows, dq: torch.Tensor, k: torch.Tensor, geom: AttentionGe
     g_top = g_top.scatter_(-1, rw.top, 0.0).masked_fill_(rw.logp == float("-inf"), 0.0)[:, :, None]
     logp, pattern, raw = rw.logp[:, :, None], rw.pattern[:, :, None], rw.raw[:, :, None]  # [batch, head, 1, t, s]
     b, h, n, t, e = dq.shape
-    out = []  # per block of rows: [batch, head, senders, rows]
-    for rows, keys in row_blocks(rw.logp, ROW_BLOCKS):
-        n_rows = len(range(t)[rows])
-        at = (slice(None), slice(None), slice(None), rows, slice(keys))  # [batch, head, 1, rows, keys]
-        parts = []
-        for chunk in dq[:, :, :, rows].split(max(1, CHUNK // (b * h * n_rows * keys)), dim=2):
-            u = chunk.shape[2]
-            d = _softcapped(raw[at], torch.matmul(chunk.reshape(b, h, u * n_rows, e), kk[..., :keys])
-                            .view(b, h, u, n_rows, keys), geom)
-            new = logp[at] + d  # [batch, head, senders, rows, keys]: log A + d
-            top = new.amax(-1, keepdim=True)
-            w = _exp_normal(new.sub_(top))
-            z = w.sum(-1, keepdim=True)
-            changed = torch.maximum(w.div_(z), pattern[at])  # max(A', A)
-            r = d.sub_(z.log_().add_(top))  # log A' - log A
-            parts.append((_signed_expm1(r).mul_(changed).mul_(g_top[at])).sum(-1))  # [batch, head, senders, rows]
-        out.append(torch.cat(parts, dim=2))
-    return torch.cat(out, dim=3).nan_to_num_(nan=0.0).permute(0, 2, 3, 1)  # fully masked rows: 0
+    out = []
+    for chunk in dq.split(max(1, CHUNK // (b * h * t * t)), dim=2):
+        u = chunk.shape[2]
+        d = _softcapped(raw, torch.matmul(chunk.reshape(b, h, u * t, e), kk).view(b, h, u, t, -1), geom)
+        new = logp + d  # [batch, head, senders, t, s]: log A + d
+        top = new.amax(-1, keepdim=True)
+        w = _exp_normal(new.sub_(top))
+        z = w.sum(-1, keepdim=True)
+        changed = torch.maximum(w.div_(z), pattern)  # max(A', A)
+        r = d.sub_(z.log_().add_(top))  # log A' - log A
+        out.append((_signed_expm1(r).mul_(changed).mul_(g_top)).sum(-1))  # [batch, head, senders, t]
+    return torch.cat(out, dim=2).nan_to_num_(nan=0.0).permute(0, 2, 3, 1)  # fully masked rows: 0
 
 
 def key_effects(rw: Rows, q: torch.Tensor, dk: torch.Tensor, geom: AttentionGeometry) -> torch.Tensor:
@@ -127,27 +120,20 @@ def key_effects(rw: Rows, q: torch.Tensor, dk: torch.Tensor, geom: AttentionGeom
     qq = q.permute(0, 2, 1, 3) / geom.scale  # [batch, head, t, d_head]
     b, h, e, n, s = dk.shape
     logp_, centred_, raw = logp[:, :, :, None], centred[:, :, :, None], rw.raw[:, :, :, None]  # [b, h, t, 1, s]
-    per_head = torch.zeros(b, h, n, s, dtype=G.dtype, device=G.device)
-    for rows, keys in row_blocks(logp, ROW_BLOCKS):
-        n_rows = len(range(s)[rows])
-        at = (slice(None), slice(None), rows, slice(None), slice(keys))  # [batch, head, rows, 1, keys]
-        top_r, lse_r, logp_top_r = top[:, :, rows], lse_others[:, :, rows], logp_top[:, :, rows]  # [b, h, rows, 1]
-        at_top_r, onehot_r = at_top[:, :, rows], onehot[:, :, rows, :keys]
-        u0 = 0
-        for chunk in dk[..., :keys].split(max(1, CHUNK // (b * h * n_rows * keys)), dim=3):
-            u = chunk.shape[3]
-            d = _softcapped(raw[at], torch.matmul(qq[:, :, rows], chunk.reshape(b, h, e, u * keys))
-                            .view(b, h, n_rows, u, keys), geom)
-            # x = p (e^d - 1) = sign(d) exp(log p + max(d, 0)) (1 - e^-|d|); x / (1 + x) is 1 where x overflowed
-            x = _signed_expm1(d).mul_(_exp_normal(d.clamp(min=0).add_(logp_[at])))
-            coeff = x.div_(x + 1).nan_to_num_(nan=1.0)  # [batch, head, rows, senders, keys]
-            main = (coeff.mul_(centred_[at])).sum(2)  # [batch, head, senders, keys]
-            d_top = d.gather(-1, top_r[:, :, :, None].expand(-1, -1, -1, u, -1))[..., 0]  # [batch, head, rows, senders]
-            log_z = torch.logaddexp(lse_r, logp_top_r + d_top)  # log(1 - p + p e^d)
-            c_top = torch.sign(d_top) * torch.exp(logp_top_r + torch.relu(d_top) + _log1mexp(d_top.abs()) + lse_r
-                                                 - log_z)
-            c_top = torch.where(torch.isfinite(logp_top_r), c_top, torch.zeros_like(c_top))  # fully masked rows
-            main += torch.einsum("bhtu,bhts->bhus", c_top * at_top_r, onehot_r)
-            per_head[:, :, u0:u0 + u, :keys] += main
-            u0 += u
+    out = []
+    for chunk in dk.split(max(1, CHUNK // (b * h * s * s)), dim=3):
+        u = chunk.shape[3]
+        d = _softcapped(raw, torch.matmul(qq, chunk.reshape(b, h, e, u * s)).view(b, h, -1, u, s), geom)
+        # x = p (e^d - 1) = sign(d) exp(log p + max(d, 0)) (1 - e^-|d|); x / (1 + x) is 1 where x overflowed
+        x = _signed_expm1(d).mul_(_exp_normal(d.clamp(min=0).add_(logp_)))
+        coeff = x.div_(x + 1).nan_to_num_(nan=1.0)  # [batch, head, t, senders, s]
+        main = (coeff.mul_(centred_)).sum(2)  # [batch, head, senders, s]
+        d_top = d.gather(-1, top[:, :, :, None].expand(-1, -1, -1, u, -1))[..., 0]  # [batch, head, t, senders]
+        log_z = torch.logaddexp(lse_others, logp_top + d_top)  # log(1 - p + p e^d)
+        c_top = torch.sign(d_top) * torch.exp(logp_top + torch.relu(d_top) + _log1mexp(d_top.abs()) + lse_others
+                                             - log_z)
+        c_top = torch.where(torch.isfinite(logp_top), c_top, torch.zeros_like(c_top))  # fully masked rows
+        main += torch.einsum("bhtu,bhts->bhus", c_top * at_top, onehot)
+        out.append(main)
+    per_head = torch.cat(out, dim=2)  # [batch, head, senders, s]
     return per_head.unflatten(1, (-1, geom.group)).sum(2).permute(0, 2, 3, 1)
