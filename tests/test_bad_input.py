@@ -238,6 +238,7 @@ def test_verify_in_training_mode_warns_and_matches_eval(host) -> None:
 @pytest.mark.parametrize("flag, what", [
     (dict(use_attention_sinks=True), "attention sinks"),
     (dict(use_logn_attn=True, positional_embedding_type="rotary", rotary_dim=8), "log-n attention scaling"),
+    (dict(positional_embedding_type="alibi"), r"ALiBi \(a position bias added to the scores\)"),
 ])
 def test_unsupported_attention_for_qk_fix(flag: dict, what: str) -> None:
     model = make_model(**flag)

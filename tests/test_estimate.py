@@ -70,7 +70,8 @@ def test_auto_is_the_largest_batch_within_the_budget(model):
     budget = 5.5 * one.peak_bytes
     auto = estimate(model, LONG, NODES, "atp+qk", batch_size="auto", max_memory=budget)
     assert auto.budget == int(budget) and auto.fits and auto.batch_size > 1
-    bigger = estimate(model, LONG, NODES, "atp+qk", batch_size=auto.batch_size + 1)
+    # "auto" sizes a batch that runs beside an earlier one's sums: so does this one (two batches)
+    bigger = estimate(model, LONG, NODES, "atp+qk", batch_size=auto.batch_size + 1, n_pairs=2 * auto.batch_size + 2)
     assert auto.peak_bytes <= budget < bigger.peak_bytes
     assert estimate(model, LONG, NODES, "atp+qk", batch_size="auto", n_pairs=3, max_memory=1e12).batch_size == 3
     tiny = estimate(model, LONG, NODES, "atp+qk", batch_size="auto", max_memory=one.peak_bytes / 2)

@@ -142,7 +142,7 @@ class _Batch:
         with torch.no_grad():
             _, self.noise = run(host, corrupt, mask, site_hooks | qk_hooks)
         self.resid = [host.resid_hooks(layer) for layer in range(host.n_layers)] if graddrop else []
-        capture = site_hooks | qk_hooks | {h for g in self.geoms.values() for h in (g.scores_hook, g.pattern_hook)}
+        capture = site_hooks | qk_hooks | {g.pattern_hook for g in self.geoms.values()}
         if graddrop:  # the kept fixes are factored through v and dL/dz
             capture |= {h for g in self.geoms.values() for h in (g.v_hook, g.z_hook)}
         capture |= {h for pair in self.resid for h in pair}
@@ -151,6 +151,7 @@ class _Batch:
         self.kept: dict[int, list[tuple[slice, int, qkfix.KeptFix]]] | None = (
             {} if graddrop else None)  # layer -> per block of rows (rows, keys seen, its kept fix)
         self.grad_z: dict[int, torch.Tensor] = {}  # layer -> dL/dz of the pass under way (GradDrop)
+        self.seen: dict[int, torch.Tensor] = {}  # layer -> which scores are not masked, until its fix is computed
         self.handles: list = []
 
     def release(self) -> None:
@@ -165,7 +166,8 @@ class _Batch:
     def first_order(self, metric) -> dict[int, dict[str, torch.Tensor]]:
         """The clean run and one backward: every site's AtP (QK-fixed) estimate."""
         with torch.enable_grad():
-            logits, self.clean = run(self.host, self.tokens, self.mask, self.capture)
+            observe = {g.scores_hook: self._observer(layer) for layer, g in self.geoms.items()}
+            logits, self.clean = run(self.host, self.tokens, self.mask, self.capture, observe)
             check_order(self.sites, self.clean)
             for layer, g in self.geoms.items():
                 self.handles.append(self.clean[g.pattern_hook].register_hook(
@@ -230,20 +232,30 @@ class _Batch:
                 if s.qk_fixed and s.pos.layer == layer:
                     self.sink(n, {"": torch.cat(q_rows, dim=1) if s.adapter.qk == "q" else per_key})
 
+    def _observer(self, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A hook on layer ``layer``'s scores ``[batch, head, t, s]`` that keeps only which are not
+        masked (``[batch, 1, t, s]`` where every head has the same mask): the fix recomputes the
+        scores from q and k rather than hold a ``[batch, head, t, s]`` tensor per layer."""
+        def observe(scores: torch.Tensor) -> torch.Tensor:
+            seen = torch.isfinite(scores.detach())
+            self.seen[layer] = seen[:, :1] if bool((seen == seen[:, :1]).all()) else seen
+            return scores
+        return observe
+
     def _fixes(self, layer: int) -> Iterator[tuple[slice, int, torch.Tensor | None, qkfix.KeyFix | None]]:
         """Layer ``layer``'s QK fix from the clean run, per block of query rows (the rows, how many
         leading keys any of them sees, the query delta and the key fix on those, each None where
-        the layer has no such sites). When GradDrop will need it again, its factored form is kept,
-        and the clean scores are dropped."""
+        the layer has no such sites). When GradDrop will need it again, its factored form is kept."""
         g, acc, clean = self.geoms[layer], self.acc, self.clean
-        scores, A = clean[g.scores_hook].detach(), clean[g.pattern_hook].detach()  # [batch, head, t, s]
+        seen, A = self.seen.pop(layer), clean[g.pattern_hook].detach()  # [batch, 1 or head, t, s], [batch, head, t, s]
         q, k = clean[g.q_hook].detach(), clean[g.k_hook].detach()  # [batch, pos, (kv-)head, d_head]
         v = clean[g.v_hook].detach() if self.kept is not None else None  # [batch, pos, kv-head, d_head]
         q_n, k_n = self.noise[g.q_hook], self.noise[g.k_hook]
         kinds = {s.adapter.qk for s in self.sites if s.qk_fixed and s.pos.layer == layer}
         kept = []
-        for rows, keys in qkfix.row_blocks(scores, ROW_BLOCKS if scores.shape[2] >= BLOCKED_FROM else 1):
-            sc, qb, kb = scores[:, :, rows, :keys].to(acc), q[:, rows].to(acc), k[:, :keys].to(acc)
+        for rows, keys in qkfix.row_blocks(seen, ROW_BLOCKS if seen.shape[2] >= BLOCKED_FROM else 1):
+            qb, kb = q[:, rows].to(acc), k[:, :keys].to(acc)
+            sc = qkfix.scores(qb, kb, seen[:, :, rows, :keys], g)  # [batch, head, rows, keys]
             delta = qkfix.query_delta(sc, qb, q_n[:, rows].to(acc), kb, g) if "q" in kinds else None
             fix = (qkfix.key_fix(sc, A[:, :, rows, :keys].to(acc), qb, kb, k_n[:, :keys].to(acc), g)
                    if "k" in kinds else None)
@@ -252,8 +264,6 @@ class _Batch:
             yield rows, keys, delta, fix
         if self.kept is not None:
             self.kept[layer] = kept
-            if not any(g.scores_hook in s.needs for s in self.sites):
-                del clean[g.scores_hook]
 
     def graddrop(self, first: dict[int, dict[str, torch.Tensor]]) -> dict[int, dict[str, torch.Tensor]]:
         """sum_l |I_l| per site: one partial backward per layer l, from the residual stream entering

@@ -15,17 +15,23 @@ import torch
 from ..hosts import AttentionGeometry
 
 
-def row_blocks(scores: torch.Tensor, n_blocks: int) -> list[tuple[slice, int]]:
-    """``n_blocks`` blocks of query rows of ``scores`` ``[batch, head, t, s]`` (the last may be
-    shorter), each with the number of leading keys any of its rows sees (a finite score in some
-    batch row or head; at least 1): beyond it every entry is masked, so a causal model's blocks
-    cover about its triangle (with 8 blocks, 56% of the square)."""
-    t = scores.shape[2]
+def row_blocks(seen: torch.Tensor, n_blocks: int) -> list[tuple[slice, int]]:
+    """``n_blocks`` blocks of query rows (the last may be shorter), each with the number of leading
+    keys any of its rows sees, from ``seen`` ``[batch, head (or 1), t, s]``, True where a score is
+    not masked (at least 1): beyond it every entry is masked, so a causal model's blocks cover about
+    its triangle (with 8 blocks, 56% of the square)."""
+    t = seen.shape[2]
     size = math.ceil(t / n_blocks)
-    seen = torch.isfinite(scores).flatten(0, 1).any(0)  # [t, s]
+    seen = seen.flatten(0, 1).any(0)  # [t, s]
     last = (seen * torch.arange(1, seen.shape[1] + 1, device=seen.device)).amax(-1)  # [t]: 1 + last key seen
     keys = torch.stack([last[t0:t0 + size].max() for t0 in range(0, t, size)]).clamp(min=1).tolist()  # one sync
     return [(slice(t0, t0 + size), n) for t0, n in zip(range(0, t, size), keys)]
+
+
+def scores(q: torch.Tensor, k: torch.Tensor, seen: torch.Tensor, geom: AttentionGeometry) -> torch.Tensor:
+    """The attention scores ``[batch, head, t, s]`` of queries ``q`` and keys ``k`` as the model forms
+    them (``AttentionGeometry``), ``-inf`` where ``seen`` (broadcast to that shape) is False."""
+    return _raw_scores(q, k, geom).masked_fill_(~seen, float("-inf"))
 
 
 def _raw_scores(q: torch.Tensor, k: torch.Tensor, geom: AttentionGeometry) -> torch.Tensor:
@@ -51,8 +57,8 @@ def query_delta(scores: torch.Tensor, q: torch.Tensor, q_noise: torch.Tensor, k:
                 geom: AttentionGeometry) -> torch.Tensor:
     """A'_t - A_t for every query row t, with only q_t patched (keys clean): ``[batch, head, t, s]``.
 
-    The new scores are the clean ones plus the change in softcap(q.k/scale), so masks and additive
-    position biases carry over unchanged. Each entry is computed from the change of its log
+    The new scores are the clean ones plus the change in softcap(q.k/scale), so masks carry over
+    unchanged. Each entry is computed from the change of its log
     probability, r = log A' - log A: sign(r) max(A, A') (1 - e^-|r|), i.e. A (e^r - 1) where it
     falls and A' (1 - e^-r) where it rises, accurate relative to the entry and never overflowing (a
     difference of two softmaxes loses every digit of a 1e-17 change). Except at the row's top

@@ -30,7 +30,8 @@ class AttentionGeometry:
     """How one layer turns queries and keys into scores, as the QK fix needs it.
 
     ``q_hook``/``k_hook`` hold the vectors actually dotted (after rotary where the model has it);
-    score = softcap(q . k / scale); masked entries are -inf in ``scores_hook``; kv-head j feeds
+    score = softcap(q . k / scale) (no added bias: the fix recomputes the scores from q and k);
+    masked entries are -inf in ``scores_hook``; kv-head j feeds
     query heads j*group .. (j+1)*group-1. Each head's output at ``z_hook`` is its pattern times the
     values at ``v_hook`` (z_t = sum_s A_ts v_s) and the pattern feeds nothing else, so dL/dA =
     dL/dz v^T: GradDrop keeps each layer's query fix as its product with v instead of a

@@ -53,6 +53,7 @@ class HookedTransformerHost(TransformerLensHost):
         unsupported = [
             (cfg.use_logn_attn, "log-n attention scaling"),
             (cfg.use_attention_sinks, "attention sinks"),
+            (cfg.positional_embedding_type == "alibi", "ALiBi (a position bias added to the scores)"),
             (cfg.positional_embedding_type != "rotary"
              and (cfg.use_qk_norm or cfg.clip_qkv is not None
                   or cfg.original_architecture in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")),
