@@ -125,12 +125,13 @@ class _Batch:
     the first-order pass (one backward), and GradDrop's partial backward passes.
 
     The QK fix holds no ``[batch, head, t, s]`` tensor per layer beyond what the forward graph
-    keeps: each layer's fix is computed, a block of query rows at a time, when the gradient at its
+    keeps: the forward pass keeps only which scores are masked, and each layer's fix is computed
+    (its scores recomputed from q and k), a block of query rows at a time, when the gradient at its
     attention pattern arrives during the backward pass (a tensor hook), used and dropped. GradDrop's
     variants need every layer's fix again, so with GradDrop each is kept in its factored form
     (``qk.KeptFix``: one ``[batch, head, t, s]`` tensor, the key coefficients, on the keys each
-    block sees) instead of the clean scores (recomputing the fixes per variant doubled atp*'s
-    time); the variants read dL/dz as well as dL/dA.
+    block sees; recomputing the fixes per variant doubled atp*'s time), and the variants read dL/dz
+    as well as dL/dA.
     """
 
     def __init__(self, host: Host, sites: list[Site], tokens: torch.Tensor, corrupt: torch.Tensor,
