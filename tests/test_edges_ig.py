@@ -36,6 +36,22 @@ def test_edge_ig_matches_naive(variant):
     assert result.forward_passes == 4 * N and result.backward_passes == 3 * N
 
 
+def test_edge_ig_with_norm_biases_matches_naive():
+    """LayerNorm biases that are not zero (make_model leaves them at 0): a step's reads take each
+    q/k/v value less ln1's bias through W and the read's own bias."""
+    model = make_model(0, **VARIANTS["ln_gelu"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith((".ln1.b", ".ln2.b", "ln_final.b")):
+                p.normal_(0, 0.3)
+    clean, corrupt = make_pairs(N, T)
+    metric = logit_diff_metric(N)
+    names, per_pair = ref.eap_ig(model, clean, corrupt, metric, steps=3)
+    result = attribute_edges(model, clean, corrupt, metric, method="ig", ig_steps=3, per_position=True)
+    order = [result.graph.edge_of[n] for n in names]
+    torch.testing.assert_close(result.signed[order], per_pair.mean(0), rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("variant", ["ln_gelu", "gqa"])
 def test_node_ig_matches_naive(variant):
     model = make_model(0, **VARIANTS[variant])

@@ -126,6 +126,12 @@ class ReadSum:
         """Every read's projection, q heads then k and v kv-heads: ``[reads, d_model, d_head]``."""
         return torch.cat([self.parts.weights(layer, w)[0] for w in "qkv"]).to(self.dtype)
 
+    def _offset(self, layer: int) -> torch.Tensor:
+        """Each read's value at a zero normed input, b_ln . W_r + b_r: ``[reads, d_head]``."""
+        b = torch.cat([self.parts.weights(layer, w)[1] for w in "qkv"]).to(self.dtype)
+        b_ln = getattr(self.parts.block(layer).ln1, "b", None)
+        return b if b_ln is None else b + torch.einsum("d,rde->re", b_ln.to(self.dtype), self._weights(layer))
+
     def _add(self, key, value: torch.Tensor) -> None:
         self.dense[key] = self.dense[key] + value if key in self.dense else value
 
@@ -149,9 +155,10 @@ class ReadSum:
                 scaled = g if st.scale is None else g / st.scale[:, :, None]
                 self.head[layer] = self.head[layer] + scaled if layer in self.head else scaled
                 if st.scale is not None and st.normed is not None:
-                    xw = st.normed if st.w is None else st.normed * st.w
-                    # [batch, pos, reads]
-                    c = (torch.einsum("btd,rde->btre", xw, w) * g).sum(-1) / (x.shape[-1] * st.scale)
+                    # (x^ w) . W_r is the read's own value less its constant part (check_structure holds
+                    # q/k/v = ln1(x) @ W + b): no d_model-space product per step
+                    own = torch.cat([values[h.qkv(w)] for w in "qkv"], dim=2).to(dtype) - self._offset(layer)
+                    c = (own * g).sum(-1) / (x.shape[-1] * st.scale)  # [batch, pos, reads]
                     self.corr.setdefault(layer, []).append((st.normed, c))
                 if p.parallel:
                     attn_sum = p.ln1_vjp(layer, x, torch.einsum("btre,rde->btd", g, w)[:, :, None])[:, :, 0]
