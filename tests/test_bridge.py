@@ -186,15 +186,16 @@ def test_alibi_attention_is_refused_by_the_qk_fix_before_any_run(tmp_path):
         attribute(bridge, clean, corrupt, metric, nodes=["attn_z", "attn_q"], method="atp*")
 
 
-def test_head_outputs_that_are_not_pattern_times_values_are_refused_by_the_qk_fix(gpt2_dir):
+def test_head_outputs_that_are_not_pattern_times_values_are_refused_by_graddrops_qk_fix(gpt2_dir):
     """GradDrop keeps each layer's QK fix factored through z = A v; a permanent hook that rescales
-    layer 1's z breaks that, and the host says so before any run instead of keeping a wrong fix."""
+    layer 1's z breaks that, and the engine says so (atp+qk, which does not factor, still runs)."""
     bridge = load_bridge(gpt2_dir)
     bridge.add_hook("blocks.1.attn.hook_z", lambda z, hook: 2 * z)
     clean, corrupt, metric = pairs()
-    with pytest.raises(UnsupportedModelError, match=r"layer 1 .*hook_z as its pattern times the values.*"
-                                                    r"relative mismatch 0\.5.*method='atp'"):
+    with pytest.raises(UnsupportedModelError, match=r"layer 1's head outputs at blocks\.1\.attn\.hook_z .*"
+                                                    r"relative mismatch 0\.5.*method='atp\+qk'"):
         attribute(bridge, clean, corrupt, metric, nodes=["attn_z", "attn_k"], method="atp*")
+    assert attribute(bridge, clean, corrupt, metric, nodes=["attn_k"], method="atp+qk").scores["attn_k"].abs().sum() > 0
 
 
 def test_a_hook_whose_output_the_bridge_ignores_is_an_error(bridge):

@@ -26,6 +26,7 @@ from sae_lens import (
 
 from atp_plugin import attribute, metrics
 from atp_plugin.adapters import SAEFeatures
+from atp_plugin.errors import UnsupportedModelError
 from conftest import clean_gradients, logit_diff_metric, make_model, make_pairs
 from helpers import (
     SAE_ARCHS,
@@ -353,6 +354,16 @@ def test_a_transcoder_is_sent_to_transcoder_features() -> None:
     cfg.metadata.hook_name_out = "blocks.0.hook_mlp_out"
     with pytest.raises(TypeError, match=r"is a transcoder .*TranscoderFeatures\(transcoder\)"):
         SAEFeatures(Transcoder(cfg))
+
+
+def test_graddrops_qk_fix_refuses_an_sae_at_hook_z_without_error_term() -> None:
+    """Spliced at hook_z without its error term, an SAE's reconstruction is what the model reads:
+    no longer the pattern times the values, which GradDrop's kept QK fix relies on."""
+    model = make_model(n_layers=2)
+    ref = spliced(model, [])
+    ref.add_sae(make_sae("standard", "blocks.0.attn.hook_z", reshape_activations="hook_z"), use_error_term=False)
+    with pytest.raises(UnsupportedModelError, match=r"layer 0's head outputs .*use_error_term=True"):
+        run_attribution(ref, ["attn_q", "attn_k"], "atp*")
 
 
 def test_a_spliced_sae_without_error_term_is_a_clear_error() -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import UnsupportedModelError
-from ..hosts import Host
+from ..hosts import Host, rounding
 
 _NORMS = ("LayerNorm", "LayerNormPre", "RMSNorm", "RMSNormPre")  # TransformerLens's, closed-form Jacobians
 
@@ -158,7 +158,7 @@ def check_structure(parts: Parts, values: dict[str, torch.Tensor], mask: torch.T
     ``mlp(ln2(resid))``, and the residual as the sum of embedding, head writes, MLP writes and
     constant biases. Relative tolerance 1e-9 in float64, 1e-4 in float32, 3e-2 in half precision;
     padding positions skipped."""
-    tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(parts.host.dtype, 3e-2)  # half precision: ~3 digits
+    tol = rounding(parts.host.dtype)
     real = mask[:, :, None]
 
     def close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:

@@ -121,16 +121,28 @@ class ReadSum:
         self.corr: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # layer -> [(x^_k, c_k)]
         self.stats: dict[int, NormStats] = {}
         self.dense: dict[tuple[int, str], torch.Tensor] = {}  # (layer, "attn"/"mlp") -> d_model-space sums
+        self.w: dict[int, torch.Tensor] = {}  # layer -> _weights(layer), cast once
 
     def _weights(self, layer: int) -> torch.Tensor:
         """Every read's projection, q heads then k and v kv-heads: ``[reads, d_model, d_head]``."""
-        return torch.cat([self.parts.weights(layer, w)[0] for w in "qkv"]).to(self.dtype)
+        if layer not in self.w:
+            self.w[layer] = torch.cat([self.parts.weights(layer, w)[0] for w in "qkv"]).to(self.dtype)
+        return self.w[layer]
 
-    def _offset(self, layer: int) -> torch.Tensor:
-        """Each read's value at a zero normed input, b_ln . W_r + b_r: ``[reads, d_head]``."""
-        b = torch.cat([self.parts.weights(layer, w)[1] for w in "qkv"]).to(self.dtype)
+    def _own(self, layer: int, values: dict[str, torch.Tensor], st: NormStats) -> torch.Tensor:
+        """(x^ w) . W_r for every read r ``[batch, pos, reads, d_head]``: in float32 and float64 the
+        read's own value less its constant part b_ln . W_r + b_r (``check_structure`` holds q/k/v =
+        ln1(x) @ W + b), no d_model-space product per step; in half precision, where a large bias
+        would take the difference's digits, projected from the normed input."""
+        w = self._weights(layer)
+        if self.parts.host.dtype not in (torch.float32, torch.float64):
+            assert st.normed is not None
+            return torch.einsum("btd,rde->btre", st.normed if st.w is None else st.normed * st.w, w)
+        h = hook_names(layer)
+        b = torch.cat([self.parts.weights(layer, which)[1] for which in "qkv"]).to(self.dtype)
         b_ln = getattr(self.parts.block(layer).ln1, "b", None)
-        return b if b_ln is None else b + torch.einsum("d,rde->re", b_ln.to(self.dtype), self._weights(layer))
+        offset = b if b_ln is None else b + torch.einsum("d,rde->re", b_ln.to(self.dtype), w)  # [reads, d_head]
+        return torch.cat([values[h.qkv(which)] for which in "qkv"], dim=2).to(self.dtype) - offset
 
     def _add(self, key, value: torch.Tensor) -> None:
         self.dense[key] = self.dense[key] + value if key in self.dense else value
@@ -155,10 +167,7 @@ class ReadSum:
                 scaled = g if st.scale is None else g / st.scale[:, :, None]
                 self.head[layer] = self.head[layer] + scaled if layer in self.head else scaled
                 if st.scale is not None and st.normed is not None:
-                    # (x^ w) . W_r is the read's own value less its constant part (check_structure holds
-                    # q/k/v = ln1(x) @ W + b): no d_model-space product per step
-                    own = torch.cat([values[h.qkv(w)] for w in "qkv"], dim=2).to(dtype) - self._offset(layer)
-                    c = (own * g).sum(-1) / (x.shape[-1] * st.scale)  # [batch, pos, reads]
+                    c = (self._own(layer, values, st) * g).sum(-1) / (x.shape[-1] * st.scale)  # [batch, pos, reads]
                     self.corr.setdefault(layer, []).append((st.normed, c))
                 if p.parallel:
                     attn_sum = p.ln1_vjp(layer, x, torch.einsum("btre,rde->btd", g, w)[:, :, None])[:, :, 0]

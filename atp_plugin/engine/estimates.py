@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
-from ..hosts import Host, SitePosition
+from ..errors import UnsupportedModelError
+from ..hosts import Host, SitePosition, rounding
 from . import qk as qkfix
 from .runs import run
 
@@ -238,7 +239,7 @@ class _Batch:
         masked (``[batch, 1, t, s]`` where every head has the same mask): the fix recomputes the
         scores from q and k rather than hold a ``[batch, head, t, s]`` tensor per layer."""
         def observe(scores: torch.Tensor) -> torch.Tensor:
-            seen = torch.isfinite(scores.detach())
+            seen = scores.detach() > torch.finfo(scores.dtype).min / 2  # masked: -inf, or the dtype's least value
             self.seen[layer] = seen[:, :1] if bool((seen == seen[:, :1]).all()) else seen
             return scores
         return observe
@@ -250,21 +251,34 @@ class _Batch:
         g, acc, clean = self.geoms[layer], self.acc, self.clean
         seen, A = self.seen.pop(layer), clean[g.pattern_hook].detach()  # [batch, 1 or head, t, s], [batch, head, t, s]
         q, k = clean[g.q_hook].detach(), clean[g.k_hook].detach()  # [batch, pos, (kv-)head, d_head]
-        v = clean[g.v_hook].detach() if self.kept is not None else None  # [batch, pos, kv-head, d_head]
+        v = None if self.kept is None else clean[g.v_hook].detach().to(acc).repeat_interleave(g.group, dim=2)
         q_n, k_n = self.noise[g.q_hook], self.noise[g.k_hook]
         kinds = {s.adapter.qk for s in self.sites if s.qk_fixed and s.pos.layer == layer}
         kept = []
         for rows, keys in qkfix.row_blocks(seen, ROW_BLOCKS if seen.shape[2] >= BLOCKED_FROM else 1):
-            qb, kb = q[:, rows].to(acc), k[:, :keys].to(acc)
+            qb, kb, Ab = q[:, rows].to(acc), k[:, :keys].to(acc), A[:, :, rows, :keys].to(acc)
             sc = qkfix.scores(qb, kb, seen[:, :, rows, :keys], g)  # [batch, head, rows, keys]
             delta = qkfix.query_delta(sc, qb, q_n[:, rows].to(acc), kb, g) if "q" in kinds else None
-            fix = (qkfix.key_fix(sc, A[:, :, rows, :keys].to(acc), qb, kb, k_n[:, :keys].to(acc), g)
-                   if "k" in kinds else None)
-            if v is not None:
-                kept.append((rows, keys, qkfix.keep(delta, fix, v[:, :keys].to(acc).repeat_interleave(g.group, dim=2))))
+            fix = qkfix.key_fix(sc, Ab, qb, kb, k_n[:, :keys].to(acc), g) if "k" in kinds else None
+            if v is not None:  # [batch, pos, head, d_head], kv-heads repeated
+                self._check_mixing(layer, Ab, v[:, :keys], clean[g.z_hook][:, rows])
+                kept.append((rows, keys, qkfix.keep(delta, fix, v[:, :keys])))
             yield rows, keys, delta, fix
         if self.kept is not None:
             self.kept[layer] = kept
+
+    def _check_mixing(self, layer: int, A: torch.Tensor, v: torch.Tensor, z: torch.Tensor) -> None:
+        """Fail unless the head outputs ``z`` ``[batch, rows, head, d_head]`` at layer ``layer``'s
+        z hook are the pattern ``A`` ``[batch, head, rows, keys]`` times the values ``v`` ``[batch,
+        keys, head, d_head]``, which GradDrop's kept fix relies on (dL/dA = dL/dz v^T)."""
+        z = z.detach().to(A.dtype)
+        err = float((torch.einsum("bhts,bshd->bthd", A, v) - z).abs().max()) / max(float(z.abs().max()), 1e-30)
+        if not err <= rounding(self.host.dtype):
+            raise UnsupportedModelError(
+                f"GradDrop's QK fix needs layer {layer}'s head outputs at {self.geoms[layer].z_hook} to be its "
+                f"attention pattern times the values at {self.geoms[layer].v_hook}, and they are not (relative "
+                f"mismatch {err:.2g}: e.g. an SAE spliced in there without its error term, or a hook that changes "
+                "them); use method='atp+qk', or splice the SAE with use_error_term=True")
 
     def graddrop(self, first: dict[int, dict[str, torch.Tensor]]) -> dict[int, dict[str, torch.Tensor]]:
         """sum_l |I_l| per site: one partial backward per layer l, from the residual stream entering

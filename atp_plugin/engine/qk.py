@@ -16,16 +16,17 @@ from ..hosts import AttentionGeometry
 
 
 def row_blocks(seen: torch.Tensor, n_blocks: int) -> list[tuple[slice, int]]:
-    """``n_blocks`` blocks of query rows (the last may be shorter), each with the number of leading
+    """``n_blocks`` blocks of query rows (at most one per row), each with the number of leading
     keys any of its rows sees, from ``seen`` ``[batch, head (or 1), t, s]``, True where a score is
     not masked (at least 1): beyond it every entry is masked, so a causal model's blocks cover about
     its triangle (with 8 blocks, 56% of the square)."""
     t = seen.shape[2]
-    size = math.ceil(t / n_blocks)
+    n = min(n_blocks, t)
+    bounds = [t * i // n for i in range(n + 1)]  # n blocks whose sizes differ by at most one row
     seen = seen.flatten(0, 1).any(0)  # [t, s]
     last = (seen * torch.arange(1, seen.shape[1] + 1, device=seen.device)).amax(-1)  # [t]: 1 + last key seen
-    keys = torch.stack([last[t0:t0 + size].max() for t0 in range(0, t, size)]).clamp(min=1).tolist()  # one sync
-    return [(slice(t0, t0 + size), n) for t0, n in zip(range(0, t, size), keys)]
+    keys = torch.stack([last[a:b].max() for a, b in zip(bounds, bounds[1:])]).clamp(min=1).tolist()  # one sync
+    return [(slice(a, b), k) for a, b, k in zip(bounds, bounds[1:], keys)]
 
 
 def scores(q: torch.Tensor, k: torch.Tensor, seen: torch.Tensor, geom: AttentionGeometry) -> torch.Tensor:
@@ -133,7 +134,7 @@ def query_effect(delta: torch.Tensor, grad_pattern: torch.Tensor) -> torch.Tenso
 
 def key_effect(fix: KeyFix, grad_pattern: torch.Tensor, group: int) -> torch.Tensor:
     """Iqk of every key node, summed over query rows and the heads its kv-head feeds:
-    ``[batch, s, kv_head]`` (``fix`` from ``key_fix``, the same for every GradDrop variant)."""
+    ``[batch, s, kv_head]`` (``fix`` from ``key_fix``; GradDrop's variants use ``kept_key_effect``)."""
     centred = grad_pattern - (fix.pattern * grad_pattern).sum(-1, keepdim=True)  # [batch, head, t, s]
     at_top = fix.coeff_top * (grad_pattern.gather(-1, fix.top) - (fix.rest * grad_pattern).sum(-1, keepdim=True))
     per_row = (fix.coeff * centred).scatter(-1, fix.top, at_top)  # [batch, head, t, s]

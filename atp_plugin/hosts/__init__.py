@@ -30,8 +30,9 @@ class AttentionGeometry:
     """How one layer turns queries and keys into scores, as the QK fix needs it.
 
     ``q_hook``/``k_hook`` hold the vectors actually dotted (after rotary where the model has it);
-    score = softcap(q . k / scale) (no added bias: the fix recomputes the scores from q and k);
-    masked entries are -inf in ``scores_hook``; kv-head j feeds
+    score = softcap(q . k / scale), plus a bias named in ``score_bias`` where the model adds one
+    (ALiBi: the node fix, which recomputes scores from q and k, refuses such a layer; the edge fix
+    reads the scores themselves); masked entries are -inf in ``scores_hook``; kv-head j feeds
     query heads j*group .. (j+1)*group-1. Each head's output at ``z_hook`` is its pattern times the
     values at ``v_hook`` (z_t = sum_s A_ts v_s) and the pattern feeds nothing else, so dL/dA =
     dL/dz v^T: GradDrop keeps each layer's query fix as its product with v instead of a
@@ -47,6 +48,13 @@ class AttentionGeometry:
     scale: float
     softcap: float | None
     group: int
+    score_bias: str | None = None
+
+
+def rounding(dtype: torch.dtype) -> float:
+    """The relative mismatch a check that recomputes what a model computed in ``dtype`` allows: its
+    own rounding (half-precision scores miss a float32 fit by 3e-4 (float16) to 5e-3 (bfloat16))."""
+    return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 3e-2)
 
 
 class Host(Protocol):

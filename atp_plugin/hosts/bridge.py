@@ -40,7 +40,7 @@ import torch
 
 from ..errors import UnsupportedModelError
 from ..hookspecs import hookimpl
-from . import AttentionGeometry, Hook
+from . import AttentionGeometry, Hook, rounding
 from .tl import TransformerLensHost
 
 PROBE_LEN = 4  # tokens of the probe prompt used for the checks below
@@ -223,21 +223,8 @@ class TransformerBridgeHost(TransformerLensHost):
                 found[layer] = (f"the QK fix reads hook(s) {silent}, which do not fire in this TransformerBridge "
                                 f"({self.cfg.architecture}); use method='atp' or 'atp+gd' for attn_q/attn_k nodes")
                 continue
-            fitted = self._fit_scale(layer, geom, acts)
-            found[layer] = fitted if isinstance(fitted, str) else (self._mixing_error(layer, fitted, acts) or fitted)
+            found[layer] = self._fit_scale(layer, geom, acts)
         return found
-
-    def _mixing_error(self, layer: int, geom: AttentionGeometry, acts: dict[str, torch.Tensor]) -> str | None:
-        """Why layer ``layer``'s head outputs in the probe run ``acts`` are not pattern @ values
-        (z_t = sum_s A_ts v_s, which GradDrop's kept QK fix relies on), or None when they are."""
-        v = acts[geom.v_hook].double().repeat_interleave(geom.group, dim=2)  # [batch, pos, head, d_head]
-        z, mixed = acts[geom.z_hook].double(), torch.einsum("bhts,bshd->bthd", acts[geom.pattern_hook].double(), v)
-        err = float((mixed - z).abs().max()) / max(float(z.abs().max()), 1e-30)
-        if err <= _rounding(self.dtype):
-            return None
-        return (f"layer {layer} of this TransformerBridge ({self.cfg.architecture}) does not form its head outputs "
-                f"{geom.z_hook} as its pattern times the values at {geom.v_hook} (relative mismatch {err:.2g}), "
-                "which the QK fix relies on; use method='atp' or 'atp+gd' for attn_q/attn_k nodes")
 
     def _fit_scale(self, layer: int, geom: AttentionGeometry, acts: dict[str, torch.Tensor]
                    ) -> AttentionGeometry | str:
@@ -256,7 +243,7 @@ class TransformerBridgeHost(TransformerLensHost):
         if geom.softcap is not None:
             rebuilt = geom.softcap * torch.tanh(rebuilt / geom.softcap)
         err = float((rebuilt[live] - scores[live]).abs().max()) / max(float(scores[live].abs().max()), 1e-30)
-        if not err <= _rounding(self.dtype):
+        if not err <= rounding(self.dtype):
             return (f"layer {layer} of this TransformerBridge ({self.cfg.architecture}) forms attention scores that "
                     f"are not softcap(q . k / scale) (relative mismatch {err:.2g}; e.g. ALiBi or another score bias), "
                     "so the QK fix cannot recompute them; use method='atp' or 'atp+gd' for attn_q/attn_k nodes")
@@ -266,12 +253,6 @@ class TransformerBridgeHost(TransformerLensHost):
 def _read(geom: AttentionGeometry) -> tuple[str, ...]:
     """The hooks the QK fix reads in a layer of geometry ``geom``."""
     return geom.q_hook, geom.k_hook, geom.scores_hook, geom.pattern_hook, geom.v_hook, geom.z_hook
-
-
-def _rounding(dtype: torch.dtype) -> float:
-    """The relative mismatch a probe check allows a bridge computing in ``dtype``: its own rounding
-    (half-precision scores miss a float32 fit by 3e-4 (float16) to 5e-3 (bfloat16))."""
-    return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 3e-2)
 
 
 def _zero_grad_of_masked_rows(scores: torch.Tensor, hook: Any = None) -> torch.Tensor:

@@ -4,6 +4,7 @@ accepts nothing and the Bridge host serves."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Any
 
@@ -53,7 +54,6 @@ class HookedTransformerHost(TransformerLensHost):
         unsupported = [
             (cfg.use_logn_attn, "log-n attention scaling"),
             (cfg.use_attention_sinks, "attention sinks"),
-            (cfg.positional_embedding_type == "alibi", "ALiBi (a position bias added to the scores)"),
             (cfg.positional_embedding_type != "rotary"
              and (cfg.use_qk_norm or cfg.clip_qkv is not None
                   or cfg.original_architecture in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")),
@@ -66,7 +66,10 @@ class HookedTransformerHost(TransformerLensHost):
                     "for attn_q/attn_k nodes, or drop them from nodes="
                 )
         post = "rot_" if cfg.positional_embedding_type == "rotary" else ""
-        return self.geometry(layer, scale=float(self.model.blocks[layer].attn.attn_scale), post=post)
+        geom = self.geometry(layer, scale=float(self.model.blocks[layer].attn.attn_scale), post=post)
+        if cfg.positional_embedding_type == "alibi":
+            return dataclasses.replace(geom, score_bias="ALiBi (a position bias added to the scores)")
+        return geom
 
 
 @hookimpl
