@@ -22,9 +22,17 @@ from conftest import VARIANTS, logit_diff_metric, make_model, make_pairs
 N, T = 2, 4
 
 
-@pytest.mark.parametrize("variant", ["ln_gelu", "gqa", "parallel", "rms_rotary_gated"])
-def test_edge_ig_matches_naive(variant):
+@pytest.mark.parametrize("variant, norm_biases", [("ln_gelu", False), ("gqa", False), ("parallel", False),
+                                                   ("rms_rotary_gated", False), ("ln_gelu", True)])
+def test_edge_ig_matches_naive(variant, norm_biases):
+    """``norm_biases``: LayerNorm biases that are not zero (make_model leaves them at 0): a step's
+    reads take each q/k/v value less ln1's bias through W and the read's own bias."""
     model = make_model(0, **VARIANTS[variant])
+    if norm_biases:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith((".ln1.b", ".ln2.b", "ln_final.b")):
+                    p.normal_(0, 0.3)
     clean, corrupt = make_pairs(N, T)
     metric = logit_diff_metric(N)
     names, per_pair = ref.eap_ig(model, clean, corrupt, metric, steps=3)
@@ -34,22 +42,6 @@ def test_edge_ig_matches_naive(variant):
     torch.testing.assert_close(result.scores[order], per_pair.abs().mean(0), rtol=1e-9, atol=1e-10)
     # the clean prompt forward, then 3 points forward and backward (the last the corrupt prompt)
     assert result.forward_passes == 4 * N and result.backward_passes == 3 * N
-
-
-def test_edge_ig_with_norm_biases_matches_naive():
-    """LayerNorm biases that are not zero (make_model leaves them at 0): a step's reads take each
-    q/k/v value less ln1's bias through W and the read's own bias."""
-    model = make_model(0, **VARIANTS["ln_gelu"])
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith((".ln1.b", ".ln2.b", "ln_final.b")):
-                p.normal_(0, 0.3)
-    clean, corrupt = make_pairs(N, T)
-    metric = logit_diff_metric(N)
-    names, per_pair = ref.eap_ig(model, clean, corrupt, metric, steps=3)
-    result = attribute_edges(model, clean, corrupt, metric, method="ig", ig_steps=3, per_position=True)
-    order = [result.graph.edge_of[n] for n in names]
-    torch.testing.assert_close(result.signed[order], per_pair.mean(0), rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("variant", ["ln_gelu", "gqa"])
