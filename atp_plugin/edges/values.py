@@ -122,6 +122,7 @@ class ReadSum:
         self.stats: dict[int, NormStats] = {}
         self.dense: dict[tuple[int, str], torch.Tensor] = {}  # (layer, "attn"/"mlp") -> d_model-space sums
         self.w: dict[int, torch.Tensor] = {}  # layer -> _weights(layer), cast once
+        self.offset: dict[int, torch.Tensor] = {}  # layer -> the reads' constant part (_own), once
 
     def _weights(self, layer: int) -> torch.Tensor:
         """Every read's projection, q heads then k and v kv-heads: ``[reads, d_model, d_head]``."""
@@ -138,11 +139,12 @@ class ReadSum:
         if self.parts.host.dtype not in (torch.float32, torch.float64):
             assert st.normed is not None
             return torch.einsum("btd,rde->btre", st.normed if st.w is None else st.normed * st.w, w)
+        if layer not in self.offset:  # [reads, d_head]
+            b = torch.cat([self.parts.weights(layer, which)[1] for which in "qkv"]).to(self.dtype)
+            b_ln = getattr(self.parts.block(layer).ln1, "b", None)
+            self.offset[layer] = b if b_ln is None else b + torch.einsum("d,rde->re", b_ln.to(self.dtype), w)
         h = hook_names(layer)
-        b = torch.cat([self.parts.weights(layer, which)[1] for which in "qkv"]).to(self.dtype)
-        b_ln = getattr(self.parts.block(layer).ln1, "b", None)
-        offset = b if b_ln is None else b + torch.einsum("d,rde->re", b_ln.to(self.dtype), w)  # [reads, d_head]
-        return torch.cat([values[h.qkv(which)] for which in "qkv"], dim=2).to(self.dtype) - offset
+        return torch.cat([values[h.qkv(which)] for which in "qkv"], dim=2).to(self.dtype) - self.offset[layer]
 
     def _add(self, key, value: torch.Tensor) -> None:
         self.dense[key] = self.dense[key] + value if key in self.dense else value
