@@ -92,3 +92,62 @@ def load_hooked(path: Path) -> HookedTransformer:
     model.load_and_process_state_dict(state, fold_ln=True, center_writing_weights=True, center_unembed=True,
                                       fold_value_biases=True)
     return model.eval()
+
+
+#: Tiny configurations of the architecture families users run, by family name: each exercises the
+#: feature its family is known for (GQA, partial rotary and parallel residual, a sliding window shorter
+#: than the test prompts, qkv biases, per-head and all-head q/k norms, soft-capping, post-norms, fused qkv).
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "gpt2": ("GPT2Config", {"n_layer": 2, "n_embd": 32, "n_head": 4, "n_positions": 16, "n_ctx": 16}),
+    "gpt_neox": ("GPTNeoXConfig", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                   "intermediate_size": 64, "rotary_pct": 0.5, "use_parallel_residual": True,
+                                   "max_position_embeddings": 16}),
+    "llama": ("LlamaConfig", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 16}),
+    "mistral": ("MistralConfig", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                  "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 16,
+                                  "sliding_window": 3}),
+    "qwen2": ("Qwen2Config", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 16}),
+    "qwen3": ("Qwen3Config", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "head_dim": 8,
+                              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 16}),
+    "gemma2": ("Gemma2Config", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "head_dim": 8,
+                                "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 16,
+                                "sliding_window": 3, "attn_logit_softcapping": 5.0, "final_logit_softcapping": 30.0,
+                                "query_pre_attn_scalar": 16}),
+    "gemma3": ("Gemma3TextConfig", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                    "head_dim": 8, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                    "max_position_embeddings": 16, "sliding_window": 3, "query_pre_attn_scalar": 8}),
+    "phi3": ("Phi3Config", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                            "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 16,
+                            "original_max_position_embeddings": 16}),
+    "olmo2": ("Olmo2Config", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                              "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 16}),
+}
+
+
+def save_family(family: str, path: Path, seed: int = 0, qk_gain: float = 4.0) -> Path:
+    """A random float64 model of ``family`` (a key of ``FAMILIES``) saved with its tokenizer under
+    ``path``. Attention is made far from uniform by multiplying the query/key scale by ``qk_gain``:
+    the q/k norms' weights where the family normalises q and k (a projection's scale would be
+    normalised away), else the q/k projection weights (the whole fused qkv projection where fused)."""
+    torch.manual_seed(seed)
+    config_cls, fields = FAMILIES[family]
+    cfg = getattr(transformers, config_cls)(vocab_size=D_VOCAB, bos_token_id=1, eos_token_id=1, pad_token_id=0,
+                                            tie_word_embeddings=False, **fields)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.float64)
+    params = dict(model.named_parameters())
+    normed = any(n.endswith(("q_norm.weight", "q_layernorm.weight")) for n in params)
+    with torch.no_grad():
+        for name, p in params.items():
+            if normed and name.endswith(("q_norm.weight", "k_norm.weight")):
+                if family.startswith("gemma"):
+                    p.fill_(qk_gain - 1.0)  # Gemma's norms scale by 1 + weight
+                else:
+                    p.mul_(qk_gain)
+            elif not normed and name.endswith(("q_proj.weight", "k_proj.weight", "c_attn.weight",
+                                               "query_key_value.weight", "qkv_proj.weight")):
+                p.mul_(qk_gain)
+    model.save_pretrained(path)
+    save_tokenizer(path)
+    return path

@@ -56,9 +56,9 @@ def probe_runs(monkeypatch) -> list[int]:
     runs: list[int] = []
     make = bridge_host.TransformerBridgeHost._probe_tokens
 
-    def counted(self):
+    def counted(self, *args, **kwargs):
         runs.append(1)
-        return make(self)
+        return make(self, *args, **kwargs)
 
     monkeypatch.setattr(bridge_host.TransformerBridgeHost, "_probe_tokens", counted)
     return runs

@@ -43,8 +43,6 @@ from ..hookspecs import hookimpl
 from . import AttentionGeometry, Hook, rounding
 from .tl import TransformerLensHost
 
-PROBE_LEN = 4  # tokens of the probe prompt used for the checks below
-
 
 @dataclass
 class Probes:
@@ -140,11 +138,6 @@ class TransformerBridgeHost(TransformerLensHost):
 
         return [(by_point.__contains__, dispatch)] if by_point else []
 
-    def _probe_tokens(self) -> torch.Tensor:
-        """A fixed probe prompt ``[1, PROBE_LEN]`` (distinct tokens, so attention is not uniform)."""
-        length = min(PROBE_LEN, self.cfg.n_ctx)
-        return (torch.arange(length, device=self.device) * 7 + 3).remainder(self.d_vocab)[None]
-
     def _check_hooks(self, names: list[str]) -> None:
         """Check that what a hook at each of ``names`` returns is what the model uses downstream:
         add a zero leaf to every hook's output and require a gradient at each (raises otherwise)."""
@@ -175,9 +168,8 @@ class TransformerBridgeHost(TransformerLensHost):
                 "patches would do nothing. Choose other node types (nodes=) or remove the detaching hook.")
         self._probes.checked.update(new)
 
-    def _probe_run(self, hooks: list[tuple[Any, Hook]]) -> torch.Tensor:
-        """The logits of the probe prompt run with ``hooks`` (``run_with_hooks`` entries)."""
-        logits = self.model.run_with_hooks(self._probe_tokens(), fwd_hooks=hooks)
+    def _probe_run(self, hooks: list[tuple[Any, Hook]], tokens: torch.Tensor | None = None) -> torch.Tensor:
+        logits = super()._probe_run(hooks, tokens)
         # the bridge wires hooks of its own into each block on the block's first forward (a fresh
         # model's first run is a probe): the state the probes hold is the state after it
         self._probes.state = model_state(self.model)
@@ -224,6 +216,8 @@ class TransformerBridgeHost(TransformerLensHost):
                                 f"({self.cfg.architecture}); use method='atp' or 'atp+gd' for attn_q/attn_k nodes")
                 continue
             found[layer] = self._fit_scale(layer, geom, acts)
+        fitted = {layer: geom for layer, geom in found.items() if isinstance(geom, AttentionGeometry)}
+        found.update(self._check_patched_patterns(fitted))
         return found
 
     def _fit_scale(self, layer: int, geom: AttentionGeometry, acts: dict[str, torch.Tensor]

@@ -34,6 +34,10 @@ class HookedTransformerHost(TransformerLensHost):
 
     name = "HookedTransformer"
 
+    def __init__(self, model: Any):
+        super().__init__(model)
+        self._geometries: dict[int, AttentionGeometry | str] | None = None  # layer -> geometry, or why not
+
     @classmethod
     def accepts(cls, model: Any) -> bool:
         hooked = hooked_transformer_class()
@@ -65,9 +69,20 @@ class HookedTransformerHost(TransformerLensHost):
                     f"the QK fix cannot handle {what} in this model; use method='atp' or 'atp+gd' "
                     "for attn_q/attn_k nodes, or drop them from nodes="
                 )
-        post = "rot_" if cfg.positional_embedding_type == "rotary" else ""
+        if self._geometries is None:  # every layer at once: one check of the patched patterns
+            geoms: dict[int, AttentionGeometry | str] = {ly: self._geometry(ly) for ly in range(self.n_layers)}
+            geoms.update(self._check_patched_patterns(
+                {ly: g for ly, g in geoms.items() if isinstance(g, AttentionGeometry) and g.score_bias is None}))
+            self._geometries = geoms
+        found = self._geometries[layer]
+        if isinstance(found, str):
+            raise UnsupportedModelError(found)
+        return found
+
+    def _geometry(self, layer: int) -> AttentionGeometry:
+        post = "rot_" if self.cfg.positional_embedding_type == "rotary" else ""
         geom = self.geometry(layer, scale=float(self.model.blocks[layer].attn.attn_scale), post=post)
-        if cfg.positional_embedding_type == "alibi":
+        if self.cfg.positional_embedding_type == "alibi":
             return dataclasses.replace(geom, score_bias="ALiBi (a position bias added to the scores)")
         return geom
 

@@ -16,9 +16,10 @@ import torch
 
 from ..errors import UnsupportedModelError
 from ..tokens import check_known
-from . import AttentionGeometry, Hook, SitePosition
+from . import AttentionGeometry, Hook, SitePosition, rounding
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+PROBE_LEN = 4  # tokens of the probe prompts the hosts check a model on
 
 
 def kv_heads(cfg: Any) -> int:
@@ -105,6 +106,84 @@ class TransformerLensHost:
 
     def attention(self, layer: int) -> AttentionGeometry:
         raise NotImplementedError
+
+    def _probe_tokens(self, offset: int = 0) -> torch.Tensor:
+        """A fixed probe prompt ``[1, PROBE_LEN]`` (distinct tokens, so attention is not uniform);
+        another ``offset`` gives another prompt of the same length."""
+        length = min(PROBE_LEN, self.n_ctx or PROBE_LEN)
+        return (torch.arange(length, device=self.device) * 7 + 3 + 5 * offset).remainder(self.d_vocab)[None]
+
+    def _probe_run(self, hooks: list[tuple[Any, Hook]], tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits of ``tokens`` (the probe prompt by default) run with ``hooks`` (``run_with_hooks`` entries)."""
+        return self.model.run_with_hooks(self._probe_tokens() if tokens is None else tokens, fwd_hooks=hooks)
+
+    def _check_patched_patterns(self, geoms: dict[int, AttentionGeometry]) -> dict[int, str]:
+        """Why the QK fix would give wrong numbers in some of the layers of ``geoms``, by layer.
+
+        The fix assumes that patching one query (key) node at ``hook_q`` (``hook_k``) replaces that
+        one vector at the geometry's q (k) hook by its value on the corrupt prompt and changes
+        nothing else, and that the pattern is the softmax of the scores the geometry forms. On two
+        probe prompts this runs the model with one query node and, separately, one key node of each
+        layer patched from the second prompt and compares the model's own attention pattern with
+        that prediction, so whatever the geometry does not describe between the node's hook and the
+        pattern is caught before any run: a norm over all heads' queries (OLMo 2), a wrong scale,
+        mask or rotary. Two forward passes for all layers together.
+        """
+        from ..engine.qk import scores as qk_scores
+
+        layers = sorted(geoms)
+        if not layers:
+            return {}
+        clean, corrupt = self._probe_tokens(), self._probe_tokens(offset=1)
+        pos = {"q": clean.shape[1] - 1, "k": max(clean.shape[1] - 2, 0)}  # a row that sees several keys
+        node = {(ly, w): f"blocks.{ly}.attn.hook_{w}" for ly in layers for w in "qk"}
+        names = set(node.values()) | {h for g in geoms.values()
+                                      for h in (g.q_hook, g.k_hook, g.scores_hook, g.pattern_hook)}
+        acts: dict[str, torch.Tensor] = {}
+
+        def keep(name: str) -> Hook:
+            def hook(x: torch.Tensor, hook: Any = None) -> None:
+                acts[name] = x.detach().clone()
+            return hook
+
+        with torch.no_grad():
+            self._probe_run([(h, keep(h)) for h in sorted(names)], torch.cat([clean, corrupt]))
+            base = dict(acts)
+            copies = [(ly, w) for ly in layers for w in "qk"]  # copy c patches node copies[c] at head 0
+
+            def patch(ly: int, w: str) -> Hook:
+                def hook(x: torch.Tensor, hook: Any = None) -> torch.Tensor:
+                    x = x.clone()
+                    c = copies.index((ly, w))
+                    x[c, pos[w], 0] = base[node[ly, w]][1, pos[w], 0]
+                    return x
+                return hook
+
+            acts.clear()
+            self._probe_run([(node[c], patch(*c)) for c in copies]
+                            + [(g.pattern_hook, keep(g.pattern_hook)) for g in geoms.values()],
+                            clean.expand(len(copies), -1))
+        found: dict[int, str] = {}
+        for c, (ly, w) in enumerate(copies):
+            g = geoms[ly]
+            q, k = base[g.q_hook][:1].double(), base[g.k_hook][:1].double()  # [1, pos, (kv-)head, d_head]
+            new = (q if w == "q" else k).clone()
+            new[0, pos[w], 0] = base[g.q_hook if w == "q" else g.k_hook][1, pos[w], 0]
+            seen = base[g.scores_hook][:1] > torch.finfo(base[g.scores_hook].dtype).min / 2
+            predicted = torch.softmax(qk_scores(new, k, seen, g) if w == "q" else qk_scores(q, new, seen, g), -1)
+            got = acts[g.pattern_hook][c].double()  # [head, t, s]
+            err = float((predicted.nan_to_num(0.0)[0] - got).abs().max())
+            # the model's own rounding of its softmax (Hugging Face's runs in float32 even in a float64 model)
+            own = float((torch.softmax(base[g.scores_hook][:1].double(), -1).nan_to_num(0.0)
+                         - base[g.pattern_hook][:1].double()).abs().max())
+            if not err <= rounding(self.dtype) + 4 * own and ly not in found:
+                found[ly] = (
+                    f"the QK fix would be wrong in layer {ly} of this model ({type(self.model).__name__}): patching "
+                    f"one {'query' if w == 'q' else 'key'} at {node[ly, w]} changes the model's attention pattern "
+                    f"by something else than the fix computes from {g.q_hook if w == 'q' else g.k_hook} (mismatch "
+                    f"{err:.2g}), e.g. a q/k norm over all heads at once (OLMo 2); use method='atp' or 'atp+gd' "
+                    "for attn_q/attn_k nodes, or drop them from nodes=")
+        return found
 
     def geometry(self, layer: int, *, scale: float, post: str) -> AttentionGeometry:
         """Layer ``layer``'s geometry with the given score ``scale``; ``post`` is ``"rot_"`` where q
