@@ -53,7 +53,7 @@ def test_qk_fix_follows_the_model_or_refuses(family, method):
         want, first_order = expected[method][0][nt], expected["atp" if method == "atp+qk" else "atp+gd"][0][nt]
         scale = float(want.abs().max())
         assert float((want - first_order).abs().max()) > 1e-3 * scale, f"{name}: attention too uniform to test the fix"
-        torch.testing.assert_close(got.scores[nt], want, rtol=0, atol=1e-5 * scale, msg=lambda m: f"{name} {nt}: {m}")
+        torch.testing.assert_close(got.scores[nt], want, rtol=0, atol=1e-5 * scale, msg=f"{name} {nt}")
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
