@@ -3,12 +3,17 @@
 ``attribute(model, clean, corrupt, metric)`` ranks attention heads, their queries/keys/values,
 MLP neurons, residual vectors, SAE features or your own node types by their effect on a metric,
 in a few forward and backward passes instead of one patched run per node.
+
+``attribute_edges(model, clean, corrupt, metric)`` scores the edges between components instead (EAP,
+its QK fix, EAP-IG, exact edge patching); ``edges`` holds the rest of the edge API: circuits
+(``top_circuit``, ``threshold_circuit``), their ``faithfulness`` and MIB's ``faithfulness_curve``.
 """
 
-from . import metrics
+from . import edges, metrics
 from .adapters import NodeAdapter
 from .attribution import attribute
 from .bound import FalseNegativeBound, false_negative_bound
+from .edges import attribute_edges
 from .engine.stream import PairStream
 from .estimate import Estimate, estimate
 from .evaluate import Evaluation, evaluate
@@ -16,6 +21,7 @@ from .hookspecs import hookimpl
 from .result import AttributionResult
 from .verify import verify
 
-__all__ = ["attribute", "AttributionResult", "Estimate", "Evaluation", "FalseNegativeBound", "NodeAdapter",
-           "PairStream", "estimate", "evaluate", "false_negative_bound", "hookimpl", "metrics", "verify"]
+__all__ = ["attribute", "attribute_edges", "AttributionResult", "Estimate", "Evaluation", "FalseNegativeBound",
+           "NodeAdapter", "PairStream", "edges", "estimate", "evaluate", "false_negative_bound", "hookimpl", "metrics",
+           "verify"]
 __version__ = "0.1.0"

@@ -56,7 +56,9 @@ def test_full_graph_is_one_and_empty_circuit_is_zero(variant):
     full = Circuit(result.graph, torch.ones_like(result.scores, dtype=torch.bool))
     empty = Circuit(result.graph, torch.zeros(result.graph.n_edges, dtype=torch.bool))
     assert faithfulness(model, clean, corrupt, metric, full) == 1.0
-    assert faithfulness(model, clean, corrupt, metric, empty) == pytest.approx(0.0, abs=1e-12)
+    assert faithfulness(model, clean, corrupt, metric, empty) == 0.0  # by definition: it is not run
+    _, corrupt_m, (patched,) = result.context.circuit_metrics([~empty.keep])  # run, it is the corrupt run
+    assert patched == pytest.approx(corrupt_m, abs=1e-12)
     assert faithfulness(model, clean, corrupt, metric, list(result.graph.names)) == 1.0
 
 
@@ -147,7 +149,9 @@ def test_faithfulness_curve_and_mib_summaries():
     assert curve.faithfulness[-1] == 1.0
     assert curve.cpr == pytest.approx(np.trapezoid(want, ps), rel=1e-12)
     assert curve.cmd == pytest.approx(np.trapezoid(np.abs(1 - np.array(want)), ps), rel=1e-12)
-    assert curve.forward_passes == N * (2 + len(ps))  # clean + corrupt + one patched run per size and pair
+    assert curve.kept[0] == 0 and curve.faithfulness[0] == 0.0  # the smallest circuit is pruned empty
+    # clean + corrupt + one patched run per size and pair, but for the empty circuit (the corrupt run)
+    assert curve.forward_passes == N * (2 + len(ps) - 1)
 
 
 def test_bad_circuits():
