@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(f"atp_plugin.commands.{module_name}")
         text = (module.__doc__ or name).replace("``", "")  # the module docstring, without its reST quoting
-        p = sub.add_parser(name, help=text.strip().splitlines()[0], description=text,
+        summary = " ".join(text.strip().split("\n\n")[0].split())  # its first paragraph, however many lines
+        p = sub.add_parser(name, help=summary, description=text,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
         p.set_defaults(run=module.run)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,9 @@ DEMO_SVG, DEMO_REPORT = "atp_demo_circuit.svg", "atp_demo_circuit.html"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="demo", help="'demo' (default), a local Hugging Face model directory, or a "
                                                         "TransformerLens model name")
-    parser.add_argument("--pairs", metavar="FILE", help="JSONL or CSV file with the fields clean, corrupt, answer, "
-                                                        "wrong (with --model demo: held-out IOI pairs)")
+    parser.add_argument("--pairs", metavar="FILE", help="JSONL (one object per line), JSON array or CSV file with the "
+                                                        "fields clean, corrupt, answer, wrong, as atp rank reads it "
+                                                        "(without it, --model demo: held-out IOI pairs)")
     parser.add_argument("--n-pairs", type=int, default=32, help="held-out IOI pairs with --model demo (default 32)")
     parser.add_argument("--method", default="atp", choices=list(METHODS), help="edge scores (default atp, i.e. EAP)")
     parser.add_argument("--ig-steps", type=int, default=10, help="gradient points for --method ig (default 10)")
@@ -69,6 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     check_at_least(1, n_pairs=args.n_pairs, ig_steps=args.ig_steps, batch_size=args.batch_size)
     check_at_least(0, verify=args.verify, size=args.size)
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise UsageError(f"--threshold must be a finite number (an edge score), got {args.threshold}")
     for option, path in (("--svg", args.svg), ("--report", args.report), ("--out-csv", args.out_csv),
                          ("--out-json", args.out_json)):
         check_output(option, path)
@@ -91,8 +95,8 @@ def _task(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, str]:
         return model, task.clean, task.corrupt, metric, f"bundled IOI demo model, {args.n_pairs} held-out pairs"
     if not args.pairs:
         raise UsageError("--pairs FILE is required with a model other than the demo")
-    from .rank import _answer_ids, _read_pairs, load_model
-    pairs = _read_pairs(Path(args.pairs))
+    from .rank import _answer_ids, load_model, read_pairs
+    pairs = read_pairs(Path(args.pairs), stream=False)  # edge attribution takes lists
     model, label = load_model(args.model, "cuda" if torch.cuda.is_available() else "cpu", torch.float32, args.quiet)
     answers, wrongs = _answer_ids(model, pairs)
     return (model, [p.clean for p in pairs], [p.corrupt for p in pairs], metrics.logit_diff(answers, wrongs),
@@ -108,9 +112,12 @@ def report(result, circuit: Circuit, label: str, scored: float, args: argparse.N
     print(f"atp circuit: {label}; method {result.method}; {result.graph.n_edges} edges scored in {scored:.2f}s "
           f"({result.forward_passes} forward, {result.backward_passes} backward passes of one prompt)")
     how = f"top {args.size}" if args.threshold is None else f"score >= {args.threshold:g}"
-    print(f"circuit: {circuit.n_edges} edges ({how}, dangling edges pruned); faithfulness {f:.4f} "
-          "(1 = the full model, 0 = the corrupt run)")
-    print(frame[shown].head(30).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if circuit.n_edges:
+        print(f"circuit: {circuit.n_edges} edges ({how}, dangling edges pruned); faithfulness {f:.4f} "
+              "(1 = the full model, 0 = the corrupt run)")
+        print(frame[shown].head(30).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    else:
+        print(f"circuit: empty: {_why_empty(result, args)}; its faithfulness is 0 (it is the corrupt run)")
     if circuit.n_edges > 30:
         print(f"... {circuit.n_edges - 30} more edges in the circuit")
     out: dict[str, Any] = {"model": label, "method": result.method, "edges_scored": result.graph.n_edges,
@@ -146,6 +153,16 @@ def report(result, circuit: Circuit, label: str, scored: float, args: argparse.N
     if args.out_json:
         Path(args.out_json).write_text(json.dumps(out, indent=1))
         print(f"wrote {args.out_json}")
+
+
+def _why_empty(result, args: argparse.Namespace) -> str:
+    """Why the circuit chosen by ``--size`` or ``--threshold`` kept no edge."""
+    if args.threshold is None and args.size == 0:
+        return "--size 0 keeps no edge"
+    if args.threshold is not None and float(result.scores.max()) < args.threshold:
+        return f"no edge scores at least {args.threshold:g} (the highest score is {float(result.scores.max()):.4g})"
+    return ("pruning removed every edge kept: none lies on a path from the embedding to the logits; "
+            "keep more edges (--size) or lower --threshold")
 
 
 def demo(args: argparse.Namespace) -> int:

@@ -23,12 +23,15 @@ import csv
 import itertools
 import json
 import math
+import os
+import socket
 import sys
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Literal, overload
+from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
@@ -91,20 +94,14 @@ def run(args: argparse.Namespace) -> int:
     nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
     _check_options(args, nodes)
     _check_outputs(args, nodes)
-    path = Path(args.pairs) if args.pairs else None
-    stream = path if path is not None and _is_jsonl(path) else None
-    if stream is not None:  # every line checked now, before the model loads; tokenized later a batch at a time
-        first = list(itertools.islice(_jsonl_file(stream), PROMPTS_SHOWN))
-        if sum(1 for _ in _jsonl_file(stream)) == 0:  # reads (and checks) every line
-            raise UsageError(f"--pairs {path}: the file holds no pairs")
-    else:
-        pairs = first = _read_pairs(path) if path is not None else _given_pairs(args)
+    pairs = read_pairs(Path(args.pairs), stream=True) if args.pairs else _given_pairs(args)
+    first = list(itertools.islice(pairs, PROMPTS_SHOWN))
     device = check_device(args.device) if args.device else ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
     model, model_label = load_model(args.model, device, DTYPES[args.dtype], quiet=args.quiet)
-    if stream is not None:
+    if isinstance(pairs, JsonlPairs):  # tokenized later, a batch at a time
         known: dict[str, int] = {}  # answer word -> token id, tokenized once for every pass
-        clean: Any = PairStream.named(lambda: _labelled(model, _jsonl_file(stream), known))
+        clean: Any = PairStream.named(lambda: _labelled(model, pairs, known))
         corrupt, metric = None, metrics.logit_diff_labels()
     else:
         answers, wrongs = _answer_ids(model, pairs)
@@ -189,6 +186,33 @@ def _given_pairs(args: argparse.Namespace) -> list[Pair]:
             for i, (clean, corrupt, answer, wrong) in enumerate(zip(args.clean, args.corrupt, args.answer, args.wrong))]
 
 
+@overload
+def read_pairs(path: Path, *, stream: Literal[False]) -> list[Pair]: ...
+
+
+@overload
+def read_pairs(path: Path, *, stream: bool) -> list[Pair] | JsonlPairs: ...
+
+
+def read_pairs(path: Path, *, stream: bool) -> list[Pair] | JsonlPairs:
+    """The pairs of ``--pairs FILE``, the one reader of ``atp rank`` and ``atp circuit``: every pair
+    checked now, before any model loads, each with the line it came from (for messages).
+
+    A JSONL file comes back, with ``stream``, as ``JsonlPairs`` (read a line at a time on each pass,
+    so memory stays flat however many pairs it holds), else as a list; a JSON array or CSV file is
+    read whole, as a list."""
+    pairs: list[Pair] | JsonlPairs
+    if not _is_jsonl(path):
+        pairs = _whole_file_pairs(path)
+    elif stream:
+        pairs = JsonlPairs(path)
+    else:
+        pairs = list(JsonlPairs(path))
+    if sum(1 for _ in pairs) == 0:  # a stream read to its end: every line checked
+        raise UsageError(f"--pairs {path}: the file holds no pairs")
+    return pairs
+
+
 def _is_jsonl(path: Path) -> bool:
     """Whether ``--pairs`` is a JSONL file (read a line at a time), not a JSON array or a table."""
     if not path.is_file():
@@ -204,13 +228,18 @@ def _is_jsonl(path: Path) -> bool:
     return char != "["  # a JSON array, pretty-printed or not, whatever the file's name
 
 
-def _jsonl_file(path: Path) -> Iterator[Pair]:
-    """The pairs of a JSONL file, read a line at a time."""
-    try:
-        with path.open(encoding="utf-8-sig") as f:
-            yield from _jsonl_pairs(str(path), f)
-    except UnicodeDecodeError as e:
-        raise UsageError(f"--pairs {path}: cannot read it as UTF-8 text ({e})") from e
+@dataclass(frozen=True)
+class JsonlPairs:
+    """The pairs of a JSONL file, read a line at a time each time it is iterated."""
+
+    path: Path
+
+    def __iter__(self) -> Iterator[Pair]:
+        try:
+            with self.path.open(encoding="utf-8-sig") as f:
+                yield from _jsonl_pairs(str(self.path), f)
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--pairs {self.path}: cannot read it as UTF-8 text ({e})") from e
 
 
 def _labelled(model: Any, pairs: Iterable[Pair], known: dict[str, int]
@@ -224,9 +253,9 @@ def _labelled(model: Any, pairs: Iterable[Pair], known: dict[str, int]
         yield p.where, (p.clean, p.corrupt, [known[p.answer], known[p.wrong]])
 
 
-def _read_pairs(path: Path) -> list[Pair]:
-    """Pairs from a JSON array or CSV file (JSONL files are streamed: ``_is_jsonl``, which also
-    checks the path), each with the line it came from."""
+def _whole_file_pairs(path: Path) -> list[Pair]:
+    """Pairs from a JSON array or CSV file (``read_pairs`` reads JSONL files, and ``_is_jsonl``
+    checks the path first)."""
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel's CSV) is not part of the header
     except (OSError, UnicodeDecodeError) as e:
@@ -239,8 +268,6 @@ def _read_pairs(path: Path) -> list[Pair]:
     else:
         raise UsageError(f"--pairs {path}: unknown file type {suffix!r}; use .jsonl (one JSON object per line), "
                          ".json (a JSON array of objects) or .csv")
-    if not pairs:
-        raise UsageError(f"--pairs {path}: the file holds no pairs")
     return pairs
 
 
@@ -341,7 +368,15 @@ def load_model(spec: str, device: str, dtype: torch.dtype, quiet: bool = False) 
     try:
         from transformer_lens import HookedTransformer
     except ImportError:  # TransformerLens 4 removed it: the hub name booted as a TransformerBridge
+        _check_hub(spec, spec)
         return _boot_bridge(spec, spec, device, dtype, quiet, note)
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+    try:
+        repo = get_official_model_name(spec)
+    except ValueError:  # not a TransformerLens name: from_pretrained says so below, without the hub
+        repo = None
+    if repo is not None:
+        _check_hub(spec, repo)
     note(f"loading {spec} with HookedTransformer.from_pretrained...")
     try:
         model = HookedTransformer.from_pretrained(spec, device=device, dtype=dtype)
@@ -349,6 +384,35 @@ def load_model(spec: str, device: str, dtype: torch.dtype, quiet: bool = False) 
         raise UsageError(f"--model {spec}: could not load it as a TransformerLens model "
                          f"({type(e).__name__}: {str(e)[:300]})") from e
     return model.eval(), f"{spec} (HookedTransformer)"
+
+
+def _check_hub(spec: str, repo: str) -> None:
+    """Fail at once, rather than after half a minute of the hub client's retries, when ``repo`` is
+    not in the local Hugging Face cache and the hub cannot be reached: offline mode is set
+    (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE) or a connection to it fails within 1.5 s (not tried
+    behind a proxy, which the connection would bypass)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    try:
+        if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+            return
+    except ValueError:  # not a valid repo id: the loader says so without the hub
+        return
+    flags = [f for f in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+             if os.environ.get(f, "").upper() in ("1", "ON", "YES", "TRUE")]
+    if flags:
+        why = f"{flags[0]} is set"
+    elif any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    else:
+        host = urlsplit(constants.ENDPOINT).hostname or "huggingface.co"
+        try:
+            socket.create_connection((host, 443), timeout=1.5).close()
+            return
+        except OSError as e:
+            why = f"{host} cannot be reached: {e}"
+    raise UsageError(f"--model {spec}: could not load the Hugging Face model: offline ({why}) and {repo} is not in "
+                     f"the local Hugging Face cache ({constants.HF_HUB_CACHE}); connect, or give a local model "
+                     "directory or 'demo'")
 
 
 def _boot_bridge(spec: str, name: str, device: str, dtype: torch.dtype, quiet: bool, note) -> tuple[Any, str]:
