@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,6 +29,9 @@ from .backends import Backend
 from .backends.builtin import FEW_LAYERS
 from .engine import Metric
 from .result import AttributionResult
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 BACKWARD_COST = 2.0  # forward passes per backward pass
 DEFAULT_METHODS = ("atp", "atp+qk", "atp*", "subsampling", "hierarchical", "blocks")
@@ -61,8 +64,16 @@ class Evaluation:
         return pd.concat([own, self.curves])
 
     def plot(self, path: str | Path, *, title: str | None = None) -> Path:
-        """Write the curves as a PNG: x = true top nodes found, y = cost (log scale)."""
+        """Write the curves (``figure``) as a PNG."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.figure(title=title).savefig(path, dpi=120)
+        return path
+
+    def figure(self, *, title: str | None = None) -> Figure:
+        """The curves drawn: x = true top nodes found (a count: whole-number ticks), y = cost (log scale)."""
         from matplotlib.figure import Figure  # drawn without pyplot: matplotlib's backend is left as it is
+        from matplotlib.ticker import MaxNLocator
 
         fig = Figure(figsize=(8.0, 4.6))
         ax = fig.add_subplot()
@@ -72,6 +83,7 @@ class Evaluation:
             ax.plot(x, self.curves[method].to_numpy(), marker="o", markersize=3, label=method, **style)
         ax.set_yscale("log")
         ax.set_xlabel("true top nodes found (x)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("cost: forward passes (backward = 2)")
         ax.set_title(title or f"cost of verification: {self.n_nodes} nodes, {self.n_pairs} pairs", fontsize=10)
         if self.n_layers <= FEW_LAYERS:
@@ -80,10 +92,7 @@ class Evaluation:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout(rect=(0, 0.03, 1, 1))
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        return path
+        return fig
 
 
 def cost_of(result: AttributionResult) -> float:

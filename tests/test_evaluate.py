@@ -5,6 +5,7 @@ HookedTransformer (TransformerLens 3) and a TransformerBridge (both)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from importlib.resources import files
 
@@ -84,6 +85,14 @@ def test_rank_order_ties_and_nan():
 def test_plot(evaluation, tmp_path):
     path = evaluation.plot(tmp_path / "curves.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("top", [5, TOP])
+def test_the_count_axis_has_whole_number_ticks(evaluation, top):
+    """x counts nodes: matplotlib's default ticks over 1..5 are 1, 1.5, 2, ... (over 1..20: 2.5, 7.5, ...)."""
+    ax = dataclasses.replace(evaluation, curves=evaluation.curves.head(top)).figure().axes[0]
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert len(ticks) >= 3 and all(float(t).is_integer() for t in ticks), ticks
 
 
 def test_one_method_given_bare_is_one_method(setting, evaluation):
