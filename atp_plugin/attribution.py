@@ -15,6 +15,7 @@ from .backends import Backend
 from .engine import Engine, Metric, distributed
 from .engine.memory import check_max_memory
 from .engine.pairs import PairSource, make_pairs
+from .engine.path import with_steps
 from .engine.stream import BoundStream, PairStream
 from .errors import AtpError, UnsupportedModelError
 from .hosts import Host
@@ -94,7 +95,8 @@ def make_source(host: Host, clean: torch.Tensor | Sequence[str] | PairStream,
 def attribute(model: Any, clean: torch.Tensor | Sequence[str] | PairStream,
               corrupt: torch.Tensor | Sequence[str] | None = None, metric: Metric | None = None, *,
               nodes: str | NodeAdapter | Sequence[str | NodeAdapter] = DEFAULT_NODES,
-              method: "str | Backend" = "atp*", batch_size: int | Literal["auto"] | None = None,
+              method: "str | Backend" = "atp*", ig_steps: int | None = None,
+              batch_size: int | Literal["auto"] | None = None,
               patch_batch_size: int | None = None,
               max_memory: float | None = None, progress: bool | None = None) -> AttributionResult:
     """Score every node of the requested types by how much patching it from ``corrupt`` into
@@ -106,9 +108,10 @@ def attribute(model: Any, clean: torch.Tensor | Sequence[str] | PairStream,
     ``metric(logits, indices) -> [batch]`` (or ``metric(logits)``; on a labelled stream
     ``metric(logits, labels)``). ``nodes``: node type names or adapter instances. ``method``: a registered
     backend's name (``atp*`` by default) or a backend instance (e.g. a configured
-    ``Subsampling(n_subsets=64)``). ``batch_size`` pairs are processed at a time (16 by default);
-    ``"auto"``: the largest batch whose peak fits ``max_memory`` by ``estimate()`` (a few seconds
-    of probe runs; the gradient methods only).
+    ``Subsampling(n_subsets=64)``). ``ig_steps``: gradient points of an IG method (``"ig"``: 10 by
+    default; methods without steps ignore it), as ``attribute_edges()`` takes them. ``batch_size``
+    pairs are processed at a time (16 by default); ``"auto"``: the largest batch whose peak fits
+    ``max_memory`` by ``estimate()`` (a few seconds of probe runs; the gradient methods only).
 
     Exact patching (``ap``, ``verify``, the baselines, the bound) runs many patched copies of the
     prompts per forward pass: ``patch_batch_size`` copies, or by default as many as fit in
@@ -132,6 +135,7 @@ def attribute(model: Any, clean: torch.Tensor | Sequence[str] | PairStream,
     else:
         raise TypeError(f"method must be a backend name ({', '.join(sorted(backends))}) or an object with "
                         f"`name` and `run(engine)`, got {method!r}")
+    backend = with_steps(backend, ig_steps)
     if metric is None:
         raise TypeError("attribute() needs a metric: attribute(model, clean, corrupt, metric) or "
                         "attribute(model, PairStream(...), metric=metric)")

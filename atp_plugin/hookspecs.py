@@ -1,4 +1,4 @@
-"""The plugin contract: the hooks through which backends, node adapters and hosts register.
+"""The plugin contract: the hooks through which backends, edge methods, node adapters and hosts register.
 
 Built-ins register through these same hooks; third-party packages declare an entry point in
 the group ``atp_plugin`` pointing at a module that implements some of them with ``@hookimpl``.
@@ -38,4 +38,13 @@ def atp_register_hosts(register: Callable[[Any], None]) -> None:
 
     A host class has a ``name``, ``accepts(model) -> bool`` and wraps a model for the engine
     (see ``atp_plugin.hosts.Host``).
+    """
+
+
+@hookspec
+def atp_register_edge_methods(register: Callable[[Any], None]) -> None:
+    """Register edge attribution methods: call ``register(method)`` for each.
+
+    An edge method has a ``name`` (what users pass as ``attribute_edges(method=...)``), a one-line
+    ``description`` and ``run(ctx, per_position) -> (scores, signed)`` (see ``atp_plugin.edges.methods``).
     """

@@ -27,9 +27,11 @@ BUILTINS = (
     "atp_plugin.backends.ig",
     "atp_plugin.hosts.hooked",
     "atp_plugin.hosts.bridge",
+    "atp_plugin.edges.methods",
 )
 SKIP = f"fix or uninstall the plugin, or leave it out with {ENV_VAR}=<the plugins to load>"
-KINDS = {"backends": "atp_register_backends", "adapters": "atp_register_adapters", "hosts": "atp_register_hosts"}
+KINDS = {"backends": "atp_register_backends", "edge_methods": "atp_register_edge_methods",
+         "adapters": "atp_register_adapters", "hosts": "atp_register_hosts"}
 
 
 @dataclass
@@ -119,6 +121,11 @@ def registries(reload: bool = False) -> dict[str, Registry]:
 def backends() -> dict[str, Any]:
     """Registered attribution backends by name."""
     return registries()["backends"].items
+
+
+def edge_methods() -> dict[str, Any]:
+    """Registered edge attribution methods by name."""
+    return registries()["edge_methods"].items
 
 
 def adapters() -> dict[str, Any]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from atp_plugin import PairStream, attribute, false_negative_bound, metrics
-from atp_plugin.edges import attribute_edges
+from atp_plugin.edges import attribute_edges, faithfulness_of, top_circuit
 from atp_plugin.errors import AtpError, MetricError
 from atp_plugin.report import token_scores, write_report
 from distributed_case import CLEAN, CORRUPT
@@ -167,8 +167,28 @@ def test_bad_jsonl_lines_and_labels_are_named(model, tmp_path):
         attribute(model, CLEAN, CORRUPT, metrics.logit_diff_labels(), nodes=["attn_z"], method="atp")
     with pytest.raises(MetricError, match="use metrics.logit_diff_labels"):
         attribute(model, PairStream(labelled()), metric=metrics.logit_diff(ANSWERS, WRONGS), nodes=["attn_z"])
-    with pytest.raises(TypeError, match="a PairStream is read by attribute"):
-        attribute_edges(model, PairStream(labelled()), None, metrics.logit_diff_labels())
+    with pytest.raises(TypeError, match="a PairStream holds both prompts"):
+        attribute_edges(model, PairStream(labelled()), CORRUPT, metrics.logit_diff_labels())
+
+
+@pytest.mark.parametrize("method", ["atp", "atp+qk", "ig", "ap"])
+@pytest.mark.parametrize("per_position", [False, True])
+def test_edges_on_a_stream_equal_the_lists(model, method, per_position):
+    """Edge scores, their exact verification and a circuit's faithfulness read the pairs through the
+    node engine's batching: the same numbers from a stream as from lists."""
+    lists = attribute_edges(model, CLEAN, CORRUPT, metrics.logit_diff(ANSWERS, WRONGS), method=method, ig_steps=3,
+                            per_position=per_position, batch_size=2)
+    streamed = attribute_edges(model, PairStream(labelled()), metric=metrics.logit_diff_labels(), method=method,
+                               ig_steps=3, per_position=per_position, batch_size=3)
+    same({"scores": lists.scores, "signed": lists.signed}, {"scores": streamed.scores, "signed": streamed.signed})
+    assert torch.equal(lists.pairs, streamed.pairs) and streamed.n_pairs == lists.n_pairs == len(CLEAN)
+    assert (streamed.forward_passes, streamed.backward_passes) == (lists.forward_passes, lists.backward_passes)
+    torch.testing.assert_close(torch.tensor(streamed.verify(3)[["effect", "mean_abs_effect"]].to_numpy()),
+                               torch.tensor(lists.verify(3)[["effect", "mean_abs_effect"]].to_numpy()),
+                               rtol=0, atol=1e-12)
+    if not per_position:
+        circuit = top_circuit(lists, 6)
+        assert abs(faithfulness_of(streamed, [circuit])[0] - faithfulness_of(lists, [circuit])[0]) < 1e-12
 
 
 def test_the_bound_asks_for_lists(model):

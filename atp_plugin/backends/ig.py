@@ -14,13 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..edges.scores import interpolate, path_points
 from ..engine.pairs import Batch
+from ..engine.path import DEFAULT_STEPS, check_steps, interpolate, path_points
 from ..engine.runs import run
 from ..hookspecs import hookimpl
 
 EMBED_HOOK = "blocks.0.hook_resid_pre"
-DEFAULT_STEPS = 10
 
 
 @dataclass(frozen=True)
@@ -30,9 +29,10 @@ class IntegratedGradients:
     steps: int = DEFAULT_STEPS
     name: str = "ig"
 
+    def __post_init__(self) -> None:
+        check_steps(self.steps)
+
     def run(self, engine):
-        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
-            raise ValueError(f"steps must be a positive int (gradient points along the path), got {self.steps!r}")
         sites = engine.sites()
         sums_abs: dict = {}
         sums: dict = {}

@@ -23,9 +23,8 @@ from typing import Any
 
 import torch
 
-from .. import metrics
+from .. import metrics, plugins
 from ..edges import (
-    METHODS,
     Circuit,
     attribute_edges,
     faithfulness_curve,
@@ -47,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                         "fields clean, corrupt, answer, wrong, as atp rank reads it "
                                                         "(without it, --model demo: held-out IOI pairs)")
     parser.add_argument("--n-pairs", type=int, default=32, help="held-out IOI pairs with --model demo (default 32)")
-    parser.add_argument("--method", default="atp", choices=list(METHODS), help="edge scores (default atp, i.e. EAP)")
+    parser.add_argument("--method", default="atp",
+                        help="a registered edge method: atp (default, i.e. EAP), atp+qk, ig, ap, or a plugin's")
     parser.add_argument("--ig-steps", type=int, default=10, help="gradient points for --method ig (default 10)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--size", type=int, default=40, help="keep the top N edges, then prune (default 40)")
@@ -73,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
     check_at_least(0, verify=args.verify, size=args.size)
     if args.threshold is not None and not math.isfinite(args.threshold):
         raise UsageError(f"--threshold must be a finite number (an edge score), got {args.threshold}")
+    if args.method not in plugins.edge_methods():
+        known = ", ".join(plugins.edge_methods())
+        raise UsageError(f"--method {args.method}: not an edge method; known: {known}")
     for option, path in (("--svg", args.svg), ("--report", args.report), ("--out-csv", args.out_csv),
                          ("--out-json", args.out_json)):
         check_output(option, path)

@@ -1,8 +1,9 @@
 """Edges: attribution patching for the connections between components (EAP, EAP with the QK fix,
 EAP-IG, exact edge patching), circuits, their faithfulness and cost-of-verification curves. See
-``graph`` for the edge graph and its naming."""
+``graph`` for the edge graph and its naming; edge methods register through
+``atp_register_edge_methods`` (``methods``)."""
 
-from .attribute import METHODS, attribute_edges
+from .attribute import attribute_edges
 from .circuit import (
     MIB_PERCENTAGES,
     Circuit,
@@ -18,6 +19,6 @@ from .evaluate import evaluate_edges
 from .graph import Graph, Receiver, Sender
 from .result import EdgeResult
 
-__all__ = ["METHODS", "MIB_PERCENTAGES", "Circuit", "EdgeResult", "FaithfulnessCurve", "Graph", "Receiver", "Sender",
+__all__ = ["MIB_PERCENTAGES", "Circuit", "EdgeResult", "FaithfulnessCurve", "Graph", "Receiver", "Sender",
            "attribute_edges", "evaluate_edges", "faithfulness", "faithfulness_curve", "faithfulness_of", "pruned",
            "threshold_circuit", "top_circuit"]

@@ -180,6 +180,7 @@ def faithfulness(model: Any, clean, corrupt, metric, circuit: Circuit | Sequence
     ``circuit`` (a ``Circuit`` or edge names) patched from the corrupt prompt."""
     with eval_mode(model, "faithfulness()"):
         ctx = make_context(model, clean, corrupt, metric, batch_size=batch_size, patch_batch_size=patch_batch_size)
+        ctx.check_structure()
         return _faithfulness(ctx, [_as_circuit(ctx.graph, circuit)])[0]
 
 

@@ -1,99 +1,155 @@
-"""Everything an edge computation runs on: the model's parts and graph, the pairs, the metric, and
-counters of the forward and backward passes spent (each of one prompt)."""
+"""Everything an edge computation runs on: the model's structure and graph, and the node engine that
+holds the pairs, the bound metric, batching (lists, ``PairStream``s, ``torch.distributed`` ranks),
+progress and the counts of forward and backward passes spent (each of one prompt)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
-from tqdm.auto import tqdm
 
-from ..engine.pairs import Pairs
+from ..engine import Engine, distributed
+from ..engine.pairs import Batch, PairSource
+from ..engine.runs import run
+from ..hosts.structure import Structure, check_structure
 from .graph import Graph
-from .model import Parts
 from .patching import Complement, SingleEdges, Writes, noise_run, patched_logits
+from .values import receiver_hooks, sender_hooks
+
+#: (batch number, batch, metric of the batch's logits) -> per-pair estimates [batch, edge, pos]
+Estimator = Callable[[int, Batch, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
 
 
-@dataclass
 class Context:
-    parts: Parts
-    graph: Graph
-    pairs: Pairs
-    metric: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # bound: (logits, pair indices) -> [batch]
-    dtype: torch.dtype  # accumulation dtype
-    batch_size: int
-    patch_batch_size: int
-    progress: bool | None = None
-    forward_passes: int = 0
-    backward_passes: int = 0
+    """One ``attribute_edges()`` call's model, graph and engine; what edge methods, ``verify`` and
+    faithfulness run through. Under ``torch.distributed`` each rank runs its share of the pairs,
+    sums are added over ranks, and the pass counts are this rank's own (as the node engine's)."""
+
+    def __init__(self, parts: Structure, graph: Graph, engine: Engine):
+        self.parts, self.graph, self.engine = parts, graph, engine
 
     @property
     def host(self) -> Any:
-        return self.parts.host
+        return self.engine.host
 
-    def batches(self, desc: str) -> Iterator[torch.Tensor]:
-        chunks = list(torch.arange(self.pairs.n).split(self.batch_size))
-        quiet = (not self.progress) if self.progress is not None else (True if len(chunks) < 4 else None)
-        yield from tqdm(chunks, desc=desc, disable=quiet, leave=False)
+    @property
+    def pairs(self) -> PairSource:
+        return self.engine.pairs
 
-    def bound(self, idx: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The metric of pairs ``idx`` as a function of the logits alone."""
-        return lambda logits: self.metric(logits, idx)
+    @property
+    def dtype(self) -> torch.dtype:
+        """The accumulation dtype: float64 for float64 models, else float32."""
+        return self.engine.acc
 
-    def clean_metric(self, idx: torch.Tensor) -> torch.Tensor:
-        """The metric on the clean prompts of pairs ``idx`` ``[len(idx)]``."""
+    @property
+    def forward_passes(self) -> int:
+        return self.engine.forward_passes
+
+    @forward_passes.setter
+    def forward_passes(self, value: int) -> None:
+        self.engine.forward_passes = value
+
+    @property
+    def backward_passes(self) -> float:
+        return self.engine.backward_passes
+
+    @backward_passes.setter
+    def backward_passes(self, value: float) -> None:
+        self.engine.backward_passes = value
+
+    def batches(self, desc: str) -> Iterator[Batch]:
+        """This rank's batches of pairs, with progress (the node engine's)."""
+        return self.engine.batches(desc)
+
+    def bound(self, batch: Batch) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The metric of ``batch``'s pairs as a function of the logits alone."""
+        return lambda logits: self.engine.metric(logits, batch.key)
+
+    def check_structure(self) -> None:
+        """Check on one clean prompt, before the method runs (not counted as its cost), that the
+        host's structure reproduces the model's own values (``hosts.structure.check_structure``)."""
+        first = next(iter(self.pairs.batches(1, [0])))
         with torch.no_grad():
-            logits = self.host.run(self.pairs.clean[idx], self.pairs.mask[idx].long(), [])
-        self.forward_passes += len(idx)
-        return self.metric(logits, idx).to(self.dtype)
+            _, values = run(self.host, first.clean, first.mask, receiver_hooks(self.parts) | sender_hooks(self.parts))
+        check_structure(self.parts, values, first.mask)
 
-    def noise(self, idx: torch.Tensor) -> tuple[torch.Tensor, Writes]:
-        """The metric on the corrupt prompts of pairs ``idx`` and their sender writes."""
-        logits, writes = noise_run(self.parts, self.pairs.corrupt[idx], self.pairs.mask[idx])
-        self.forward_passes += len(idx)
-        return self.metric(logits, idx).to(self.dtype), writes
+    def check_qk(self) -> None:
+        """Fail before any run where the edge QK fix cannot serve a layer's attention."""
+        for layer in range(self.parts.n_layers):
+            self.host.attention(layer)
+            self.parts.check_rotary(layer)
 
-    def patched_metric(self, idx: torch.Tensor, noise: Writes, plan: SingleEdges | Complement) -> torch.Tensor:
-        """The metric on copies of the clean prompts of pairs ``idx`` ``[copies]`` with ``plan`` patched."""
-        logits = patched_logits(self.parts, self.graph, self.pairs.clean[idx], self.pairs.mask[idx], noise, plan,
-                                self.dtype)
-        self.forward_passes += len(idx)
-        return self.metric(logits, idx).to(self.dtype)
+    def first_order(self, desc: str, per_position: bool, forward: int, backward: int, estimate: Estimator
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Means over pairs of |I| and I of every edge, ``[edge]`` (each edge at every position, to
+        first order the sum over positions) or ``[edge, pos]``, from ``estimate`` on each batch;
+        counts ``forward``/``backward`` passes per pair."""
+        sums = abs_sums = torch.zeros((), dtype=self.dtype)  # grow to [edge(, pos)] on the first batch
+        for n, batch in enumerate(self.batches(desc)):
+            est = estimate(n, batch, self.bound(batch)).cpu()  # [batch, edge, pos]
+            self.forward_passes += forward * len(batch.idx)
+            self.backward_passes += backward * len(batch.idx)
+            if not per_position:
+                est = est.sum(-1)  # [batch, edge]: the edge patched at every position, to first order
+            sums, abs_sums = sums + est.sum(0), abs_sums + est.abs().sum(0)
+        sums, abs_sums = distributed.all_sum(sums), distributed.all_sum(abs_sums)
+        count = self.pairs.counts.cpu().to(self.dtype).clamp(min=1) if per_position else float(self.pairs.n)
+        return abs_sums / count, sums / count
+
+    def clean_metric(self, batch: Batch) -> torch.Tensor:
+        """The metric on the clean prompts of ``batch`` ``[batch]``."""
+        with torch.no_grad():
+            logits = self.host.run(batch.clean, batch.mask.long(), [])
+        self.forward_passes += len(batch.idx)
+        return self.engine.metric(logits, batch.key).to(self.dtype)
+
+    def noise(self, batch: Batch) -> tuple[torch.Tensor, Writes]:
+        """The metric on the corrupt prompts of ``batch`` and their sender writes."""
+        logits, writes = noise_run(self.parts, batch.corrupt, batch.mask)
+        self.forward_passes += len(batch.idx)
+        return self.engine.metric(logits, batch.key).to(self.dtype), writes
+
+    def patched_metric(self, batch: Batch, noise: Writes, plan: SingleEdges | Complement) -> torch.Tensor:
+        """The metric on copies of ``batch``'s clean prompts ``[copies]`` with ``plan`` patched."""
+        logits = patched_logits(self.parts, self.graph, batch.clean, batch.mask, noise, plan, self.dtype)
+        self.forward_passes += len(batch.idx)
+        return self.engine.metric(logits, batch.key).to(self.dtype)
 
     def edge_effects(self, edges: torch.Tensor, pos: torch.Tensor, desc: str = "edge patching"
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean over pairs of the exact effect I = L(clean | edge patched) - L(clean) of each edge
         ``edges[i]`` at position ``pos[i]`` (-1: every position), and the mean over pairs of |I|;
         one patched copy per (pair, edge), pairs where the position is padding skipped. ``[len(edges)]`` each."""
+        size = self.engine.patch_batch_size
+        assert size is not None  # attribute_edges() always gives one
         sums, abs_sums = torch.zeros(len(edges), dtype=self.dtype), torch.zeros(len(edges), dtype=self.dtype)
         count = torch.zeros(len(edges), dtype=self.dtype)
-        for idx in self.batches(desc):
-            base = self.clean_metric(idx).cpu()
-            _, noise = self.noise(idx)
-            mask = self.pairs.mask[idx].cpu()
+        for batch in self.batches(desc):
+            base = self.clean_metric(batch).cpu()
+            _, noise = self.noise(batch)
+            mask = batch.mask.cpu()
             real = (pos[None] < 0) | mask[:, pos.clamp(min=0)]  # [batch, edges]
             pair, which = real.nonzero(as_tuple=True)
-            for chunk in torch.arange(len(pair)).split(self.patch_batch_size):
+            for chunk in torch.arange(len(pair)).split(size):
                 p, w = pair[chunk], which[chunk]
-                vals = self.patched_metric(idx[p], noise.rows(p), SingleEdges(edges[w], pos[w])).cpu()
+                vals = self.patched_metric(batch.rows(p), noise.rows(p), SingleEdges(edges[w], pos[w])).cpu()
                 effect = vals - base[p]
                 sums.index_add_(0, w, effect)
                 abs_sums.index_add_(0, w, effect.abs())
                 count.index_add_(0, w, torch.ones(len(w), dtype=self.dtype))
-        return sums / count.clamp(min=1), abs_sums / count.clamp(min=1)
+        count = distributed.all_sum(count).clamp(min=1)
+        return distributed.all_sum(sums) / count, distributed.all_sum(abs_sums) / count
 
     def circuit_metrics(self, patched: list[torch.Tensor], desc: str = "faithfulness"
                         ) -> tuple[float, float, list[float]]:
         """Means over pairs of the metric on the clean prompts, on the corrupt prompts, and with the
         edges marked in each of ``patched`` (``[edge]`` or ``[edge, pos]`` bool) patched at once."""
-        clean = corrupt = 0.0
-        circuits = [0.0] * len(patched)
-        for idx in self.batches(desc):
-            clean += float(self.clean_metric(idx).sum())
-            bad, noise = self.noise(idx)
-            corrupt += float(bad.sum())
+        sums = torch.zeros(2 + len(patched), dtype=self.dtype)  # clean, corrupt, each circuit
+        for batch in self.batches(desc):
+            sums[0] += self.clean_metric(batch).sum().cpu()
+            bad, noise = self.noise(batch)
+            sums[1] += bad.sum().cpu()
             for i, mask in enumerate(patched):
-                circuits[i] += float(self.patched_metric(idx, noise, Complement(mask)).sum())
-        n = self.pairs.n
-        return clean / n, corrupt / n, [c / n for c in circuits]
+                sums[2 + i] += self.patched_metric(batch, noise, Complement(mask)).sum().cpu()
+        means = (distributed.all_sum(sums) / self.pairs.n).tolist()
+        return means[0], means[1], means[2:]

@@ -14,8 +14,9 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from .. import plugins
 from ..evaluate import BACKWARD_COST, rank_order
-from .attribute import METHODS, attribute_edges
+from .attribute import attribute_edges
 from .result import EdgeResult
 
 
@@ -32,9 +33,10 @@ def evaluate_edges(model: Any, clean, corrupt, metric, *, methods: Sequence[str]
     Returns the curves (index ``x`` = 0..top_x, row 0 each method's own cost; one column per method
     plus ``"oracle"``, which verifies exactly the true top x for free) and the ``ap`` result.
     """
-    unknown = [m for m in methods if m not in METHODS or m == "ap"]
+    registered = plugins.edge_methods()
+    unknown = [m for m in methods if m not in registered or m == "ap"]
     if unknown or not methods:
-        known = ", ".join(m for m in METHODS if m != "ap")
+        known = ", ".join(m for m in registered if m != "ap")
         raise ValueError(f"methods must be edge methods other than 'ap' ({known}), got {list(methods)!r}")
     options: dict[str, Any] = dict(ig_steps=ig_steps, per_position=per_position, batch_size=batch_size, progress=False)
     truth = attribute_edges(model, clean, corrupt, metric, method="ap", **options)

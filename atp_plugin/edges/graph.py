@@ -20,7 +20,7 @@ from functools import cached_property
 
 import torch
 
-from .model import Parts
+from ..hosts.structure import Structure
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class Graph:
         return sum(1 for s in self.senders if s.stage < stage)
 
 
-def build_graph(parts: Parts) -> Graph:
+def build_graph(parts: Structure) -> Graph:
     """The edge graph of the model ``parts`` describes."""
     n, gqa = parts.n_layers, parts.n_kv != parts.n_heads
     senders = [Sender("embed", "embed", -1, -1, 0)]

@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 
 from ..engine.runs import run
+from ..hosts.structure import Structure, hook_names
 from .graph import Graph
-from .model import Parts, hook_names
 from .values import head_writes, sender_hooks
 
 
@@ -50,7 +50,7 @@ class Writes:
     mlp: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, parts: Parts, values: dict[str, torch.Tensor]) -> "Writes":
+    def of(cls, parts: Structure, values: dict[str, torch.Tensor]) -> "Writes":
         w = cls(values[hook_names(0).resid_pre])
         for layer in range(parts.n_layers):
             w.z[layer] = values[hook_names(layer).z]
@@ -62,7 +62,7 @@ class Writes:
         return Writes(self.embed[rows], {k: v[rows] for k, v in self.z.items()},
                       {k: v[rows] for k, v in self.mlp.items()})
 
-    def all_before(self, parts: Parts, n: int, dtype: torch.dtype) -> torch.Tensor:
+    def all_before(self, parts: Structure, n: int, dtype: torch.dtype) -> torch.Tensor:
         """Writes of the first ``n`` senders: ``[copies, pos, n, d_model]``."""
         out = [self.embed.to(dtype)[:, :, None]]
         for layer in range(parts.n_layers):
@@ -72,7 +72,7 @@ class Writes:
                 out.append(self.mlp[layer].to(dtype)[:, :, None])
         return torch.cat(out, dim=2)[:, :, :n]
 
-    def one(self, parts: Parts, graph: Graph, sender: int, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def one(self, parts: Structure, graph: Graph, sender: int, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """One sender's write in copies ``rows``: ``[rows, pos, d_model]``."""
         s = graph.senders[sender]
         if s.kind == "embed":
@@ -83,7 +83,7 @@ class Writes:
         return torch.einsum("bte,ed->btd", z, parts.W_O(s.layer)[s.head].to(dtype))
 
 
-def noise_run(parts: Parts, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, Writes]:
+def noise_run(parts: Structure, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, Writes]:
     """Logits and sender writes of the corrupt prompts (one forward, no grad)."""
     with torch.no_grad():
         logits, values = run(parts.host, tokens, mask, sender_hooks(parts))
@@ -94,7 +94,7 @@ class _Deltas:
     """How each receiver's read changes in one patched run: delta ``[copies, pos, receivers, d]``
     for a group of receivers, from the noise writes and the writes live in this run."""
 
-    def __init__(self, parts: Parts, graph: Graph, plan: SingleEdges | Complement, noise: Writes,
+    def __init__(self, parts: Structure, graph: Graph, plan: SingleEdges | Complement, noise: Writes,
                  live: Writes, mask: torch.Tensor, dtype: torch.dtype):
         self.parts, self.graph, self.plan, self.noise, self.live, self.dtype = parts, graph, plan, noise, live, dtype
         self.mask = mask.to(dtype)  # [copies, pos]: padding positions are never patched
@@ -141,7 +141,7 @@ class _Deltas:
         return delta, patched.to(delta.device)
 
 
-def patched_logits(parts: Parts, graph: Graph, tokens: torch.Tensor, mask: torch.Tensor, noise: Writes,
+def patched_logits(parts: Structure, graph: Graph, tokens: torch.Tensor, mask: torch.Tensor, noise: Writes,
                    plan: SingleEdges | Complement, dtype: torch.dtype) -> torch.Tensor:
     """Logits of ``tokens`` ``[copies, pos]`` with the edges of ``plan`` patched from ``noise``
     (the corrupt writes of each copy's pair, ``[copies, ...]``)."""

@@ -34,7 +34,7 @@ class EdgeResult:
     n_pairs: int
     alignment: str
     forward_passes: int
-    backward_passes: int
+    backward_passes: float
     context: Context = field(repr=False)
 
     def __repr__(self) -> str:

@@ -17,17 +17,18 @@ from typing import Callable
 
 import torch
 
+from ..engine.path import interpolate, path_points
 from ..engine.runs import run
 from ..hosts import AttentionGeometry
+from ..hosts.structure import Structure, check_structure, hook_names
 from . import qk as qkfix
 from .graph import Graph
-from .model import Parts, check_structure, hook_names
 from .values import ReadSum, edge_products, grad_targets, receiver_grads, receiver_hooks, sender_hooks, sender_writes
 
 Metric = Callable[[torch.Tensor], torch.Tensor]  # logits -> [batch]
 
 
-def _gradient_run(parts: Parts, tokens: torch.Tensor, mask: torch.Tensor, metric: Metric, extra: set[str],
+def _gradient_run(parts: Structure, tokens: torch.Tensor, mask: torch.Tensor, metric: Metric, extra: set[str],
                   patches: dict | None = None, senders: bool = True
                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One forward + backward: hook values (detached; the senders' with ``senders``) and the
@@ -40,7 +41,7 @@ def _gradient_run(parts: Parts, tokens: torch.Tensor, mask: torch.Tensor, metric
     return {h: v.detach() for h, v in values.items()}, dict(zip(targets, grads))
 
 
-def atp_batch(parts: Parts, graph: Graph, tokens: torch.Tensor, corrupt: torch.Tensor, mask: torch.Tensor,
+def atp_batch(parts: Structure, graph: Graph, tokens: torch.Tensor, corrupt: torch.Tensor, mask: torch.Tensor,
               metric: Metric, dtype: torch.dtype, *, qk: bool, check: bool = False) -> torch.Tensor:
     """Iatp (Iqk for edges into q/k with ``qk``) per pair, edge and position: ``[batch, edge, pos]``, 0
     at padding. ``check``: first check the model's structure on the clean run's first prompt."""
@@ -62,7 +63,7 @@ def atp_batch(parts: Parts, graph: Graph, tokens: torch.Tensor, corrupt: torch.T
     return out * mask[:, None, :]
 
 
-def ig_batch(parts: Parts, graph: Graph, tokens: torch.Tensor, corrupt: torch.Tensor, mask: torch.Tensor,
+def ig_batch(parts: Structure, graph: Graph, tokens: torch.Tensor, corrupt: torch.Tensor, mask: torch.Tensor,
              metric: Metric, dtype: torch.dtype, steps: int) -> torch.Tensor:
     """Iig per pair, edge and position ``[batch, edge, pos]``: the sender's change dotted with the
     receiver's gradient averaged over ``steps`` runs along the embedding path."""
@@ -86,19 +87,7 @@ def ig_batch(parts: Parts, graph: Graph, tokens: torch.Tensor, corrupt: torch.Te
         return edge_products(graph, delta, reads.blocks()).div_(steps) * mask[:, None, :]
 
 
-def path_points(steps: int) -> list[float]:
-    """The interpolation weights k/m, k = 1..m, of the right-endpoint rule."""
-    return [k / steps for k in range(1, steps + 1)]
-
-
-def interpolate(noise: torch.Tensor, alpha: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A patch setting a site to clean + alpha (noise - clean), the clean value being what flows there."""
-    def patch(x: torch.Tensor) -> torch.Tensor:
-        return x + alpha * (noise.to(x.dtype) - x)
-    return patch
-
-
-def _qk_fix(parts: Parts, graph: Graph, layer: int, geom: AttentionGeometry, values: dict[str, torch.Tensor],
+def _qk_fix(parts: Structure, graph: Graph, layer: int, geom: AttentionGeometry, values: dict[str, torch.Tensor],
             grads: dict[str, torch.Tensor], delta: torch.Tensor, dz: list[torch.Tensor], mask: torch.Tensor,
             out: torch.Tensor, dtype: torch.dtype) -> None:
     """Overwrite ``out`` ``[batch, edge, pos]`` at edges into the layer's queries and keys with Iqk.
@@ -125,14 +114,14 @@ def _qk_fix(parts: Parts, graph: Graph, layer: int, geom: AttentionGeometry, val
         out[:, edges.flatten()] = eff.transpose(2, 3).flatten(1, 2)  # eff [batch, senders, pos, receivers]
 
 
-def _read_changes(parts: Parts, layer: int, x: torch.Tensor, delta: torch.Tensor, dz: list[torch.Tensor],
+def _read_changes(parts: Structure, layer: int, x: torch.Tensor, delta: torch.Tensor, dz: list[torch.Tensor],
                   w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(ln1(x + delta_u) - ln1(x)) @ ``w`` for every sender u: ``[senders, batch, pos, out]`` from the
     residual ``x`` ``[batch, pos, d_model]``, the senders' changes ``delta`` ``[batch, pos, senders,
     d_model]`` (embedding, earlier layers' heads and MLPs), the heads' z changes ``dz`` (one
     ``[batch, pos, head, d_head]`` per earlier layer) and ``w`` ``[d_model, out]``.
 
-    Closed-form norms (``Parts.ln1_stats``): with x_c the centred x, d_c u's centred change, s and
+    Closed-form norms (``Structure.ln1_stats``): with x_c the centred x, d_c u's centred change, s and
     s' the norm's scale before and after, ln1(x + d) - ln1(x) = w (d_c / s' + x^ (s / s' - 1)), s'^2
     = s^2 + (2 x_c . d + d_c . d_c) / d_model. So the product needs (d_c / s') @ (w W) per sender
     only, and for a head that is (dz / s') @ (W_O (w W)): d_head rather than d_model wide, about a

@@ -4,7 +4,7 @@ A sender's write is what it adds to the residual stream (the embedding, ``z_h @ 
 output); a receiver's gradient is dL/d(the residual as that receiver alone reads it):
 
 * a head's query/key/value input: dL/d(hook_q/k/v of that head) pulled back through ``W`` and the
-  Jacobian of ``ln1`` at the run's residual (``Parts.ln1_vjp``);
+  Jacobian of ``ln1`` at the run's residual (``Structure.ln1_vjp``);
 * an MLP's input: dL/d(resid_mid) - dL/d(resid_post) in a sequential block (resid_post =
   resid_mid + mlp_out); dL/d(resid_pre) - dL/d(resid_post) minus the layer's attention reads in a
   parallel block (resid_post = resid_pre + attn_out + mlp_out);
@@ -17,11 +17,11 @@ from typing import Iterable, Iterator
 
 import torch
 
+from ..hosts.structure import NormStats, Structure, hook_names
 from .graph import Graph
-from .model import NormStats, Parts, hook_names
 
 
-def sender_hooks(parts: Parts) -> set[str]:
+def sender_hooks(parts: Structure) -> set[str]:
     """Hooks holding every sender's write."""
     out = {hook_names(0).resid_pre}
     for layer in range(parts.n_layers):
@@ -32,7 +32,7 @@ def sender_hooks(parts: Parts) -> set[str]:
     return out
 
 
-def receiver_hooks(parts: Parts) -> set[str]:
+def receiver_hooks(parts: Structure) -> set[str]:
     """Hooks whose values and gradients give every receiver's gradient."""
     out = set()
     for layer in range(parts.n_layers):
@@ -43,12 +43,12 @@ def receiver_hooks(parts: Parts) -> set[str]:
     return out
 
 
-def head_writes(parts: Parts, layer: int, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def head_writes(parts: Structure, layer: int, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Each head's write ``z_h @ W_O[h]``: ``[batch, pos, head, d_model]`` from z ``[batch, pos, head, d_head]``."""
     return torch.einsum("bthe,hed->bthd", z.to(dtype), parts.W_O(layer).to(dtype))
 
 
-def sender_writes(parts: Parts, values: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def sender_writes(parts: Structure, values: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """Every sender's write, in graph order: ``[batch, pos, sender, d_model]``."""
     writes = [values[hook_names(0).resid_pre].to(dtype)[:, :, None]]
     for layer in range(parts.n_layers):
@@ -59,12 +59,12 @@ def sender_writes(parts: Parts, values: dict[str, torch.Tensor], dtype: torch.dt
     return torch.cat(writes, dim=2)
 
 
-def attention_reads(parts: Parts, layer: int, x: torch.Tensor, grads: dict[str, torch.Tensor],
+def attention_reads(parts: Structure, layer: int, x: torch.Tensor, grads: dict[str, torch.Tensor],
                     dtype: torch.dtype) -> torch.Tensor:
     """dL/d(residual ``x`` ``[batch, pos, d_model]`` as each q, k and v input of the layer reads it):
     ``[batch, pos, n_heads + 2 n_kv, d_model]`` in the order q heads, k kv-heads, v kv-heads.
 
-    With a closed-form ln1 (``Parts.ln1_stats``), gw = (w * W) g is the only d_model-space product:
+    With a closed-form ln1 (``Structure.ln1_stats``), gw = (w * W) g is the only d_model-space product:
     mean(gw x^) and mean(gw) come from head space, (x^ . w W) . g and (mean_d w W) . g, so the
     Jacobian costs three passes over the reads instead of eight."""
     h = hook_names(layer)
@@ -85,7 +85,7 @@ def attention_reads(parts: Parts, layer: int, x: torch.Tensor, grads: dict[str, 
     return gw.div_(st.scale[:, :, None])
 
 
-def receiver_grads(parts: Parts, values: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+def receiver_grads(parts: Structure, values: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
                    dtype: torch.dtype) -> Iterator[torch.Tensor]:
     """Every receiver's gradient, in graph order, as blocks of receivers that read at one stage (a
     layer's attention reads, its MLP, the logits): ``[batch, pos, receivers of the block, d_model]`` each,
@@ -107,7 +107,7 @@ def receiver_grads(parts: Parts, values: dict[str, torch.Tensor], grads: dict[st
 class ReadSum:
     """The sum over IG steps of every receiver's gradient, as ``receiver_grads``' blocks.
 
-    Where ln1 has a closed form (``Parts.ln1_stats``) a step's attention reads are added in head
+    Where ln1 has a closed form (``Structure.ln1_stats``) a step's attention reads are added in head
     space, so a step costs its forward and backward pass and O(reads x d_head) per position, and the
     d_model-space reads are formed once: with W' = w * W, s_k and x^_k the norm's scale and output
     at step k, sum_k J_k^T W g_k = W' A - [mean_d(W' A)] - sum_k x^_k c_k, where A = sum_k g_k / s_k
@@ -115,7 +115,7 @@ class ReadSum:
     reads in d_model space (``attention_reads``).
     """
 
-    def __init__(self, parts: Parts, dtype: torch.dtype):
+    def __init__(self, parts: Structure, dtype: torch.dtype):
         self.parts, self.dtype = parts, dtype
         self.head: dict[int, torch.Tensor] = {}  # layer -> A [batch, pos, reads, d_head]
         self.corr: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # layer -> [(x^_k, c_k)]
@@ -141,7 +141,7 @@ class ReadSum:
             return torch.einsum("btd,rde->btre", st.normed if st.w is None else st.normed * st.w, w)
         if layer not in self.offset:  # [reads, d_head]
             b = torch.cat([self.parts.weights(layer, which)[1] for which in "qkv"]).to(self.dtype)
-            b_ln = getattr(self.parts.block(layer).ln1, "b", None)
+            b_ln = self.parts.ln1_bias(layer)
             self.offset[layer] = b if b_ln is None else b + torch.einsum("d,rde->re", b_ln.to(self.dtype), w)
         h = hook_names(layer)
         return torch.cat([values[h.qkv(which)] for which in "qkv"], dim=2).to(self.dtype) - self.offset[layer]
@@ -203,7 +203,7 @@ class ReadSum:
         yield self.dense[p.n_layers, "logits"]
 
 
-def grad_targets(parts: Parts) -> list[str]:
+def grad_targets(parts: Structure) -> list[str]:
     """The hooks whose gradients ``receiver_grads`` takes."""
     out = []
     for layer in range(parts.n_layers):

@@ -2,7 +2,8 @@
 
 A host runs the model with TransformerLens-style hooks, tokenizes, and describes where each hook
 sits relative to the residual stream (for GradDrop) and how attention scores are formed (for the
-QK fix). ``TransformerBridge`` and, under TransformerLens 3, ``HookedTransformer`` are built in;
+QK fix). Edges need more: a host that can answer them offers ``structure()`` (``hosts.structure``),
+an optional capability. ``TransformerBridge`` and, under TransformerLens 3, ``HookedTransformer`` are built in;
 others register through ``atp_register_hosts``.
 """
 
@@ -90,3 +91,6 @@ class Host(Protocol):
     def resid_hooks(self, layer: int) -> tuple[str, str]: ...
 
     def attention(self, layer: int) -> AttentionGeometry: ...
+
+    # optional, for edges: ``structure() -> hosts.structure.Structure`` (weights, norms and MLPs as
+    # the edge engine recomputes them); a host without it serves node methods only

@@ -17,6 +17,7 @@ import torch
 from ..errors import UnsupportedModelError
 from ..tokens import check_known
 from . import AttentionGeometry, Hook, SitePosition, rounding
+from .structure import Structure, structure_of
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 PROBE_LEN = 4  # tokens of the probe prompts the hosts check a model on
@@ -62,6 +63,11 @@ class TransformerLensHost:
         # positions the model can see; None where nothing limits them (ALiBi)
         self.n_ctx: int | None = None if getattr(self.cfg, "positional_embedding_type", None) == "alibi" \
             else getattr(self.cfg, "n_ctx", None)
+        self._structure: Structure | None = None
+
+    @classmethod
+    def accepts(cls, model: Any) -> bool:
+        return False  # the shared part serves no model by itself
 
     def has_hook(self, name: str) -> bool:
         return name in self.model.hook_dict
@@ -106,6 +112,12 @@ class TransformerLensHost:
 
     def attention(self, layer: int) -> AttentionGeometry:
         raise NotImplementedError
+
+    def structure(self) -> Structure:
+        """What edges read from the model besides hooks (weights, norms, MLPs): ``structure.Structure``."""
+        if self._structure is None:
+            self._structure = structure_of(self)
+        return self._structure
 
     def _probe_tokens(self, offset: int = 0) -> torch.Tensor:
         """A fixed probe prompt ``[1, PROBE_LEN]`` (distinct tokens, so attention is not uniform);

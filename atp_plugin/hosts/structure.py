@@ -1,8 +1,12 @@
-"""What the edge engine reads from the model besides hooks: weights, norms and the MLP of a layer.
+"""The host capability edges need: what the edge engine reads from a model besides hooks (weights,
+norms, the MLP of a layer), answered for TransformerLens models.
 
-Read from ``host.model`` (``HookedTransformer`` and ``TransformerBridge`` in compatibility mode
-both expose ``blocks[l].attn.W_Q`` / ``b_Q`` / ``W_O``, ``blocks[l].ln1`` / ``ln2`` / ``mlp`` and
-``cfg``). Edges need three things nodes do not: a head's write to the residual (``z @ W_O``, so
+A host offers it through ``structure()`` (optional: a host without it serves node methods, and
+edges refuse it with one clear error). The TransformerLens hosts read it from ``host.model``
+(``HookedTransformer`` and ``TransformerBridge`` in compatibility mode both expose
+``blocks[l].attn.W_Q`` / ``b_Q`` / ``W_O``, ``blocks[l].ln1`` / ``ln2`` / ``mlp`` and ``cfg``); this
+module is the only place outside the hosts' own runs that looks inside a model. Edges need three
+things nodes do not: a head's write to the residual (``z @ W_O``, so
 per-head result hooks never have to be switched on), a head's query/key/value recomputed from a
 changed residual (``ln1(x) @ W + b``, for exact edge patching and the QK fix), and an MLP
 recomputed from a changed residual (``mlp(ln2(x))``). ``check_structure`` verifies on a real run
@@ -17,7 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import UnsupportedModelError
-from ..hosts import Host, rounding
+from . import Host, rounding
 
 _NORMS = ("LayerNorm", "LayerNormPre", "RMSNorm", "RMSNormPre")  # TransformerLens's, closed-form Jacobians
 
@@ -35,7 +39,7 @@ class NormStats:
 
 
 @dataclass(frozen=True)
-class Parts:
+class Structure:
     """The pieces of ``host.model`` the edge engine uses; ``n_kv`` as the host counts kv-heads."""
 
     host: Host
@@ -118,6 +122,14 @@ class Parts:
         """``[n_heads, d_head, d_model]``."""
         return self.block(layer).attn.W_O
 
+    def b_O(self, layer: int) -> torch.Tensor | None:
+        """The attention output bias ``[d_model]`` (None where the model has none, as a Bridge's Llama)."""
+        return self.block(layer).attn.b_O
+
+    def ln1_bias(self, layer: int) -> torch.Tensor | None:
+        """ln1's additive bias ``[d_model]`` (None for RMSNorm and folded norms)."""
+        return getattr(self.block(layer).ln1, "b", None)
+
     def check_rotary(self, layer: int) -> None:
         """Fail unless the layer's rotary embedding (if any) can be applied to changed q/k vectors."""
         if self.rotary and not hasattr(self.block(layer).attn, "apply_rotary"):
@@ -132,7 +144,7 @@ class Parts:
         return self.block(layer).attn.apply_rotary(x, 0, None if bool(mask.all()) else mask.long()).to(x.dtype)
 
 
-def parts_of(host: Host) -> Parts:
+def structure_of(host: Host) -> Structure:
     """The model's parts, or a clear error for architectures whose residual writes are not
     ``z @ W_O`` and ``mlp_out`` added as they are (post-norms, q/k norms, shortformer embeddings)."""
     cfg = host.model.cfg
@@ -147,12 +159,12 @@ def parts_of(host: Host) -> Parts:
     for flag, what in unsupported:
         if flag:
             raise UnsupportedModelError(f"edge attribution cannot handle {what} in this model")
-    return Parts(host=host, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv=host.n_kv_heads, d_model=cfg.d_model,
+    return Structure(host=host, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv=host.n_kv_heads, d_model=cfg.d_model,
                  attn_only=bool(cfg.attn_only), parallel=bool(getattr(cfg, "parallel_attn_mlp", False)),
                  rotary=getattr(cfg, "positional_embedding_type", "standard") == "rotary")
 
 
-def check_structure(parts: Parts, values: dict[str, torch.Tensor], mask: torch.Tensor) -> None:
+def check_structure(parts: Structure, values: dict[str, torch.Tensor], mask: torch.Tensor) -> None:
     """Check on one run's values (every layer's resid_pre/mid/post, q, k, v, z and MLP output) that
     the recomputations the edge engine relies on reproduce the model: q/k/v from ``ln1(resid_pre)``, the MLP output from
     ``mlp(ln2(resid))``, and the residual as the sum of embedding, head writes, MLP writes and
@@ -179,7 +191,7 @@ def check_structure(parts: Parts, values: dict[str, torch.Tensor], mask: torch.T
                 heads = parts.n_heads if which == "q" else parts.n_kv
                 normed = parts.ln1(layer, x)[:, :, None].expand(-1, -1, heads, -1)
                 close(parts.project(layer, which, normed), values[h.qkv(which)], f"layer {layer} hook_{which}")
-            b_O = parts.block(layer).attn.b_O  # None where the model has no output bias (a Bridge's Llama)
+            b_O = parts.b_O(layer)
             write = torch.einsum("bthe,hed->btd", values[h.z], parts.W_O(layer)) + (0.0 if b_O is None else b_O)
             after = x + write
             if not parts.attn_only:
