@@ -1,5 +1,6 @@
 """Run under torchrun by tests/test_distributed.py: attribute every method on a saved GPT-2 and save
-each rank's scores, the exact effects of the top nodes and a PairStream's scores to ``<out>/rank<r>.pt``."""
+each rank's scores, the exact effects of the top nodes, a PairStream's scores and every edge method's
+results (``distributed_case.edge_runs``) to ``<out>/rank<r>.pt``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch.distributed as dist
 from atp_plugin import attribute
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distributed_case import METHODS, NODES, case, stream_case  # noqa: E402
+from distributed_case import METHODS, NODES, case, edge_runs, stream_case  # noqa: E402
 
 
 def main(model_dir: str, out: str) -> None:
@@ -25,6 +26,7 @@ def main(model_dir: str, out: str) -> None:
         saved[method] = {key: v.clone() for key, v in result.scores.items()}
         if method == "atp":
             saved["verify"] = torch.tensor(result.verify(5)[["effect", "mean_abs_effect"]].to_numpy())
+    saved["edges"] = edge_runs(model, clean, corrupt, metric)
     model, stream, labelled = stream_case(Path(model_dir))
     saved["stream"] = attribute(model, stream, metric=labelled, method="atp*", nodes=NODES, batch_size=2).scores
     torch.save(saved, Path(out) / f"rank{dist.get_rank()}.pt")

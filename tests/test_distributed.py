@@ -1,6 +1,7 @@
 """Two ranks under torchrun (gloo, CPU) give what one process gives, to 1e-12 in float64: every
 method (a baseline too), an odd number of pairs split unevenly, left padding, verify() and a
-PairStream."""
+PairStream; for edges every method, verify() and a circuit's faithfulness, each rank counting only
+the forward passes it ran itself."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from atp_plugin import attribute
-from distributed_case import METHODS, NODES, case, stream_case
+from distributed_case import EDGE_METHODS, METHODS, NODES, case, edge_runs, stream_case
 from hf_models import save_gpt2
 
 HERE = Path(__file__).parent
@@ -30,6 +31,7 @@ def test_two_ranks_equal_one(tmp_path):
         alone[method] = result.scores
         if method == "atp":
             alone["verify"] = torch.tensor(result.verify(5)[["effect", "mean_abs_effect"]].to_numpy())
+    edges = edge_runs(model, clean, corrupt, metric)
     model, stream, labelled = stream_case(model_dir)
     alone["stream"] = attribute(model, stream, metric=labelled, method="atp*", nodes=NODES, batch_size=2).scores
     for key, value in alone["stream"].items():  # the stream gives what the lists give
@@ -46,6 +48,12 @@ def test_two_ranks_equal_one(tmp_path):
             assert set(got[method]) == set(alone[method])
             for key, value in alone[method].items():
                 torch.testing.assert_close(got[method][key], value, rtol=0, atol=1e-12, msg=f"{method} {key}")
+        for key in ("verify", "faithfulness", *EDGE_METHODS):
+            torch.testing.assert_close(got["edges"][key], edges[key], rtol=0, atol=1e-12, msg=f"edges {key}")
+    for method in EDGE_METHODS:  # each rank ran (and counted) its own share of the pairs
+        key = f"{method} forward passes"
+        shares = [int(torch.load(tmp_path / f"rank{rank}.pt")["edges"][key]) for rank in (0, 1)]
+        assert sum(shares) == int(edges[key]) and min(shares) > 0, (key, shares, int(edges[key]))
 
 
 @pytest.mark.parametrize("size", [2, 3, 4, 6, 7])

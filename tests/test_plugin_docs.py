@@ -81,7 +81,8 @@ def guide(tmp_path_factory):
     """The guide's plugin, pip-installed from its blocks, and the namespace and output of its usage block."""
     code = blocks(GUIDE.read_text())
     module = "\n\n".join(src for lang, src in code if lang == "python" and src.startswith(f"# {MODULE}.py"))
-    usage = [src for lang, src in code if lang == "python" and not src.startswith(f"# {MODULE}.py")]
+    # blocks headed "# <module>.py" are modules; the edge method's (toyedges_mod.py) is tests/test_plugins.py's
+    usage = [src for lang, src in code if lang == "python" and not re.match(r"# \w+\.py", src)]
     (pyproject,) = [src for lang, src in code if lang == "toml"]
     (shown,) = [src for lang, src in code if lang == ""]
     assert module and len(usage) == 1, "the guide should hold the plugin module's blocks and one usage block"

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
-from atp_plugin import attribute, cli, plugins
+from atp_plugin import attribute, attribute_edges, cli, plugins
+from atp_plugin.errors import UnsupportedModelError
 from conftest import host_model, logit_diff_metric, make_pairs
+
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
 
 BACKEND_PLUGIN = '''
 from dataclasses import dataclass
@@ -29,6 +34,40 @@ class SquaredAtP:
 @hookimpl
 def atp_register_backends(register):
     register(SquaredAtP())
+'''
+
+
+#: the edge-method example of docs/plugins.md, as written there
+EDGE_PLUGIN = re.search(r"```python\n# toyedges_mod.py[^\n]*\n(.*?)```", GUIDE.read_text(), re.S).group(1)
+
+HOST_PLUGIN = '''
+from atp_plugin import hookimpl
+from atp_plugin.attribution import host_for
+
+class Bare:
+    """A model object of some other tool holding a TransformerLens model."""
+    def __init__(self, inner):
+        self.inner = inner
+
+class BareHost:
+    """Answers every question through the inner model's host, but offers no structure(): nodes only."""
+    name = "Bare"
+
+    def __init__(self, model):
+        self.model, self.inner = model, host_for(model.inner)
+
+    @classmethod
+    def accepts(cls, model):
+        return isinstance(model, Bare)
+
+    def __getattr__(self, name):
+        if name == "structure":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+@hookimpl
+def atp_register_hosts(register):
+    register(BareHost)
 '''
 
 
@@ -61,6 +100,36 @@ def test_entry_point_backend_is_found_and_runs(host, site_dir):
     squared = attribute(model, clean, corrupt, metric, nodes="attn_z", method="atp-squared")
     plain = attribute(model, clean, corrupt, metric, nodes="attn_z", method="atp")
     torch.testing.assert_close(squared.scores["attn_z"], plain.scores["attn_z"] ** 2, rtol=1e-12, atol=0)
+
+
+def test_entry_point_edge_method_is_found_and_runs(host, site_dir):
+    install_dist(site_dir, "toyedges", "toyedges_mod", EDGE_PLUGIN)
+    regs = plugins.registries(reload=True)
+    assert regs["edge_methods"].owners["eap-net"] == "toyedges"
+    assert regs["edge_methods"].owners["atp"] == "atp_plugin.edges.methods"
+    model = host_model(host, n_layers=2)
+    clean, corrupt = make_pairs(3, 5)
+    net = attribute_edges(model, clean, corrupt, logit_diff_metric(3), method="eap-net", per_position=True)
+    eap = attribute_edges(model, clean, corrupt, logit_diff_metric(3), method="atp", per_position=True)
+    assert net.method == "eap-net" and torch.equal(net.signed, eap.signed)
+    assert torch.equal(net.scores, eap.signed.abs()) and not torch.equal(net.scores, eap.scores)
+    assert (net.forward_passes, net.backward_passes) == (eap.forward_passes, eap.backward_passes)
+    with pytest.raises(ValueError, match=r"unknown edge method 'eap'; known: atp, atp\+qk, ig, ap, eap-net"):
+        attribute_edges(model, clean, corrupt, logit_diff_metric(3), method="eap")
+
+
+def test_a_host_without_structure_serves_nodes_and_refuses_edges(host, site_dir):
+    install_dist(site_dir, "barehost", "barehost_mod", HOST_PLUGIN)
+    plugins.registries(reload=True)
+    from barehost_mod import Bare
+    model = host_model(host, n_layers=2)
+    clean, corrupt = make_pairs(3, 5)
+    metric = logit_diff_metric(3)
+    nodes = attribute(Bare(model), clean, corrupt, metric, nodes="attn_z", method="atp").scores["attn_z"]
+    assert torch.equal(nodes, attribute(model, clean, corrupt, metric, nodes="attn_z", method="atp").scores["attn_z"])
+    with pytest.raises(UnsupportedModelError, match=r"^edge attribution needs the host's structure\(\) capability "
+                                                    r".* the Bare host does not offer; attribute\(\) \(node "):
+        attribute_edges(Bare(model), clean, corrupt, logit_diff_metric(3))
 
 
 @pytest.mark.parametrize("selection, loaded", [("", False), ("someother", False), ("toyplug", True),
