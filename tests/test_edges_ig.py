@@ -53,9 +53,10 @@ def test_node_ig_matches_naive(variant):
     grads = ref.interpolated_grads(model, clean, corrupt, metric, set(hooks), steps=4)
     noise, clean_acts = ref.cached(model, corrupt, set(hooks)), ref.cached(model, clean, set(hooks))
     want = torch.stack([((noise[h] - clean_acts[h]) * grads[h]).sum(-1) for h in hooks], 1)  # [N, layer, T, head]
-    result = attribute(model, clean, corrupt, metric, nodes=["attn_z"], method=IntegratedGradients(steps=4))
-    torch.testing.assert_close(result.signed["attn_z"], want.mean(0), rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(result.scores["attn_z"], want.abs().mean(0), rtol=1e-9, atol=1e-10)
+    for method, options in ((IntegratedGradients(steps=4), {}), ("ig", {"ig_steps": 4})):  # the two ways agree
+        result = attribute(model, clean, corrupt, metric, nodes=["attn_z"], method=method, **options)
+        torch.testing.assert_close(result.signed["attn_z"], want.mean(0), rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(result.scores["attn_z"], want.abs().mean(0), rtol=1e-9, atol=1e-10)
     assert "ig" in plugins.backends()
 
 
@@ -110,5 +111,9 @@ def test_bad_ig_steps():
     clean, corrupt = make_pairs(N, T)
     with pytest.raises(ValueError, match="ig_steps"):
         attribute_edges(model, clean, corrupt, logit_diff_metric(N), method="ig", ig_steps=0)
-    with pytest.raises(ValueError, match="steps"):
-        attribute(model, clean, corrupt, logit_diff_metric(N), method=IntegratedGradients(steps=0))
+    with pytest.raises(ValueError, match="ig_steps must be a positive int"):
+        attribute(model, clean, corrupt, logit_diff_metric(N), method="ig", ig_steps=0)
+    with pytest.raises(ValueError, match="ig_steps must be a positive int"):
+        IntegratedGradients(steps=0)  # at construction, not when run
+    with pytest.raises(ValueError, match="ig_steps must be a positive int"):
+        attribute_edges(model, clean, corrupt, logit_diff_metric(N), method="atp", ig_steps=True)
