@@ -57,10 +57,20 @@ class Estimate:
 
     def __str__(self) -> str:
         within = "" if self.budget is None else \
-            f" (budget {self.budget / 2**30:.2f} GiB{'' if self.fits else ', EXCEEDED'})"
-        return (f"{self.method} on {self.n_pairs} pair(s) of {self.n_tokens} tokens, batches of {self.batch_size}: "
-                f"peak {self.peak_bytes / 2**30:.2f} GiB above the model{within}; {self.forward_passes:g} forward "
-                f"and {self.backward_passes:g} backward passes of one prompt")
+            f" (budget {_size(self.budget)}{'' if self.fits else ', EXCEEDED'})"
+        pairs = (f"one batch of {self.n_pairs} pair(s) of {self.n_tokens} tokens" if self.n_pairs == self.batch_size
+                 else f"{self.n_pairs} pair(s) of {self.n_tokens} tokens in batches of {self.batch_size}")
+        return (f"{self.method} on {pairs}: peak {_size(self.peak_bytes)} above the model"
+                f"{within}; {self.forward_passes:g} forward and {self.backward_passes:g} backward passes of one prompt")
+
+
+def _size(n_bytes: float) -> str:
+    """Bytes in the largest binary unit of which there is at least one: 5.25 GiB, 312.50 MiB, 512 B."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    power = 0
+    while n_bytes >= 1024 and power < len(units) - 1:
+        n_bytes, power = n_bytes / 1024, power + 1
+    return f"{n_bytes:.2f} {units[power]}" if power else f"{int(n_bytes)} B"
 
 
 def estimate(model: Any, n_tokens: int, nodes: str | NodeAdapter | Sequence[str | NodeAdapter] = DEFAULT_NODES,

@@ -11,6 +11,7 @@ import torch
 from atp_plugin import attribute, estimate, metrics
 from atp_plugin.engine.tensor_memory import PeakTensorBytes
 from atp_plugin.errors import AtpError
+from atp_plugin.estimate import _size
 from hf_models import load_bridge, save_gpt2
 
 NODES = ["attn_q", "attn_k", "attn_z", "mlp_neurons"]
@@ -76,6 +77,22 @@ def test_auto_is_the_largest_batch_within_the_budget(model):
     assert estimate(model, LONG, NODES, "atp+qk", batch_size="auto", n_pairs=3, max_memory=1e12).batch_size == 3
     tiny = estimate(model, LONG, NODES, "atp+qk", batch_size="auto", max_memory=one.peak_bytes / 2)
     assert tiny.batch_size == 1 and not tiny.fits and "EXCEEDED" in str(tiny)
+
+
+def test_the_summary_reads_in_units_that_fit_and_counts_pairs_given(model):
+    """A small model's peak is not "0.00 GiB"; without n_pairs the estimate is of one batch, whose
+    size ("auto": the largest within the budget) is not a number of pairs the user gave."""
+    one = estimate(model, 20, NODES, "atp", batch_size=3)
+    assert 2**20 <= one.peak_bytes < 2**30
+    assert str(one) == (f"atp on one batch of 3 pair(s) of 20 tokens: peak {one.peak_bytes / 2**20:.2f} MiB above "
+                        f"the model; {one.forward_passes:g} forward and {one.backward_passes:g} backward passes of one "
+                        "prompt")
+    auto = estimate(model, 20, NODES, "atp", batch_size="auto", max_memory=50 * one.peak_bytes)
+    assert str(auto).startswith(f"atp on one batch of {auto.batch_size} pair(s) of 20 tokens: peak ")
+    assert f"(budget {auto.budget / 2**20:.2f} MiB)" in str(auto)
+    many = estimate(model, 20, NODES, "atp", batch_size=3, n_pairs=10)
+    assert str(many).startswith("atp on 10 pair(s) of 20 tokens in batches of 3: peak ")
+    assert [_size(b) for b in (512, 1536, 5.25 * 2**30, 3 * 2**40)] == ["512 B", "1.50 KiB", "5.25 GiB", "3.00 TiB"]
 
 
 def test_bad_requests_are_refused_before_any_probe(model):
