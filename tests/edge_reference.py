@@ -123,14 +123,18 @@ def exact(model: HookedTransformer, clean: torch.Tensor, corrupt: torch.Tensor, 
 
 
 def circuit_metric(model: HookedTransformer, clean: torch.Tensor, corrupt: torch.Tensor, metric,
-                   kept: set[str]) -> torch.Tensor:
+                   kept: set[str], mean_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """The metric per pair ``[N]`` with every edge not in ``kept`` (names) patched: each receiver's
-    input hook gets, for each excluded sender, the sender's corrupt write minus its write live in
-    this run (recorded as the writers fire, before any reader of theirs)."""
+    input hook gets, for each excluded sender, the sender's corrupt write (with ``mean_tokens``: its
+    write averaged over those prompts, per position) minus its write live in this run (recorded as
+    the writers fire, before any reader of theirs)."""
     ref = split_model(model)
     es = edges(model)
     senders = {e[1] for e in es} | {"hook_pos_embed"}
-    noise = cached(ref, corrupt, senders)
+    if mean_tokens is None:
+        noise = cached(ref, corrupt, senders)
+    else:
+        noise = {h: v.mean(0, keepdim=True) for h, v in cached(ref, mean_tokens, senders).items()}
     live: dict[str, torch.Tensor] = {}
     excluded: dict[tuple[str, tuple], list[tuple[str, str]]] = {}
     for name, wh, rh, ri in es:

@@ -18,7 +18,9 @@ from atp_plugin.edges import (
     Circuit,
     attribute_edges,
     faithfulness,
+    faithfulness_by_class,
     faithfulness_curve,
+    faithfulness_of,
     pruned,
     threshold_circuit,
     top_circuit,
@@ -48,6 +50,65 @@ def test_faithfulness_matches_naive(variant):
         want = float((circuit_m.mean() - corrupt_m.mean()) / (clean_m.mean() - corrupt_m.mean()))
         got = faithfulness(model, clean, corrupt, metric, sorted(kept))
         assert got == pytest.approx(want, rel=1e-9, abs=1e-10)
+
+
+@pytest.mark.parametrize("variant", ["ln_gelu", "parallel", "gqa"])
+def test_mean_ablation_matches_naive(variant):
+    """TransformerLens 4.3's ablation="mean": an edge outside the circuit carries its sender's write
+    averaged over held-out calibration prompts; recovery still normalised by the clean/corrupt gap."""
+    model, clean, corrupt, metric = setup(variant)
+    calibration = make_pairs(7, T, seed=11)[0]
+    result = attribute_edges(model, clean, corrupt, metric)
+    names = result.graph.names
+    clean_m = ref.circuit_metric(model, clean, corrupt, metric, set(names)).mean()
+    corrupt_m = ref.circuit_metric(model, clean, corrupt, metric, set()).mean()
+    g = torch.Generator().manual_seed(5)
+    for kept in (set(), {n for n in names if float(torch.rand(1, generator=g)) < 0.5}, set(names)):
+        circuit_m = ref.circuit_metric(model, clean, corrupt, metric, kept, mean_tokens=calibration).mean()
+        want = float((circuit_m - corrupt_m) / (clean_m - corrupt_m))
+        got = faithfulness(model, clean, corrupt, metric, sorted(kept), ablation="mean", mean_tokens=calibration)
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-10), len(kept)
+        (of,) = faithfulness_of(result, [Circuit.from_names(result.graph, sorted(kept))], ablation="mean",
+                                mean_tokens=calibration)
+        assert of == pytest.approx(want, rel=1e-9, abs=1e-10)
+    assert abs(faithfulness(model, clean, corrupt, metric, [], ablation="mean", mean_tokens=calibration)) > 1e-3
+    with pytest.raises(ValueError, match="needs mean_tokens"):
+        faithfulness(model, clean, corrupt, metric, [], ablation="mean")
+    with pytest.raises(ValueError, match=r"calibration prompt\(s\) \[1\] equal a clean or corrupt prompt"):
+        faithfulness(model, clean, corrupt, metric, [], ablation="mean", mean_tokens=torch.stack([calibration[0],
+                                                                                                  corrupt[2]]))
+    with pytest.raises(ValueError, match="must have the pairs' length, 5 tokens"):
+        faithfulness(model, clean, corrupt, metric, [], ablation="mean", mean_tokens=calibration[:, :4])
+    with pytest.raises(ValueError, match="ablation must be 'corrupt'"):
+        faithfulness(model, clean, corrupt, metric, [], ablation="zero")
+
+
+@pytest.mark.parametrize("ablation", ["corrupt", "mean"])
+def test_faithfulness_by_class_matches_naive(ablation):
+    """Per edge class, the circuit's recovery with that class's kept edges removed too, against the
+    naive circuit run; a class the circuit lacks gets the aggregate."""
+    model, clean, corrupt, metric = setup("ln_gelu")
+    calibration = make_pairs(7, T, seed=11)[0] if ablation == "mean" else None
+    result = attribute_edges(model, clean, corrupt, metric)
+    names = result.graph.names
+    g = torch.Generator().manual_seed(3)
+    kept = {n for n in names if n.endswith((".q", ".k", ".v", "logits"))  # no edge into an MLP
+            and float(torch.rand(1, generator=g)) < 0.6}
+    clean_m = ref.circuit_metric(model, clean, corrupt, metric, set(names)).mean()
+    corrupt_m = ref.circuit_metric(model, clean, corrupt, metric, set()).mean()
+
+    def naive(edges: set[str]) -> float:
+        m = ref.circuit_metric(model, clean, corrupt, metric, edges, mean_tokens=calibration).mean()
+        return float((m - corrupt_m) / (clean_m - corrupt_m))
+
+    classes = {"into_qk": (".q", ".k"), "into_v": (".v",), "into_logits": ("logits",)}
+    got = faithfulness_by_class(result, sorted(kept), ablation=ablation, mean_tokens=calibration)
+    assert set(got) == {"all", "into_qk", "into_v", "into_mlp", "into_logits"}
+    assert got["all"] == pytest.approx(naive(kept), rel=1e-9, abs=1e-10)
+    assert got["into_mlp"] == got["all"]  # the circuit keeps no edge into an MLP
+    for name, ends in classes.items():
+        want = naive({n for n in kept if not n.endswith(ends)})
+        assert got[name] == pytest.approx(want, rel=1e-9, abs=1e-10), name
 
 
 def test_full_graph_is_one_and_empty_circuit_is_zero(variant):

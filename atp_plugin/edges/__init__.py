@@ -5,10 +5,12 @@ EAP-IG, exact edge patching), circuits, their faithfulness and cost-of-verificat
 
 from .attribute import attribute_edges
 from .circuit import (
+    EDGE_CLASSES,
     MIB_PERCENTAGES,
     Circuit,
     FaithfulnessCurve,
     faithfulness,
+    faithfulness_by_class,
     faithfulness_curve,
     faithfulness_of,
     pruned,
@@ -19,6 +21,6 @@ from .evaluate import evaluate_edges
 from .graph import Graph, Receiver, Sender
 from .result import EdgeResult
 
-__all__ = ["MIB_PERCENTAGES", "Circuit", "EdgeResult", "FaithfulnessCurve", "Graph", "Receiver", "Sender",
-           "attribute_edges", "evaluate_edges", "faithfulness", "faithfulness_curve", "faithfulness_of", "pruned",
-           "threshold_circuit", "top_circuit"]
+__all__ = ["EDGE_CLASSES", "MIB_PERCENTAGES", "Circuit", "EdgeResult", "FaithfulnessCurve", "Graph", "Receiver",
+           "Sender", "attribute_edges", "evaluate_edges", "faithfulness", "faithfulness_by_class", "faithfulness_curve",
+           "faithfulness_of", "pruned", "threshold_circuit", "top_circuit"]

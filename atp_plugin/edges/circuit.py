@@ -14,15 +14,20 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 
 from ..attribution import eval_mode
+from ..engine.pairs import Pairs, make_pairs
 from .attribute import make_context
 from .context import Context
 from .graph import Graph
+from .patching import Writes
 from .result import EdgeResult
+
+#: what an edge outside a circuit carries: its sender's corrupt write, or its mean write over calibration prompts
+Ablation = Literal["corrupt", "mean"]
 
 MIB_PERCENTAGES = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -175,13 +180,42 @@ def pruned(circuit: Circuit) -> Circuit:
 
 
 def faithfulness(model: Any, clean, corrupt, metric, circuit: Circuit | Sequence[str], *,
+                 ablation: Ablation = "corrupt", mean_tokens: torch.Tensor | Sequence[str] | None = None,
                  batch_size: int = 16, patch_batch_size: int = 64) -> float:
     """(L(C) - L(corrupt)) / (L(clean) - L(corrupt)), means over pairs, with every edge outside
-    ``circuit`` (a ``Circuit`` or edge names) patched from the corrupt prompt."""
+    ``circuit`` (a ``Circuit`` or edge names) patched: from the corrupt prompt (``ablation="corrupt"``)
+    or from its sender's mean write over the calibration prompts ``mean_tokens`` (``"mean"``)."""
     with eval_mode(model, "faithfulness()"):
         ctx = make_context(model, clean, corrupt, metric, batch_size=batch_size, patch_batch_size=patch_batch_size)
+        mean = _mean(ctx, ablation, mean_tokens)
         ctx.check_structure()
-        return _faithfulness(ctx, [_as_circuit(ctx.graph, circuit)])[0]
+        return _faithfulness(ctx, [_as_circuit(ctx.graph, circuit)], mean)[0]
+
+
+def _mean(ctx: Context, ablation: str, mean_tokens) -> Writes | None:
+    """The mean writes mean ablation patches in, or None for corrupt ablation; bad input fails first."""
+    if ablation not in ("corrupt", "mean"):
+        raise ValueError(f"ablation must be 'corrupt' (patch from the corrupt run) or 'mean' (each sender's mean "
+                         f"write over mean_tokens), got {ablation!r}")
+    if ablation == "corrupt":
+        if mean_tokens is not None:
+            raise ValueError("mean_tokens are the calibration prompts of ablation='mean'; corrupt ablation takes none")
+        return None
+    if mean_tokens is None:
+        raise ValueError("ablation='mean' needs mean_tokens: held-out calibration prompts (strings or token ids "
+                         "[n, T]) whose sender writes are averaged per position")
+    cal = make_pairs(ctx.host, mean_tokens, mean_tokens)
+    if cal.width != ctx.pairs.width or cal.padded:
+        raise ValueError(f"every calibration prompt must have the pairs' length, {ctx.pairs.width} tokens (writes are "
+                         f"averaged per position); got prompts of up to {cal.width} tokens"
+                         + (", of different lengths" if cal.padded else ""))
+    if isinstance(ctx.pairs, Pairs):
+        ends = torch.cat([ctx.pairs.clean, ctx.pairs.corrupt]).to(cal.clean.device)
+        leaked = (cal.clean[:, None] == ends[None]).all(-1).any(-1).nonzero().flatten().tolist()
+        if leaked:
+            raise ValueError(f"calibration prompt(s) {leaked[:5]} equal a clean or corrupt prompt of the pairs; "
+                             "mean ablation needs held-out prompts")
+    return ctx.mean_writes(cal.clean, cal.mask)
 
 
 def _as_circuit(graph: Graph, circuit: Circuit | Sequence[str]) -> Circuit:
@@ -194,27 +228,53 @@ def _as_circuit(graph: Graph, circuit: Circuit | Sequence[str]) -> Circuit:
     return Circuit.from_names(graph, list(circuit))
 
 
-def faithfulness_of(result: EdgeResult, circuits: list[Circuit]) -> list[float]:
+def faithfulness_of(result: EdgeResult, circuits: list[Circuit], *, ablation: Ablation = "corrupt",
+                    mean_tokens: torch.Tensor | Sequence[str] | None = None) -> list[float]:
     """Faithfulness of each of ``circuits`` on ``result``'s model, pairs and metric (the clean and
-    corrupt runs shared between them)."""
+    corrupt runs shared between them); ``ablation``/``mean_tokens`` as in ``faithfulness``."""
     with eval_mode(result.context.host.model, "faithfulness_of()"):
-        return _faithfulness(result.context, [_as_circuit(result.graph, c) for c in circuits])
+        ctx = result.context
+        return _faithfulness(ctx, [_as_circuit(result.graph, c) for c in circuits], _mean(ctx, ablation, mean_tokens))
 
 
-def _faithfulness(ctx: Context, circuits: list[Circuit]) -> list[float]:
+#: edge classes by what the receiver reads, as TransformerLens 4.3's faithfulness breaks recovery out
+EDGE_CLASSES = {"q": "into_qk", "k": "into_qk", "v": "into_v", "mlp": "into_mlp", "logits": "into_logits"}
+
+
+def faithfulness_by_class(result: EdgeResult, circuit: Circuit | Sequence[str], *, ablation: Ablation = "corrupt",
+                          mean_tokens: torch.Tensor | Sequence[str] | None = None) -> dict[str, float]:
+    """The circuit's faithfulness (``"all"``) and, per edge class (``EDGE_CLASSES``: edges into
+    queries and keys, values, MLPs, the logits), its faithfulness after also removing the circuit's
+    edges of that class: how much the circuit needs them (conditional, not additive; a class the
+    circuit has no edge of gets the aggregate). TransformerLens 4.3's per-class recovery, over all
+    pairs at once; one patched run per pair for the circuit and for each class it has."""
+    circuit = _as_circuit(result.graph, circuit)
+    kinds = [EDGE_CLASSES[result.graph.receivers[r].kind] for r in result.graph.receiver_index.tolist()]
+    keep = circuit.keep  # [edge] or [edge, pos]
+    held = {c: keep & torch.tensor([k == c for k in kinds]).reshape((-1,) + (1,) * (keep.ndim - 1))
+            for c in sorted(set(kinds))}
+    present = [c for c, mask in held.items() if bool(mask.any())]
+    values = faithfulness_of(result, [circuit, *(Circuit(result.graph, keep & ~held[c]) for c in present)],
+                             ablation=ablation, mean_tokens=mean_tokens)
+    without = dict(zip(present, values[1:]))
+    return {"all": values[0], **{c: without.get(c, values[0]) for c in held}}
+
+
+def _faithfulness(ctx: Context, circuits: list[Circuit], mean: Writes | None = None) -> list[float]:
     t = ctx.pairs.width
     for c in circuits:
         if c.per_position and c.keep.shape[1] != t:
             raise ValueError(f"the circuit has {c.keep.shape[1]} positions but the prompts have {t} tokens")
-    # the empty circuit feeds every receiver the corrupt residual, which is the corrupt run: 0 exactly, not
-    # patched (its patched run sums the corrupt writes in another order: -4.5e-8 on the float32 demo model)
-    runs = [c for c in circuits if c.keep.any()]
-    clean, corrupt, values = ctx.circuit_metrics([~c.keep for c in runs])
+    # from the corrupt run, the empty circuit feeds every receiver the corrupt residual, which is the corrupt run:
+    # 0 exactly, not patched (its patched run sums the corrupt writes in another order: -4.5e-8 on the float32
+    # demo model); under mean ablation it is a run of its own
+    runs = [c for c in circuits if c.keep.any() or mean is not None]
+    clean, corrupt, values = ctx.circuit_metrics([~c.keep for c in runs], mean=mean)
     if clean == corrupt:
         raise ValueError("the metric is the same on the clean and the corrupt prompts (mean over pairs), so "
                          "faithfulness is undefined; use pairs the metric tells apart")
     ran = iter((v - corrupt) / (clean - corrupt) for v in values)
-    return [next(ran) if c.keep.any() else 0.0 for c in circuits]
+    return [next(ran) if c.keep.any() or mean is not None else 0.0 for c in circuits]
 
 
 @dataclass(frozen=True)

@@ -140,15 +140,32 @@ class Context:
         count = distributed.all_sum(count).clamp(min=1)
         return distributed.all_sum(sums) / count, distributed.all_sum(abs_sums) / count
 
-    def circuit_metrics(self, patched: list[torch.Tensor], desc: str = "faithfulness"
+    def mean_writes(self, tokens: torch.Tensor, mask: torch.Tensor) -> Writes:
+        """Every sender's write averaged over the calibration prompts ``tokens`` ``[n, pos]`` (mask
+        ``mask``), per position, ``[1, pos, ...]``; this rank runs its share of them, and the sums are
+        added over ranks. Counted as forward passes."""
+        size = distributed.batch_for_ranks(self.engine.batch_size, len(tokens))
+        total: Writes | None = None
+        for rows in distributed.share(torch.arange(len(tokens)).split(size)):
+            _, writes = noise_run(self.parts, tokens[rows], mask[rows])
+            self.forward_passes += len(rows)
+            part = writes.map(lambda w: w.sum(0, keepdim=True).to(self.dtype))
+            total = part if total is None else total.map(torch.add, part)
+        assert total is not None  # every rank gets at least one batch
+        return total.map(lambda w: distributed.all_sum(w) / len(tokens))
+
+    def circuit_metrics(self, patched: list[torch.Tensor], desc: str = "faithfulness", mean: Writes | None = None
                         ) -> tuple[float, float, list[float]]:
         """Means over pairs of the metric on the clean prompts, on the corrupt prompts, and with the
-        edges marked in each of ``patched`` (``[edge]`` or ``[edge, pos]`` bool) patched at once."""
+        edges marked in each of ``patched`` (``[edge]`` or ``[edge, pos]`` bool) patched at once: from
+        the corrupt run, or with ``mean`` (``mean_writes``) from every sender's mean write."""
         sums = torch.zeros(2 + len(patched), dtype=self.dtype)  # clean, corrupt, each circuit
         for batch in self.batches(desc):
             sums[0] += self.clean_metric(batch).sum().cpu()
             bad, noise = self.noise(batch)
             sums[1] += bad.sum().cpu()
+            if mean is not None:
+                noise = mean.rows(torch.zeros(len(batch.idx), dtype=torch.long, device=mean.embed.device))
             for i, mask in enumerate(patched):
                 sums[2 + i] += self.patched_metric(batch, noise, Complement(mask)).sum().cpu()
         means = (distributed.all_sum(sums) / self.pairs.n).tolist()

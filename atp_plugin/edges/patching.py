@@ -62,6 +62,12 @@ class Writes:
         return Writes(self.embed[rows], {k: v[rows] for k, v in self.z.items()},
                       {k: v[rows] for k, v in self.mlp.items()})
 
+    def map(self, fn: Callable[..., torch.Tensor], *others: "Writes") -> "Writes":
+        """``fn`` applied write by write to ``self`` and ``others`` (each write's tensors in that order)."""
+        return Writes(fn(self.embed, *(o.embed for o in others)),
+                      {k: fn(v, *(o.z[k] for o in others)) for k, v in self.z.items()},
+                      {k: fn(v, *(o.mlp[k] for o in others)) for k, v in self.mlp.items()})
+
     def all_before(self, parts: Structure, n: int, dtype: torch.dtype) -> torch.Tensor:
         """Writes of the first ``n`` senders: ``[copies, pos, n, d_model]``."""
         out = [self.embed.to(dtype)[:, :, None]]
