@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -67,10 +66,8 @@ class AttributionResult:
     def top(self, k: int = 10) -> pd.DataFrame:
         """The ``k`` nodes with the largest scores, largest first (ties in node order). Selected on
         the score tensors, so only ``k`` rows are built, whatever the number of nodes."""
-        if not isinstance(k, numbers.Integral) or isinstance(k, bool):
-            raise TypeError(f"k must be an int (a number of nodes), got {k!r}")
-        if k < 1:
-            raise ValueError(f"k must be at least 1 (a number of nodes), got {k}")
+        from .verify import check_k
+        check_k(k, "node")
         keys = list(self.scores)
         sizes = torch.tensor([self.scores[key].numel() for key in keys])
         starts = sizes.cumsum(0) - sizes  # [keys]: where each key's rows start in to_frame()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -51,6 +52,30 @@ def exact_effects_of(result: AttributionResult, frame: pd.DataFrame, desc: str =
     return out[0], out[1]
 
 
+def check_k(k: Any, unit: str) -> None:
+    """Fail unless ``k`` is a positive int: a number of ``unit``s (nodes, edges)."""
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool):
+        raise TypeError(f"k must be an int (a number of {unit}s), got {k!r}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1 (a number of {unit}s), got {k}")
+
+
+def verified(top: pd.DataFrame, k: int, n: int, unit: str, model: Any,
+             exact: Callable[[], tuple[np.ndarray, np.ndarray]]) -> pd.DataFrame:
+    """``top`` (a result's top ``k`` of its ``n`` ``unit``s) with its estimates beside the exact
+    effects ``exact()`` gives, run with ``model`` in eval mode: the verification table nodes and
+    edges share. ``k`` above ``n`` verifies them all, with a warning."""
+    if k > n:
+        warnings.warn(f"k={k} is more than the {n} {unit}s of this result; verifying all {n} (k clamped to {n})",
+                      stacklevel=3)
+    out = top.drop(columns=["score", "signed"]).reset_index(drop=True)
+    out["estimate"], out["signed_estimate"] = top["score"].to_numpy(), top["signed"].to_numpy()
+    with eval_mode(model, "verify()"):
+        effect, mean_abs = exact()
+    out["effect"], out["abs_effect"], out["mean_abs_effect"] = effect, np.abs(effect), mean_abs
+    return out
+
+
 def verify(result: AttributionResult, k: int = 10) -> pd.DataFrame:
     """The top ``k`` nodes of ``result`` with their exact effects, patched in eval mode (a model in
     training mode is switched, with a warning, and restored). ``k`` above the number of nodes
@@ -63,13 +88,4 @@ def verify(result: AttributionResult, k: int = 10) -> pd.DataFrame:
     engine = result.require_engine("verify()")
     top = result.top(k)
     n_nodes = sum(score.numel() for score in result.scores.values())
-    if k > n_nodes:
-        warnings.warn(f"k={k} is more than the {n_nodes} nodes of this result; verifying all {n_nodes} "
-                      f"(k clamped to {n_nodes})", stacklevel=2)
-    out = top.drop(columns=["score", "signed"]).copy()
-    out["estimate"] = top["score"].to_numpy()
-    out["signed_estimate"] = top["signed"].to_numpy()
-    with eval_mode(engine.host.model, "verify()"):
-        effect, mean_abs = exact_effects_of(result, top)
-    out["effect"], out["abs_effect"], out["mean_abs_effect"] = effect, np.abs(effect), mean_abs
-    return out.reset_index(drop=True)
+    return verified(top, k, n_nodes, "node", engine.host.model, lambda: exact_effects_of(result, top))

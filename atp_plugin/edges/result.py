@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
 
+from ..verify import check_k, verified
 from .context import Context
 from .graph import Graph
 
@@ -63,36 +62,26 @@ class EdgeResult:
 
     def top(self, k: int = 10) -> pd.DataFrame:
         """The ``k`` edges (edge-positions) with the largest scores, largest first."""
-        _check_k(k)
+        check_k(k, "edge")
         return self.to_frame().nlargest(k, "score")
 
     def verify(self, k: int = 10) -> pd.DataFrame:
         """Exact single-edge patching of the top ``k``: ``estimate`` / ``signed_estimate`` beside
         ``effect`` (mean over pairs of the exact I), ``abs_effect`` = |effect| and ``mean_abs_effect``
-        (mean over pairs of |I|, what the first-order scores estimate). ``attrs["forward_passes"]``:
-        the forward passes the verification ran (of one prompt each)."""
-        from ..attribution import eval_mode
+        (mean over pairs of |I|, what the first-order scores estimate), as ``AttributionResult.verify``
+        gives for nodes. ``attrs["forward_passes"]``: the forward passes the verification ran (of one
+        prompt each)."""
         top = self.top(k)
-        n = self.scores.numel()
-        if k > n:
-            warnings.warn(f"k={k} is more than the {n} edges of this result; verifying all {n}", stacklevel=2)
         rows = top.index.to_numpy()
         t = self.scores.shape[1] if self.per_position else 1
         edges = torch.from_numpy(rows // t)
         pos = torch.from_numpy(rows % t) if self.per_position else torch.full((len(rows),), -1)
         before = self.context.forward_passes
-        with eval_mode(self.context.host.model, "verify()"):
+
+        def exact() -> tuple[np.ndarray, np.ndarray]:
             effect, mean_abs = self.context.edge_effects(edges, pos, desc="verifying edges")
-        out = top.drop(columns=["score", "signed"]).reset_index(drop=True)
-        out["estimate"], out["signed_estimate"] = top["score"].to_numpy(), top["signed"].to_numpy()
-        out["effect"] = effect.double().numpy()
-        out["abs_effect"], out["mean_abs_effect"] = np.abs(out["effect"].to_numpy()), mean_abs.double().numpy()
+            return effect.double().numpy(), mean_abs.double().numpy()
+
+        out = verified(top, k, self.scores.numel(), "edge", self.context.host.model, exact)
         out.attrs["forward_passes"] = self.context.forward_passes - before
         return out
-
-
-def _check_k(k) -> None:
-    if not isinstance(k, numbers.Integral) or isinstance(k, bool):
-        raise TypeError(f"k must be an int (a number of edges), got {k!r}")
-    if k < 1:
-        raise ValueError(f"k must be at least 1 (a number of edges), got {k}")
