@@ -20,7 +20,12 @@ from .circuit import Circuit, FaithfulnessCurve
 from .graph import Graph
 
 COLOURS = {"q": "#1f77b4", "k": "#2ca02c", "v": "#ff7f0e", "mlp": "#7f7f7f", "logits": "#9467bd"}
-ROW, COL, MARGIN, MAX_WIDTH, MIN_WIDTH = 70, 64, 50, 9.0, 0.6
+ROW, MARGIN, MAX_WIDTH, MIN_WIDTH = 70, 50, 9.0, 0.6
+#: labels' font size (px) and the width of a character at most, in em (sans-serif's widest, "m", is
+#: 0.97 em but labels mix it with narrow ones: "mlp10" is 0.63 em a character in DejaVu Sans); the
+#: title's characters at 12 px; the side margins (px), the least gap between the columns' circles (in
+#: radii: room for edges to pass between them) and between an edge and a circle it does not join (px)
+FONT, CHAR_EM, TITLE_EM, SIDE, GAP, CLEAR = 9, 0.7, 0.6, 24, 2, 3
 
 
 def _component(graph: Graph, receiver: int) -> list[str]:
@@ -59,54 +64,91 @@ def edge_weights(circuit: Circuit, weights: torch.Tensor) -> torch.Tensor:
 def circuit_svg(circuit: Circuit, weights: torch.Tensor, title: str = "") -> str:
     """The picture of ``circuit`` as SVG text; ``weights`` (``edge_weights``) set the edge widths,
     the largest drawn ``MAX_WIDTH`` px wide, none thinner than ``MIN_WIDTH``. Each edge's path has
-    ``class="edge"`` and ``data-edge`` (its name), so the picture can be read back."""
+    ``class="edge"`` and ``data-edge`` (its name), so the picture can be read back.
+
+    Every circle holds its label (its radius is set by the longest label at ``CHAR_EM`` em a
+    character, an upper bound for sans-serif fonts); the columns spread over the whole width (the
+    title's, if wider), over the heads some layer uses; each edge leaves its sender's top and enters
+    its receiver's bottom (queries left, keys middle, values right: no two edges coincide) and
+    bends by the least that keeps it out of every circle it does not join (``_bends``), so edges
+    between the same column's nodes (the MLPs) bow apart by how far they reach. A quadratic curve
+    cannot always thread rows of many heads: there an edge takes the curve furthest from them."""
     g = circuit.graph
     w = edge_weights(circuit, weights)
     kept = circuit.keep.any(-1) if circuit.per_position else circuit.keep
     edges = kept.nonzero().flatten().tolist()
     top = max((float(w[e]) for e in edges), default=0.0) or 1.0
+    ends = [(g.senders[int(g.sender_index[e])].name, target, e) for e in edges
+            for target in _component(g, int(g.receiver_index[e]))]
+    used = sorted({"embed", "logits"} | {n for s, t, _ in ends for n in (s, t)})
 
-    # rows: 0 embedding, 2l + 1 heads of layer l, 2l + 2 MLP l, 2L + 1 logits; a row of heads lists them all
-    n_rows = 2 * g.n_layers + 2
-    width = max(2 * MARGIN + COL * (g.n_heads + 1), 8 * len(title))  # a column per head, the MLPs in the last
+    # rows: 0 embedding, 2l + 1 heads of layer l, 2l + 2 MLP l, 2L + 1 logits; a column per head some
+    # layer uses, the MLPs in the last
+    heads = sorted({s.head for s in g.senders if s.kind == "head" and s.name in used})
+    column = {h: i for i, h in enumerate(heads)}
+    n_rows, n_cols = 2 * g.n_layers + 2, len(heads) + any(n.startswith("mlp") for n in used)
+    label = max(len(n) for n in used)
+    radius = math.ceil(math.hypot(CHAR_EM * FONT * label / 2, FONT / 2)) + 2
+    width = max(2 * SIDE + 2 * radius + (radius * 2 + GAP * radius) * max(n_cols - 1, 0),
+                math.ceil(TITLE_EM * 12 * len(title)) + 2 * SIDE)
+    col = (width - 2 * SIDE - 2 * radius) / max(n_cols - 1, 1)
     height = 2 * MARGIN + ROW * (n_rows - 1) + (24 if title else 0)
-    at: dict[str, tuple[float, float]] = {}
-    centre = MARGIN + COL * (g.n_heads + 1) / 2
     y = lambda row: height - MARGIN - ROW * row  # noqa: E731 - one line of geometry
-    at["embed"] = (centre, y(0))
-    at["logits"] = (centre, y(n_rows - 1))
+    x = lambda c: SIDE + radius + col * c if n_cols > 1 else width / 2  # noqa: E731
+    at: dict[str, tuple[float, float]] = {"embed": (x((n_cols - 1) / 2), y(0)),
+                                          "logits": (x((n_cols - 1) / 2), y(n_rows - 1))}
     for layer in range(g.n_layers):
-        for h in range(g.n_heads):
-            at[f"L{layer}.H{h}"] = (MARGIN + COL * (h + 0.5), y(2 * layer + 1))
-        at[f"mlp{layer}"] = (MARGIN + COL * (g.n_heads + 0.5), y(2 * layer + 2))
-    used = {"embed", "logits"}
+        for h in heads:
+            at[f"L{layer}.H{h}"] = (x(column[h]), y(2 * layer + 1))
+        at[f"mlp{layer}"] = (x(n_cols - 1), y(2 * layer + 2))
     lines = []
-    for e in edges:
-        s = g.senders[int(g.sender_index[e])].name
-        r = int(g.receiver_index[e])
-        kind = g.receivers[r].kind
-        for target in _component(g, r):
-            used |= {s, target}
-            (x0, y0), (x1, y1) = at[s], at[target]
-            bend = (x0 + x1) / 2 + 0.25 * (y0 - y1) * (1 if (x1 >= x0) else -1) * 0.3
-            stroke = max(MIN_WIDTH, MAX_WIDTH * float(w[e]) / top)
-            lines.append(f'<path class="edge" data-edge="{escape(g.names[e])}" '
-                         f'd="M{x0:.1f},{y0:.1f} Q{bend:.1f},{(y0 + y1) / 2:.1f} {x1:.1f},{y1:.1f}" '
-                         f'stroke="{COLOURS[kind]}" stroke-width="{stroke:.2f}" fill="none" stroke-opacity="0.7">'
-                         f'<title>{escape(g.names[e])}: {float(w[e]):.4g}</title></path>')
+    for s, target, e in ends:
+        kind = g.receivers[int(g.receiver_index[e])].kind
+        # from the sender's top into the receiver's bottom, queries left of keys, values right (no two coincide)
+        side = {"q": -0.5, "v": 0.5}.get(kind, 0.0)
+        (x0, y0), (x1, y1) = (at[s][0], at[s][1] - radius), (at[target][0] + side * radius,
+                                                             at[target][1] + math.sqrt(1 - side**2) * radius)
+        others = torch.tensor([at[n] for n in used if n not in (s, target)], dtype=torch.float64).reshape(-1, 2)
+        bend = _bends((x0, y0), (x1, y1), others, radius + CLEAR, width, col)
+        stroke = max(MIN_WIDTH, MAX_WIDTH * float(w[e]) / top)
+        lines.append(f'<path class="edge" data-edge="{escape(g.names[e])}" '
+                     f'd="M{x0:.1f},{y0:.1f} Q{(x0 + x1) / 2 + bend:.1f},{(y0 + y1) / 2:.1f} {x1:.1f},{y1:.1f}" '
+                     f'stroke="{COLOURS[kind]}" stroke-width="{stroke:.2f}" fill="none" stroke-opacity="0.7">'
+                     f'<title>{escape(g.names[e])}: {float(w[e]):.4g}</title></path>')
     nodes = []
     for name in sorted(used, key=lambda n: (at[n][1], at[n][0])):
-        x, yy = at[name]
-        nodes.append(f'<circle cx="{x:.1f}" cy="{yy:.1f}" r="13" fill="#ffffff" stroke="#333333" stroke-width="1.2"/>'
-                     f'<text x="{x:.1f}" y="{yy + 3.5:.1f}" font-size="9" text-anchor="middle" '
-                     f'font-family="sans-serif">{escape(name)}</text>')
-    legend = [f'<text x="{MARGIN + 70 * i}" y="{height - 12}" font-size="10" font-family="sans-serif" '
+        cx, cy = at[name]
+        nodes.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{radius}" fill="#ffffff" stroke="#333333" '
+                     f'stroke-width="1.2"/><text x="{cx:.1f}" y="{cy + 0.35 * FONT:.1f}" font-size="{FONT}" '
+                     f'text-anchor="middle" font-family="sans-serif">{escape(name)}</text>')
+    legend = [f'<text x="{SIDE + 70 * i}" y="{height - 12}" font-size="10" font-family="sans-serif" '
               f'fill="{c}">&#9644; {k}</text>' for i, (k, c) in enumerate(COLOURS.items())]
     head = (f'<text x="{width / 2:.1f}" y="18" font-size="12" text-anchor="middle" font-family="sans-serif">'
             f'{escape(title)}</text>') if title else ""
     return (f'<svg xmlns="http://www.w3.org/2000/svg" class="circuit" width="{width}" height="{height}" '
             f'viewBox="0 0 {width} {height}">\n<rect width="100%" height="100%" fill="#ffffff"/>\n{head}\n'
             + "\n".join(lines + nodes + legend) + "\n</svg>\n")
+
+
+def _bends(start: tuple[float, float], end: tuple[float, float], others: torch.Tensor, clear: float,
+           width: float, col: float) -> float:
+    """How far (px, signed) the control point of the quadratic curve from ``start`` to ``end`` moves
+    sideways: the least multiple of a quarter column whose curve stays ``clear`` px from the centres
+    ``others`` ``[node, 2]`` (every node but its own two) and inside the picture's width; the curve
+    furthest from them if none does.
+    The further a curve reaches past nodes in its way, the more it bows, so curves between the
+    same column's nodes nest instead of running over each other."""
+    steps = torch.arange(0, 4 * int(width / col) + 1, dtype=torch.float64)
+    bends = torch.stack([steps, -steps], 1).flatten()[1:] * col / 4  # 0, +q, -q, +2q, -2q, ...: [bend]
+    t = torch.linspace(0, 1, 201, dtype=torch.float64)[:, None]  # [point, 1]
+    p0, p1 = torch.tensor(start, dtype=torch.float64), torch.tensor(end, dtype=torch.float64)
+    control = (p0 + p1) / 2 + torch.stack([bends, torch.zeros_like(bends)], 1)  # [bend, 2]
+    points = (1 - t) ** 2 * p0 + 2 * t * (1 - t) * control[:, None] + t**2 * p1  # [bend, point, 2]
+    gap = torch.cdist(points, others[None].expand(len(bends), -1, -1)).amin((1, 2)) if len(others) else \
+        torch.full((len(bends),), math.inf, dtype=torch.float64)
+    inside = (points[..., 0].amin(1) >= 0) & (points[..., 0].amax(1) <= width)
+    ok = ((gap >= clear) & inside).nonzero().flatten()
+    return float(bends[ok[0]] if len(ok) else bends[torch.argmax(torch.where(inside, gap, -math.inf))])
 
 
 def write_circuit_svg(circuit: Circuit, weights: torch.Tensor, path: str | Path, title: str = "") -> Path:
