@@ -14,14 +14,18 @@ import warnings
 import pytest
 import torch
 
-from atp_plugin import attribute
+from atp_plugin import attribute, metrics
+from atp_plugin.attribution import host_for
 from atp_plugin.errors import AtpError
 from helpers import bridge_pairs, reference
-from hf_models import FAMILIES, load_bridge, load_hooked, save_family
+from hf_models import D_VOCAB, FAMILIES, load_bridge, load_hooked, save_family
 
 QK = ["attn_q", "attn_k"]
 #: families whose q/k the QK fix cannot follow yet, and the words their refusal names
-REFUSED = {"olmo2": "norm over all heads", "gpt_neox": "hook_rot_q", "phi3": "hook_rot_q"}
+REFUSED = {"olmo2": "norm over all heads"}
+#: families whose Bridge forms the scores and the softmax in float64 (fused-qkv rotary attention,
+#: rotated by the host from the model's own cos and sin): held to float64 rounding (measured 4e-15)
+EXACT = {"gpt_neox", "phi3"}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -53,7 +57,57 @@ def test_qk_fix_follows_the_model_or_refuses(family, method):
         want, first_order = expected[method][0][nt], expected["atp" if method == "atp+qk" else "atp+gd"][0][nt]
         scale = float(want.abs().max())
         assert float((want - first_order).abs().max()) > 1e-3 * scale, f"{name}: attention too uniform to test the fix"
-        torch.testing.assert_close(got.scores[nt], want, rtol=0, atol=1e-5 * scale, msg=f"{name} {nt}")
+        tol = 1e-12 if name in EXACT else 1e-5
+        torch.testing.assert_close(got.scores[nt], want, rtol=0, atol=tol * scale, msg=f"{name} {nt}")
+
+
+def test_fused_qkv_rotary_is_rotated_by_the_host(family):
+    """GPT-NeoX (partial rotary) and Phi-3 (fused qkv) Bridges fire no hook_rot_q/hook_rot_k: the
+    host reads hook_q/hook_k and rotates them with the model's own cos and sin."""
+    name, model = family
+    if name in REFUSED:
+        pytest.skip(f"the QK fix refuses {name}")
+    geom = host_for(model).attention(1)
+    if name in EXACT:
+        assert (geom.q_hook, geom.k_hook) == ("blocks.1.attn.hook_q", "blocks.1.attn.hook_k")
+        assert geom.rotation is not None and geom.rotation.reads == ("blocks.1.attn.hook_cos", "blocks.1.attn.hook_sin")
+    else:
+        assert geom.rotation is None
+
+
+@pytest.mark.parametrize("method", ["atp+qk", "atp*"])
+def test_left_padded_pairs_equal_pairs_alone(family, method):
+    """Left-padded string pairs of different lengths: each pair contributes what the pattern
+    reference gives for it alone, unpadded (positions aligned on the last token)."""
+    name, model = family
+    if name in REFUSED:
+        pytest.skip(f"the QK fix refuses {name}")
+    host = host_for(model)
+    if len(host.tokenize("w1 w2")) <= len(host.tokenize("")):  # TransformerLens 4.3's Qwen 2 Bridge
+        pytest.skip(f"the {name} Bridge's tokenizer drops the test's words")
+    lengths, answers, wrongs = [3, 5, 4], torch.tensor([5, 9, 30]), torch.tensor([7, 2, 11])
+    g = torch.Generator().manual_seed(2)
+    clean = [" ".join(f"w{int(i)}" for i in torch.randint(0, D_VOCAB - 2, (n,), generator=g)) for n in lengths]
+    corrupt = [" ".join(f"w{(int(w[1:]) + 7 * (j % 2)) % (D_VOCAB - 2)}" for j, w in enumerate(c.split()))
+               for c in clean]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        padded = attribute(model, clean, corrupt, metrics.logit_diff(answers, wrongs), nodes=QK, method=method,
+                           progress=False)
+        alone = [reference(model, torch.tensor([host.tokenize(c)]), torch.tensor([host.tokenize(n)]),
+                           metrics.logit_diff(answers[i:i + 1], wrongs[i:i + 1]))[method][0]
+                 for i, (c, n) in enumerate(zip(clean, corrupt))]
+    assert padded.alignment.startswith("left-padded")
+    width = padded.scores["attn_q"].shape[1]
+    count = padded.pair_counts.to(torch.float64)
+    for nt in QK:
+        total = torch.zeros_like(padded.scores[nt])
+        for ref in alone:
+            total[:, width - ref[nt].shape[1]:] += ref[nt]
+        expected = total / count.reshape(1, width, 1)
+        scale = float(expected.abs().max())
+        tol = 1e-12 if name in EXACT else 1e-5
+        torch.testing.assert_close(padded.scores[nt], expected, rtol=0, atol=tol * scale, msg=f"{name} {nt}")
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

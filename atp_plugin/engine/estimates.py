@@ -140,7 +140,7 @@ class _Batch:
         self.host, self.sites, self.acc = host, sites, acc
         self.geoms = {s.pos.layer: host.attention(s.pos.layer) for s in sites if s.qk_fixed}
         site_hooks = {h for s in sites for h in s.needs}
-        qk_hooks = {h for g in self.geoms.values() for h in (g.q_hook, g.k_hook)}
+        qk_hooks = {h for g in self.geoms.values() for h in g.reads}  # q, k (and what rotates them)
         with torch.no_grad():
             _, self.noise = run(host, corrupt, mask, site_hooks | qk_hooks)
         self.resid = [host.resid_hooks(layer) for layer in range(host.n_layers)] if graddrop else []
@@ -250,9 +250,9 @@ class _Batch:
         the layer has no such sites). When GradDrop will need it again, its factored form is kept."""
         g, acc, clean = self.geoms[layer], self.acc, self.clean
         seen, A = self.seen.pop(layer), clean[g.pattern_hook].detach()  # [batch, 1 or head, t, s], [batch, head, t, s]
-        q, k = clean[g.q_hook].detach(), clean[g.k_hook].detach()  # [batch, pos, (kv-)head, d_head]
+        q, k = g.dotted("q", clean).detach(), g.dotted("k", clean).detach()  # [batch, pos, (kv-)head, d_head]
         v = None if self.kept is None else clean[g.v_hook].detach().to(acc).repeat_interleave(g.group, dim=2)
-        q_n, k_n = self.noise[g.q_hook], self.noise[g.k_hook]
+        q_n, k_n = g.dotted("q", self.noise), g.dotted("k", self.noise)
         kinds = {s.adapter.qk for s in self.sites if s.qk_fixed and s.pos.layer == layer}
         kept = []
         for rows, keys in qkfix.row_blocks(seen, ROW_BLOCKS if seen.shape[2] >= BLOCKED_FROM else 1):

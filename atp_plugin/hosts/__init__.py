@@ -27,10 +27,25 @@ class SitePosition:
 
 
 @dataclass(frozen=True)
+class Rotation:
+    """How a layer turns the values at its ``q_hook``/``k_hook`` into the vectors it dots, where no
+    hook holds those (a TransformerBridge whose attention rotates inside, e.g. GPT-NeoX, Phi-3).
+
+    ``apply(x, values)`` takes q or k vectors ``[..., batch, pos, heads, d_head]`` (any leading
+    axes, e.g. senders) and the values of one run at ``reads`` (e.g. the cos and sin the model
+    used), and returns them rotated as the model rotates them. It is linear in ``x``.
+    """
+
+    reads: tuple[str, ...]
+    apply: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+
+
+@dataclass(frozen=True)
 class AttentionGeometry:
     """How one layer turns queries and keys into scores, as the QK fix needs it.
 
-    ``q_hook``/``k_hook`` hold the vectors actually dotted (after rotary where the model has it);
+    ``q_hook``/``k_hook`` hold the vectors actually dotted (after rotary where the model has it),
+    or, with a ``rotation``, the vectors it rotates into those (``dotted``);
     score = softcap(q . k / scale), plus a bias named in ``score_bias`` where the model adds one
     (ALiBi: the node fix, which recomputes scores from q and k, refuses such a layer; the edge fix
     reads the scores themselves); masked entries are -inf in ``scores_hook``; kv-head j feeds
@@ -50,6 +65,18 @@ class AttentionGeometry:
     softcap: float | None
     group: int
     score_bias: str | None = None
+    rotation: Rotation | None = None
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """The hooks whose values (of one run) give the vectors dotted: q, k and the rotation's."""
+        return (self.q_hook, self.k_hook) + (self.rotation.reads if self.rotation is not None else ())
+
+    def dotted(self, which: str, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The queries (``which="q"``) or keys (``"k"``) the layer dots, ``[batch, pos, (kv-)heads,
+        d_head]``, from one run's ``values`` at ``reads``."""
+        x = values[self.q_hook if which == "q" else self.k_hook]
+        return x if self.rotation is None else self.rotation.apply(x, values)
 
 
 def rounding(dtype: torch.dtype) -> float:

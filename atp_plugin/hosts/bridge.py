@@ -40,7 +40,7 @@ import torch
 
 from ..errors import UnsupportedModelError
 from ..hookspecs import hookimpl
-from . import AttentionGeometry, Hook, rounding
+from . import AttentionGeometry, Hook, Rotation, rounding
 from .tl import TransformerLensHost
 
 
@@ -205,12 +205,16 @@ class TransformerBridgeHost(TransformerLensHost):
                 acts[name] = x.detach()
             return hook
 
-        names = [h for geom in guesses.values() for h in _read(geom)]
+        rotated = {layer: self._rotated(layer) for layer, geom in guesses.items() if geom.q_hook.endswith("rot_q")}
+        names = [h for geom in [*guesses.values(), *filter(None, rotated.values())] for h in _read(geom)]
         if names:
             with torch.no_grad():
-                self._probe_run(self._dispatched([(h, keep(h)) for h in names]))
+                self._probe_run(self._dispatched([(h, keep(h)) for h in dict.fromkeys(names)]))
         for layer, geom in guesses.items():
             silent = [h for h in _read(geom) if h not in acts]
+            alt = rotated.get(layer)
+            if silent and alt is not None and all(h in acts for h in _read(alt)):
+                geom, silent = alt, []  # no hook holds the rotated q and k: the host rotates them
             if silent:
                 found[layer] = (f"the QK fix reads hook(s) {silent}, which do not fire in this TransformerBridge "
                                 f"({self.cfg.architecture}); use method='atp' or 'atp+gd' for attn_q/attn_k nodes")
@@ -220,11 +224,26 @@ class TransformerBridgeHost(TransformerLensHost):
         found.update(self._check_patched_patterns(fitted))
         return found
 
+    def _rotated(self, layer: int) -> AttentionGeometry | None:
+        """Layer ``layer``'s geometry (scale 1) for an attention that rotates q and k inside, without
+        firing ``hook_rot_q``/``hook_rot_k`` (the Bridge's fused-qkv rotary attention: GPT-NeoX,
+        Phi-3): the host rotates the values at ``hook_q``/``hook_k`` itself with the cos and sin the
+        model used (``hook_cos``/``hook_sin``), as Hugging Face's ``apply_rotary_pos_emb`` does, on
+        the leading dimensions cos covers (partial rotary). None where those hooks are missing or
+        the model pairs rotary dimensions otherwise; ``_check_patched_patterns`` checks the rest."""
+        cos, sin = f"blocks.{layer}.attn.hook_cos", f"blocks.{layer}.attn.hook_sin"
+        if not (self.has_hook(cos) and self.has_hook(sin)) or any(
+                getattr(self.cfg, flag, False) for flag in ("rotary_adjacent_pairs", "rotary_interleaved_cos_sin")):
+            return None
+        geom = self.geometry(layer, scale=1.0, post="")
+        return dataclasses.replace(geom, rotation=Rotation((cos, sin), lambda x, values: rotate_half_rotary(
+            x, values[cos], values[sin])))
+
     def _fit_scale(self, layer: int, geom: AttentionGeometry, acts: dict[str, torch.Tensor]
                    ) -> AttentionGeometry | str:
         """Layer ``layer``'s ``geom`` with the least-squares scale of the probe run's values
         ``acts``, or why no single scale reproduces its scores."""
-        q, k = acts[geom.q_hook].double(), acts[geom.k_hook].double().repeat_interleave(geom.group, dim=2)
+        q, k = geom.dotted("q", acts).double(), geom.dotted("k", acts).double().repeat_interleave(geom.group, dim=2)
         raw = torch.einsum("bthd,bshd->bhts", q, k)  # q . k, [batch, head, t, s]
         scores = acts[geom.scores_hook].double()
         live = torch.isfinite(scores)
@@ -246,7 +265,18 @@ class TransformerBridgeHost(TransformerLensHost):
 
 def _read(geom: AttentionGeometry) -> tuple[str, ...]:
     """The hooks the QK fix reads in a layer of geometry ``geom``."""
-    return geom.q_hook, geom.k_hook, geom.scores_hook, geom.pattern_hook, geom.v_hook, geom.z_hook
+    return *geom.reads, geom.scores_hook, geom.pattern_hook, geom.v_hook, geom.z_hook
+
+
+def rotate_half_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's rotary embedding (``apply_rotary_pos_emb``, halves rotated) of q or k vectors
+    ``x`` ``[..., batch, pos, heads, d_head]`` with ``cos``/``sin`` ``[batch or 1, pos, rot]``: the
+    first ``rot`` dimensions of each head rotated, the rest passed through (partial rotary)."""
+    rot = cos.shape[-1]
+    cos, sin = cos[..., None, :].to(x.dtype), sin[..., None, :].to(x.dtype)  # [batch, pos, 1, rot]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    half = torch.cat((-x_rot[..., rot // 2:], x_rot[..., : rot // 2]), dim=-1)
+    return torch.cat((x_rot * cos + half * sin, x_pass), dim=-1)
 
 
 def _zero_grad_of_masked_rows(scores: torch.Tensor, hook: Any = None) -> torch.Tensor:

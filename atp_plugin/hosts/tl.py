@@ -149,8 +149,7 @@ class TransformerLensHost:
         clean, corrupt = self._probe_tokens(), self._probe_tokens(offset=1)
         pos = {"q": clean.shape[1] - 1, "k": max(clean.shape[1] - 2, 0)}  # a row that sees several keys
         node = {(ly, w): f"blocks.{ly}.attn.hook_{w}" for ly in layers for w in "qk"}
-        names = set(node.values()) | {h for g in geoms.values()
-                                      for h in (g.q_hook, g.k_hook, g.scores_hook, g.pattern_hook)}
+        names = set(node.values()) | {h for g in geoms.values() for h in (*g.reads, g.scores_hook, g.pattern_hook)}
         acts: dict[str, torch.Tensor] = {}
 
         def keep(name: str) -> Hook:
@@ -178,9 +177,11 @@ class TransformerLensHost:
         found: dict[int, str] = {}
         for c, (ly, w) in enumerate(copies):
             g = geoms[ly]
-            q, k = base[g.q_hook][:1].double(), base[g.k_hook][:1].double()  # [1, pos, (kv-)head, d_head]
-            new = (q if w == "q" else k).clone()
-            new[0, pos[w], 0] = base[g.q_hook if w == "q" else g.k_hook][1, pos[w], 0]
+            hook = g.q_hook if w == "q" else g.k_hook
+            patched = {**base, hook: base[hook].clone()}  # prompt 0 with the node set to prompt 1's
+            patched[hook][0, pos[w], 0] = base[hook][1, pos[w], 0]
+            q, k = g.dotted("q", base)[:1].double(), g.dotted("k", base)[:1].double()  # [1, pos, (kv-)head, d_head]
+            new = g.dotted(w, patched)[:1].double()
             seen = base[g.scores_hook][:1] > torch.finfo(base[g.scores_hook].dtype).min / 2
             predicted = torch.softmax(qk_scores(new, k, seen, g) if w == "q" else qk_scores(q, new, seen, g), -1)
             got = acts[g.pattern_hook][c].double()  # [head, t, s]
