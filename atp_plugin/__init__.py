@@ -15,13 +15,13 @@ from .attribution import attribute
 from .bound import FalseNegativeBound, false_negative_bound
 from .edges import attribute_edges
 from .engine.stream import PairStream
-from .estimate import Estimate, estimate
+from .estimate import Estimate, estimate, estimate_edges
 from .evaluate import Evaluation, evaluate
 from .hookspecs import hookimpl
 from .result import AttributionResult
 from .verify import verify
 
 __all__ = ["attribute", "attribute_edges", "AttributionResult", "Estimate", "Evaluation", "FalseNegativeBound",
-           "NodeAdapter", "PairStream", "edges", "estimate", "evaluate", "false_negative_bound", "hookimpl", "metrics",
+           "NodeAdapter", "PairStream", "edges", "estimate", "estimate_edges", "evaluate", "false_negative_bound", "hookimpl", "metrics",
            "verify"]
 __version__ = "0.1.0"

@@ -1,5 +1,6 @@
-"""``estimate()``: the peak memory and the passes ``attribute()`` will need at a prompt length,
-before running it, and the largest batch of pairs that fits a memory budget.
+"""``estimate()`` and ``estimate_edges()``: the peak memory and the passes ``attribute()`` (or
+``attribute_edges()``) will need at a prompt length, before running it, and the largest batch of
+pairs that fits a memory budget.
 
 The estimate is measured, not modelled: it runs the method on a few short random prompts (three
 lengths, batches of one pair and of two) while counting the tensor memory torch allocates and frees
@@ -16,7 +17,7 @@ import gc
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -93,19 +94,59 @@ def estimate(model: Any, n_tokens: int, nodes: str | NodeAdapter | Sequence[str 
     if getattr(backends[method], "exhaustive", False):
         raise ValueError(f"estimate() covers the gradient methods; {method!r} patches every node exactly, with "
                          "patched prompts per pass sized from max_memory (attribute(..., max_memory=...))")
+    adapters = resolve(nodes, plugins.adapters())
+    host = host_for(model)
+    check_hooks(host, adapters)
+
+    def run(clean: torch.Tensor, corrupt: torch.Tensor, metric: Any, batch: int) -> tuple[float, float]:
+        result = attribute(model, clean, corrupt, metric, nodes=adapters, method=method, batch_size=batch,
+                           progress=False)
+        engine = result.require_engine("estimate()")
+        return engine.forward_passes, engine.backward_passes
+
+    return _predict(host, method, n_tokens, batch_size, n_pairs, max_memory, run)
+
+
+def estimate_edges(model: Any, n_tokens: int, method: Any = "atp", batch_size: int | Literal["auto"] = DEFAULT_BATCH,
+                   *, ig_steps: int | None = None, n_pairs: int | None = None,
+                   max_memory: float | None = None) -> Estimate:
+    """``estimate()`` for ``attribute_edges()`` with edge method ``method`` (``ig_steps`` as there):
+    its peak memory and passes on pairs of ``n_tokens`` tokens, and ``batch_size="auto"``'s batch.
+    Exact edge patching (``ap``) is refused: it patches copies, sized by ``patch_batch_size``."""
+    from .edges.attribute import attribute_edges, resolve_method, structure
+    from .engine.path import with_steps
+
+    edge_method = with_steps(resolve_method(method), ig_steps)
+    if getattr(edge_method, "exhaustive", False):
+        raise ValueError(f"estimate_edges() covers the gradient methods; {edge_method.name!r} patches every edge "
+                         "exactly, a batch of patch_batch_size copies at a time")
+    host = host_for(model)
+    structure(host)  # a host that cannot serve edges fails here, before any probe
+
+    def run(clean: torch.Tensor, corrupt: torch.Tensor, metric: Any, batch: int) -> tuple[float, float]:
+        result = attribute_edges(model, clean, corrupt, metric, method=edge_method, batch_size=batch, progress=False)
+        return result.forward_passes, result.backward_passes
+
+    return _predict(host, edge_method.name, n_tokens, batch_size, n_pairs, max_memory, run)
+
+
+#: one probe: (clean, corrupt, metric, batch size) -> the (forward, backward) passes it ran
+Probe = Callable[[torch.Tensor, torch.Tensor, Any, int], tuple[float, float]]
+
+
+def _predict(host: Any, method: str, n_tokens: int, batch_size: int | Literal["auto"], n_pairs: int | None,
+             max_memory: float | None, run: Probe) -> Estimate:
+    """The estimate from probe runs of ``run`` (checked arguments first, then the probes)."""
     n_tokens = positive_int(n_tokens, "n_tokens", "it is the prompts' length in tokens (after padding)")
     if batch_size != "auto":
         batch_size = positive_int(batch_size, "batch_size", 'it is the number of pairs run at a time, or "auto"')
     budget = memory.check_max_memory(max_memory)
-    adapters = resolve(nodes, plugins.adapters())
-    host = host_for(model)
     check_length(host, n_tokens)
-    check_hooks(host, adapters)
     if n_pairs is not None:
         n_pairs = positive_int(n_pairs, "n_pairs", "it is the number of pairs")
     # a second batch runs beside the sums the first left: probe two where there will be two
     batches = 2 if isinstance(batch_size, str) or (n_pairs or 0) > batch_size else 1
-    prof = profile(model, adapters, method, PROBE_LENGTHS if n_tokens > PROBE_LENGTHS[-1] else (n_tokens,), batches)
+    prof = profile(run, host.d_vocab, PROBE_LENGTHS if n_tokens > PROBE_LENGTHS[-1] else (n_tokens,), batches)
     if isinstance(batch_size, str):
         budget = budget if budget is not None else memory.default_budget(host.device)
         batch_size = prof.largest_batch(n_tokens, budget, n_pairs)
@@ -137,25 +178,23 @@ class MemoryProfile:
         return max(1, min(largest, n_pairs or largest))
 
 
-def profile(model: Any, adapters: list[NodeAdapter], method: str, lengths: Sequence[int], batches: int = 2
-            ) -> MemoryProfile:
-    """Trace ``attribute()`` with ``method`` on random pairs of each of ``lengths`` tokens, in
-    ``batches`` batches of one pair and of two (a second batch runs beside the sums the first left)."""
-    d_vocab = host_for(model).d_vocab
-    _probe(model, adapters, method, lengths[0], 1, 1, d_vocab)  # one-time work (the host's probe of the model)
+def profile(run: Probe, d_vocab: int, lengths: Sequence[int], batches: int = 2) -> MemoryProfile:
+    """Trace ``run`` (``attribute()`` or ``attribute_edges()`` with one method) on random pairs of
+    each of ``lengths`` tokens, in ``batches`` batches of one pair and of two (a second batch runs
+    beside the sums the first left)."""
+    _probe(run, lengths[0], 1, 1, d_vocab)  # one-time work (the host's probe of the model)
     traces: list[tuple[np.ndarray, ...]] = []
     passes = (0.0, 0.0)
     for b in (1, 2):
-        runs = [_probe(model, adapters, method, t, b, batches, d_vocab) for t in lengths]
+        runs = [_probe(run, t, b, batches, d_vocab) for t in lengths]
         traces.append(tuple(trace for trace, _ in runs))
         passes = runs[-1][1]
     return MemoryProfile(tuple(lengths), (traces[0], traces[1]), passes)
 
 
-def _probe(model: Any, adapters: list[NodeAdapter], method: str, n_tokens: int, batch: int, batches: int,
-           d_vocab: int) -> tuple[np.ndarray, tuple[float, float]]:
-    """The bytes of tensors alive after each op of ``attribute()`` on ``batches`` batches of
-    ``batch`` random pairs of ``n_tokens`` tokens, and its (forward, backward) passes per pair."""
+def _probe(run: Probe, n_tokens: int, batch: int, batches: int, d_vocab: int) -> tuple[np.ndarray, tuple[float, float]]:
+    """The bytes of tensors alive after each op of ``run`` on ``batches`` batches of ``batch``
+    random pairs of ``n_tokens`` tokens, and its (forward, backward) passes per pair."""
     g = torch.Generator().manual_seed(n_tokens * 7 + batch)
     clean = torch.randint(0, d_vocab, (batches * batch, n_tokens), generator=g)
     corrupt = torch.randint(0, d_vocab, (batches * batch, n_tokens), generator=g)
@@ -166,12 +205,10 @@ def _probe(model: Any, adapters: list[NodeAdapter], method: str, n_tokens: int, 
     gc.collect()  # garbage of earlier runs is not freed in the middle of this one
     with warnings.catch_warnings(), distributed.alone(), PeakTensorBytes(trace=True) as counted:
         warnings.simplefilter("ignore")  # the user's own run will warn (e.g. GradDrop with few layers)
-        result = attribute(model, clean, corrupt, metric, nodes=adapters, method=method, batch_size=batch,
-                           progress=False)
-    engine = result.require_engine("estimate()")
+        forward, backward = run(clean, corrupt, metric, batch)
     assert counted.trace is not None
     n = batches * batch
-    return np.array(counted.trace), (engine.forward_passes / n, engine.backward_passes / n)
+    return np.array(counted.trace), (forward / n, backward / n)
 
 
 def _peak_at(traces: list[np.ndarray], lengths: Sequence[int], n_tokens: int) -> float:

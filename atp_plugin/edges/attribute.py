@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 
 from .. import plugins
 from ..attribution import DEFAULT_BATCH, check_length, eval_mode, host_for, make_source, positive_int
-from ..engine import Engine
+from ..engine import Engine, distributed
+from ..engine.memory import check_max_memory
 from ..engine.path import with_steps
 from ..engine.stream import PairStream
 from ..errors import UnsupportedModelError
@@ -22,8 +23,9 @@ from .result import EdgeResult
 
 def attribute_edges(model: Any, clean: torch.Tensor | Sequence[str] | PairStream,
                     corrupt: torch.Tensor | Sequence[str] | None = None, metric=None, *, method: Any = "atp",
-                    ig_steps: int | None = None, per_position: bool = False, batch_size: int | None = None,
-                    patch_batch_size: int = 64, progress: bool | None = None) -> EdgeResult:
+                    ig_steps: int | None = None, per_position: bool = False,
+                    batch_size: int | Literal["auto"] | None = None, patch_batch_size: int = 64,
+                    max_memory: float | None = None, progress: bool | None = None) -> EdgeResult:
     """Score every edge u -> v by how much patching it (v alone reads u's corrupt write) changes ``metric``.
 
     ``clean``/``corrupt`` (or a ``PairStream`` and no ``corrupt``), ``metric`` and ``batch_size`` as
@@ -31,7 +33,9 @@ def attribute_edges(model: Any, clean: torch.Tensor | Sequence[str] | PairStream
     ``"atp+qk"``, ``"ig"`` (EAP-IG) or ``"ap"`` (exact), or an edge method instance (see
     ``edges.methods``). ``ig_steps``: gradient points of an IG method (10 by default; methods without
     steps ignore it). ``per_position``: score each edge at each position (``[edge, pos]``) instead of
-    the edge patched at every position at once (``[edge]``, what EAP reports). Scores are means over
+    the edge patched at every position at once (``[edge]``, what EAP reports). ``batch_size="auto"``:
+    the largest batch whose peak fits ``max_memory`` bytes by ``estimate_edges()`` (a few seconds of
+    probe runs; not for ``ap``, whose ``patch_batch_size`` copies run at a time). Scores are means over
     pairs of |I| (``ap``: |mean I|); ``signed`` holds the means of I. Under ``torch.distributed``
     (torchrun) each rank runs its share of the pairs and every rank gets the whole result.
     """
@@ -41,12 +45,21 @@ def attribute_edges(model: Any, clean: torch.Tensor | Sequence[str] | PairStream
                         "attribute_edges(model, PairStream(...), metric=metric)")
     if not isinstance(per_position, bool):
         raise TypeError(f"per_position must be True or False, got {per_position!r}")
-    batch_size = positive_int(batch_size or DEFAULT_BATCH, "batch_size", "it is the number of pairs run at a time")
+    if batch_size != "auto":
+        batch_size = positive_int(batch_size or DEFAULT_BATCH, "batch_size",
+                                  'it is the number of pairs run at a time, or "auto"')
     patch_batch_size = positive_int(patch_batch_size, "patch_batch_size",
                                     "it is the number of patched prompts run at a time")
+    max_memory = check_max_memory(max_memory)
     with eval_mode(model, "attribute_edges()"):
-        ctx = make_context(model, clean, corrupt, metric, batch_size=batch_size, patch_batch_size=patch_batch_size,
+        ctx = make_context(model, clean, corrupt, metric, batch_size=DEFAULT_BATCH, patch_batch_size=patch_batch_size,
                            progress=progress)
+        if batch_size == "auto":
+            from ..estimate import estimate_edges  # it probes through attribute_edges()
+            found = estimate_edges(model, ctx.pairs.width, edge_method, "auto", n_pairs=ctx.pairs.n,
+                                   max_memory=max_memory).batch_size
+            batch_size = distributed.all_min(found, ctx.host.device)  # one for all ranks
+        ctx.engine.batch_size = batch_size
         scores, signed = edge_method.run(ctx, per_position)
     pairs = ctx.pairs
     return EdgeResult(edge_method.name, ctx.graph, scores, signed, per_position, pairs.counts.cpu(), pairs.n,

@@ -11,6 +11,7 @@ pairs and averages it; ``Context.edge_effects`` patches edges exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -71,6 +72,7 @@ class ExactEdges:
 
     name: str = "ap"
     description: str = "exact edge patching of every edge (the ground truth; one patched forward per edge and pair)"
+    exhaustive: ClassVar[bool] = True  # estimate_edges() does not cover it
 
     def run(self, ctx: Context, per_position: bool) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.check_structure()
