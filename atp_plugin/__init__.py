@@ -22,6 +22,6 @@ from .result import AttributionResult
 from .verify import verify
 
 __all__ = ["attribute", "attribute_edges", "AttributionResult", "Estimate", "Evaluation", "FalseNegativeBound",
-           "NodeAdapter", "PairStream", "edges", "estimate", "estimate_edges", "evaluate", "false_negative_bound", "hookimpl", "metrics",
-           "verify"]
+           "NodeAdapter", "PairStream", "edges", "estimate", "estimate_edges", "evaluate", "false_negative_bound",
+           "hookimpl", "metrics", "verify"]
 __version__ = "0.1.0"
