@@ -187,12 +187,12 @@ def faithfulness(model: Any, clean, corrupt, metric, circuit: Circuit | Sequence
     or from its sender's mean write over the calibration prompts ``mean_tokens`` (``"mean"``)."""
     with eval_mode(model, "faithfulness()"):
         ctx = make_context(model, clean, corrupt, metric, batch_size=batch_size, patch_batch_size=patch_batch_size)
-        mean = _mean(ctx, ablation, mean_tokens)
+        mean = ablation_writes(ctx, ablation, mean_tokens)
         ctx.check_structure()
         return _faithfulness(ctx, [_as_circuit(ctx.graph, circuit)], mean)[0]
 
 
-def _mean(ctx: Context, ablation: str, mean_tokens) -> Writes | None:
+def ablation_writes(ctx: Context, ablation: str, mean_tokens) -> Writes | None:
     """The mean writes mean ablation patches in, or None for corrupt ablation; bad input fails first."""
     if ablation not in ("corrupt", "mean"):
         raise ValueError(f"ablation must be 'corrupt' (patch from the corrupt run) or 'mean' (each sender's mean "
@@ -234,7 +234,8 @@ def faithfulness_of(result: EdgeResult, circuits: list[Circuit], *, ablation: Ab
     corrupt runs shared between them); ``ablation``/``mean_tokens`` as in ``faithfulness``."""
     with eval_mode(result.context.host.model, "faithfulness_of()"):
         ctx = result.context
-        return _faithfulness(ctx, [_as_circuit(result.graph, c) for c in circuits], _mean(ctx, ablation, mean_tokens))
+        circuits = [_as_circuit(result.graph, c) for c in circuits]
+        return _faithfulness(ctx, circuits, ablation_writes(ctx, ablation, mean_tokens))
 
 
 #: edge classes by what the receiver reads, as TransformerLens 4.3's faithfulness breaks recovery out
@@ -248,14 +249,19 @@ def faithfulness_by_class(result: EdgeResult, circuit: Circuit | Sequence[str], 
     edges of that class: how much the circuit needs them (conditional, not additive; a class the
     circuit has no edge of gets the aggregate). TransformerLens 4.3's per-class recovery, over all
     pairs at once; one patched run per pair for the circuit and for each class it has."""
-    circuit = _as_circuit(result.graph, circuit)
-    kinds = [EDGE_CLASSES[result.graph.receivers[r].kind] for r in result.graph.receiver_index.tolist()]
+    with eval_mode(result.context.host.model, "faithfulness_by_class()"):
+        ctx = result.context
+        return by_class(ctx, _as_circuit(result.graph, circuit), ablation_writes(ctx, ablation, mean_tokens))
+
+
+def by_class(ctx: Context, circuit: Circuit, mean: Writes | None = None) -> dict[str, float]:
+    """``faithfulness_by_class`` on a context, with the mean writes of mean ablation (``ablation_writes``) or None."""
+    kinds = [EDGE_CLASSES[ctx.graph.receivers[r].kind] for r in ctx.graph.receiver_index.tolist()]
     keep = circuit.keep  # [edge] or [edge, pos]
     held = {c: keep & torch.tensor([k == c for k in kinds]).reshape((-1,) + (1,) * (keep.ndim - 1))
             for c in sorted(set(kinds))}
     present = [c for c, mask in held.items() if bool(mask.any())]
-    values = faithfulness_of(result, [circuit, *(Circuit(result.graph, keep & ~held[c]) for c in present)],
-                             ablation=ablation, mean_tokens=mean_tokens)
+    values = _faithfulness(ctx, [circuit, *(Circuit(ctx.graph, keep & ~held[c]) for c in present)], mean)
     without = dict(zip(present, values[1:]))
     return {"all": values[0], **{c: without.get(c, values[0]) for c in held}}
 
