@@ -148,9 +148,15 @@ def structure_of(host: Host) -> Structure:
     """The model's parts, or a clear error for architectures whose residual writes are not
     ``z @ W_O`` and ``mlp_out`` added as they are (post-norms, q/k norms, shortformer embeddings)."""
     cfg = host.model.cfg
+    block = host.model.blocks[0]
+    missing = [n for n in ("ln1", "ln2")[: 1 if cfg.attn_only else 2] if not hasattr(block, n)]
+    post = [n for n in ("ln1_post", "ln2_post") if hasattr(block, n)]
     unsupported = [
-        (getattr(cfg, "use_normalization_before_and_after", False),
-         "a norm after attention/MLP (the write is not z @ W_O)"),
+        (getattr(cfg, "use_normalization_before_and_after", False) or bool(post),
+         f"a norm after attention/MLP ({', '.join(post) or 'ln1_post'}; Gemma 2/3, OLMo 2: a head's write is not "
+         "z @ W_O, and the writes are not additive)"),
+        (bool(missing), f"a block without the pre-norm(s) {missing} the edge engine recomputes q/k/v and MLP inputs "
+                        "through (post-norm only, e.g. OLMo 2)"),
         (getattr(cfg, "use_qk_norm", False), "q/k normalisation"),
         (getattr(cfg, "positional_embedding_type", "standard") == "shortformer", "shortformer positional embeddings"),
         (getattr(cfg, "use_attn_in", False) or getattr(cfg, "use_split_qkv_input", False),
@@ -158,7 +164,8 @@ def structure_of(host: Host) -> Structure:
     ]
     for flag, what in unsupported:
         if flag:
-            raise UnsupportedModelError(f"edge attribution cannot handle {what} in this model")
+            raise UnsupportedModelError(f"edge attribution cannot handle {what} in this model; node methods "
+                                        "(attribute()) serve it")
     return Structure(host=host, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv=host.n_kv_heads, d_model=cfg.d_model,
                  attn_only=bool(cfg.attn_only), parallel=bool(getattr(cfg, "parallel_attn_mlp", False)),
                  rotary=getattr(cfg, "positional_embedding_type", "standard") == "rotary")
