@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from atp_plugin import attribute, metrics, verify
+from atp_plugin import attribute, attribute_edges, metrics, verify
 from atp_plugin.engine.pairs import Pairs
 from atp_plugin.errors import UnsupportedModelError
 from atp_plugin.metrics import check_metric
@@ -255,6 +255,9 @@ def test_unsupported_attention_for_qk_fix(flag: dict, what: str) -> None:
         # the fix is needed only by q/k nodes: atp* on other node types still works
         result = attribute(model, clean, corrupt, metric, nodes=["attn_z"], method="atp*")
         assert result.scores["attn_z"].abs().sum() > 0
+    # edges: one policy with the nodes (the edge fix recomputes the scores as well)
+    with pytest.raises(UnsupportedModelError, match=f"QK fix cannot handle {what}.*method='atp'"):
+        attribute_edges(model, clean, corrupt, metric, method="atp+qk")
 
 
 def test_metric_answer_ids_and_position(model) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from ..engine import Engine, distributed
 from ..engine.pairs import Batch, PairSource
+from ..engine.qk import fixable
 from ..engine.runs import run
 from ..hosts.structure import Structure, check_structure
 from .graph import Graph
@@ -76,7 +77,7 @@ class Context:
     def check_qk(self) -> None:
         """Fail before any run where the edge QK fix cannot serve a layer's attention."""
         for layer in range(self.parts.n_layers):
-            self.host.attention(layer)
+            fixable(self.host.attention(layer), "use method='atp' for edges")
             self.parts.check_rotary(layer)
 
     def first_order(self, desc: str, per_position: bool, forward: int, backward: int, estimate: Estimator

@@ -8,7 +8,9 @@ clean + (k/m)(noise - clean), k = 1..m (Hanna et al.'s "inputs" variant, right-e
 the k = m run is the corrupt prompt's, which also gives the corrupt writes).
 ``atp+qk``: for an edge into a query or key, v's q (or k) recomputed from resid + (u(noise) -
 u(clean)) through ln1, W and rotary, the attention row(s) recomputed exactly through the softmax
-(``edges.qk``: the node fix's formulas, every sender of a layer at once) and dotted with G = dL/dA.
+(``edges.qk``: the node fix's formulas, every sender of a layer at once) and dotted with G = dL/dA;
+the clean scores are recomputed from q and k as the node fix recomputes them (``engine.qk.scores``:
+one numerical contract, so a score bias such as ALiBi is refused by both).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Callable
 import torch
 
 from ..engine.path import interpolate, path_points
+from ..engine.qk import scores
 from ..engine.runs import run
 from ..hosts import AttentionGeometry
 from ..hosts.structure import Structure, check_structure, hook_names
@@ -104,7 +107,9 @@ def _qk_fix(parts: Structure, graph: Graph, layer: int, geom: AttentionGeometry,
     change = parts.rotate(layer, change.view(n_s * b, t, -1, w.shape[2]), mask.repeat(n_s, 1))
     change = change.view(n_s, b, t, -1, w.shape[2])  # [senders, batch, pos, q + kv, d_head]
     q, k = values[geom.q_hook].to(dtype), values[geom.k_hook].to(dtype)  # [batch, pos, heads, d_head]
-    rw = qkfix.rows(values[geom.scores_hook].to(dtype), q, k, grads[geom.pattern_hook].to(dtype), geom)
+    model_scores = values[geom.scores_hook]  # only which entries are masked is read: the scores are recomputed
+    seen = model_scores > torch.finfo(model_scores.dtype).min / 2  # as the node fix forms them (engine.qk.scores)
+    rw = qkfix.rows(scores(q, k, seen, geom), q, k, grads[geom.pattern_hook].to(dtype), geom)
     dq = change[..., :n_q, :].permute(1, 3, 0, 2, 4)  # [batch, head, senders, pos, d_head]
     # per query head: [batch, head, d_head, senders, pos]
     dk = change[..., n_q:, :].repeat_interleave(geom.group, dim=3).permute(1, 3, 4, 0, 2)

@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import MetricError, UnsupportedModelError
+from ..errors import MetricError
 from ..hosts import Host
 from . import distributed, memory, progress
+from . import qk as qkfix
 from .estimates import Site, check_order, estimate_batch, sites_of
 from .moments import Moments
 from .pairs import Batch, PairSource
@@ -242,11 +243,8 @@ class Engine:
         the host cannot describe (an unsupported variant raises ``UnsupportedModelError``)."""
         for s in self.sites(qk=True):
             if s.qk_fixed:
-                bias = self.host.attention(s.pos.layer).score_bias
-                if bias is not None:
-                    raise UnsupportedModelError(
-                        f"the QK fix cannot handle {bias} in this model: it recomputes the scores from q and k; use "
-                        "method='atp' or 'atp+gd' for attn_q/attn_k nodes, or drop them from nodes=")
+                qkfix.fixable(self.host.attention(s.pos.layer),
+                              "use method='atp' or 'atp+gd' for attn_q/attn_k nodes, or drop them from nodes=")
 
     def first_order(self, *, qk: bool, graddrop: bool) -> tuple[dict, dict, dict | None]:
         """Means over pairs of |I|, I and (with GradDrop) c_gd, per site: ``[pos, *node]``. With

@@ -12,7 +12,18 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UnsupportedModelError
 from ..hosts import AttentionGeometry
+
+
+def fixable(geom: AttentionGeometry, instead: str) -> AttentionGeometry:
+    """``geom`` where the QK fix can serve its layer, else an ``UnsupportedModelError`` ending with
+    ``instead`` (what to use). The fix recomputes scores from q and k, for nodes and for edges alike,
+    so a bias the model adds to them (``score_bias``: ALiBi) is refused by both."""
+    if geom.score_bias is not None:
+        raise UnsupportedModelError(f"the QK fix cannot handle {geom.score_bias} in this model: it recomputes the "
+                                    f"scores from q and k; {instead}")
+    return geom
 
 
 def row_blocks(seen: torch.Tensor, n_blocks: int) -> list[tuple[slice, int]]:

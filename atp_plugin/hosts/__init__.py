@@ -47,8 +47,8 @@ class AttentionGeometry:
     ``q_hook``/``k_hook`` hold the vectors actually dotted (after rotary where the model has it),
     or, with a ``rotation``, the vectors it rotates into those (``dotted``);
     score = softcap(q . k / scale), plus a bias named in ``score_bias`` where the model adds one
-    (ALiBi: the node fix, which recomputes scores from q and k, refuses such a layer; the edge fix
-    reads the scores themselves); masked entries are -inf in ``scores_hook``; kv-head j feeds
+    (ALiBi: the QK fix, nodes and edges alike, recomputes scores from q and k and refuses such a
+    layer); masked entries are -inf in ``scores_hook``; kv-head j feeds
     query heads j*group .. (j+1)*group-1. Each head's output at ``z_hook`` is its pattern times the
     values at ``v_hook`` (z_t = sum_s A_ts v_s) and the pattern feeds nothing else, so dL/dA =
     dL/dz v^T: GradDrop keeps each layer's query fix as its product with v instead of a
