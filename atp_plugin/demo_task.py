@@ -486,7 +486,7 @@ def evaluate_demo_model(model: HookedTransformer, n: int = 1000, *, seed: int = 
         ``corrupt_logit_diff``: the same quantity on corrupt prompts (should be negative).
     """
     pairs = ioi_pairs(n, seed=seed, split="test")
-    device = model.cfg.device
+    device = next(model.parameters()).device
     name_ids = torch.tensor([model.to_single_token(f" {name}") for name in NAMES], device=device)  # [names]
     answer_ids = torch.tensor([model.to_single_token(a) for a in pairs.answers], device=device)  # [batch]
     wrong_ids = torch.tensor([model.to_single_token(w) for w in pairs.wrongs], device=device)  # [batch]

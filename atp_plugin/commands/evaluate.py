@@ -13,6 +13,7 @@ import time
 import torch
 
 from .. import plugins
+from ..attribution import host_for
 from ..evaluate import evaluate
 from .usage import UsageError, check_at_least, check_output, check_registered, demo_task
 
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     table = result.table()
     print(f"atp evaluate: {args.pairs} held-out IOI pairs, {result.n_nodes} nodes ({', '.join(nodes)}), "
-          f"{model.cfg.n_layers} layers; ground truth: exhaustive patching (ap)")
+          f"{host_for(model).n_layers} layers; ground truth: exhaustive patching (ap)")
     print("forward passes to verify the true top-x nodes in each method's order "
           "(row x=0: the method's own cost; a backward pass counts as 2):\n")
     print(table.to_string(float_format=lambda v: f"{v:.0f}"))
