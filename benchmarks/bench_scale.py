@@ -14,7 +14,9 @@ Every measurement runs in a fresh subprocess (this script with ``--child``), one
 - atp, atp+qk, atp*: ``atp_plugin.attribute(...)`` end to end, all pairs in one batch;
 - naive GradDrop: bench_atp.naive_graddrop, L forward + backward passes, one per dropped layer
   (atp*'s time target is <= 0.6x naive GradDrop + floor);
-- verify: ``attribute(method="atp")`` then ``result.verify(10)`` in one process.
+- verify: ``attribute(method="atp")`` then ``result.verify(10)`` in one process;
+- with ``--edges`` instead: edges atp, edges atp+qk: ``atp_plugin.attribute_edges(...)`` with
+  ``per_position=True`` (every edge at every position), all pairs in one batch.
 A child first runs its job once on 16-token prompts (one-time costs; negligible memory), then
 ``--repeats`` times at T (median CPU time, time.process_time: with one torch thread it is the
 work done, little disturbed by other jobs on the machine; wall time is reported beside it).
@@ -27,6 +29,7 @@ Usage:
   python benchmarks/bench_scale.py [--T 128 512] [--pairs 1] [--repeats N] [--threads 1]
       [--device cpu] [--out docs/benchmark_scale.md --section NAME]
   python benchmarks/bench_scale.py --low-precision [--out docs/benchmark_scale.md --section low-precision]
+  python benchmarks/bench_scale.py --edges --T 512 [--out docs/benchmark_scale.md --section edges]
 With ``--out``, the markdown (command, date, code measured, table) replaces the part of the file
 between ``<!-- bench_scale:NAME -->`` and ``<!-- /bench_scale:NAME -->`` (appended if absent).
 """
@@ -60,6 +63,7 @@ from timing import peak_kb, status_kb, write_section
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NODES = ["attn_q", "attn_k", "attn_v", "attn_z", "mlp_neurons"]
 METHODS = ("atp", "atp+qk", "atp*")
+EDGE_METHODS = ("edges atp", "edges atp+qk")  # attribute_edges, every edge at every position (--edges)
 NAIVE = "naive GradDrop"  # bench_atp.naive_graddrop: L forward/backward passes, one per dropped layer
 D_VOCAB, WARMUP_T = 50257, 16
 ANSWER, WRONG = 318, 373  # the two fixed tokens of the metric
@@ -86,6 +90,9 @@ def job(model: HookedTransformer, what: str, n_pairs: int, t: int) -> Callable[[
         return lambda: floor(model, clean, metric)
     if what == NAIVE:
         return lambda: naive_graddrop(model, clean, metric)
+    if what in EDGE_METHODS:
+        return lambda: atp_plugin.attribute_edges(model, clean, corrupt, metric, method=what.split()[1],
+                                                  batch_size=n_pairs, per_position=True, progress=False)
     return lambda: atp_plugin.attribute(model, clean, corrupt, metric, nodes=NODES, method=what,
                                         batch_size=n_pairs, progress=False)
 
@@ -204,6 +211,21 @@ def scale_table(results: dict[int, Results], n_pairs: int) -> str:
     return "\n".join(lines)
 
 
+def edge_table(results: dict[int, Results], n_pairs: int) -> str:
+    """Markdown: per T, the floor and the edge methods, time and peak (whole process, and above the model)."""
+    lines = ["| T | what | CPU time (s) | wall (s) | time / floor | peak (GB) | above the model: / floor's |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for t, r in results.items():
+        fl = r["floor"]
+        for what in ("floor", *EDGE_METHODS):
+            x = r[what]
+            lines.append(f"| {t} | {what} | {x['seconds']:.2f} | {x['wall']:.2f} | {x['seconds'] / fl['seconds']:.2f} "
+                         f"| {gb(x['peak_kb'])} | {above(x, fl):.2f} |")
+    lines += ["", f"{n_pairs} pair{'s' if n_pairs > 1 else ''} of T tokens per run; attribute_edges(per_position=True) "
+              "scores every edge of the graph at every position. Times and peaks as in the table above."]
+    return "\n".join(lines)
+
+
 def code_label() -> str:
     """Which atp_plugin was measured: the repository's HEAD (and whether atp_plugin/ differs from
     it), or the directory it was imported from when that is not this repository."""
@@ -282,6 +304,8 @@ def main() -> None:
                              "pair that fit in BYTES (e.g. 24e9) with the model loaded")
     parser.add_argument("--low-precision", action="store_true",
                         help="instead: bfloat16 / float16 against float32 on bench_atp.py's model")
+    parser.add_argument("--edges", action="store_true",
+                        help="instead: the floor and attribute_edges (atp, atp+qk) at each --T")
     parser.add_argument("--out", type=Path, help="markdown file to write the section into")
     parser.add_argument("--section", default="scale", help="section name in --out (default scale)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -302,10 +326,10 @@ def main() -> None:
         for t in args.T:
             repeats = args.repeats or (3 if t < 512 else 1)
             results[t] = {}
-            for what in ("floor", *METHODS, NAIVE, "verify"):
+            for what in ("floor", *EDGE_METHODS) if args.edges else ("floor", *METHODS, NAIVE, "verify"):
                 results[t][what] = spawn(what, args, t, repeats)
                 print(f"T={t} {what}: {results[t][what]}", flush=True)
-        body = scale_table(results, args.pairs)
+        body = edge_table(results, args.pairs) if args.edges else scale_table(results, args.pairs)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     header = (f"`{command}` on {datetime.date.today().isoformat()}, {code_label()}; device {args.device}, "
               f"torch {torch.__version__}, {args.threads} thread(s) per process, {os.cpu_count()} CPUs "
