@@ -133,48 +133,29 @@ def pruned(circuit: Circuit) -> Circuit:
     n_s, n_r = len(g.senders), len(g.receivers)
     reached = torch.zeros(n_s, t, dtype=torch.bool)
     useful = torch.zeros(n_r, t, dtype=torch.bool)
-    group = g.n_heads // g.n_kv
-    into = {(r.kind, r.layer, r.head): i for i, r in enumerate(g.receivers)}
-
-    def reads_of(sender: int) -> list[tuple[int, bool]]:
-        """The receivers feeding a sender's component, each with whether it acts across positions."""
-        s = g.senders[sender]
-        if s.kind == "mlp":
-            return [(into["mlp", s.layer, -1], False)]
-        return [(into["q", s.layer, s.head], False), (into["k", s.layer, s.head // group], True),
-                (into["v", s.layer, s.head // group], True)]
-
-    def heads_of(receiver: int) -> list[int]:
-        """The senders a receiver's component writes through."""
-        r = g.receivers[receiver]
-        if r.kind == "mlp":
-            return [i for i, s in enumerate(g.senders) if s.kind == "mlp" and s.layer == r.layer]
-        heads = [r.head] if r.kind == "q" else range(r.head * group, (r.head + 1) * group)
-        return [i for i, s in enumerate(g.senders) if s.kind == "head" and s.layer == r.layer and s.head in heads]
-
     stages = sorted({s.stage for s in g.senders} | {r.stage for r in g.receivers})
-    reached[0] = True  # the embedding
     recv_reached = torch.zeros(n_r, t, dtype=torch.bool)
     for st in stages:
         for r in (i for i, x in enumerate(g.receivers) if x.stage == st):
             e = r_idx == r
             recv_reached[r] = (k[e] & reached[s_idx[e]]).any(0)
-        for s in (i for i, x in enumerate(g.senders) if x.stage == st and x.kind != "embed"):
-            for r, across in reads_of(s):
-                reached[s] |= recv_reached[r].cummax(0).values if across else recv_reached[r]
+        for s in (i for i, x in enumerate(g.senders) if x.stage == st):
+            if not g.reads_of[s]:
+                reached[s] = True  # a source: the embedding
+            for r in g.reads_of[s]:
+                reached[s] |= recv_reached[r].cummax(0).values if g.receivers[r].across else recv_reached[r]
     sender_useful = torch.zeros(n_s, t, dtype=torch.bool)
     for st in reversed(stages):
         for s in (i for i, x in enumerate(g.senders) if x.stage == st):
             e = s_idx == s
             sender_useful[s] = (k[e] & useful[r_idx[e]]).any(0)
         for r in (i for i, x in enumerate(g.receivers) if x.stage == st):
-            if g.receivers[r].kind == "logits":
-                useful[r] = True
-                continue
-            across = g.receivers[r].kind in "kv"
-            for s in heads_of(r):
+            receiver = g.receivers[r]
+            if not receiver.through:
+                useful[r] = True  # terminal: the logits
+            for s in receiver.through:
                 later = sender_useful[s].flip(0).cummax(0).values.flip(0)  # useful at some t' >= t
-                useful[r] |= later if across else sender_useful[s]
+                useful[r] |= later if receiver.across else sender_useful[s]
     kept = k & reached[s_idx] & useful[r_idx]
     return Circuit(g, kept if circuit.per_position else kept[:, 0])
 

@@ -39,6 +39,8 @@ class Receiver:
     layer: int  # n_layers for the logits
     head: int  # query head for q, kv-head for k/v, -1 otherwise
     stage: int
+    through: tuple[int, ...] = ()  # the senders its component writes through (none: the logits, terminal)
+    across: bool = False  # what it reads at s reaches its component's write at every t >= s (keys, values)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,15 @@ class Graph:
         """Receiver numbers of one kind in one layer, in head order."""
         return [i for i, r in enumerate(self.receivers) if r.kind == kind and r.layer == layer]
 
+    @cached_property
+    def reads_of(self) -> tuple[tuple[int, ...], ...]:
+        """Sender -> the receivers its component reads through (none: the embedding, a source)."""
+        out: list[list[int]] = [[] for _ in self.senders]
+        for r, receiver in enumerate(self.receivers):
+            for s in receiver.through:
+                out[s].append(r)
+        return tuple(tuple(x) for x in out)
+
     def senders_before(self, stage: int) -> int:
         """How many senders write before ``stage`` (senders are in stage order, so a prefix)."""
         return sum(1 for s in self.senders if s.stage < stage)
@@ -99,17 +110,21 @@ class Graph:
 
 def build_graph(parts: Structure) -> Graph:
     """The edge graph of the model ``parts`` describes."""
-    n, gqa = parts.n_layers, parts.n_kv != parts.n_heads
+    n, gqa, group = parts.n_layers, parts.n_kv != parts.n_heads, parts.n_heads // parts.n_kv
     senders = [Sender("embed", "embed", -1, -1, 0)]
     receivers = []
     for layer in range(n):
+        first = len(senders)  # this layer's heads are senders first .. first + n_heads - 1
         senders += [Sender(f"L{layer}.H{h}", "head", layer, h, 2 * layer + 1) for h in range(parts.n_heads)]
-        receivers += [Receiver(f"L{layer}.H{h}.q", "q", layer, h, 2 * layer + 1) for h in range(parts.n_heads)]
+        receivers += [Receiver(f"L{layer}.H{h}.q", "q", layer, h, 2 * layer + 1, (first + h,))
+                      for h in range(parts.n_heads)]
         for which in "kv":
-            receivers += [Receiver(f"L{layer}.{'KV' if gqa else 'H'}{j}.{which}", which, layer, j, 2 * layer + 1)
+            receivers += [Receiver(f"L{layer}.{'KV' if gqa else 'H'}{j}.{which}", which, layer, j, 2 * layer + 1,
+                                   tuple(range(first + j * group, first + (j + 1) * group)), across=True)
                           for j in range(parts.n_kv)]
         if not parts.attn_only:
             senders.append(Sender(f"mlp{layer}", "mlp", layer, -1, 2 * layer + 2))
-            receivers.append(Receiver(f"mlp{layer}", "mlp", layer, -1, 2 * layer + (1 if parts.parallel else 2)))
+            receivers.append(Receiver(f"mlp{layer}", "mlp", layer, -1, 2 * layer + (1 if parts.parallel else 2),
+                                      (len(senders) - 1,)))
     receivers.append(Receiver("logits", "logits", n, -1, 2 * n + 1))
     return Graph(tuple(senders), tuple(receivers), n, parts.n_heads, parts.n_kv)
