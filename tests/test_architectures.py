@@ -12,6 +12,7 @@ attention softmax in float32 even in a float64 model, so patterns agree to about
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -147,7 +148,11 @@ POST_NORM = {"gemma2", "gemma3", "olmo2"}
 
 
 def refusal(name: str, kind: str, method: str) -> str | None:
-    """The words the library's refusal of ``method`` on ``name`` names, or None where it serves it."""
+    """The words the library's refusal of ``method`` on ``name`` names (a regex), or None where it
+    serves it. TransformerLens 3.9's OLMo 2 Bridge names its post-norms ln1/ln2 (no ln1_post), so
+    there the run-time structure check or the QK probe refuses its edges instead."""
+    if kind == "edge" and name == "olmo2":
+        return "norm after attention/MLP|not what the edge engine recomputes|norm over all heads"
     if kind == "edge" and name in POST_NORM:
         return "norm after attention/MLP"
     if method in ("atp+qk", "atp*") and name in REFUSED:
@@ -169,7 +174,7 @@ def test_every_method_equals_its_reference_or_is_refused(family, kind, method):
     got = check(model, kind, method, clean, corrupt, metric)
     words = refusal(name, kind, method)
     if words is not None:
-        assert isinstance(got, str) and words in got, f"{name} {kind} {method}: {got}"
+        assert isinstance(got, str) and re.search(words, got), f"{name} {kind} {method}: {got}"
         return
     assert not isinstance(got, str), f"{name} {kind} {method} refused: {got}"
     float32_softmax = kind == "node" and method in ("atp+qk", "atp*") and name in ROTARY - EXACT
