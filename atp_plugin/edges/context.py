@@ -78,7 +78,7 @@ class Context:
         """Fail before any run where the edge QK fix cannot serve a layer's attention."""
         for layer in range(self.parts.n_layers):
             fixable(self.host.attention(layer), "use method='atp' for edges")
-            self.parts.check_rotary(layer)
+            self.parts.check_qk(layer)
 
     def first_order(self, desc: str, per_position: bool, forward: int, backward: int, estimate: Estimator
                     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -52,6 +52,8 @@ def atp_batch(parts: Structure, graph: Graph, tokens: torch.Tensor, corrupt: tor
         _, noise = run(parts.host, corrupt, mask, sender_hooks(parts))
     geoms = {layer: parts.host.attention(layer) for layer in range(parts.n_layers)} if qk else {}
     extra = {h for g in geoms.values() for h in (g.q_hook, g.k_hook, g.scores_hook, g.pattern_hook)}
+    if qk:
+        extra |= parts.rotation_hooks() | {h for g in geoms.values() if g.rotation for h in g.rotation.reads}
     values, grads = _gradient_run(parts, tokens, mask, metric, extra)
     if check:
         check_structure(parts, {h: v[:1] for h, v in values.items()}, mask[:1])
@@ -104,9 +106,9 @@ def _qk_fix(parts: Structure, graph: Graph, layer: int, geom: AttentionGeometry,
     x = values[hook_names(layer).resid_pre]  # [batch, pos, d_model]
     b, t = x.shape[:2]
     change = _read_changes(parts, layer, x, delta[:, :, :n_s], dz[:layer], w.permute(1, 0, 2).flatten(1), dtype)
-    change = parts.rotate(layer, change.view(n_s * b, t, -1, w.shape[2]), mask.repeat(n_s, 1))
-    change = change.view(n_s, b, t, -1, w.shape[2])  # [senders, batch, pos, q + kv, d_head]
-    q, k = values[geom.q_hook].to(dtype), values[geom.k_hook].to(dtype)  # [batch, pos, heads, d_head]
+    # [senders, batch, pos, q + kv, d_head]: rotary is linear, so the rotated change is the change rotated
+    change = parts.rotate(layer, change.view(n_s, b, t, -1, w.shape[2]), mask, values)
+    q, k = geom.dotted("q", values).to(dtype), geom.dotted("k", values).to(dtype)  # [batch, pos, heads, d_head]
     model_scores = values[geom.scores_hook]  # only which entries are masked is read: the scores are recomputed
     seen = model_scores > torch.finfo(model_scores.dtype).min / 2  # as the node fix forms them (engine.qk.scores)
     rw = qkfix.rows(scores(q, k, seen, geom), q, k, grads[geom.pattern_hook].to(dtype), geom)

@@ -224,6 +224,12 @@ class TransformerBridgeHost(TransformerLensHost):
         found.update(self._check_patched_patterns(fitted))
         return found
 
+    def rotation(self, layer: int) -> Rotation | None:
+        """How the layer rotates q and k (``_rotated``), for edges that rotate changed q/k vectors
+        themselves (the edge QK fix); None where the host cannot rotate them."""
+        geom = self._rotated(layer)
+        return None if geom is None else geom.rotation
+
     def _rotated(self, layer: int) -> AttentionGeometry | None:
         """Layer ``layer``'s geometry (scale 1) for an attention that rotates q and k inside, without
         firing ``hook_rot_q``/``hook_rot_k`` (the Bridge's fused-qkv rotary attention: GPT-NeoX,

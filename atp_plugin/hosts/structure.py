@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import UnsupportedModelError
-from . import Host, rounding
+from . import Host, Rotation, rounding
 
 _NORMS = ("LayerNorm", "LayerNormPre", "RMSNorm", "RMSNormPre")  # TransformerLens's, closed-form Jacobians
 
@@ -130,18 +130,43 @@ class Structure:
         """ln1's additive bias ``[d_model]`` (None for RMSNorm and folded norms)."""
         return getattr(self.block(layer).ln1, "b", None)
 
-    def check_rotary(self, layer: int) -> None:
-        """Fail unless the layer's rotary embedding (if any) can be applied to changed q/k vectors."""
-        if self.rotary and not hasattr(self.block(layer).attn, "apply_rotary"):
-            raise UnsupportedModelError("the QK fix for edges needs the attention's apply_rotary (a HookedTransformer "
-                                        "with rotary embeddings); use method='atp' for this model")
+    def rotation(self, layer: int) -> Rotation | None:
+        """The host's rotation of changed q/k vectors with the cos and sin one run used (a
+        TransformerBridge's ``hook_cos``/``hook_sin``), where it offers one."""
+        get = getattr(self.host, "rotation", None)
+        return get(layer) if self.rotary and get is not None else None
 
-    def rotate(self, layer: int, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Rotary embedding of q or k vectors ``[batch, pos, heads, d_head]`` (identity without rotary)."""
+    def rotation_hooks(self) -> set[str]:
+        """The hooks every layer's ``rotation`` reads (capture them in the run whose values ``rotate`` gets)."""
+        rotations = [self.rotation(layer) for layer in range(self.n_layers)]
+        return {h for r in rotations if r is not None for h in r.reads}
+
+    def check_qk(self, layer: int) -> None:
+        """Fail unless the edge QK fix can recompute the layer's dotted q/k from a changed residual:
+        ln1, the projection and the rotary embedding (if any), with no q/k norm in between."""
+        attn = self.block(layer).attn
+        if any(getattr(attn, n, None) is not None for n in ("q_norm", "k_norm", "q_ln", "k_ln")):
+            raise UnsupportedModelError("the QK fix for edges cannot follow the q/k norm this model applies between "
+                                        "the projection and the scores (e.g. Qwen 3); use method='atp' for edges")
+        if self.rotary and self.rotation(layer) is None and not hasattr(attn, "apply_rotary"):
+            raise UnsupportedModelError("the QK fix for edges needs the attention's rotary embedding for changed "
+                                        "queries and keys (HookedTransformer's apply_rotary, or a TransformerBridge's "
+                                        "hook_cos/hook_sin with halves rotated); use method='atp' for this model")
+
+    def rotate(self, layer: int, x: torch.Tensor, mask: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Rotary embedding of q or k vectors ``[..., batch, pos, heads, d_head]`` (identity without
+        rotary), as the model rotated them in the run whose hook values are ``values`` (``mask``:
+        its attention mask ``[batch, pos]``). Linear in ``x``."""
         if not self.rotary:
             return x
-        self.check_rotary(layer)
-        return self.block(layer).attn.apply_rotary(x, 0, None if bool(mask.all()) else mask.long()).to(x.dtype)
+        rotation = self.rotation(layer)
+        if rotation is not None:
+            return rotation.apply(x, values).to(x.dtype)
+        self.check_qk(layer)
+        lead = x.shape[:-4]
+        flat = x.reshape(-1, *x.shape[-3:])  # [lead * batch, pos, heads, d_head]
+        attention = None if bool(mask.all()) else mask.long().repeat(flat.shape[0] // mask.shape[0], 1)
+        return self.block(layer).attn.apply_rotary(flat, 0, attention).to(x.dtype).reshape(*lead, *x.shape[-4:])
 
 
 def structure_of(host: Host) -> Structure:
