@@ -97,14 +97,17 @@ def estimate(model: Any, n_tokens: int, nodes: str | NodeAdapter | Sequence[str 
     adapters = resolve(nodes, plugins.adapters())
     host = host_for(model)
     check_hooks(host, adapters)
+    return _predict(host, method, n_tokens, batch_size, n_pairs, max_memory, node_probe(model, adapters, method))
 
+
+def node_probe(model: Any, adapters: list[NodeAdapter], method: str) -> Probe:
+    """The probe ``estimate()`` profiles: ``attribute()`` with these node types and method."""
     def run(clean: torch.Tensor, corrupt: torch.Tensor, metric: Any, batch: int) -> tuple[float, float]:
         result = attribute(model, clean, corrupt, metric, nodes=adapters, method=method, batch_size=batch,
                            progress=False)
         engine = result.require_engine("estimate()")
         return engine.forward_passes, engine.backward_passes
-
-    return _predict(host, method, n_tokens, batch_size, n_pairs, max_memory, run)
+    return run
 
 
 def estimate_edges(model: Any, n_tokens: int, method: Any = "atp", batch_size: int | Literal["auto"] = DEFAULT_BATCH,

@@ -54,7 +54,8 @@ from transformer_lens import HookedTransformer
 import atp_plugin
 from atp_plugin import metrics, plugins
 from atp_plugin.adapters import resolve
-from atp_plugin.estimate import PROBE_LENGTHS, profile
+from atp_plugin.edges import attribute_edges
+from atp_plugin.estimate import PROBE_LENGTHS, node_probe, profile
 from bench_atp import build_model as build_bench_model  # this script's folder is on sys.path
 from bench_atp import floor, make_task, naive_graddrop
 from random_inputs import random_model, random_pairs  # this script's folder is on sys.path
@@ -91,8 +92,8 @@ def job(model: HookedTransformer, what: str, n_pairs: int, t: int) -> Callable[[
     if what == NAIVE:
         return lambda: naive_graddrop(model, clean, metric)
     if what in EDGE_METHODS:
-        return lambda: atp_plugin.attribute_edges(model, clean, corrupt, metric, method=what.split()[1],
-                                                  batch_size=n_pairs, per_position=True, progress=False)
+        return lambda: attribute_edges(model, clean, corrupt, metric, method=what.split()[1], batch_size=n_pairs,
+                                       per_position=True, progress=False)
     return lambda: atp_plugin.attribute(model, clean, corrupt, metric, nodes=NODES, method=what,
                                         batch_size=n_pairs, progress=False)
 
@@ -247,7 +248,7 @@ def fit_table(budget: float, lengths: list[int]) -> str:
     lines = ["| method | " + " | ".join(f"largest batch at T = {t}" for t in lengths)
              + " | longest T, one pair |", "|---|" + "---:|" * (len(lengths) + 1)]
     for method in METHODS:
-        prof = profile(model, resolve(NODES, plugins.adapters()), method, PROBE_LENGTHS)
+        prof = profile(node_probe(model, resolve(NODES, plugins.adapters()), method), D_VOCAB, PROBE_LENGTHS)
         cells = [str(prof.largest_batch(t, room)) for t in lengths]
         longest = max((t for t in range(16, 65536, 16) if prof.peak(t, 1) <= room), default=0)
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {longest} |")
