@@ -126,18 +126,19 @@ def test_hooked_transformer_qk_fix_is_exact(name, tmp_path):
     except NotImplementedError as err:
         pytest.skip(f"TransformerLens 3's HookedTransformer does not support {name}: {err}")
     clean, corrupt, metric = bridge_pairs()
-    got = attribute(model, clean, corrupt, metric, nodes=QK, method="atp+qk", progress=False)
-    expected = reference(model, clean, corrupt, metric)["atp+qk"][0]
-    for nt in QK:
-        scale = float(expected[nt].abs().max())
-        torch.testing.assert_close(got.scores[nt], expected[nt], rtol=1e-9, atol=1e-12 * scale, msg=nt)
+    same_scores(attribute(model, clean, corrupt, metric, nodes=QK, method="atp+qk", progress=False),
+                reference(model, clean, corrupt, metric)["atp+qk"][0])
 
 
 def test_plain_atp_is_exact_on_every_family(family):
     name, model = family
     clean, corrupt, metric = bridge_pairs()
-    got = attribute(model, clean, corrupt, metric, nodes=QK, method="atp", progress=False)
-    expected = reference(model, clean, corrupt, metric)["atp"][0]
+    same_scores(attribute(model, clean, corrupt, metric, nodes=QK, method="atp", progress=False),
+                reference(model, clean, corrupt, metric)["atp"][0])
+
+
+def same_scores(got, expected: dict[str, torch.Tensor]) -> None:
+    """The result's q and k scores equal the reference's in float64."""
     for nt in QK:
         scale = float(expected[nt].abs().max())
         torch.testing.assert_close(got.scores[nt], expected[nt], rtol=1e-9, atol=1e-12 * scale, msg=nt)
