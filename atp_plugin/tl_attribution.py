@@ -32,9 +32,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .attribution import attribute, eval_mode
-from .edges import EDGE_CLASSES, Circuit, EdgeResult, Graph, attribute_edges
+from .edges import Circuit, EdgeResult, Graph, attribute_edges
 from .edges.attribute import make_context
-from .edges.circuit import ablation_writes, by_class
+from .edges.circuit import ablation_writes, by_class, edge_classes
 from .errors import MissingDependencyError
 
 METHODS = ("atp*", "atp", "atp+gd", "atp+qk")
@@ -139,10 +139,9 @@ def faithfulness(model: Any, clean: torch.Tensor, corrupt: torch.Tensor,
                              f"{unknown[0]}")
         keep = torch.zeros(ctx.graph.n_edges * t, dtype=torch.bool)
         keep[[index[e] for e in wanted]] = True
-        recovered = by_class(ctx, Circuit(ctx.graph, keep.reshape(ctx.graph.n_edges, t)),
-                             ablation_writes(ctx, config.ablation, mean_tokens))
-        full, corrupt_metric, _ = ctx.circuit_metrics([])
-    kinds = [EDGE_CLASSES[ctx.graph.receivers[r].kind] for r in ctx.graph.receiver_index.tolist()]
+        recovered, full, corrupt_metric = by_class(ctx, Circuit(ctx.graph, keep.reshape(ctx.graph.n_edges, t)),
+                                                   ablation_writes(ctx, config.ablation, mean_tokens))
+    kinds = edge_classes(ctx.graph)
     counts = {c: kinds.count(c) * t for c in dict.fromkeys(kinds)}
     return tl.FaithfulnessResult(recovered=recovered["all"], full_metric=full, corrupt_metric=corrupt_metric,
                                  circuit_size=len(wanted), total_edges=len(index),

@@ -170,7 +170,7 @@ def faithfulness(model: Any, clean, corrupt, metric, circuit: Circuit | Sequence
         ctx = make_context(model, clean, corrupt, metric, batch_size=batch_size, patch_batch_size=patch_batch_size)
         mean = ablation_writes(ctx, ablation, mean_tokens)
         ctx.check_structure()
-        return _faithfulness(ctx, [_as_circuit(ctx.graph, circuit)], mean)[0]
+        return _faithfulness(ctx, [_as_circuit(ctx.graph, circuit)], mean)[0][0]
 
 
 def ablation_writes(ctx: Context, ablation: str, mean_tokens) -> Writes | None:
@@ -216,7 +216,7 @@ def faithfulness_of(result: EdgeResult, circuits: list[Circuit], *, ablation: Ab
     with eval_mode(result.context.host.model, "faithfulness_of()"):
         ctx = result.context
         circuits = [_as_circuit(result.graph, c) for c in circuits]
-        return _faithfulness(ctx, circuits, ablation_writes(ctx, ablation, mean_tokens))
+        return _faithfulness(ctx, circuits, ablation_writes(ctx, ablation, mean_tokens))[0]
 
 
 #: edge classes by what the receiver reads, as TransformerLens 4.3's faithfulness breaks recovery out
@@ -232,22 +232,32 @@ def faithfulness_by_class(result: EdgeResult, circuit: Circuit | Sequence[str], 
     pairs at once; one patched run per pair for the circuit and for each class it has."""
     with eval_mode(result.context.host.model, "faithfulness_by_class()"):
         ctx = result.context
-        return by_class(ctx, _as_circuit(result.graph, circuit), ablation_writes(ctx, ablation, mean_tokens))
+        return by_class(ctx, _as_circuit(result.graph, circuit), ablation_writes(ctx, ablation, mean_tokens))[0]
 
 
-def by_class(ctx: Context, circuit: Circuit, mean: Writes | None = None) -> dict[str, float]:
-    """``faithfulness_by_class`` on a context, with the mean writes of mean ablation (``ablation_writes``) or None."""
-    kinds = [EDGE_CLASSES[ctx.graph.receivers[r].kind] for r in ctx.graph.receiver_index.tolist()]
+def edge_classes(graph: Graph) -> list[str]:
+    """Each edge's class (``EDGE_CLASSES``), in edge order."""
+    return [EDGE_CLASSES[graph.receivers[r].kind] for r in graph.receiver_index.tolist()]
+
+
+def by_class(ctx: Context, circuit: Circuit, mean: Writes | None = None) -> tuple[dict[str, float], float, float]:
+    """``faithfulness_by_class`` on a context, with the mean writes of mean ablation (``ablation_writes``) or
+    None; and the means over pairs of the metric on the clean and on the corrupt prompts."""
+    kinds = edge_classes(ctx.graph)
     keep = circuit.keep  # [edge] or [edge, pos]
     held = {c: keep & torch.tensor([k == c for k in kinds]).reshape((-1,) + (1,) * (keep.ndim - 1))
             for c in sorted(set(kinds))}
     present = [c for c, mask in held.items() if bool(mask.any())]
-    values = _faithfulness(ctx, [circuit, *(Circuit(ctx.graph, keep & ~held[c]) for c in present)], mean)
+    values, clean, corrupt = _faithfulness(ctx, [circuit, *(Circuit(ctx.graph, keep & ~held[c]) for c in present)],
+                                           mean)
     without = dict(zip(present, values[1:]))
-    return {"all": values[0], **{c: without.get(c, values[0]) for c in held}}
+    return {"all": values[0], **{c: without.get(c, values[0]) for c in held}}, clean, corrupt
 
 
-def _faithfulness(ctx: Context, circuits: list[Circuit], mean: Writes | None = None) -> list[float]:
+def _faithfulness(ctx: Context, circuits: list[Circuit], mean: Writes | None = None
+                  ) -> tuple[list[float], float, float]:
+    """Each circuit's faithfulness, and the means over pairs of the metric on the clean and on the
+    corrupt prompts (the clean and corrupt runs shared between the circuits)."""
     t = ctx.pairs.width
     for c in circuits:
         if c.per_position and c.keep.shape[1] != t:
@@ -261,7 +271,7 @@ def _faithfulness(ctx: Context, circuits: list[Circuit], mean: Writes | None = N
         raise ValueError("the metric is the same on the clean and the corrupt prompts (mean over pairs), so "
                          "faithfulness is undefined; use pairs the metric tells apart")
     ran = iter((v - corrupt) / (clean - corrupt) for v in values)
-    return [next(ran) if c.keep.any() or mean is not None else 0.0 for c in circuits]
+    return [next(ran) if c.keep.any() or mean is not None else 0.0 for c in circuits], clean, corrupt
 
 
 @dataclass(frozen=True)
