@@ -162,40 +162,39 @@ class TransformerLensHost:
             base = dict(acts)
             copies = [(ly, w) for ly in layers for w in "qk"]  # copy c patches node copies[c] at head 0
 
-            def patch(ly: int, w: str) -> Hook:
+            def patch(c: int, ly: int, w: str) -> Hook:
                 def hook(x: torch.Tensor, hook: Any = None) -> torch.Tensor:
                     x = x.clone()
-                    c = copies.index((ly, w))
                     x[c, pos[w], 0] = base[node[ly, w]][1, pos[w], 0]
                     return x
                 return hook
 
             acts.clear()
-            self._probe_run([(node[c], patch(*c)) for c in copies]
+            self._probe_run([(node[lw], patch(c, *lw)) for c, lw in enumerate(copies)]
                             + [(g.pattern_hook, keep(g.pattern_hook)) for g in geoms.values()],
                             clean.expand(len(copies), -1))
         found: dict[int, str] = {}
-        for c, (ly, w) in enumerate(copies):
+        for i, ly in enumerate(layers):
             g = geoms[ly]
-            hook = g.q_hook if w == "q" else g.k_hook
-            patched = {**base, hook: base[hook].clone()}  # prompt 0 with the node set to prompt 1's
-            patched[hook][0, pos[w], 0] = base[hook][1, pos[w], 0]
             q, k = g.dotted("q", base)[:1].double(), g.dotted("k", base)[:1].double()  # [1, pos, (kv-)head, d_head]
-            new = g.dotted(w, patched)[:1].double()
             seen = base[g.scores_hook][:1] > torch.finfo(base[g.scores_hook].dtype).min / 2
-            predicted = torch.softmax(qk_scores(new, k, seen, g) if w == "q" else qk_scores(q, new, seen, g), -1)
-            got = acts[g.pattern_hook][c].double()  # [head, t, s]
-            err = float((predicted.nan_to_num(0.0)[0] - got).abs().max())
             # the model's own rounding of its softmax (Hugging Face's runs in float32 even in a float64 model)
             own = float((torch.softmax(base[g.scores_hook][:1].double(), -1).nan_to_num(0.0)
                          - base[g.pattern_hook][:1].double()).abs().max())
-            if not err <= rounding(self.dtype) + 4 * own and ly not in found:
-                found[ly] = (
-                    f"the QK fix would be wrong in layer {ly} of this model ({type(self.model).__name__}): patching "
-                    f"one {'query' if w == 'q' else 'key'} at {node[ly, w]} changes the model's attention pattern "
-                    f"by something else than the fix computes from {g.q_hook if w == 'q' else g.k_hook} (mismatch "
-                    f"{err:.2g}), e.g. a q/k norm over all heads at once (OLMo 2); use method='atp' or 'atp+gd' "
-                    "for attn_q/attn_k nodes, or drop them from nodes=")
+            for c, w in ((2 * i, "q"), (2 * i + 1, "k")):  # the layer's two copies
+                hook = g.q_hook if w == "q" else g.k_hook
+                patched = {**base, hook: base[hook].clone()}  # prompt 0 with the node set to prompt 1's
+                patched[hook][0, pos[w], 0] = base[hook][1, pos[w], 0]
+                new = g.dotted(w, patched)[:1].double()
+                predicted = torch.softmax(qk_scores(new, k, seen, g) if w == "q" else qk_scores(q, new, seen, g), -1)
+                err = float((predicted.nan_to_num(0.0)[0] - acts[g.pattern_hook][c].double()).abs().max())
+                if not err <= rounding(self.dtype) + 4 * own and ly not in found:
+                    found[ly] = (
+                        f"the QK fix would be wrong in layer {ly} of this model ({type(self.model).__name__}): "
+                        f"patching one {'query' if w == 'q' else 'key'} at {node[ly, w]} changes the model's attention "
+                        f"pattern by something else than the fix computes from {hook} (mismatch {err:.2g}), e.g. a q/k "
+                        "norm over all heads at once (OLMo 2); use method='atp' or 'atp+gd' for attn_q/attn_k nodes, "
+                        "or drop them from nodes=")
         return found
 
     def geometry(self, layer: int, *, scale: float, post: str) -> AttentionGeometry:
