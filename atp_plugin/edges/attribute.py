@@ -52,14 +52,14 @@ def attribute_edges(model: Any, clean: torch.Tensor | Sequence[str] | PairStream
                                     "it is the number of patched prompts run at a time")
     max_memory = check_max_memory(max_memory)
     with eval_mode(model, "attribute_edges()"):
-        ctx = make_context(model, clean, corrupt, metric, batch_size=DEFAULT_BATCH, patch_batch_size=patch_batch_size,
+        first = DEFAULT_BATCH if batch_size == "auto" else batch_size
+        ctx = make_context(model, clean, corrupt, metric, batch_size=first, patch_batch_size=patch_batch_size,
                            progress=progress)
-        if batch_size == "auto":
+        if batch_size == "auto":  # sized once the pairs' width and number are known
             from ..estimate import estimate_edges  # it probes through attribute_edges()
             found = estimate_edges(model, ctx.pairs.width, edge_method, "auto", n_pairs=ctx.pairs.n,
                                    max_memory=max_memory).batch_size
-            batch_size = distributed.all_min(found, ctx.host.device)  # one for all ranks
-        ctx.engine.batch_size = batch_size
+            ctx.engine.batch_size = distributed.all_min(found, ctx.host.device)  # one for all ranks
         scores, signed = edge_method.run(ctx, per_position)
     pairs = ctx.pairs
     return EdgeResult(edge_method.name, ctx.graph, scores, signed, per_position, pairs.counts.cpu(), pairs.n,
