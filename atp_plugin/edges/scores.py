@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from ..engine.path import interpolate, path_points
-from ..engine.qk import scores
+from ..engine.qk import scores, unmasked
 from ..engine.runs import run
 from ..hosts import AttentionGeometry
 from ..hosts.structure import Structure, check_structure, hook_names
@@ -109,8 +109,8 @@ def _qk_fix(parts: Structure, graph: Graph, layer: int, geom: AttentionGeometry,
     # [senders, batch, pos, q + kv, d_head]: rotary is linear, so the rotated change is the change rotated
     change = parts.rotate(layer, change.view(n_s, b, t, -1, w.shape[2]), mask, values)
     q, k = geom.dotted("q", values).to(dtype), geom.dotted("k", values).to(dtype)  # [batch, pos, heads, d_head]
-    model_scores = values[geom.scores_hook]  # only which entries are masked is read: the scores are recomputed
-    seen = model_scores > torch.finfo(model_scores.dtype).min / 2  # as the node fix forms them (engine.qk.scores)
+    # only which of the model's scores are masked is read: the scores are recomputed as the node fix forms them
+    seen = unmasked(values[geom.scores_hook])
     rw = qkfix.rows(scores(q, k, seen, geom), q, k, grads[geom.pattern_hook].to(dtype), geom)
     dq = change[..., :n_q, :].permute(1, 3, 0, 2, 4)  # [batch, head, senders, pos, d_head]
     # per query head: [batch, head, d_head, senders, pos]

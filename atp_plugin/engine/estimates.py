@@ -239,7 +239,7 @@ class _Batch:
         masked (``[batch, 1, t, s]`` where every head has the same mask): the fix recomputes the
         scores from q and k rather than hold a ``[batch, head, t, s]`` tensor per layer."""
         def observe(scores: torch.Tensor) -> torch.Tensor:
-            seen = scores.detach() > torch.finfo(scores.dtype).min / 2  # masked: -inf, or the dtype's least value
+            seen = qkfix.unmasked(scores.detach())
             self.seen[layer] = seen[:, :1] if bool((seen == seen[:, :1]).all()) else seen
             return scores
         return observe

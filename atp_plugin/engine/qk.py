@@ -26,6 +26,12 @@ def fixable(geom: AttentionGeometry, instead: str) -> AttentionGeometry:
     return geom
 
 
+def unmasked(scores: torch.Tensor) -> torch.Tensor:
+    """True where a model's attention score ``[batch, head, t, s]`` is not masked: masks are -inf or
+    the dtype's least value (some models add that instead of -inf)."""
+    return scores > torch.finfo(scores.dtype).min / 2
+
+
 def row_blocks(seen: torch.Tensor, n_blocks: int) -> list[tuple[slice, int]]:
     """``n_blocks`` blocks of query rows (at most one per row), each with the number of leading
     keys any of its rows sees, from ``seen`` ``[batch, head (or 1), t, s]``, True where a score is

@@ -142,6 +142,7 @@ class TransformerLensHost:
         mask or rotary. Two forward passes for all layers together.
         """
         from ..engine.qk import scores as qk_scores
+        from ..engine.qk import unmasked
 
         layers = sorted(geoms)
         if not layers:
@@ -177,7 +178,7 @@ class TransformerLensHost:
         for i, ly in enumerate(layers):
             g = geoms[ly]
             q, k = g.dotted("q", base)[:1].double(), g.dotted("k", base)[:1].double()  # [1, pos, (kv-)head, d_head]
-            seen = base[g.scores_hook][:1] > torch.finfo(base[g.scores_hook].dtype).min / 2
+            seen = unmasked(base[g.scores_hook][:1])
             # the model's own rounding of its softmax (Hugging Face's runs in float32 even in a float64 model)
             own = float((torch.softmax(base[g.scores_hook][:1].double(), -1).nan_to_num(0.0)
                          - base[g.pattern_hook][:1].double()).abs().max())
