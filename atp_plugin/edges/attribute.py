@@ -16,8 +16,8 @@ from ..errors import UnsupportedModelError
 from ..hosts import Host
 from ..hosts.structure import Structure
 from ..metrics import check_metric
+from .build import build_graph
 from .context import Context
-from .graph import build_graph
 from .result import EdgeResult
 
 

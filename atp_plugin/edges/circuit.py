@@ -23,7 +23,7 @@ from ..engine.pairs import Pairs, make_pairs
 from .attribute import make_context
 from .context import Context
 from .graph import Graph
-from .patching import Writes
+from .groups import Writes
 from .result import EdgeResult
 
 #: what an edge outside a circuit carries: its sender's corrupt write, or its mean write over calibration prompts

@@ -12,10 +12,11 @@ from ..engine import Engine, distributed
 from ..engine.pairs import Batch, PairSource
 from ..engine.qk import fixable
 from ..engine.runs import run
-from ..hosts.structure import Structure, check_structure
+from ..hosts.structure import Structure
+from .build import check_graph, check_hooks
 from .graph import Graph
-from .patching import Complement, SingleEdges, Writes, noise_run, patched_logits
-from .values import receiver_hooks, sender_hooks
+from .groups import Writes
+from .patching import Complement, SingleEdges, noise_run, patched_logits
 
 #: (batch number, batch, metric of the batch's logits) -> per-pair estimates [batch, edge, pos]
 Estimator = Callable[[int, Batch, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
@@ -68,11 +69,12 @@ class Context:
 
     def check_structure(self) -> None:
         """Check on one clean prompt, before the method runs (not counted as its cost), that the
-        host's structure reproduces the model's own values (``hosts.structure.check_structure``)."""
+        host's structure reproduces the model's own values and the dictionaries' nodes are what the
+        graph assumes (``build.check_graph``)."""
         first = next(iter(self.pairs.batches(1, [0])))
         with torch.no_grad():
-            _, values = run(self.host, first.clean, first.mask, receiver_hooks(self.parts) | sender_hooks(self.parts))
-        check_structure(self.parts, values, first.mask)
+            _, values = run(self.host, first.clean, first.mask, check_hooks(self.parts, self.graph))
+        check_graph(self.parts, self.graph, values, first.mask)
 
     def check_qk(self) -> None:
         """Fail before any run where the edge QK fix cannot serve a layer's attention."""
@@ -106,7 +108,7 @@ class Context:
 
     def noise(self, batch: Batch) -> tuple[torch.Tensor, Writes]:
         """The metric on the corrupt prompts of ``batch`` and their sender writes."""
-        logits, writes = noise_run(self.parts, batch.corrupt, batch.mask)
+        logits, writes = noise_run(self.parts, self.graph, batch.corrupt, batch.mask)
         self.forward_passes += len(batch.idx)
         return self.engine.metric(logits, batch.key).to(self.dtype), writes
 
@@ -148,7 +150,7 @@ class Context:
         size = distributed.batch_for_ranks(self.engine.batch_size, len(tokens))
         total: Writes | None = None
         for rows in distributed.share(torch.arange(len(tokens)).split(size)):
-            _, writes = noise_run(self.parts, tokens[rows], mask[rows])
+            _, writes = noise_run(self.parts, self.graph, tokens[rows], mask[rows])
             self.forward_passes += len(rows)
             part = writes.map(lambda w: w.sum(0, keepdim=True).to(self.dtype))
             total = part if total is None else total.map(torch.add, part)
@@ -166,7 +168,7 @@ class Context:
             bad, noise = self.noise(batch)
             sums[1] += bad.sum().cpu()
             if mean is not None:
-                noise = mean.rows(torch.zeros(len(batch.idx), dtype=torch.long, device=mean.embed.device))
+                noise = mean.rows(torch.zeros(len(batch.idx), dtype=torch.long, device=mean.device))
             for i, mask in enumerate(patched):
                 sums[2 + i] += self.patched_metric(batch, noise, Complement(mask)).sum().cpu()
         means = (distributed.all_sum(sums) / self.pairs.n).tolist()

@@ -1,5 +1,8 @@
 """The edge graph over the residual stream: senders write into it, receivers read from it.
 
+The graph is made of writer and reader groups (``edges.groups``); ``edges.build`` builds it from
+the model's structure and the dictionaries of features given.
+
 Senders: the embedding (``embed``: what ``blocks.0.hook_resid_pre`` holds, token plus positional
 embedding), each head's write ``z_h @ W_O[h]`` (``L1.H2``) and each MLP's output (``mlp1``).
 Receivers: each head's query, key and value input (``L3.H0.q``, ``L3.H0.k``, ``L3.H0.v``; under
@@ -11,36 +14,42 @@ also reads that layer's heads, except in parallel-attention blocks; the logits r
 Every write and read happens at a *stage*: the embedding writes at 0, layer l's heads at 2l + 1 and
 its MLP at 2l + 2; layer l's heads read at 2l + 1, its MLP at 2l + 2 (2l + 1 if parallel) and the
 logits at 2L + 1. An edge exists iff the sender's stage is below the receiver's.
+
+A dictionary of features (an SAE at ``hook_mlp_out`` or ``hook_attn_out``, a transcoder into
+``hook_mlp_out``) replaces the component it splits: its kept features (``mlp1.f12``), its error
+node (``mlp1.error``) and the rest of its features (``mlp1.rest``) write in place of the MLP
+(or the layer's heads) and, at an MLP, read in place of it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import torch
-
-from ..hosts.structure import Structure
 
 
 @dataclass(frozen=True)
 class Sender:
     name: str
-    kind: str  # "embed" | "head" | "mlp"
+    kind: str  # "embed" | "head" | "mlp" | "feature" | "error" | "rest"
     layer: int  # -1 for the embedding
     head: int  # -1 unless a head
     stage: int
+    index: int = -1  # a feature's number in its dictionary
 
 
 @dataclass(frozen=True)
 class Receiver:
     name: str
-    kind: str  # "q" | "k" | "v" | "mlp" | "logits"
+    kind: str  # "q" | "k" | "v" | "mlp" | "logits" | "feature" | "error" | "rest"
     layer: int  # n_layers for the logits
     head: int  # query head for q, kv-head for k/v, -1 otherwise
     stage: int
     through: tuple[int, ...] = ()  # the senders its component writes through (none: the logits, terminal)
     across: bool = False  # what it reads at s reaches its component's write at every t >= s (keys, values)
+    index: int = -1  # a feature's number in its dictionary
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,28 @@ class Graph:
     n_layers: int
     n_heads: int
     n_kv: int
+    d_model: int = 0
+    writers: tuple[Any, ...] = field(default=(), repr=False, compare=False)  # ``groups.Writers``, in stage order
+    readers: tuple[Any, ...] = field(default=(), repr=False, compare=False)  # ``groups.Readers``, in stage order
+
+    @cached_property
+    def writer_start(self) -> tuple[int, ...]:
+        """Writer group -> its first sender's number."""
+        return tuple(int(x) for x in torch.cumsum(torch.tensor([0] + [len(w.senders) for w in self.writers]), 0)[:-1])
+
+    def writer_of(self, sender: int) -> tuple[Any, int]:
+        """The writer group of sender number ``sender`` and its first sender's number."""
+        i = int(torch.searchsorted(torch.tensor(self.writer_start), sender, right=True)) - 1
+        return self.writers[i], self.writer_start[i]
+
+    @cached_property
+    def reader_start(self) -> dict[int, int]:
+        """id(reader group) -> its first receiver's number."""
+        out, n = {}, 0
+        for group in self.readers:
+            out[id(group)] = n
+            n += len(group.receivers)
+        return out
 
     @cached_property
     def sender_index(self) -> torch.Tensor:
@@ -106,25 +137,3 @@ class Graph:
     def senders_before(self, stage: int) -> int:
         """How many senders write before ``stage`` (senders are in stage order, so a prefix)."""
         return sum(1 for s in self.senders if s.stage < stage)
-
-
-def build_graph(parts: Structure) -> Graph:
-    """The edge graph of the model ``parts`` describes."""
-    n, gqa, group = parts.n_layers, parts.n_kv != parts.n_heads, parts.n_heads // parts.n_kv
-    senders = [Sender("embed", "embed", -1, -1, 0)]
-    receivers = []
-    for layer in range(n):
-        first = len(senders)  # this layer's heads are senders first .. first + n_heads - 1
-        senders += [Sender(f"L{layer}.H{h}", "head", layer, h, 2 * layer + 1) for h in range(parts.n_heads)]
-        receivers += [Receiver(f"L{layer}.H{h}.q", "q", layer, h, 2 * layer + 1, (first + h,))
-                      for h in range(parts.n_heads)]
-        for which in "kv":
-            receivers += [Receiver(f"L{layer}.{'KV' if gqa else 'H'}{j}.{which}", which, layer, j, 2 * layer + 1,
-                                   tuple(range(first + j * group, first + (j + 1) * group)), across=True)
-                          for j in range(parts.n_kv)]
-        if not parts.attn_only:
-            senders.append(Sender(f"mlp{layer}", "mlp", layer, -1, 2 * layer + 2))
-            receivers.append(Receiver(f"mlp{layer}", "mlp", layer, -1, 2 * layer + (1 if parts.parallel else 2),
-                                      (len(senders) - 1,)))
-    receivers.append(Receiver("logits", "logits", n, -1, 2 * n + 1))
-    return Graph(tuple(senders), tuple(receivers), n, parts.n_heads, parts.n_kv)

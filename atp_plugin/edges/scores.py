@@ -23,21 +23,32 @@ from ..engine.path import interpolate, path_points
 from ..engine.qk import scores, unmasked
 from ..engine.runs import run
 from ..hosts import AttentionGeometry
-from ..hosts.structure import Structure, check_structure, hook_names
+from ..hosts.structure import Structure, hook_names
 from . import qk as qkfix
+from .build import check_graph, check_hooks
 from .graph import Graph
-from .values import ReadSum, edge_products, grad_targets, receiver_grads, receiver_hooks, sender_hooks, sender_writes
+from .groups import HeadWrites, Writes
+from .values import (
+    ReadSums,
+    edge_products,
+    grad_targets,
+    receiver_grads,
+    receiver_hooks,
+    record,
+    sender_deltas,
+    sender_hooks,
+)
 
 Metric = Callable[[torch.Tensor], torch.Tensor]  # logits -> [batch]
 
 
-def _gradient_run(parts: Structure, tokens: torch.Tensor, mask: torch.Tensor, metric: Metric, extra: set[str],
-                  patches: dict | None = None, senders: bool = True
+def _gradient_run(parts: Structure, graph: Graph, tokens: torch.Tensor, mask: torch.Tensor, metric: Metric,
+                  extra: set[str], patches: dict | None = None, senders: bool = True, also: set[str] | None = None
                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """One forward + backward: hook values (detached; the senders' with ``senders``) and the
-    gradients ``grad_targets`` and ``extra`` need."""
-    targets = grad_targets(parts) + sorted(extra)
-    capture = receiver_hooks(parts) | extra | (sender_hooks(parts) if senders else set())
+    """One forward + backward: hook values (detached; the senders' with ``senders``, and ``also``'s)
+    and the gradients ``grad_targets`` and ``extra`` need."""
+    targets = grad_targets(graph) + sorted(extra - set(grad_targets(graph)))
+    capture = receiver_hooks(graph) | set(targets) | (sender_hooks(graph) if senders else set()) | (also or set())
     with torch.enable_grad():
         logits, values = run(parts.host, tokens, mask, capture, patches)
         grads = torch.autograd.grad(metric(logits).sum(), [values[h] for h in targets])
@@ -49,22 +60,23 @@ def atp_batch(parts: Structure, graph: Graph, tokens: torch.Tensor, corrupt: tor
     """Iatp (Iqk for edges into q/k with ``qk``) per pair, edge and position: ``[batch, edge, pos]``, 0
     at padding. ``check``: first check the model's structure on the clean run's first prompt."""
     with torch.no_grad():
-        _, noise = run(parts.host, corrupt, mask, sender_hooks(parts))
+        _, noise_values = run(parts.host, corrupt, mask, sender_hooks(graph))
+        noise = record(graph, noise_values)
     geoms = {layer: parts.host.attention(layer) for layer in range(parts.n_layers)} if qk else {}
     extra = {h for g in geoms.values() for h in (g.q_hook, g.k_hook, g.scores_hook, g.pattern_hook)}
     if qk:
         extra |= parts.rotation_hooks() | {h for g in geoms.values() if g.rotation for h in g.rotation.reads}
-    values, grads = _gradient_run(parts, tokens, mask, metric, extra)
+    values, grads = _gradient_run(parts, graph, tokens, mask, metric, extra,
+                                  also=check_hooks(parts, graph) if check else None)
     if check:
-        check_structure(parts, {h: v[:1] for h, v in values.items()}, mask[:1])
+        check_graph(parts, graph, {h: v[:1] for h, v in values.items()}, mask[:1])
     with torch.no_grad():
         real = mask[:, :, None, None]
-        delta = (sender_writes(parts, noise, dtype) - sender_writes(parts, values, dtype)) * real
-        out = edge_products(graph, delta, receiver_grads(parts, values, grads, dtype))
-        if geoms:
-            dz = [(noise[h.z].to(dtype) - values[h.z].to(dtype)) * real for h in map(hook_names, range(parts.n_layers))]
+        clean = record(graph, values)
+        delta = sender_deltas(graph, noise, clean, dtype) * real
+        out = edge_products(graph, delta, receiver_grads(graph, values, grads, dtype))
         for layer, geom in geoms.items():
-            _qk_fix(parts, graph, layer, geom, values, grads, delta, dz, mask, out, dtype)
+            _qk_fix(parts, graph, layer, geom, values, grads, delta, noise, clean, mask, out, dtype)
     return out * mask[:, None, :]
 
 
@@ -73,19 +85,19 @@ def ig_batch(parts: Structure, graph: Graph, tokens: torch.Tensor, corrupt: torc
     """Iig per pair, edge and position ``[batch, edge, pos]``: the sender's change dotted with the
     receiver's gradient averaged over ``steps`` runs along the embedding path."""
     embed = hook_names(0).resid_pre
-    reads = ReadSum(parts, dtype)
+    reads = ReadSums(graph, dtype)
     # the path's last point (alpha = 1) is the corrupt prompt itself: its run also gives the corrupt
     # writes and the embedding the other points move towards
-    noise, grads = _gradient_run(parts, corrupt, mask, metric, set())
+    noise, grads = _gradient_run(parts, graph, corrupt, mask, metric, set())
     with torch.no_grad():
         reads.add(noise, grads)
-        _, clean = run(parts.host, tokens, mask, sender_hooks(parts))
-        delta = (sender_writes(parts, noise, dtype) - sender_writes(parts, clean, dtype)) * mask[:, :, None, None]
+        _, clean = run(parts.host, tokens, mask, sender_hooks(graph))
+        delta = sender_deltas(graph, record(graph, noise), record(graph, clean), dtype) * mask[:, :, None, None]
     noise_embed = noise[embed]
     del noise, clean, grads
     for alpha in path_points(steps)[:-1]:
-        values, grads = _gradient_run(parts, tokens, mask, metric, set(), {embed: interpolate(noise_embed, alpha)},
-                                      senders=False)
+        values, grads = _gradient_run(parts, graph, tokens, mask, metric, set(),
+                                      {embed: interpolate(noise_embed, alpha)}, senders=False)
         with torch.no_grad():
             reads.add(values, grads)
     with torch.no_grad():
@@ -93,7 +105,7 @@ def ig_batch(parts: Structure, graph: Graph, tokens: torch.Tensor, corrupt: torc
 
 
 def _qk_fix(parts: Structure, graph: Graph, layer: int, geom: AttentionGeometry, values: dict[str, torch.Tensor],
-            grads: dict[str, torch.Tensor], delta: torch.Tensor, dz: list[torch.Tensor], mask: torch.Tensor,
+            grads: dict[str, torch.Tensor], delta: torch.Tensor, noise: Writes, clean: Writes, mask: torch.Tensor,
             out: torch.Tensor, dtype: torch.dtype) -> None:
     """Overwrite ``out`` ``[batch, edge, pos]`` at edges into the layer's queries and keys with Iqk.
 
@@ -105,7 +117,9 @@ def _qk_fix(parts: Structure, graph: Graph, layer: int, geom: AttentionGeometry,
     w = torch.cat([parts.weights(layer, which)[0] for which in "qk"]).to(dtype)  # [n_q + n_kv, d_model, d_head]
     x = values[hook_names(layer).resid_pre]  # [batch, pos, d_model]
     b, t = x.shape[:2]
-    change = _read_changes(parts, layer, x, delta[:, :, :n_s], dz[:layer], w.permute(1, 0, 2).flatten(1), dtype)
+    heads = {start: (g.layer, g.z_change(noise.values, clean.values, dtype) * mask[:, :, None, None])
+             for g, start in zip(graph.writers, graph.writer_start) if isinstance(g, HeadWrites) and start < n_s}
+    change = _read_changes(parts, layer, x, delta[:, :, :n_s], heads, w.permute(1, 0, 2).flatten(1), dtype)
     # [senders, batch, pos, q + kv, d_head]: rotary is linear, so the rotated change is the change rotated
     change = parts.rotate(layer, change.view(n_s, b, t, -1, w.shape[2]), mask, values)
     q, k = geom.dotted("q", values).to(dtype), geom.dotted("k", values).to(dtype)  # [batch, pos, heads, d_head]
@@ -121,12 +135,13 @@ def _qk_fix(parts: Structure, graph: Graph, layer: int, geom: AttentionGeometry,
         out[:, edges.flatten()] = eff.transpose(2, 3).flatten(1, 2)  # eff [batch, senders, pos, receivers]
 
 
-def _read_changes(parts: Structure, layer: int, x: torch.Tensor, delta: torch.Tensor, dz: list[torch.Tensor],
+def _read_changes(parts: Structure, layer: int, x: torch.Tensor, delta: torch.Tensor,
+                  heads: dict[int, tuple[int, torch.Tensor]],
                   w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(ln1(x + delta_u) - ln1(x)) @ ``w`` for every sender u: ``[senders, batch, pos, out]`` from the
     residual ``x`` ``[batch, pos, d_model]``, the senders' changes ``delta`` ``[batch, pos, senders,
-    d_model]`` (embedding, earlier layers' heads and MLPs), the heads' z changes ``dz`` (one
-    ``[batch, pos, head, d_head]`` per earlier layer) and ``w`` ``[d_model, out]``.
+    d_model]``, the z changes of the earlier layers' heads ``heads`` (first sender -> (layer, ``[batch,
+    pos, head, d_head]``), their writes in ``delta`` too) and ``w`` ``[d_model, out]``.
 
     Closed-form norms (``Structure.ln1_stats``): with x_c the centred x, d_c u's centred change, s and
     s' the norm's scale before and after, ln1(x + d) - ln1(x) = w (d_c / s' + x^ (s / s' - 1)), s'^2
@@ -151,15 +166,13 @@ def _read_changes(parts: Structure, layer: int, x: torch.Tensor, delta: torch.Te
         grow = (2 * torch.einsum("btd,btud->btu", st.normed * st.scale, delta) + dd) / d_model
         inv = (st.scale.pow(2) + grow).rsqrt()
     out = torch.empty(n_s, b * t, w.shape[1], dtype=dtype, device=x.device)  # [senders, batch * pos, out]
-    rows = [0]  # senders of the embedding and each earlier MLP: d_model wide
-    for earlier, z in enumerate(dz):
-        start = 1 + earlier * (z.shape[2] + (0 if parts.attn_only else 1))
-        heads = slice(start, start + z.shape[2])
+    dense = torch.ones(n_s, dtype=torch.bool)  # senders whose d_model-wide change is projected
+    for start, (earlier, z) in heads.items():
+        rows = slice(start, start + z.shape[2])
         m = torch.einsum("hed,df->hef", parts.W_O(earlier).to(dtype), wc)  # [head, d_head, out]
-        torch.bmm((z * inv[:, :, heads, None]).flatten(0, 1).transpose(0, 1), m, out=out[heads])
-        if not parts.attn_only:
-            rows.append(heads.stop)
-    for i in rows:
+        torch.bmm((z * inv[:, :, rows, None]).flatten(0, 1).transpose(0, 1), m, out=out[rows])
+        dense[rows] = False
+    for i in dense.nonzero().flatten().tolist():
         torch.mm((delta[:, :, i] * inv[:, :, i, None]).flatten(0, 1), wc, out=out[i])
     out = out.view(n_s, b, t, -1)
     if st.scale is None or st.normed is None:

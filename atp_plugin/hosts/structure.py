@@ -102,6 +102,20 @@ class Structure:
         block = self.block(layer)
         return block.mlp(block.ln2(x))
 
+    def mlp_hooks(self, layer: int) -> tuple[str, ...]:
+        """The MLP block's hooks ``mlp_sites`` gives values of: the residual it reads
+        (``hook_resid_mid``, ``hook_resid_pre`` in a parallel block), its normalised input
+        (``ln2.hook_normalized``, ``hook_mlp_in``) and its output (``hook_mlp_out``)."""
+        h = hook_names(layer)
+        return (h.resid_pre if self.parallel else h.resid_mid, f"blocks.{layer}.ln2.hook_normalized",
+                f"blocks.{layer}.hook_mlp_in", h.mlp_out)
+
+    def mlp_sites(self, layer: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The values of ``mlp_hooks`` for the residual ``x`` ``[batch, pos, d_model]`` the MLP reads."""
+        block = self.block(layer)
+        normed = block.ln2(x)
+        return dict(zip(self.mlp_hooks(layer), (x, normed, normed, block.mlp(normed))))
+
     def weights(self, layer: int, which: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W, b)`` of the layer's ``"q"``, ``"k"`` or ``"v"`` projection: ``[heads, d_model, d_head]``,
         ``[heads, d_head]`` with heads = n_heads for q and n_kv for k/v (the stored kv-heads under
