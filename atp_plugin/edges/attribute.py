@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
@@ -18,6 +18,8 @@ from ..hosts.structure import Structure
 from ..metrics import check_metric
 from .build import build_graph
 from .context import Context
+from .features import Keep, kept_features, placement
+from .graph import Graph
 from .result import EdgeResult
 
 
@@ -25,7 +27,8 @@ def attribute_edges(model: Any, clean: torch.Tensor | Sequence[str] | PairStream
                     corrupt: torch.Tensor | Sequence[str] | None = None, metric=None, *, method: Any = "atp",
                     ig_steps: int | None = None, per_position: bool = False,
                     batch_size: int | Literal["auto"] | None = None, patch_batch_size: int = 64,
-                    max_memory: float | None = None, progress: bool | None = None) -> EdgeResult:
+                    max_memory: float | None = None, progress: bool | None = None, features: Sequence[Any] = (),
+                    keep: Keep = 20) -> EdgeResult:
     """Score every edge u -> v by how much patching it (v alone reads u's corrupt write) changes ``metric``.
 
     ``clean``/``corrupt`` (or a ``PairStream`` and no ``corrupt``), ``metric`` and ``batch_size`` as
@@ -38,6 +41,14 @@ def attribute_edges(model: Any, clean: torch.Tensor | Sequence[str] | PairStream
     probe runs; not for ``ap``, whose ``patch_batch_size`` copies run at a time). Scores are means over
     pairs of |I| (``ap``: |mean I|); ``signed`` holds the means of I. Under ``torch.distributed``
     (torchrun) each rank runs its share of the pairs and every rank gets the whole result.
+
+    ``features``: ``SAEFeatures`` / ``TranscoderFeatures`` adapters (at most one per MLP output and
+    per attention output) whose features replace the component they split (``edges.features``):
+    edges then start and end at features, error nodes and each dictionary's rest. ``keep``: which
+    features are nodes: the top ``keep`` of each dictionary (an int; by node AtP, ``attribute(...,
+    method="atp")``, summed over positions: one more forward pass per pair of each prompt and one
+    backward, counted in ``forward_passes``), every feature whose summed node score reaches a
+    threshold (a float), or a dict dictionary name -> feature numbers (no node run).
     """
     edge_method = with_steps(resolve_method(method), ig_steps)
     if metric is None:
@@ -54,7 +65,7 @@ def attribute_edges(model: Any, clean: torch.Tensor | Sequence[str] | PairStream
     with eval_mode(model, "attribute_edges()"):
         first = DEFAULT_BATCH if batch_size == "auto" else batch_size
         ctx = make_context(model, clean, corrupt, metric, batch_size=first, patch_batch_size=patch_batch_size,
-                           progress=progress)
+                           progress=progress, features=features, keep=keep)
         if batch_size == "auto":  # sized once the pairs' width and number are known
             from ..estimate import estimate_edges  # it probes through attribute_edges()
             found = estimate_edges(model, ctx.pairs.width, edge_method, "auto", n_pairs=ctx.pairs.n,
@@ -80,17 +91,38 @@ def resolve_method(method: Any) -> Any:
 
 
 def make_context(model: Any, clean, corrupt, metric, *, batch_size: int = DEFAULT_BATCH, patch_batch_size: int = 64,
-                 progress: bool | None = None) -> Context:
-    """Validated pairs, the model's structure and graph, and the engine that batches the pairs and
-    binds the metric; bad input fails before any run. Call it with the model in eval mode."""
+                 progress: bool | None = None, features: Sequence[Any] = (), keep: Keep = 20,
+                 graph: Graph | None = None) -> Context:
+    """Validated pairs, the model's structure and graph (``graph`` where given: a feature graph to
+    reuse), and the engine that batches the pairs and binds the metric; bad input fails before
+    any run, the node run that picks ``features``' kept features (``attribute_edges``) first of
+    all work. Call it with the model in eval mode."""
     host = host_for(model)
     parts = structure(host)
     pairs = make_source(host, clean, corrupt)
     check_length(host, pairs.width)
     check_metric(metric, pairs, host.d_vocab)
+    if isinstance(features, (str, bytes)) or not isinstance(features, Sequence):
+        raise TypeError(f"features= takes a list of SAEFeatures / TranscoderFeatures adapters, got {features!r}")
+    placed = [placement(parts, adapter) for adapter in features]
+    names = [p.adapter.name for p in placed]
+    if len(set(names)) != len(names):
+        raise ValueError(f"features= holds two dictionaries named alike ({names}); give each a distinct name=")
     engine = Engine(host, pairs, metric, [], batch_size=batch_size, patch_batch_size=patch_batch_size,
                     progress=progress)
-    return Context(parts, build_graph(parts), engine)
+    if graph is None:
+        kept = kept_features(keep, {}, names) if isinstance(keep, Mapping) or not placed else None
+        if kept is None:
+            kept_features(keep, {n: torch.zeros(0) for n in names}, names)  # a bad keep= fails before the node run
+            from ..attribution import attribute
+            node = attribute(model, clean, corrupt, metric, nodes=[p.adapter for p in placed], method="atp",
+                             batch_size=batch_size, progress=progress)
+            counted = node.require_engine("the node run of features=")
+            engine.forward_passes += counted.forward_passes
+            engine.backward_passes += counted.backward_passes
+            kept = kept_features(keep, {n: node.scores[n].sum(0) for n in names}, names)
+        graph = build_graph(parts, [(p, kept[p.adapter.name]) for p in placed])
+    return Context(parts, graph, engine)
 
 
 def structure(host: Host) -> Structure:

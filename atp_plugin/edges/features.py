@@ -220,7 +220,7 @@ class Dictionary:
         feats = [m for m in members if m < k]
         w = self._w_dec(dtype)
         w = w[self.kept[feats].to(w.device)]  # [features, d_model]
-        parts = {m: f[:, :, j, None] * w[j] for j, m in enumerate(feats)}
+        parts = {m: f[:, :, m, None] * w[j] for j, m in enumerate(feats)}
         parts.update({m: err if m == k else rest for m in members if m >= k})
         return torch.stack([parts[m] for m in members], dim=2)
 

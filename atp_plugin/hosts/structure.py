@@ -104,17 +104,28 @@ class Structure:
 
     def mlp_hooks(self, layer: int) -> tuple[str, ...]:
         """The MLP block's hooks ``mlp_sites`` gives values of: the residual it reads
-        (``hook_resid_mid``, ``hook_resid_pre`` in a parallel block), its normalised input
-        (``ln2.hook_normalized``, ``hook_mlp_in``) and its output (``hook_mlp_out``)."""
+        (``hook_resid_mid``, ``hook_resid_pre`` in a parallel block, and ``hook_mlp_in``, its copy),
+        ln2's normalised input (``ln2.hook_normalized``: before ln2's weight and bias, as
+        TransformerLens hooks it) and the MLP's output (``hook_mlp_out``)."""
         h = hook_names(layer)
-        return (h.resid_pre if self.parallel else h.resid_mid, f"blocks.{layer}.ln2.hook_normalized",
-                f"blocks.{layer}.hook_mlp_in", h.mlp_out)
+        return (h.resid_pre if self.parallel else h.resid_mid, f"blocks.{layer}.hook_mlp_in",
+                f"blocks.{layer}.ln2.hook_normalized", h.mlp_out)
 
     def mlp_sites(self, layer: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The values of ``mlp_hooks`` for the residual ``x`` ``[batch, pos, d_model]`` the MLP reads."""
+        """The values of ``mlp_hooks`` for the residual ``x`` ``[batch, pos, d_model]`` the MLP reads
+        (ln2's normalised input as its ``hook_normalized`` module sees it in this forward)."""
         block = self.block(layer)
-        normed = block.ln2(x)
-        return dict(zip(self.mlp_hooks(layer), (x, normed, normed, block.mlp(normed))))
+        point = getattr(block.ln2, "hook_normalized", None)
+        seen: list[torch.Tensor] = []
+        handle = point.register_forward_hook(lambda m, i, out: seen.append(out)) \
+            if isinstance(point, torch.nn.Module) else None
+        try:
+            out = block.mlp(block.ln2(x))
+        finally:
+            if handle is not None:
+                handle.remove()
+        resid, copy, normalized, mlp_out = self.mlp_hooks(layer)
+        return {resid: x, copy: x, mlp_out: out} | ({normalized: seen[0]} if seen else {})
 
     def weights(self, layer: int, which: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W, b)`` of the layer's ``"q"``, ``"k"`` or ``"v"`` projection: ``[heads, d_model, d_head]``,
