@@ -110,6 +110,8 @@ def make_context(model: Any, clean, corrupt, metric, *, batch_size: int = DEFAUL
         raise ValueError(f"features= holds two dictionaries named alike ({names}); give each a distinct name=")
     engine = Engine(host, pairs, metric, [], batch_size=batch_size, patch_batch_size=patch_batch_size,
                     progress=progress)
+    if graph is not None and any(getattr(w, "parts", parts).host.model is not model for w in graph.writers):
+        raise ValueError("the circuit's feature graph was built on another model; find its circuit on this one")
     if graph is None:
         kept = kept_features(keep, {}, names) if isinstance(keep, Mapping) or not placed else None
         if kept is None:

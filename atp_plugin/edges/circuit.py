@@ -167,7 +167,12 @@ def faithfulness(model: Any, clean, corrupt, metric, circuit: Circuit | Sequence
     ``circuit`` (a ``Circuit`` or edge names) patched: from the corrupt prompt (``ablation="corrupt"``)
     or from its sender's mean write over the calibration prompts ``mean_tokens`` (``"mean"``)."""
     with eval_mode(model, "faithfulness()"):
-        ctx = make_context(model, clean, corrupt, metric, batch_size=batch_size, patch_batch_size=patch_batch_size)
+        # a feature circuit's graph holds the features it kept: run on it (an edge graph of the model's own
+        # components is built afresh, so that a circuit of another model is refused by its edges)
+        features = isinstance(circuit, Circuit) and any(s.kind in ("feature", "error", "rest")
+                                                        for s in circuit.graph.senders)
+        ctx = make_context(model, clean, corrupt, metric, batch_size=batch_size, patch_batch_size=patch_batch_size,
+                           graph=circuit.graph if features else None)
         mean = ablation_writes(ctx, ablation, mean_tokens)
         ctx.check_structure()
         return _faithfulness(ctx, [_as_circuit(ctx.graph, circuit)], mean)[0][0]
@@ -219,8 +224,10 @@ def faithfulness_of(result: EdgeResult, circuits: list[Circuit], *, ablation: Ab
         return _faithfulness(ctx, circuits, ablation_writes(ctx, ablation, mean_tokens))[0]
 
 
-#: edge classes by what the receiver reads, as TransformerLens 4.3's faithfulness breaks recovery out
-EDGE_CLASSES = {"q": "into_qk", "k": "into_qk", "v": "into_v", "mlp": "into_mlp", "logits": "into_logits"}
+#: edge classes by what the receiver reads, as TransformerLens 4.3's faithfulness breaks recovery out (a
+#: dictionary's nodes at an MLP read what the MLP reads)
+EDGE_CLASSES = {"q": "into_qk", "k": "into_qk", "v": "into_v", "mlp": "into_mlp", "logits": "into_logits",
+                "feature": "into_mlp", "error": "into_mlp", "rest": "into_mlp"}
 
 
 def faithfulness_by_class(result: EdgeResult, circuit: Circuit | Sequence[str], *, ablation: Ablation = "corrupt",

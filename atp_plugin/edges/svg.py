@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from html import escape
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -20,6 +21,8 @@ from .circuit import Circuit, FaithfulnessCurve
 from .graph import Graph
 
 COLOURS = {"q": "#1f77b4", "k": "#2ca02c", "v": "#ff7f0e", "mlp": "#7f7f7f", "logits": "#9467bd"}
+#: receivers drawn in another kind's colour: a dictionary's nodes at an MLP read as the MLP does
+SAME = {"feature": "mlp", "error": "mlp", "rest": "mlp"}
 ROW, MARGIN, MAX_WIDTH, MIN_WIDTH = 70, 50, 9.0, 0.6
 #: labels' font size (px) and the width of a character at most, in em (sans-serif's widest, "m", is
 #: 0.97 em but labels mix it with narrow ones: "mlp10" is 0.63 em a character in DejaVu Sans); the
@@ -29,11 +32,12 @@ FONT, CHAR_EM, TITLE_EM, SIDE, GAP, CLEAR = 9, 0.7, 0.6, 24, 2, 3
 
 
 def _component(graph: Graph, receiver: int) -> list[str]:
-    """Names of the components (sender names, or "logits") a receiver belongs to."""
+    """Names of the components (sender names, or "logits"; a head read whose layer writes through
+    features: the head) a receiver belongs to."""
     r = graph.receivers[receiver]
     if r.kind == "logits":
         return ["logits"]
-    if r.kind == "mlp":
+    if r.kind not in ("q", "k", "v"):  # an MLP or a dictionary node: its own sender
         return [r.name]
     group = graph.n_heads // graph.n_kv
     heads = [r.head] if r.kind == "q" else range(r.head * group, (r.head + 1) * group)
@@ -61,7 +65,8 @@ def edge_weights(circuit: Circuit, weights: torch.Tensor) -> torch.Tensor:
     return (w * circuit.keep).sum(-1)
 
 
-def circuit_svg(circuit: Circuit, weights: torch.Tensor, title: str = "") -> str:
+def circuit_svg(circuit: Circuit, weights: torch.Tensor, title: str = "", notes: Mapping[str, str] | None = None
+                ) -> str:
     """The picture of ``circuit`` as SVG text; ``weights`` (``edge_weights``) set the edge widths,
     the largest drawn ``MAX_WIDTH`` px wide, none thinner than ``MIN_WIDTH``. Each edge's path has
     ``class="edge"`` and ``data-edge`` (its name), so the picture can be read back.
@@ -72,7 +77,12 @@ def circuit_svg(circuit: Circuit, weights: torch.Tensor, title: str = "") -> str
     its receiver's bottom (queries left, keys middle, values right: no two edges coincide) and
     bends by the least that keeps it out of every circle it does not join (``_bends``), so edges
     between the same column's nodes (the MLPs) bow apart by how far they reach. A quadratic curve
-    cannot always thread rows of many heads: there an edge takes the curve furthest from them."""
+    cannot always thread rows of many heads: there an edge takes the curve furthest from them.
+
+    Dictionary nodes (features, error, rest) sit in the row of the component they split, features
+    from the left, the error and rest nodes drawn apart at the right in a dashed grey circle;
+    ``notes`` (node name -> text, e.g. the tokens a feature fires on) go under a node and into its
+    tooltip."""
     g = circuit.graph
     w = edge_weights(circuit, weights)
     kept = circuit.keep.any(-1) if circuit.per_position else circuit.keep
@@ -84,9 +94,17 @@ def circuit_svg(circuit: Circuit, weights: torch.Tensor, title: str = "") -> str
 
     # rows: 0 embedding, 2l + 1 heads of layer l, 2l + 2 MLP l, 2L + 1 logits; a column per head some
     # layer uses, the MLPs in the last
-    heads = sorted({s.head for s in g.senders if s.kind == "head" and s.name in used})
+    heads = sorted({int(n.split(".H")[1]) for n in used if n.startswith("L")})
     column = {h: i for i, h in enumerate(heads)}
-    n_rows, n_cols = 2 * g.n_layers + 2, len(heads) + any(n.startswith("mlp") for n in used)
+    kind = {s.name: s for s in g.senders}
+    apart = {n for n in used if n in kind and kind[n].kind in ("error", "rest")}
+    rows: dict[int, list[str]] = {}  # a row's dictionary nodes, in drawing order
+    for n in sorted((n for n in used if n in kind and kind[n].kind in ("feature", "error", "rest")),
+                    key=lambda n: (kind[n].kind != "feature", kind[n].kind, kind[n].index)):
+        rows.setdefault(kind[n].stage, []).append(n)
+    mlp = any(n in kind and kind[n].kind == "mlp" for n in used)
+    n_rows = 2 * g.n_layers + 2
+    n_cols = max([len(heads) + mlp] + [len(r) + (len(heads) if stage % 2 else 0) for stage, r in rows.items()])
     label = max(len(n) for n in used)
     radius = math.ceil(math.hypot(CHAR_EM * FONT * label / 2, FONT / 2)) + 2
     width = max(2 * SIDE + 2 * radius + (radius * 2 + GAP * radius) * max(n_cols - 1, 0),
@@ -101,11 +119,16 @@ def circuit_svg(circuit: Circuit, weights: torch.Tensor, title: str = "") -> str
         for h in heads:
             at[f"L{layer}.H{h}"] = (x(column[h]), y(2 * layer + 1))
         at[f"mlp{layer}"] = (x(n_cols - 1), y(2 * layer + 2))
+    for stage, names in rows.items():
+        first = len(heads) if stage % 2 else 0  # an attention row's features right of its heads
+        for i, n in enumerate(names):
+            at[n] = (x(first + i), y(stage))
     lines = []
     for s, target, e in ends:
-        kind = g.receivers[int(g.receiver_index[e])].kind
+        kind_ = g.receivers[int(g.receiver_index[e])].kind
+        colour = COLOURS[SAME.get(kind_, kind_)]
         # from the sender's top into the receiver's bottom, queries left of keys, values right (no two coincide)
-        side = {"q": -0.5, "v": 0.5}.get(kind, 0.0)
+        side = {"q": -0.5, "v": 0.5}.get(kind_, 0.0)
         (x0, y0), (x1, y1) = (at[s][0], at[s][1] - radius), (at[target][0] + side * radius,
                                                              at[target][1] + math.sqrt(1 - side**2) * radius)
         others = torch.tensor([at[n] for n in used if n not in (s, target)], dtype=torch.float64).reshape(-1, 2)
@@ -113,14 +136,21 @@ def circuit_svg(circuit: Circuit, weights: torch.Tensor, title: str = "") -> str
         stroke = max(MIN_WIDTH, MAX_WIDTH * float(w[e]) / top)
         lines.append(f'<path class="edge" data-edge="{escape(g.names[e])}" '
                      f'd="M{x0:.1f},{y0:.1f} Q{(x0 + x1) / 2 + bend:.1f},{(y0 + y1) / 2:.1f} {x1:.1f},{y1:.1f}" '
-                     f'stroke="{COLOURS[kind]}" stroke-width="{stroke:.2f}" fill="none" stroke-opacity="0.7">'
+                     f'stroke="{colour}" stroke-width="{stroke:.2f}" fill="none" stroke-opacity="0.7">'
                      f'<title>{escape(g.names[e])}: {float(w[e]):.4g}</title></path>')
     nodes = []
     for name in sorted(used, key=lambda n: (at[n][1], at[n][0])):
         cx, cy = at[name]
-        nodes.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{radius}" fill="#ffffff" stroke="#333333" '
-                     f'stroke-width="1.2"/><text x="{cx:.1f}" y="{cy + 0.35 * FONT:.1f}" font-size="{FONT}" '
-                     f'text-anchor="middle" font-family="sans-serif">{escape(name)}</text>')
+        note = (notes or {}).get(name, "")
+        style = 'fill="#eeeeee" stroke="#777777" stroke-dasharray="3,2"' if name in apart else \
+            'fill="#ffffff" stroke="#333333"'
+        tip = f"<title>{escape(name)}: {escape(note)}</title>" if note else ""
+        nodes.append(f'<g class="node" data-node="{escape(name)}">{tip}<circle cx="{cx:.1f}" cy="{cy:.1f}" '
+                     f'r="{radius}" {style} stroke-width="1.2"/><text x="{cx:.1f}" y="{cy + 0.35 * FONT:.1f}" '
+                     f'font-size="{FONT}" text-anchor="middle" font-family="sans-serif">{escape(name)}</text>'
+                     + (f'<text x="{cx:.1f}" y="{cy + radius + FONT:.1f}" font-size="{FONT - 2}" '
+                        f'text-anchor="middle" font-family="sans-serif" fill="#555555">{escape(note[:24])}</text>'
+                        if note else "") + "</g>")
     legend = [f'<text x="{SIDE + 70 * i}" y="{height - 12}" font-size="10" font-family="sans-serif" '
               f'fill="{c}">&#9644; {k}</text>' for i, (k, c) in enumerate(COLOURS.items())]
     head = (f'<text x="{width / 2:.1f}" y="18" font-size="12" text-anchor="middle" font-family="sans-serif">'
@@ -151,10 +181,11 @@ def _bends(start: tuple[float, float], end: tuple[float, float], others: torch.T
     return float(bends[ok[0]] if len(ok) else bends[torch.argmax(torch.where(inside, gap, -math.inf))])
 
 
-def write_circuit_svg(circuit: Circuit, weights: torch.Tensor, path: str | Path, title: str = "") -> Path:
+def write_circuit_svg(circuit: Circuit, weights: torch.Tensor, path: str | Path, title: str = "",
+                      notes: Mapping[str, str] | None = None) -> Path:
     """Write ``circuit_svg`` to ``path``; returns the path."""
     path = Path(path)
-    path.write_text(circuit_svg(circuit, weights, title), encoding="utf-8")
+    path.write_text(circuit_svg(circuit, weights, title, notes), encoding="utf-8")
     return path
 
 
