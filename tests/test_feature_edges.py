@@ -24,7 +24,7 @@ except ImportError:
 import feature_reference as ref
 from atp_plugin import attribute
 from atp_plugin.adapters import SAEFeatures, TranscoderFeatures
-from atp_plugin.edges import Circuit, attribute_edges, faithfulness_of
+from atp_plugin.edges import Circuit, attribute_edges, evaluate_edges, faithfulness_of, left_out
 from atp_plugin.errors import UnsupportedModelError
 from atp_plugin.saes import SimpleSAE
 from conftest import logit_diff_metric, make_model, make_pairs
@@ -221,3 +221,34 @@ def test_bad_features_are_clear_errors() -> None:
     with pytest.raises(UnsupportedModelError, match="MLP's input"):
         attribute_edges(model, clean, corrupt, metric,
                         features=[TranscoderFeatures(simple(6, "blocks.0.hook_resid_pre", "blocks.1.hook_mlp_out"))])
+
+
+def test_left_out_is_the_rest_patched_at_its_site() -> None:
+    """Every edge out of a dictionary's rest node patched = the features it did not keep swapped
+    for their corrupt values where the dictionary writes (every reader after it sees them)."""
+    model, adapters, dicts, keep, clean, corrupt, metric = setup("simple")
+    result = attribute_edges(model, clean, corrupt, metric, method="atp", features=adapters, keep=keep)
+    table = left_out(result)
+    split = split_model(model)
+    w_clean, w_noise = ref.writes(split, model, clean, dicts), ref.writes(split, model, corrupt, dicts)
+    m = ref.bound(metric)
+    with torch.no_grad():
+        base, bad = float(m(model(clean)).mean()), float(m(model(corrupt)).mean())
+        for dic, row in zip(dicts, table.itertuples()):
+            d = w_noise[f"{dic.prefix}.rest"] - w_clean[f"{dic.prefix}.rest"]
+            want = float(m(model.run_with_hooks(clean, fwd_hooks=[(dic.hook, lambda x, hook, d=d: x + d)])).mean()) - base
+            assert row.dictionary == dic.prefix
+            assert abs(row.effect - want) <= 1e-10 * max(1.0, abs(want))
+            assert abs(row.fraction - want / (bad - base)) <= 1e-10
+
+
+def test_cost_of_verification_on_feature_edges() -> None:
+    model, adapters, dicts, keep, clean, corrupt, metric = setup("simple")
+    curves, truth = evaluate_edges(model, clean, corrupt, metric, methods=("atp",), top_x=5, features=adapters, keep=2)
+    nodes = 2 * N + 2 * N  # the node run that chose the features: 2 forward passes per pair and 1 backward (x2)
+    edge_atp = 2 * N + 2 * N
+    assert curves.loc[0, "atp"] == nodes + edge_atp
+    assert (curves["atp"].diff().dropna() >= 0).all() and curves.loc[5, "oracle"] == 5 * N
+    assert sorted(s.index for s in truth.graph.senders if s.name.startswith("mlp1.f")) == sorted(
+        torch.argsort(attribute(model, clean, corrupt, metric, nodes=adapters, method="atp")
+                      .scores[adapters[2].name].sum(0), descending=True, stable=True)[:2].tolist())

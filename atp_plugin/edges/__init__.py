@@ -13,6 +13,7 @@ from .circuit import (
     faithfulness_by_class,
     faithfulness_curve,
     faithfulness_of,
+    left_out,
     pruned,
     threshold_circuit,
     top_circuit,
@@ -23,4 +24,4 @@ from .result import EdgeResult
 
 __all__ = ["EDGE_CLASSES", "MIB_PERCENTAGES", "Circuit", "EdgeResult", "FaithfulnessCurve", "Graph", "Receiver",
            "Sender", "attribute_edges", "evaluate_edges", "faithfulness", "faithfulness_by_class", "faithfulness_curve",
-           "faithfulness_of", "pruned", "threshold_circuit", "top_circuit"]
+           "faithfulness_of", "left_out", "pruned", "threshold_circuit", "top_circuit"]

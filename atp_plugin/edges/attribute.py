@@ -18,7 +18,7 @@ from ..hosts.structure import Structure
 from ..metrics import check_metric
 from .build import build_graph
 from .context import Context
-from .features import Keep, kept_features, placement
+from .features import Keep, Placement, kept_features, placement
 from .graph import Graph
 from .result import EdgeResult
 
@@ -113,18 +113,27 @@ def make_context(model: Any, clean, corrupt, metric, *, batch_size: int = DEFAUL
     if graph is not None and any(getattr(w, "parts", parts).host.model is not model for w in graph.writers):
         raise ValueError("the circuit's feature graph was built on another model; find its circuit on this one")
     if graph is None:
-        kept = kept_features(keep, {}, names) if isinstance(keep, Mapping) or not placed else None
-        if kept is None:
-            kept_features(keep, {n: torch.zeros(0) for n in names}, names)  # a bad keep= fails before the node run
-            from ..attribution import attribute
-            node = attribute(model, clean, corrupt, metric, nodes=[p.adapter for p in placed], method="atp",
-                             batch_size=batch_size, progress=progress)
-            counted = node.require_engine("the node run of features=")
-            engine.forward_passes += counted.forward_passes
-            engine.backward_passes += counted.backward_passes
-            kept = kept_features(keep, {n: node.scores[n].sum(0) for n in names}, names)
+        kept, forward, backward = choose_features(model, clean, corrupt, metric, placed, keep, batch_size, progress)
+        engine.forward_passes += forward
+        engine.backward_passes += backward
         graph = build_graph(parts, [(p, kept[p.adapter.name]) for p in placed])
     return Context(parts, graph, engine)
+
+
+def choose_features(model: Any, clean, corrupt, metric, placed: Sequence[Placement], keep: Keep, batch_size: int,
+                    progress: bool | None) -> tuple[dict[str, list[int]], int, float]:
+    """The features each dictionary keeps (``features.kept_features``), and the forward and backward
+    passes spent choosing them: none for a mapping, else one node AtP run over the dictionaries."""
+    names = [p.adapter.name for p in placed]
+    if isinstance(keep, Mapping) or not placed:
+        return kept_features(keep, {}, names), 0, 0.0
+    kept_features(keep, {n: torch.zeros(0) for n in names}, names)  # a bad keep= fails before the node run
+    from ..attribution import attribute
+    node = attribute(model, clean, corrupt, metric, nodes=[p.adapter for p in placed], method="atp",
+                     batch_size=batch_size, progress=progress)
+    counted = node.require_engine("the node run of features=")
+    return (kept_features(keep, {n: node.scores[n].sum(0) for n in names}, names), counted.forward_passes,
+            counted.backward_passes)
 
 
 def structure(host: Host) -> Structure:

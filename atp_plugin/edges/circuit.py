@@ -16,6 +16,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Sequence
 
+import pandas as pd
 import torch
 
 from ..attribution import eval_mode
@@ -169,10 +170,10 @@ def faithfulness(model: Any, clean, corrupt, metric, circuit: Circuit | Sequence
     with eval_mode(model, "faithfulness()"):
         # a feature circuit's graph holds the features it kept: run on it (an edge graph of the model's own
         # components is built afresh, so that a circuit of another model is refused by its edges)
-        features = isinstance(circuit, Circuit) and any(s.kind in ("feature", "error", "rest")
-                                                        for s in circuit.graph.senders)
+        graph = circuit.graph if isinstance(circuit, Circuit) else None
+        features = graph is not None and any(s.kind in ("feature", "error", "rest") for s in graph.senders)
         ctx = make_context(model, clean, corrupt, metric, batch_size=batch_size, patch_batch_size=patch_batch_size,
-                           graph=circuit.graph if features else None)
+                           graph=graph if features else None)
         mean = ablation_writes(ctx, ablation, mean_tokens)
         ctx.check_structure()
         return _faithfulness(ctx, [_as_circuit(ctx.graph, circuit)], mean)[0][0]
@@ -212,6 +213,24 @@ def _as_circuit(graph: Graph, circuit: Circuit | Sequence[str]) -> Circuit:
     if isinstance(circuit, str):
         raise TypeError("circuit must be a Circuit or a list of edge names, not one string")
     return Circuit.from_names(graph, list(circuit))
+
+
+def left_out(result: EdgeResult) -> pd.DataFrame:
+    """What a feature graph left out, exactly: per dictionary, the mean over pairs of the metric's
+    change when every feature the graph did not keep is patched for every reader at once (its rest
+    node's edges; ``effect``), and that change over L(corrupt) - L(clean) (``fraction``: 1 where
+    the features left out alone carry the whole behaviour). One patched run per pair and dictionary."""
+    g, ctx = result.graph, result.context
+    rests = [(i, s) for i, s in enumerate(g.senders) if s.kind == "rest"]
+    if not rests:
+        raise ValueError("the result has no dictionaries of features (attribute_edges(features=...)): nothing is "
+                         "left out of its graph")
+    masks = [g.sender_index == i for i, _ in rests]
+    with eval_mode(ctx.host.model, "left_out()"):
+        clean, corrupt, values = ctx.circuit_metrics(masks, desc="left out")
+    return pd.DataFrame({"dictionary": [s.name.rsplit(".", 1)[0] for _, s in rests],
+                         "effect": [v - clean for v in values],
+                         "fraction": [(v - clean) / (corrupt - clean) for v in values]})
 
 
 def faithfulness_of(result: EdgeResult, circuits: list[Circuit], *, ablation: Ablation = "corrupt",

@@ -15,8 +15,10 @@ import numpy as np
 import pandas as pd
 
 from .. import plugins
+from ..attribution import DEFAULT_BATCH, eval_mode
 from ..evaluate import BACKWARD_COST, rank_order
-from .attribute import attribute_edges
+from .attribute import attribute_edges, make_context
+from .features import Keep, kept_of
 from .result import EdgeResult
 
 
@@ -27,11 +29,14 @@ def cost_of(result: EdgeResult) -> float:
 
 def evaluate_edges(model: Any, clean, corrupt, metric, *, methods: Sequence[str] = ("atp", "atp+qk", "ig"),
                    ig_steps: int = 5, top_x: int = 20, per_position: bool = False, seed: int = 0,
-                   batch_size: int | None = None) -> tuple[pd.DataFrame, EdgeResult]:
+                   batch_size: int | None = None, features: Sequence[Any] = (), keep: Keep = 20
+                   ) -> tuple[pd.DataFrame, EdgeResult]:
     """Cost-of-verification curves of the edge ``methods`` against exhaustive edge patching.
 
     Returns the curves (index ``x`` = 0..top_x, row 0 each method's own cost; one column per method
     plus ``"oracle"``, which verifies exactly the true top x for free) and the ``ap`` result.
+    ``features``/``keep`` as in ``attribute_edges``: the kept features are chosen once, and the node
+    run that chose them is part of every method's own cost.
     """
     registered = plugins.edge_methods()
     unknown = [m for m in methods if m not in registered or m == "ap"]
@@ -39,6 +44,13 @@ def evaluate_edges(model: Any, clean, corrupt, metric, *, methods: Sequence[str]
         known = ", ".join(m for m in registered if m != "ap")
         raise ValueError(f"methods must be edge methods other than 'ap' ({known}), got {list(methods)!r}")
     options: dict[str, Any] = dict(ig_steps=ig_steps, per_position=per_position, batch_size=batch_size, progress=False)
+    choosing = 0.0
+    if features:
+        with eval_mode(model, "evaluate_edges()"):
+            ctx = make_context(model, clean, corrupt, metric, batch_size=batch_size or DEFAULT_BATCH, progress=False,
+                               features=features, keep=keep)
+        choosing = ctx.forward_passes + BACKWARD_COST * ctx.backward_passes
+        options.update(features=features, keep=kept_of(ctx.graph))
     truth = attribute_edges(model, clean, corrupt, metric, method="ap", **options)
     n = truth.scores.numel()
     if not 1 <= top_x <= n:
@@ -51,6 +63,6 @@ def evaluate_edges(model: Any, clean, corrupt, metric, *, methods: Sequence[str]
         position = np.empty(n, dtype=np.int64)
         position[rank_order(result.scores.double().reshape(-1).numpy(), tiebreak)] = np.arange(1, n + 1)
         spent = truth.n_pairs * np.maximum.accumulate(position[true_top])
-        curves[method] = np.concatenate([[0.0], spent]) + cost_of(result)
+        curves[method] = np.concatenate([[0.0], spent]) + cost_of(result) + choosing
     curves["oracle"] = truth.n_pairs * np.arange(top_x + 1, dtype=float)
     return pd.DataFrame(curves, index=pd.Index(np.arange(top_x + 1), name="x")), truth

@@ -122,6 +122,11 @@ def kept_features(keep: Keep, scores: Mapping[str, torch.Tensor], names: Sequenc
     return out
 
 
+def kept_of(graph: Any) -> dict[str, list[int]]:
+    """Dictionary name -> the features ``graph`` keeps of it (what ``keep=`` takes to rebuild it)."""
+    return {w.where.adapter.name: w.kept.tolist() for w in graph.writers if isinstance(w, Dictionary)}
+
+
 class Dictionary:
     """One dictionary's nodes as a writer group and, at an MLP, a reader group: its kept features
     (in ``kept`` order), then its error node, then the rest (see the module's docstring)."""
