@@ -236,7 +236,8 @@ def test_left_out_is_the_rest_patched_at_its_site() -> None:
         base, bad = float(m(model(clean)).mean()), float(m(model(corrupt)).mean())
         for dic, row in zip(dicts, table.itertuples()):
             d = w_noise[f"{dic.prefix}.rest"] - w_clean[f"{dic.prefix}.rest"]
-            want = float(m(model.run_with_hooks(clean, fwd_hooks=[(dic.hook, lambda x, hook, d=d: x + d)])).mean()) - base
+            hooks = [(dic.hook, lambda x, hook, d=d: x + d)]
+            want = float(m(model.run_with_hooks(clean, fwd_hooks=hooks)).mean()) - base
             assert row.dictionary == dic.prefix
             assert abs(row.effect - want) <= 1e-10 * max(1.0, abs(want))
             assert abs(row.fraction - want / (bad - base)) <= 1e-10
