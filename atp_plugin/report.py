@@ -20,6 +20,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import pandas as pd
 import torch
@@ -255,7 +256,8 @@ def write_report(result: AttributionResult, path: str | Path, *, verified: pd.Da
 def write_circuit_report(result: EdgeResult, circuit: Circuit, path: str | Path, *,
                          curve: FaithfulnessCurve | None = None, verified: pd.DataFrame | None = None,
                          faithfulness: float | None = None, top_k: int = 20, model_label: str = "",
-                         metric_label: str = "", circuit_label: str = "") -> Path:
+                         metric_label: str = "", circuit_label: str = "", notes: Mapping[str, str] | None = None
+                         ) -> Path:
     """Write the circuit report to ``path`` (one HTML file, its two pictures inline SVG), overwriting it.
 
     ``circuit``: built from ``result`` (``top_circuit``, ``threshold_circuit``, ``Circuit.from_names``
@@ -264,7 +266,8 @@ def write_circuit_report(result: EdgeResult, circuit: Circuit, path: str | Path,
     ``verified``: ``result.verify(k)`` (the top-edges table then shows the exact effects);
     ``faithfulness``: the circuit's, when already computed (otherwise computed here: clean, corrupt
     and one patched run per pair); ``top_k``: rows of the top-edges table when not verified;
-    ``circuit_label``: how the circuit was chosen (e.g. "top 40, dangling edges pruned").
+    ``circuit_label``: how the circuit was chosen (e.g. "top 40, dangling edges pruned"); ``notes``:
+    node name -> text drawn under the node (e.g. ``edges.activating_tokens``).
     Returns the HTML path.
     """
     if not isinstance(result, EdgeResult) or not isinstance(circuit, Circuit):
@@ -306,7 +309,7 @@ def write_circuit_report(result: EdgeResult, circuit: Circuit, path: str | Path,
     weighting = "summed over the positions kept" if circuit.per_position else (
         "summed over positions" if result.per_position else "")
     parts.append('<h2 id="circuit">Circuit</h2><figure class="circuit">'
-                 + circuit_svg(circuit, result.scores, f"{len(edges)} edges, faithfulness {f:.3f}")
+                 + circuit_svg(circuit, result.scores, f"{len(edges)} edges, faithfulness {f:.3f}", notes)
                  + "<figcaption>Components layered by depth: the embedding at the bottom, each layer's heads then "
                  f"its MLP, the logits on top. Edge width proportional to the {html.escape(result.method)} score"
                  + (f" ({weighting})" if weighting else "") + "; colour: what the edge feeds (hover an edge for "

@@ -19,9 +19,10 @@ from .circuit import (
     top_circuit,
 )
 from .evaluate import evaluate_edges
+from .features import activating_tokens
 from .graph import Graph, Receiver, Sender
 from .result import EdgeResult
 
 __all__ = ["EDGE_CLASSES", "MIB_PERCENTAGES", "Circuit", "EdgeResult", "FaithfulnessCurve", "Graph", "Receiver",
-           "Sender", "attribute_edges", "evaluate_edges", "faithfulness", "faithfulness_by_class", "faithfulness_curve",
-           "faithfulness_of", "left_out", "pruned", "threshold_circuit", "top_circuit"]
+           "Sender", "activating_tokens", "attribute_edges", "evaluate_edges", "faithfulness", "faithfulness_by_class",
+           "faithfulness_curve", "faithfulness_of", "left_out", "pruned", "threshold_circuit", "top_circuit"]

@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from ..engine.runs import run
 from ..errors import UnsupportedModelError
 from ..hosts import rounding
 from ..hosts.structure import Structure, hook_names
@@ -295,3 +296,28 @@ class Dictionary:
 
         return {where.hook: fn}
 
+
+
+def activating_tokens(result: Any, tokens: torch.Tensor, decode: Callable[[int], str], k: int = 3) -> dict[str, str]:
+    """Kept feature -> the ``k`` distinct tokens of ``tokens`` (``[N, T]`` ids, e.g. the clean
+    prompts) at which it is most active, most active first, as ``decode`` spells them (its label in
+    the circuit picture: ``write_circuit_svg(..., notes=...)``). One forward pass per prompt."""
+    ctx = result.context
+    dictionaries = [w for w in ctx.graph.writers if isinstance(w, Dictionary)]
+    hooks = {h for w in dictionaries for h in w.hooks()}
+    with torch.no_grad():
+        _, values = run(ctx.host, tokens, torch.ones_like(tokens, dtype=torch.bool), hooks)
+    out = {}
+    for w in dictionaries:
+        with torch.no_grad():
+            feats = w.record(values)[w.keys[0]]  # [N, T, kept]
+        for j, sender in enumerate(w.senders[: w.n_kept]):
+            found: list[str] = []
+            for at in torch.argsort(feats[..., j].flatten(), descending=True).tolist():
+                if float(feats[..., j].flatten()[at]) <= 0 or len(found) == k:
+                    break
+                word = decode(int(tokens.flatten()[at])).strip()
+                if word not in found:
+                    found.append(word)
+            out[sender.name] = ", ".join(found)
+    return out
