@@ -253,3 +253,9 @@ def test_cost_of_verification_on_feature_edges() -> None:
     assert sorted(s.index for s in truth.graph.senders if s.name.startswith("mlp1.f")) == sorted(
         torch.argsort(attribute(model, clean, corrupt, metric, nodes=adapters, method="atp")
                       .scores[adapters[2].name].sum(0), descending=True, stable=True)[:2].tolist())
+
+
+def test_auto_batch_size_is_refused_with_features() -> None:
+    model, adapters, dicts, keep, clean, corrupt, metric = setup("simple")
+    with pytest.raises(ValueError, match="batch_size='auto'"):
+        attribute_edges(model, clean, corrupt, metric, features=adapters, keep=keep, batch_size="auto")

@@ -56,6 +56,9 @@ def attribute_edges(model: Any, clean: torch.Tensor | Sequence[str] | PairStream
                         "attribute_edges(model, PairStream(...), metric=metric)")
     if not isinstance(per_position, bool):
         raise TypeError(f"per_position must be True or False, got {per_position!r}")
+    if batch_size == "auto" and features:
+        raise ValueError("batch_size='auto' sizes batches by probe runs of the model's own graph, which do not "
+                         "cover features= yet; give batch_size an int")
     if batch_size != "auto":
         batch_size = positive_int(batch_size or DEFAULT_BATCH, "batch_size",
                                   'it is the number of pairs run at a time, or "auto"')
