@@ -42,9 +42,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from .errors import MissingDependencyError
-from .saes import TopKSAE
+from .saes import SimpleSAE, TopK, TopKSAE
 
 if TYPE_CHECKING:
+    from importlib.abc import Traversable  # importlib.resources.abc from Python 3.11
+
     import transformers
     from sae_lens import SAE
     from transformer_lens import HookedTransformer
@@ -63,6 +65,7 @@ __all__ = [
     "load_demo_model",
     "demo_gpt2",
     "load_demo_sae",
+    "load_demo_transcoders",
     "train_demo_model",
     "evaluate_demo_model",
 ]
@@ -128,6 +131,7 @@ _WEIGHTS_FILE = "model.safetensors"
 _CONFIG_FILE = "config.json"
 _TOKENIZER_FILE = "tokenizer.json"
 _SAE_DIR = "sae"  # SAE-Lens save format (cfg.json + sae_weights.safetensors), scripts/train_demo_sae.py
+_TRANSCODER_DIR = "transcoders"  # layer{L}/cfg.json + weights.safetensors, scripts/train_demo_transcoders.py
 _TEST_FRACTION_PERCENT = 20  # share of (names, place, object, template) families held out
 # Distinct pairs per split: two per family (either name may be the repeated one). Counted by
 # enumerating every family (0.6 s, too slow for each call); tests/test_demo_task.py recounts them.
@@ -378,6 +382,38 @@ def _read_sae(path: Path, device: str, dtype: torch.dtype) -> SAE | TopKSAE:
     from sae_lens import SAE
 
     return SAE.load_from_disk(path, device=device, dtype=str(dtype).removeprefix("torch.")).eval()
+
+
+def load_demo_transcoders(device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[SimpleSAE]:
+    """Load the transcoders shipped with the demo model, one per layer (index L is layer L's):
+    transcoder L reads ``blocks.L.ln2.hook_normalized`` (LayerNorm's output before its weight and
+    bias) and writes ``blocks.L.hook_mlp_out``; top-k (k=16), 512 features, trained by
+    ``scripts/train_demo_transcoders.py`` on train-split IOI prompts.
+
+    Each is an ``atp_plugin.saes.SimpleSAE`` with ``activation=TopK(k)`` and ``hook_name`` /
+    ``hook_name_out`` set, in eval mode: ``atp_plugin.adapters.TranscoderFeatures(tc)`` takes it as it
+    is, under TransformerLens 3 or 4 (no SAE-Lens needed). Read via :mod:`importlib.resources`,
+    so it works from an installed package.
+    """
+    root = files("atp_plugin").joinpath("data").joinpath(_TRANSCODER_DIR)
+    return [_read_transcoder(root.joinpath(f"layer{layer}"), device, dtype)
+            for layer in range(int(str(MODEL_CONFIG["n_layers"])))]
+
+
+def _read_transcoder(directory: Traversable | Path, device: str = "cpu",
+                     dtype: torch.dtype = torch.float32) -> SimpleSAE:
+    """A transcoder saved by ``scripts/train_demo_transcoders.py`` (``cfg.json``, ``weights.safetensors``)."""
+    cfg = json.loads(directory.joinpath("cfg.json").read_text())
+    if cfg.get("architecture") != "topk_transcoder":
+        raise ValueError(f"{directory} holds a {cfg.get('architecture')!r}, not a top-k transcoder")
+    w = {name: t.to(device=device, dtype=dtype)
+         for name, t in load_safetensors_bytes(directory.joinpath("weights.safetensors").read_bytes()).items()}
+    if (tuple(w["W_enc"].shape) != (cfg["d_in"], cfg["d_sae"])
+            or tuple(w["W_dec"].shape) != (cfg["d_sae"], cfg["d_out"])):
+        raise ValueError(f"{directory}: weights do not match cfg.json's d_in, d_sae, d_out")
+    tc = SimpleSAE(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], TopK(int(cfg["k"])), cfg["hook_name"],
+                   hook_name_out=cfg["hook_name_out"])
+    return tc.eval()
 
 
 def _batch_loss(

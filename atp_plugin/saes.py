@@ -9,7 +9,7 @@ its ``hook_name`` (and ``hook_name_out``). That covers a user's own ``nn.Module`
 - ``TopKSAE``: reads SAE-Lens's top-k save format, so the bundled demo SAE loads under
   TransformerLens 4 (no SAE-Lens there);
 - ``SimpleSAE``: an SAE or transcoder from bare weights ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``
-  and an activation function;
+  and an activation function (``torch.relu``, ``TopK(k)``, your own);
 - ``SparsifySAE``: EleutherAI's sparsify (``pip install eai-sparsify``), whose ``encode`` returns
   the top-k activations and their indices rather than dense features; ``SAEFeatures`` and
   ``TranscoderFeatures`` wrap a sparsify ``SparseCoder`` (``Sae``) in it by themselves
@@ -24,6 +24,37 @@ from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file
+
+
+def top_k(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k activation: the ``k`` largest pre-activations of each position (last dim), ReLU'd, at
+    their own indices; every other entry 0. ``pre`` ``[..., d_sae]`` -> features ``[..., d_sae]``, the same shape.
+
+    The same as ReLU then top-k (a value the ReLU zeroes stays zero either way); differentiable in
+    the kept entries (``scatter`` of ``relu(topk(pre).values)``)."""
+    top = torch.topk(pre, k, dim=-1)
+    return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+
+
+class TopK(torch.nn.Module):
+    """The top-k activation as a module, for ``SimpleSAE(..., activation=TopK(k))``: keeps the ``k``
+    largest pre-activations of each position after ReLU and zeroes the rest (``TopKSAE``'s encoder
+    nonlinearity; see :func:`top_k`). No parameters."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"TopK takes a positive int k (active features per position), got {k!r}")
+        self.k = k
+
+    def forward(self, pre: torch.Tensor) -> torch.Tensor:
+        """Features ``[..., d_sae]`` of pre-activations ``[..., d_sae]``."""
+        if pre.shape[-1] < self.k:
+            raise ValueError(f"TopK(k={self.k}) needs at least k features per position, got {pre.shape[-1]}")
+        return top_k(pre, self.k)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}"
 
 
 class TopKSAE(torch.nn.Module):
@@ -60,9 +91,7 @@ class TopKSAE(torch.nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Features ``[..., d_sae]`` of activations ``[..., d_in]``: the k largest pre-activations, ReLU'd."""
-        pre = (x - self.b_dec) @ self.W_enc + self.b_enc  # [..., d_sae]
-        top = torch.topk(pre, self.k, dim=-1)
-        return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+        return top_k((x - self.b_dec) @ self.W_enc + self.b_enc, self.k)  # [..., d_sae]
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """The reconstruction ``[..., d_in]`` of features ``[..., d_sae]``."""

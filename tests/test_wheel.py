@@ -47,6 +47,8 @@ def test_the_wheel_carries_the_license_and_runs_the_demo_installed(tmp_path):
         (license_file,) = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
         assert z.read(license_file) == (REPO / "LICENSE").read_bytes()
         assert "atp_plugin/data/model.safetensors" in names and "atp_plugin/py.typed" in names
+        assert {f"atp_plugin/data/transcoders/layer{layer}/{name}" for layer in range(4)
+                for name in ("cfg.json", "weights.safetensors")} <= set(names)
 
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv, cwd=tmp_path)
@@ -62,6 +64,8 @@ def test_the_wheel_carries_the_license_and_runs_the_demo_installed(tmp_path):
     elsewhere.mkdir()
     where = run(python, "-c", "import atp_plugin; print(atp_plugin.__file__)", cwd=elsewhere).stdout.strip()
     assert Path(where).is_relative_to(venv), where  # the wheel's copy, not this checkout
+    run(python, "-c", "from atp_plugin.demo_task import load_demo_transcoders as load; assert len(load()) == 4",
+        cwd=elsewhere)  # the transcoders' package data, read from the installed wheel
     atp = venv / ("Scripts/atp.exe" if os.name == "nt" else "bin/atp")
     demo = run(atp, "demo", "--pairs", 4, "--top", 3, cwd=elsewhere)
     assert "exact mean |I|" in demo.stdout and (elsewhere / "atp_demo_heads.png").is_file()
