@@ -18,6 +18,7 @@ Models, SAEs and transcoders have random float64 weights (no downloads).
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable
 
@@ -55,8 +56,8 @@ def sparsify_coder(transcoder: bool = False, *, activation: str = "topk", skip: 
     torch.manual_seed(seed)
     coder = sparsify.Sae(D, make(num_latents=D_SAE, k=K, activation=activation, skip_connection=skip),
                          dtype=torch.float64)
-    with torch.no_grad():
-        coder.encoder.weight.mul_(3.0)
+    with torch.no_grad():  # every weight drawn here, so that the coder does not change with sparsify's own init
+        coder.encoder.weight.copy_(torch.randn(D_SAE, D, dtype=torch.float64) * 3.0 / math.sqrt(3 * D))
         coder.encoder.bias.normal_(0, 0.3)
         coder.b_dec.normal_(0, 0.3)
         coder.W_dec.copy_(torch.randn(D_SAE, D, dtype=torch.float64) * 0.3)
