@@ -42,10 +42,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from .errors import MissingDependencyError
-from .saes import SimpleSAE, TopK, TopKSAE
+from .saes import SimpleSAE, TopKSAE, load_topk_transcoder
 
 if TYPE_CHECKING:
-    from importlib.abc import Traversable  # importlib.resources.abc from Python 3.11
 
     import transformers
     from sae_lens import SAE
@@ -396,24 +395,8 @@ def load_demo_transcoders(device: str = "cpu", dtype: torch.dtype = torch.float3
     so it works from an installed package.
     """
     root = files("atp_plugin").joinpath("data").joinpath(_TRANSCODER_DIR)
-    return [_read_transcoder(root.joinpath(f"layer{layer}"), device, dtype)
+    return [load_topk_transcoder(root.joinpath(f"layer{layer}"), device, dtype)
             for layer in range(int(str(MODEL_CONFIG["n_layers"])))]
-
-
-def _read_transcoder(directory: Traversable | Path, device: str = "cpu",
-                     dtype: torch.dtype = torch.float32) -> SimpleSAE:
-    """A transcoder saved by ``scripts/train_demo_transcoders.py`` (``cfg.json``, ``weights.safetensors``)."""
-    cfg = json.loads(directory.joinpath("cfg.json").read_text())
-    if cfg.get("architecture") != "topk_transcoder":
-        raise ValueError(f"{directory} holds a {cfg.get('architecture')!r}, not a top-k transcoder")
-    w = {name: t.to(device=device, dtype=dtype)
-         for name, t in load_safetensors_bytes(directory.joinpath("weights.safetensors").read_bytes()).items()}
-    if (tuple(w["W_enc"].shape) != (cfg["d_in"], cfg["d_sae"])
-            or tuple(w["W_dec"].shape) != (cfg["d_sae"], cfg["d_out"])):
-        raise ValueError(f"{directory}: weights do not match cfg.json's d_in, d_sae, d_out")
-    tc = SimpleSAE(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], TopK(int(cfg["k"])), cfg["hook_name"],
-                   hook_name_out=cfg["hook_name_out"])
-    return tc.eval()
 
 
 def _batch_loss(

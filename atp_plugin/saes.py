@@ -20,10 +20,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
+
+if TYPE_CHECKING:
+    from importlib.abc import Traversable  # importlib.resources.abc from Python 3.11
 
 
 def top_k(pre: torch.Tensor, k: int) -> torch.Tensor:
@@ -198,6 +202,40 @@ class SparsifySAE(torch.nn.Module):
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """The output ``[..., d_out]`` of dense features ``[..., num_latents]``."""
         return f.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+
+
+def load_topk_transcoder(directory: Traversable | str | Path, device: str = "cpu",
+                         dtype: torch.dtype = torch.float32) -> SimpleSAE:
+    """A top-k transcoder saved as the bundled demo transcoders are (``cfg.json`` with architecture
+    ``"topk_transcoder"``, ``d_in``, ``d_sae``, ``d_out``, ``k``, ``hook_name``, ``hook_name_out``;
+    ``weights.safetensors`` with ``W_enc`` ``[d_in, d_sae]``, ``b_enc``, ``W_dec`` ``[d_sae, d_out]``,
+    ``b_dec``), as a ``SimpleSAE`` with ``activation=TopK(k)``, in eval mode."""
+    directory = Path(directory) if isinstance(directory, str) else directory
+    cfg = json.loads(directory.joinpath("cfg.json").read_text())
+    if cfg.get("architecture") != "topk_transcoder":
+        raise ValueError(f"{directory} holds a {cfg.get('architecture')!r}, not a top-k transcoder")
+    w = {name: t.to(device=device, dtype=dtype)
+         for name, t in load_safetensors(directory.joinpath("weights.safetensors").read_bytes()).items()}
+    if tuple(w["W_enc"].shape) != (cfg["d_in"], cfg["d_sae"]) or \
+            tuple(w["W_dec"].shape) != (cfg["d_sae"], cfg["d_out"]):
+        raise ValueError(f"{directory}: weights do not match cfg.json's d_in, d_sae, d_out")
+    tc = SimpleSAE(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], TopK(int(cfg["k"])), cfg["hook_name"],
+                   hook_name_out=cfg["hook_name_out"])
+    return tc.eval()
+
+
+def load_dictionary(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
+    """An SAE or transcoder saved in directory ``path``: the bundled demo transcoders' format
+    (``load_topk_transcoder``); SAE-Lens's format, read by SAE-Lens where it is installed; a plain
+    top-k SAE in SAE-Lens's format (``TopKSAE.load``) where it is not."""
+    cfg = json.loads((Path(path) / "cfg.json").read_text())
+    if cfg.get("architecture") == "topk_transcoder":
+        return load_topk_transcoder(path, device, dtype)
+    try:
+        from sae_lens import SAE
+    except ImportError:
+        return TopKSAE.load(path, dtype, device)
+    return SAE.load_from_disk(str(path), device=device, dtype=str(dtype).removeprefix("torch.")).eval()
 
 
 def _is_sparsify(obj: Any) -> bool:

@@ -46,8 +46,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # train this checkout's code, installed or not
 
 from atp_plugin import metrics  # noqa: E402
-from atp_plugin.demo_task import PROMPT_LENGTH, _read_transcoder, ioi_pairs, load_demo_model  # noqa: E402
-from atp_plugin.saes import SimpleSAE, TopK  # noqa: E402
+from atp_plugin.demo_task import PROMPT_LENGTH, ioi_pairs, load_demo_model  # noqa: E402
+from atp_plugin.saes import SimpleSAE, TopK, load_topk_transcoder  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "atp_plugin" / "data" / "transcoders"
 HOOK_IN, HOOK_OUT = "blocks.{}.ln2.hook_normalized", "blocks.{}.hook_mlp_out"
@@ -239,7 +239,7 @@ def main() -> None:
           f"saved to {args.out}")
 
     # everything below reads the saved files back, as atp_plugin.demo_task.load_demo_transcoders does
-    transcoders = [_read_transcoder(args.out / f"layer{layer}") for layer in layers]
+    transcoders = [load_topk_transcoder(args.out / f"layer{layer}") for layer in layers]
     test_acts = activations(model, layers, 2000, 1234, "test")
     for layer, tc in enumerate(transcoders):
         scores = reconstruction(tc, *test_acts[layer])

@@ -37,6 +37,7 @@ from ..report import write_circuit_report
 from .usage import UsageError, check_at_least, check_output, demo_task
 
 DEMO_SVG, DEMO_REPORT = "atp_demo_circuit.svg", "atp_demo_circuit.html"
+FEATURES_SVG, FEATURES_REPORT = "atp_demo_features.svg", "atp_demo_features.html"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +64,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-csv", metavar="PATH", help="write every edge's score (and whether it is kept) as CSV")
     parser.add_argument("--out-json", metavar="PATH",
                         help="write the circuit, its faithfulness and the settings as JSON")
+    parser.add_argument("--sae", action="append", default=[], metavar="DIR",
+                        help="an SAE saved in SAE-Lens's format (cfg.json with metadata.hook_name, weights) on a "
+                             "blocks.L.hook_mlp_out or hook_attn_out: its features become edge nodes (repeatable)")
+    parser.add_argument("--transcoder", action="append", default=[], metavar="DIR",
+                        help="a transcoder into blocks.L.hook_mlp_out (SAE-Lens's format, or the format of the "
+                             "bundled demo transcoders): its features become edge nodes (repeatable)")
+    parser.add_argument("--features", action="store_true",
+                        help="with --model demo: the bundled transcoders of the demo model's four MLPs")
+    parser.add_argument("--keep", type=int, default=20,
+                        help="features kept per SAE/transcoder, the top by node AtP (default 20)")
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per forward/backward pass (default 16)")
     parser.add_argument("--seed", type=int, default=0, help="which held-out IOI pairs with --model demo (default 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -70,7 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_at_least(1, n_pairs=args.n_pairs, ig_steps=args.ig_steps, batch_size=args.batch_size)
-    check_at_least(0, verify=args.verify, size=args.size)
+    check_at_least(0, verify=args.verify, size=args.size, keep=args.keep)
+    if args.features and args.model != "demo":
+        raise UsageError("--features names the bundled demo transcoders; with another model give --sae / --transcoder")
+    for option, paths in (("--sae", args.sae), ("--transcoder", args.transcoder)):
+        for path in paths:
+            if not Path(path, "cfg.json").is_file():
+                raise UsageError(f"{option} {path}: not a directory holding a saved SAE (cfg.json and its weights)")
     if args.threshold is not None and not math.isfinite(args.threshold):
         raise UsageError(f"--threshold must be a finite number (an edge score), got {args.threshold}")
     if args.method not in plugins.edge_methods():
@@ -80,15 +97,42 @@ def run(args: argparse.Namespace) -> int:
                          ("--out-json", args.out_json)):
         check_output(option, path)
     model, clean, corrupt, metric, label = _task(args)
+    features = dictionaries(args, model)
     start = time.perf_counter()
     result = attribute_edges(model, clean, corrupt, metric, method=args.method, ig_steps=args.ig_steps,
                              per_position=args.per_position, batch_size=args.batch_size,
-                             progress=False if args.quiet else None)
+                             progress=False if args.quiet else None, features=features, keep=args.keep)
     scored = time.perf_counter() - start
     circuit = (threshold_circuit(result, args.threshold) if args.threshold is not None
                else top_circuit(result, args.size))
-    report(result, circuit, label, scored, args)
+    report(result, circuit, label, scored, args, notes=_notes(result, model, clean) if features else None)
     return 0
+
+
+def dictionaries(args: argparse.Namespace, model: Any) -> list[Any]:
+    """The SAE / transcoder adapters ``--sae``, ``--transcoder`` and ``--features`` ask for."""
+    if not (args.features or args.sae or args.transcoder):
+        return []
+    from ..adapters import SAEFeatures, TranscoderFeatures
+    from ..saes import load_dictionary
+    out: list[Any] = []
+    if args.features:
+        from ..demo_task import load_demo_transcoders
+        out += [TranscoderFeatures(tc) for tc in load_demo_transcoders(dtype=_dtype(model))]
+    for paths, wrap in ((args.sae, SAEFeatures), (args.transcoder, TranscoderFeatures)):
+        out += [wrap(load_dictionary(path, dtype=_dtype(model))) for path in paths]
+    return out
+
+
+def _dtype(model: Any) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _notes(result, model: Any, clean) -> dict[str, str]:
+    """Each kept feature's most activating tokens among the clean prompts, for the picture."""
+    from ..edges import activating_tokens
+    tokens = clean if isinstance(clean, torch.Tensor) else model.to_tokens(list(clean))
+    return activating_tokens(result, tokens, lambda i: model.tokenizer.decode([i]))
 
 
 def _task(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, str]:
@@ -106,8 +150,10 @@ def _task(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, str]:
             f"{label}, {len(pairs)} pair(s)")
 
 
-def report(result, circuit: Circuit, label: str, scored: float, args: argparse.Namespace) -> None:
-    """Print the circuit, its faithfulness (and curve), and write the files asked for."""
+def report(result, circuit: Circuit, label: str, scored: float, args: argparse.Namespace,
+           notes: dict[str, str] | None = None) -> None:
+    """Print the circuit, its faithfulness (and curve), and write the files asked for (``notes``:
+    text under nodes of the picture)."""
     f = faithfulness_of(result, [circuit])[0]
     kept = circuit.keep.reshape(-1).nonzero().flatten()  # rows of to_frame(): edge-major, then position
     frame = result.to_frame().iloc[kept.numpy()].sort_values("score", ascending=False, kind="stable")
@@ -141,12 +187,13 @@ def report(result, circuit: Circuit, label: str, scored: float, args: argparse.N
             index=False, float_format=lambda v: f"{v:.4f}"))
         out["verified"] = checked[["edge", "estimate", "effect", "mean_abs_effect"]].to_dict(orient="records")
     if args.svg:
-        write_circuit_svg(circuit, result.scores, args.svg, f"{label}: {circuit.n_edges} edges, faithfulness {f:.3f}")
+        write_circuit_svg(circuit, result.scores, args.svg, f"{label}: {circuit.n_edges} edges, faithfulness {f:.3f}",
+                          notes)
         print(f"wrote {args.svg}")
     if args.report:
         write_circuit_report(result, circuit, args.report, curve=curve, verified=checked, faithfulness=f,
                              model_label=label, metric_label="logit(answer) - logit(wrong) at the last token",
-                             circuit_label=f"{how}, dangling edges pruned")
+                             circuit_label=f"{how}, dangling edges pruned", notes=notes)
         print(f"wrote {args.report}")
     if args.out_csv:
         table = result.to_frame()
@@ -180,5 +227,29 @@ def demo(args: argparse.Namespace) -> int:
                                   out_csv=None, out_json=None)
     report(result, top_circuit(result, settings.size), f"bundled IOI demo model, {args.pairs} held-out pairs",
            scored, settings)
+    return 0
+
+
+def demo_features(args: argparse.Namespace) -> int:
+    """``atp demo --features``: the IOI feature circuit of the bundled model with its four bundled
+    transcoders (20 features kept per MLP by node AtP), EAP, the top 200 edges pruned, its
+    faithfulness and curve, what the kept features left out, the top 10 edges verified, its picture
+    (features labelled with the demo tokens they fire on most) and report."""
+    model, task, metric = demo_task(args.pairs, args.seed)
+    from ..adapters import TranscoderFeatures
+    from ..demo_task import load_demo_transcoders
+    from ..edges import left_out
+    features = [TranscoderFeatures(tc) for tc in load_demo_transcoders()]
+    start = time.perf_counter()
+    result = attribute_edges(model, task.clean, task.corrupt, metric, method="atp", features=features, keep=20)
+    scored = time.perf_counter() - start
+    settings = argparse.Namespace(size=200, threshold=None, curve=True, verify=10, svg=FEATURES_SVG,
+                                  report=FEATURES_REPORT, out_csv=None, out_json=None)
+    label = f"bundled IOI demo model and its 4 transcoders (20 features kept each), {args.pairs} held-out pairs"
+    report(result, top_circuit(result, settings.size), label, scored, settings,
+           notes=_notes(result, model, task.clean))
+    print("left out of the graph (every feature not kept, patched for every reader; fraction of L(corrupt) - "
+          "L(clean)):")
+    print(left_out(result).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return 0
 

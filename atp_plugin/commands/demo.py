@@ -30,12 +30,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out pair sample (default 0)")
     parser.add_argument("--sae", action="store_true",
                         help="rank the bundled SAE's features on blocks.2.hook_resid_pre instead of heads and neurons")
+    parser.add_argument("--features", action="store_true",
+                        help="find the IOI feature circuit instead: edges between the features of the bundled "
+                             "transcoders of the four MLPs, heads and the logits (atp_demo_features.svg/.html)")
     parser.add_argument("--circuit", action="store_true",
                         help="find the IOI circuit instead (edge scores, top 40 edges, faithfulness, "
                              "atp_demo_circuit.svg)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.features:
+        from .circuit import demo_features
+        check_at_least(1, pairs=args.pairs)
+        return demo_features(args)
     if args.circuit:
         from .circuit import demo
         check_at_least(1, pairs=args.pairs)

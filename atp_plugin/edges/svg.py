@@ -110,8 +110,9 @@ def circuit_svg(circuit: Circuit, weights: torch.Tensor, title: str = "", notes:
     width = max(2 * SIDE + 2 * radius + (radius * 2 + GAP * radius) * max(n_cols - 1, 0),
                 math.ceil(TITLE_EM * 12 * len(title)) + 2 * SIDE)
     col = (width - 2 * SIDE - 2 * radius) / max(n_cols - 1, 1)
-    height = 2 * MARGIN + ROW * (n_rows - 1) + (24 if title else 0)
-    y = lambda row: height - MARGIN - ROW * row  # noqa: E731 - one line of geometry
+    step = ROW + (2 * FONT if notes else 0)  # room under each row for the notes
+    height = 2 * MARGIN + step * (n_rows - 1) + (24 if title else 0)
+    y = lambda row: height - MARGIN - step * row  # noqa: E731 - one line of geometry
     x = lambda c: SIDE + radius + col * c if n_cols > 1 else width / 2  # noqa: E731
     at: dict[str, tuple[float, float]] = {"embed": (x((n_cols - 1) / 2), y(0)),
                                           "logits": (x((n_cols - 1) / 2), y(n_rows - 1))}
