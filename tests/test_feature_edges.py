@@ -25,6 +25,7 @@ import feature_reference as ref
 from atp_plugin import attribute
 from atp_plugin.adapters import SAEFeatures, TranscoderFeatures
 from atp_plugin.edges import Circuit, attribute_edges, evaluate_edges, faithfulness_of, left_out
+from atp_plugin.edges.features import _GATED
 from atp_plugin.errors import UnsupportedModelError
 from atp_plugin.saes import SimpleSAE
 from conftest import logit_diff_metric, make_model, make_pairs
@@ -85,10 +86,13 @@ def compare(result, want: dict[str, tuple[float, float]], exact: bool) -> None:
 
 @pytest.mark.parametrize("kind", ["simple", "sae_lens"])
 def test_atp_and_exact_equal_naive_feature_edges(kind: str) -> None:
+    """EAP twice: the first run finds each MLP dictionary's encoder linear where active (its reads'
+    shortcut, checked against the full backward on that batch), the second runs the shortcut."""
     model, adapters, dicts, keep, clean, corrupt, metric = setup(kind)
-    for method, exact in (("atp", False), ("ap", True)):
+    for method, exact in (("atp", False), ("atp", False), ("ap", True)):
         result = attribute_edges(model, clean, corrupt, metric, method=method, features=adapters, keep=keep)
         compare(result, ref.effects(model, clean, corrupt, metric, dicts, first_order=not exact), exact)
+    assert all(_GATED[a.sae] for a in adapters[1:])  # the shortcut ran on the second EAP
 
 
 def test_qk_fix_on_feature_edges_equals_the_models_own_pattern_change() -> None:

@@ -27,6 +27,7 @@ SAE-Lens's standard, top-k and JumpReLU SAEs and transcoders without input norma
 from __future__ import annotations
 
 import numbers
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -128,6 +129,10 @@ def kept_of(graph: Any) -> dict[str, list[int]]:
     return {w.where.adapter.name: w.kept.tolist() for w in graph.writers if isinstance(w, Dictionary)}
 
 
+#: SAE -> whether its encoder is linear where active (``Dictionary._gated``), found on its first batch
+_GATED: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
 class Dictionary:
     """One dictionary's nodes as a writer group and, at an MLP, a reader group: its kept features
     (in ``kept`` order), then its error node, then the rest (see the module's docstring)."""
@@ -153,6 +158,11 @@ class Dictionary:
                                    for j, (n, k, i) in enumerate(zip(names, kinds, index)))
             self.mlp = MLPReads((), parts, where.layer, attention)
         self.keys = tuple(f"{where.hook}#{part}" for part in ("features", "error", "rest"))
+        # whether the encoder is linear where active (df_i/du = W_enc[:, i] where f_i != 0): None until a
+        # batch has compared that shortcut with the full backward; False where the SAE has no W_enc
+        w_enc = getattr(where.adapter.sae, "W_enc", None)
+        fits = isinstance(w_enc, torch.Tensor) and w_enc.ndim == 2 and int(w_enc.shape[1]) == d_sae
+        self._gated: bool | None = _GATED.get(where.adapter.sae) if fits else False
 
     @property
     def n_kept(self) -> int:
@@ -241,21 +251,43 @@ class Dictionary:
 
     def reads(self, values: Values, grads: Values, dtype: torch.dtype) -> torch.Tensor:
         """Feature i: dL/df_i times the gradient of f_i(u(x)); the rest: the other features'; the
-        error: the MLP's read less every feature's. One forward of the MLP and encoder, and one
-        backward per kept feature plus one, batched."""
+        error: the MLP's read less every feature's. One forward of the MLP and encoder, one backward
+        through the encoder for all features, and one backward from the encoded input ``u`` per kept
+        feature plus one, batched. Where the encoder is linear where active (``_gated``: ReLU,
+        top-k, JumpReLU on u W_enc + b), feature i's gradient in u is W_enc[:, i] where f_i is on;
+        otherwise one backward through the encoder per kept feature."""
         assert self.mlp is not None
         adapter, k = self.where.adapter, self.n_kept
         x = values[self.mlp.site]
         g_f = grads[self.where.hook] @ adapter.sae.W_dec.T.to(grads[self.where.hook].dtype)  # dL/df [batch, pos, d_sae]
-        cot = torch.zeros((k + 1,) + g_f.shape, dtype=g_f.dtype, device=g_f.device)  # [kept + 1, batch, pos, d_sae]
         kept = self.kept.to(g_f.device)
-        cot[torch.arange(k, device=g_f.device), ..., kept] = g_f[..., kept].permute(2, 0, 1)
-        cot[k] = g_f
         with torch.enable_grad(), adapter._disabled():
             xs = x.detach().requires_grad_(True)
-            f = adapter.sae.encode(self.parts.mlp_sites(self.where.layer, xs)[self.where.hook_in])
+            sites = self.parts.mlp_sites(self.where.layer, xs, output=self.where.hook_in == self.where.hook)
+            u = sites[self.where.hook_in]  # [batch, pos, d_in]
+            f = adapter.sae.encode(u)
+            if self._gated is not False:
+                (whole,) = torch.autograd.grad(f, u, g_f.to(f.dtype), retain_graph=True)  # [batch, pos, d_in]
+                on = (g_f[..., kept] * (f[..., kept] != 0)).permute(2, 0, 1)[..., None]  # [kept, batch, pos, 1]
+                w_enc = adapter.sae.W_enc[:, kept].T.to(on.dtype)  # [kept, d_in]
+                cot = torch.cat([on * w_enc[:, None, None], whole[None]])  # [kept + 1, batch, pos, d_in]
+                (fast,) = torch.autograd.grad(u, xs, cot.to(u.dtype), is_grads_batched=True, retain_graph=True)
+                if self._gated:
+                    return self._assemble(fast.to(dtype), values, grads, dtype)
+            cot = torch.zeros((k + 1,) + g_f.shape, dtype=g_f.dtype, device=g_f.device)  # [kept + 1, batch, pos, d_sae]
+            cot[torch.arange(k, device=g_f.device), ..., kept] = g_f[..., kept].permute(2, 0, 1)
+            cot[k] = g_f
             (dx,) = torch.autograd.grad(f, xs, cot.to(f.dtype), is_grads_batched=True)  # [kept + 1, batch, pos, d]
-        dx = dx.to(dtype)
+        if self._gated is None:  # the first batch decides: the shortcut where it gives the full backward's reads
+            tol = 100 * rounding(self.parts.host.dtype) * max(float(dx.abs().max()), 1e-30)
+            self._gated = _GATED[self.where.adapter.sae] = float((fast - dx).abs().max()) <= tol
+        return self._assemble(dx.to(dtype), values, grads, dtype)
+
+    def _assemble(self, dx: torch.Tensor, values: Values, grads: Values, dtype: torch.dtype) -> torch.Tensor:
+        """The reads ``[batch, pos, kept + 2, d]`` from the kept features' and all features' gradients
+        ``dx`` ``[kept + 1, batch, pos, d]``."""
+        assert self.mlp is not None
+        k = self.n_kept
         error = self.mlp.input_grad(values, grads, dtype) - dx[k]
         rest = dx[k] - dx[:k].sum(0)
         return torch.cat([dx[:k].permute(1, 2, 0, 3), error[:, :, None], rest[:, :, None]], dim=2)

@@ -111,21 +111,23 @@ class Structure:
         return (h.resid_pre if self.parallel else h.resid_mid, f"blocks.{layer}.hook_mlp_in",
                 f"blocks.{layer}.ln2.hook_normalized", h.mlp_out)
 
-    def mlp_sites(self, layer: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def mlp_sites(self, layer: int, x: torch.Tensor, output: bool = True) -> dict[str, torch.Tensor]:
         """The values of ``mlp_hooks`` for the residual ``x`` ``[batch, pos, d_model]`` the MLP reads
-        (ln2's normalised input as its ``hook_normalized`` module sees it in this forward)."""
+        (ln2's normalised input as its ``hook_normalized`` module sees it in this forward); without
+        ``output``, all but the MLP's output (the MLP is not run)."""
         block = self.block(layer)
         point = getattr(block.ln2, "hook_normalized", None)
         seen: list[torch.Tensor] = []
         handle = point.register_forward_hook(lambda m, i, out: seen.append(out)) \
             if isinstance(point, torch.nn.Module) else None
         try:
-            out = block.mlp(block.ln2(x))
+            normed = block.ln2(x)
         finally:
             if handle is not None:
                 handle.remove()
         resid, copy, normalized, mlp_out = self.mlp_hooks(layer)
-        return {resid: x, copy: x, mlp_out: out} | ({normalized: seen[0]} if seen else {})
+        return ({resid: x, copy: x} | ({normalized: seen[0]} if seen else {})
+                | ({mlp_out: block.mlp(normed)} if output else {}))
 
     def weights(self, layer: int, which: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W, b)`` of the layer's ``"q"``, ``"k"`` or ``"v"`` projection: ``[heads, d_model, d_head]``,
