@@ -30,12 +30,30 @@ def simple(seed: int, hook_in: str, hook: str) -> SimpleSAE:
                      hook_name_out=None if hook_in == hook else hook)
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def sparsify_transcoder(seed: int, hook_in: str, hook: str):
+    """A random float64 sparsify transcoder (top-k, 16 latents, 4 active; no W_enc of ours: the
+    reads take the full backward through its encoder)."""
+    sparsify = pytest.importorskip("sparsify", reason="needs eai-sparsify (pip install eai-sparsify)")
+    torch.manual_seed(seed)
+    coder = sparsify.Sae(32, sparsify.TranscoderConfig(num_latents=D_SAE, k=4), dtype=torch.float64)
+    with torch.no_grad():
+        coder.encoder.weight.copy_(torch.randn(D_SAE, 32, dtype=torch.float64) / 3)
+        coder.encoder.bias.normal_(0, 0.3)
+        coder.b_dec.normal_(0, 0.1)
+        coder.W_dec.copy_(torch.randn(D_SAE, 32, dtype=torch.float64) / 4)
+    return coder.eval()
+
+
+@pytest.fixture(scope="module", params=["simple", "sparsify"])
+def setup(request, tmp_path_factory):
+    """The dictionaries, with layer 0's transcoder a ``SimpleSAE`` or a sparsify transcoder."""
     model = load_bridge(save_gpt2(tmp_path_factory.mktemp("gpt2")))
-    saes = [simple(i, hook_in, hook) for i, (_, _, hook_in, hook, _) in enumerate(PLACES)]
-    adapters = [TranscoderFeatures(s) if hook_in != hook else SAEFeatures(s)
-                for s, (_, _, hook_in, hook, _) in zip(saes, PLACES)]
+    coders = [simple(i, hook_in, hook) for i, (_, _, hook_in, hook, _) in enumerate(PLACES)]
+    if request.param == "sparsify":
+        coders[1] = sparsify_transcoder(1, *PLACES[1][2:4])
+    adapters = [TranscoderFeatures(s, hook_in=hook_in, hook_out=hook) if hook_in != hook else SAEFeatures(s)
+                for s, (_, _, hook_in, hook, _) in zip(coders, PLACES)]
+    saes = [a.sae for a in adapters]  # sparsify's coder wrapped: dense encode, decode and W_dec
     g = torch.Generator().manual_seed(4)
     clean = torch.randint(2, D_VOCAB, (N, T), generator=g)
     corrupt = clean.clone()

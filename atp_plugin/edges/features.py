@@ -277,7 +277,12 @@ class Dictionary:
             cot = torch.zeros((k + 1,) + g_f.shape, dtype=g_f.dtype, device=g_f.device)  # [kept + 1, batch, pos, d_sae]
             cot[torch.arange(k, device=g_f.device), ..., kept] = g_f[..., kept].permute(2, 0, 1)
             cot[k] = g_f
-            (dx,) = torch.autograd.grad(f, xs, cot.to(f.dtype), is_grads_batched=True)  # [kept + 1, batch, pos, d]
+            # one copy of the residual per cotangent, one backward (not vmap: an encoder may hold ops it refuses)
+            copies = x.detach()[None].expand((k + 1,) + x.shape).clone().requires_grad_(True)  # [kept + 1, b, pos, d]
+            sites = self.parts.mlp_sites(self.where.layer, copies.flatten(0, 1),
+                                         output=self.where.hook_in == self.where.hook)
+            f_copies = adapter.sae.encode(sites[self.where.hook_in])  # [(kept + 1) batch, pos, d_sae]
+            (dx,) = torch.autograd.grad(f_copies, copies, cot.flatten(0, 1).to(f_copies.dtype))
         if self._gated is None:  # the first batch decides: the shortcut where it gives the full backward's reads
             tol = 100 * rounding(self.parts.host.dtype) * max(float(dx.abs().max()), 1e-30)
             self._gated = _GATED[self.where.adapter.sae] = float((fast - dx).abs().max()) <= tol
