@@ -13,7 +13,10 @@ f_j W_dec[j]. Patching edge u -> v adds u's change of write d to the residual v 
 * a dictionary node at an MLP: the MLP's input residual x (``hook_mlp_in``) becomes x + d for it
   alone: its value is recomputed from ``ln2`` and ``mlp`` of x + d (the model's own modules; the
   transcoder's input, ln2's normalised input, by LayerNorm's formula), and ``hook_mlp_out`` gets
-  the change of its write (every other node of the dictionary as it is).
+  the change of its write (every other node of the dictionary as it is);
+* a node of an SAE on the residual stream (``hook_resid_pre``/``post``): recomputed from x + d at
+  that hook, which gets the change of its write. Such an SAE is a bottleneck: no edge runs from a
+  sender before it to a receiver after it.
 
 ``first_order`` is the derivative of that patched metric in the size of d at 0 (autograd), what
 EAP estimates; ``exact`` the patched metric's change.
@@ -30,7 +33,7 @@ from edge_reference import split_model
 
 @dataclass
 class Dict:
-    place: str  # "attn" | "mlp"
+    place: str  # "attn" | "mlp" | "resid"
     layer: int
     sae: object
     hook_in: str
@@ -39,7 +42,14 @@ class Dict:
 
     @property
     def prefix(self) -> str:
-        return f"{self.place}{self.layer}"
+        return self.hook.split(".")[-1][5:] + str(self.layer) if self.place == "resid" else f"{self.place}{self.layer}"
+
+    @property
+    def stage(self) -> float:
+        """Heads of layer l write at 2l + 1, its MLP at 2l + 2; a residual SAE in between."""
+        if self.place == "resid":
+            return 2 * self.layer + (0.5 if self.hook.endswith("resid_pre") else 2.5)
+        return 2 * self.layer + (1 if self.place == "attn" else 2)
 
     def nodes(self, u: torch.Tensor, a: torch.Tensor) -> dict[str, torch.Tensor]:
         """Node name -> its write ``[batch, pos, d_model]``."""
@@ -61,31 +71,37 @@ def _normalized(model, layer: int, x: torch.Tensor) -> torch.Tensor:
     return x / (x.pow(2).mean(-1, keepdim=True) + model.blocks[layer].ln2.eps).sqrt()
 
 
-def senders(model, dicts: list[Dict]) -> list[tuple[str, int]]:
+def senders(model, dicts: list[Dict]) -> list[tuple[str, float]]:
     """(name, stage) of every sender in stage order."""
-    at = {(d.place, d.layer): d for d in dicts}
-    out = [("embed", 0)]
+    at = {(d.place, d.layer): d for d in dicts if d.place != "resid"}
+    out: list[tuple[str, float]] = [("embed", 0)]
     for layer in range(model.cfg.n_layers):
         d = at.get(("attn", layer))
         out += [(n, 2 * layer + 1) for n in d.names()] if d else \
             [(f"L{layer}.H{h}", 2 * layer + 1) for h in range(model.cfg.n_heads)]
         d = at.get(("mlp", layer))
         out += [(n, 2 * layer + 2) for n in d.names()] if d else [(f"mlp{layer}", 2 * layer + 2)]
-    return out
+    out += [(n, d.stage) for d in dicts if d.place == "resid" for n in d.names()]
+    return sorted(out, key=lambda x: x[1])
 
 
-def receivers(model, dicts: list[Dict]) -> list[tuple[str, int]]:
-    at = {(d.place, d.layer): d for d in dicts}
-    out = []
+def receivers(model, dicts: list[Dict]) -> list[tuple[str, float]]:
+    at = {(d.place, d.layer): d for d in dicts if d.place != "resid"}
+    out: list[tuple[str, float]] = []
     for layer in range(model.cfg.n_layers):
         out += [(f"L{layer}.H{h}.{w}", 2 * layer + 1) for w in "qkv" for h in range(model.cfg.n_heads)]
         d = at.get(("mlp", layer))
         out += [(n, 2 * layer + 2) for n in d.names()] if d else [(f"mlp{layer}", 2 * layer + 2)]
-    return out + [("logits", 2 * model.cfg.n_layers + 1)]
+    out += [(n, d.stage) for d in dicts if d.place == "resid" for n in d.names()]
+    return sorted(out + [("logits", 2 * model.cfg.n_layers + 1)], key=lambda x: x[1])
 
 
 def edges(model, dicts: list[Dict]) -> list[tuple[str, str]]:
-    return [(s, r) for r, rs in receivers(model, dicts) for s, ss in senders(model, dicts) if ss < rs]
+    """Sender before receiver, and no residual-stream SAE between them: it is a bottleneck (what
+    was written before it reaches what reads after it only through its nodes)."""
+    cuts = [d.stage for d in dicts if d.place == "resid"]
+    return [(s, r) for r, rs in receivers(model, dicts) for s, ss in senders(model, dicts)
+            if ss < rs and not any(ss < c < rs for c in cuts)]
 
 
 def writes(ref, model, tokens: torch.Tensor, dicts: list[Dict]) -> dict[str, torch.Tensor]:
@@ -93,14 +109,12 @@ def writes(ref, model, tokens: torch.Tensor, dicts: list[Dict]) -> dict[str, tor
     with torch.no_grad():
         _, cache = ref.run_with_cache(tokens)
     out = {"embed": cache["hook_embed"] + cache["hook_pos_embed"]}
-    at = {(d.place, d.layer): d for d in dicts}
     for layer in range(model.cfg.n_layers):
         for h in range(model.cfg.n_heads):
             out[f"L{layer}.H{h}"] = cache[f"blocks.{layer}.attn.hook_result"][:, :, h]
         out[f"mlp{layer}"] = cache[f"blocks.{layer}.hook_mlp_out"]
-        for place in ("attn", "mlp"):
-            d = at.get((place, layer))
-            if d:
+        for place in ("attn", "mlp", "resid"):
+            for d in (x for x in dicts if (x.place, x.layer) == (place, layer)):
                 with torch.no_grad():
                     out.update(d.nodes(cache[d.hook_in], cache[d.hook]))
     return out
@@ -122,6 +136,11 @@ def patched_metric(ref, model, tokens: torch.Tensor, dicts: list[Dict], receiver
             x[:, :, h] = x[:, :, h] + d
             return x
         hooks.append((f"blocks.{layer}.hook_{which}_input", add))
+    elif receiver.startswith("mlp") and "." not in receiver:  # an MLP without a dictionary: its input residual
+        hooks.append((f"blocks.{receiver[3:]}.hook_mlp_in", lambda x, hook: x + d))
+    elif receiver.startswith("resid"):  # a residual-stream SAE's node: recomputed at x + d, its write's change added
+        dic = next(x for x in dicts if receiver in x.names())
+        hooks.append((dic.hook, lambda x, hook: x + dic.nodes(x + d, x + d)[receiver] - dic.nodes(x, x)[receiver]))
     else:
         dic = next(x for x in dicts if receiver in x.names())
         layer, seen = dic.layer, {}

@@ -211,8 +211,11 @@ def test_verify_feature_edges() -> None:
 
 def test_bad_features_are_clear_errors() -> None:
     model, adapters, dicts, keep, clean, corrupt, metric = setup("simple")
-    with pytest.raises(UnsupportedModelError, match="bottleneck"):
-        attribute_edges(model, clean, corrupt, metric, features=[SAEFeatures(simple(4, "blocks.1.hook_resid_pre"))])
+    with pytest.raises(UnsupportedModelError, match="cannot be an edge node"):  # the embedding's own hook
+        attribute_edges(model, clean, corrupt, metric, features=[SAEFeatures(simple(4, "blocks.0.hook_resid_pre"))])
+    with pytest.raises(ValueError, match="one point of the residual stream"):
+        same = [SAEFeatures(simple(4, "blocks.0.hook_resid_post")), SAEFeatures(simple(5, "blocks.1.hook_resid_pre"))]
+        attribute_edges(model, clean, corrupt, metric, features=same, keep=1)
     with pytest.raises(ValueError, match="two dictionaries on one component"):
         twice = [adapters[1], SAEFeatures(simple(5, "blocks.0.hook_mlp_out"), name="other")]
         attribute_edges(model, clean, corrupt, metric, features=twice, keep=1)
@@ -263,3 +266,37 @@ def test_auto_batch_size_is_refused_with_features() -> None:
     model, adapters, dicts, keep, clean, corrupt, metric = setup("simple")
     with pytest.raises(ValueError, match="batch_size='auto'"):
         attribute_edges(model, clean, corrupt, metric, features=adapters, keep=keep, batch_size="auto")
+
+
+@pytest.mark.parametrize("hook", ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"])
+def test_an_sae_on_the_residual_stream_is_a_bottleneck(hook: str) -> None:
+    """An SAE between the layers (or before the logits) with a transcoder on layer 1's MLP: no edge
+    crosses it but through its nodes; EAP and exact patching of every edge equal the naive
+    references, a feature's node AtP is the sum of its outgoing edges, and the graph is complete."""
+    model, _, _, _, clean, corrupt, metric = setup("simple")
+    sae, tc = simple(21, hook), simple(3, "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out")
+    adapters = [SAEFeatures(sae), TranscoderFeatures(tc)]
+    layer = 1
+    dicts = [ref.Dict("resid", layer, sae, hook, hook, [0, 6, 9]),
+             ref.Dict("mlp", 1, tc, "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out", [2, 3])]
+    keep = {adapters[0].name: [0, 6, 9], adapters[1].name: [2, 3]}
+    for method, exact in (("atp", False), ("ap", True)):
+        result = attribute_edges(model, clean, corrupt, metric, method=method, features=adapters, keep=keep)
+        compare(result, ref.effects(model, clean, corrupt, metric, dicts, first_order=not exact), exact)
+    prefix = dicts[0].prefix
+    names = set(result.graph.names)
+    assert "embed -> logits" not in names
+    assert {f"{prefix}.error -> logits", f"{prefix}.rest -> logits"} <= names
+    if hook.endswith("resid_pre"):
+        assert "L0.H0 -> L1.H0.q" not in names and "embed -> L0.H0.q" in names and f"{prefix}.f6 -> L1.H0.q" in names
+    else:
+        assert "mlp1.f2 -> logits" not in names and "L1.H0 -> mlp1.f2" in names
+    edges = attribute_edges(model, clean, corrupt, metric, method="atp", features=adapters, keep=keep)
+    nodes = attribute(model, clean, corrupt, metric, nodes=adapters[:1], method="atp")
+    frame = edges.to_frame()
+    for i in dicts[0].kept:
+        want = float(nodes.signed[adapters[0].name][:, i].sum())
+        assert abs(frame.loc[frame.sender == f"{prefix}.f{i}", "signed"].sum() - want) <= 1e-9 * max(1.0, abs(want))
+    every = torch.ones(edges.graph.n_edges, dtype=torch.bool)
+    clean_m, corrupt_m, (everything,) = edges.context.circuit_metrics([every])
+    assert abs(everything - corrupt_m) <= 1e-10 * abs(clean_m - corrupt_m)

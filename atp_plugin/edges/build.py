@@ -16,21 +16,32 @@ from .values import receiver_hooks, sender_hooks
 
 def build_graph(parts: Structure, dictionaries: Sequence[tuple[Placement, Sequence[int]]] = ()) -> Graph:
     """The edge graph of the model ``parts`` describes; ``dictionaries``: (where a dictionary sits,
-    the features it keeps), at most one per component."""
-    at = {(where.place, where.layer): (where, kept) for where, kept in dictionaries}
+    the features it keeps), at most one per component and one per point of the residual stream."""
+    at = {(where.place, where.stage): (where, kept) for where, kept in dictionaries}
     if len(at) != len(dictionaries):
-        raise ValueError("features= holds two dictionaries on one component; give one SAE or transcoder per "
-                         "MLP output and per attention output")
+        raise ValueError("features= holds two dictionaries on one component or one point of the residual stream "
+                         "(blocks.L.hook_resid_post and blocks.L+1.hook_resid_pre are one); give one SAE or "
+                         "transcoder per place")
     n, gqa, group = parts.n_layers, parts.n_kv != parts.n_heads, parts.n_heads // parts.n_kv
     writers: list = [HookWrites((Sender("embed", "embed", -1, -1, 0),), hook_names(0).resid_pre)]
     readers: list = []
     count = 1  # senders so far
 
+    def residual(stage: float) -> None:
+        """A dictionary on the residual stream at ``stage``, if one sits there: it reads and writes there."""
+        nonlocal count
+        if ("resid", stage) in at:
+            dictionary = Dictionary(parts, *at["resid", stage], stage, count)
+            writers.append(dictionary)
+            readers.append(dictionary)
+            count += len(dictionary.senders)
+
     for layer in range(n):
+        residual(2 * layer + 0.5)
         first = count  # this layer's attention writers are senders first ..
         writer: Dictionary | HeadWrites
-        if ("attn", layer) in at:
-            writer = Dictionary(parts, *at["attn", layer], 2 * layer + 1, 2 * layer + 1, first)
+        if ("attn", 2 * layer + 1) in at:
+            writer = Dictionary(parts, *at["attn", 2 * layer + 1], 2 * layer + 1, first)
         else:
             writer = HeadWrites(tuple(Sender(f"L{layer}.H{h}", "head", layer, h, 2 * layer + 1)
                                       for h in range(parts.n_heads)), parts, layer)
@@ -50,21 +61,24 @@ def build_graph(parts: Structure, dictionaries: Sequence[tuple[Placement, Sequen
         if parts.attn_only:
             continue
         stage = 2 * layer + (1 if parts.parallel else 2)
-        if ("mlp", layer) in at:
-            dictionary = Dictionary(parts, *at["mlp", layer], 2 * layer + 2, stage, count,
+        if ("mlp", 2 * layer + 2) in at:
+            dictionary = Dictionary(parts, *at["mlp", 2 * layer + 2], stage, count,
                                     attention if parts.parallel else None)
             writers.append(dictionary)
             readers.append(dictionary)
             count += len(dictionary.senders)
-            continue
-        writers.append(HookWrites((Sender(f"mlp{layer}", "mlp", layer, -1, 2 * layer + 2),), hook_names(layer).mlp_out))
-        readers.append(MLPReads((Receiver(f"mlp{layer}", "mlp", layer, -1, stage, (count,)),), parts, layer,
-                                attention if parts.parallel else None))
-        count += 1
+        else:
+            writers.append(HookWrites((Sender(f"mlp{layer}", "mlp", layer, -1, 2 * layer + 2),),
+                                      hook_names(layer).mlp_out))
+            readers.append(MLPReads((Receiver(f"mlp{layer}", "mlp", layer, -1, stage, (count,)),), parts, layer,
+                                    attention if parts.parallel else None))
+            count += 1
+    residual(2 * n + 0.5)
     readers.append(LogitReads((Receiver("logits", "logits", n, -1, 2 * n + 1),), n))
     senders = tuple(s for w in writers for s in w.senders)
+    cuts = tuple(sorted(stage for place, stage in at if place == "resid"))
     return Graph(senders, tuple(r for g in readers for r in g.receivers), n, parts.n_heads, parts.n_kv,
-                 parts.d_model, tuple(writers), tuple(readers))
+                 parts.d_model, cuts, tuple(writers), tuple(readers))
 
 
 def check_hooks(parts: Structure, graph: Graph) -> set[str]:

@@ -47,8 +47,9 @@ Keep = int | float | Mapping[str, Sequence[int]]
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a dictionary sits: its adapter, ``"mlp"`` or ``"attn"`` of ``layer``, the hook it
-    encodes (``hook_in``) and the site it writes (``hook``)."""
+    """Where a dictionary sits: its adapter, ``"mlp"`` or ``"attn"`` of ``layer`` or ``"resid"``
+    (the residual stream at ``hook``), the hook it encodes (``hook_in``) and the site it writes
+    (``hook``)."""
 
     adapter: Any
     place: str
@@ -58,8 +59,17 @@ class Placement:
 
     @property
     def prefix(self) -> str:
-        """The name its nodes share: ``mlp3`` or ``attn3``."""
-        return f"{self.place}{self.layer}"
+        """The name its nodes share: ``mlp3``, ``attn3``, ``resid_pre3`` or ``resid_post3``."""
+        return self.hook.split(".")[-1].removeprefix("hook_") + str(self.layer) if self.place == "resid" \
+            else f"{self.place}{self.layer}"
+
+    @property
+    def stage(self) -> float:
+        """Where it writes in the graph's stage order (``edges.graph``): a residual-stream dictionary
+        between the MLP (or heads) before it and the heads after it."""
+        if self.place == "resid":
+            return 2 * self.layer + (0.5 if self.hook.endswith("resid_pre") else 2.5)
+        return 2 * self.layer + (1 if self.place == "attn" else 2)
 
 
 def placement(parts: Structure, adapter: Any) -> Placement:
@@ -73,17 +83,20 @@ def placement(parts: Structure, adapter: Any) -> Placement:
     if adapter.head is not None:
         raise ValueError(f"{adapter.name}: an SAE on one head (hook_head_index) cannot be an edge node; edges take "
                          "SAEs on hook_mlp_out or hook_attn_out and transcoders into hook_mlp_out")
-    sites = {hook_names(layer).mlp_out: ("mlp", layer) for layer in range(parts.n_layers)}
+    n = parts.n_layers
+    sites = {hook_names(layer).mlp_out: ("mlp", layer) for layer in range(n)}
     if not isinstance(adapter, TranscoderFeatures):
-        sites |= {f"blocks.{layer}.hook_attn_out": ("attn", layer) for layer in range(parts.n_layers)}
+        sites |= {f"blocks.{layer}.hook_attn_out": ("attn", layer) for layer in range(n)}
+        sites |= {hook_names(layer).resid_pre: ("resid", layer) for layer in range(1, n)}
+        sites |= {hook_names(layer).resid_post: ("resid", layer) for layer in range(n)}
     where = sites.get(adapter.hook)
     if where is None or (where[0] == "mlp" and parts.attn_only):
         what = "a transcoder writing" if isinstance(adapter, TranscoderFeatures) else "an SAE"
         raise UnsupportedModelError(
             f"{adapter.name}: {what} at {adapter.hook!r} cannot be an edge node; feature edges take SAEs on "
-            "blocks.L.hook_mlp_out or blocks.L.hook_attn_out and transcoders into blocks.L.hook_mlp_out (an SAE on "
-            "the residual stream, hook_resid_*, would be a bottleneck of the graph, which edges do not model yet; "
-            "attribute() ranks its features as nodes)")
+            "blocks.L.hook_mlp_out, blocks.L.hook_attn_out and the residual stream (hook_resid_pre of a layer "
+            "after the first, hook_resid_post), and transcoders into blocks.L.hook_mlp_out; attribute() ranks "
+            "any SAE's features as nodes")
     place, layer = where
     hook_in = adapter.hook
     if isinstance(adapter, TranscoderFeatures):
@@ -137,10 +150,12 @@ class Dictionary:
     """One dictionary's nodes as a writer group and, at an MLP, a reader group: its kept features
     (in ``kept`` order), then its error node, then the rest (see the module's docstring)."""
 
-    def __init__(self, parts: Structure, where: Placement, kept: Sequence[int], stage_write: int, stage_read: int,
+    def __init__(self, parts: Structure, where: Placement, kept: Sequence[int], stage_read: float,
                  first_sender: int, attention: AttentionReads | None = None):
-        """``first_sender``: the number of its first node among the graph's senders; ``attention``:
-        the layer's attention reads in a parallel block (what the MLP's read leaves out)."""
+        """``stage_read``: where its nodes read (an MLP's nodes read where the MLP does, before it
+        writes in a parallel block); ``first_sender``: the number of its first node among the graph's
+        senders; ``attention``: the layer's attention reads in a parallel block (what the MLP's read
+        leaves out)."""
         self.parts, self.where = parts, where
         d_sae = int(where.adapter.sae.W_dec.shape[0])
         bad = [i for i in kept if not 0 <= i < d_sae]
@@ -150,12 +165,13 @@ class Dictionary:
         names = [f"{where.prefix}.f{i}" for i in kept] + [f"{where.prefix}.error", f"{where.prefix}.rest"]
         kinds = ["feature"] * len(kept) + ["error", "rest"]
         index = list(kept) + [-1, -1]
-        self.senders = tuple(Sender(n, k, where.layer, -1, stage_write, i) for n, k, i in zip(names, kinds, index))
+        self.senders = tuple(Sender(n, k, where.layer, -1, where.stage, i) for n, k, i in zip(names, kinds, index))
         self.receivers: tuple[Receiver, ...] = ()
         self.mlp: MLPReads | None = None
-        if where.place == "mlp":
+        if where.place != "attn":
             self.receivers = tuple(Receiver(n, k, where.layer, -1, stage_read, (first_sender + j,), index=i)
                                    for j, (n, k, i) in enumerate(zip(names, kinds, index)))
+        if where.place == "mlp":
             self.mlp = MLPReads((), parts, where.layer, attention)
         self.keys = tuple(f"{where.hook}#{part}" for part in ("features", "error", "rest"))
         # whether the encoder is linear where active (df_i/du = W_enc[:, i] where f_i != 0): None until a
@@ -209,7 +225,7 @@ class Dictionary:
         if self.mlp is None:
             return
         with torch.no_grad():
-            sites = self.parts.mlp_sites(where.layer, values[self.mlp.site])
+            sites = self.parts.mlp_sites(where.layer, values[self.site])
         for hook in (where.hook_in, where.hook):
             want, got = values[hook].double(), sites[hook].double()
             err = float(((got - want) * mask[:, :, None]).abs().max()) / max(float(want.abs().max()), 1e-30)
@@ -240,14 +256,31 @@ class Dictionary:
         parts.update({m: err if m == k else rest for m in members if m >= k})
         return torch.stack([parts[m] for m in members], dim=2)
 
-    # --- readers (at an MLP) ----------------------------------------------------------------------------
+    # --- readers (at an MLP or on the residual stream) ---------------------------------------------------
+    @property
+    def site(self) -> str:
+        """The hook holding the residual its nodes read: the MLP's, or its own."""
+        return self.mlp.site if self.mlp is not None else self.where.hook
+
+    def sites(self, x: torch.Tensor, output: bool = True) -> dict[str, torch.Tensor]:
+        """The values of the hooks it encodes and writes for the residual ``x`` it reads (without
+        ``output``, not the MLP's output where the dictionary does not encode it)."""
+        if self.mlp is None:
+            return {self.where.hook: x}
+        return self.parts.mlp_sites(self.where.layer, x, output)
+
+    def input_grad(self, values: Values, grads: Values, dtype: torch.dtype) -> torch.Tensor:
+        """dL/d(the residual it reads) through the component it splits ``[batch, pos, d_model]``:
+        the MLP's read, or on the residual stream the gradient after it."""
+        if self.mlp is not None:
+            return self.mlp.input_grad(values, grads, dtype)
+        return grads[self.where.hook].to(dtype)
+
     def value_hooks(self) -> set[str]:
-        assert self.mlp is not None
-        return self.mlp.value_hooks() | {self.where.hook_in}
+        return (self.mlp.value_hooks() if self.mlp is not None else set()) | {self.site, self.where.hook_in}
 
     def grad_hooks(self) -> list[str]:
-        assert self.mlp is not None
-        return self.mlp.grad_hooks() + [self.where.hook]
+        return (self.mlp.grad_hooks() if self.mlp is not None else []) + [self.where.hook]
 
     def reads(self, values: Values, grads: Values, dtype: torch.dtype) -> torch.Tensor:
         """Feature i: dL/df_i times the gradient of f_i(u(x)); the rest: the other features'; the
@@ -256,15 +289,13 @@ class Dictionary:
         feature plus one, batched. Where the encoder is linear where active (``_gated``: ReLU,
         top-k, JumpReLU on u W_enc + b), feature i's gradient in u is W_enc[:, i] where f_i is on;
         otherwise one backward through the encoder per kept feature."""
-        assert self.mlp is not None
         adapter, k = self.where.adapter, self.n_kept
-        x = values[self.mlp.site]
+        x = values[self.site]
         g_f = grads[self.where.hook] @ adapter.sae.W_dec.T.to(grads[self.where.hook].dtype)  # dL/df [batch, pos, d_sae]
         kept = self.kept.to(g_f.device)
         with torch.enable_grad(), adapter._disabled():
             xs = x.detach().requires_grad_(True)
-            sites = self.parts.mlp_sites(self.where.layer, xs, output=self.where.hook_in == self.where.hook)
-            u = sites[self.where.hook_in]  # [batch, pos, d_in]
+            u = self.sites(xs, output=self.where.hook_in == self.where.hook)[self.where.hook_in]  # [batch, pos, d_in]
             f = adapter.sae.encode(u)
             if self._gated is not False:
                 (whole,) = torch.autograd.grad(f, u, g_f.to(f.dtype), retain_graph=True)  # [batch, pos, d_in]
@@ -279,8 +310,7 @@ class Dictionary:
             cot[k] = g_f
             # one copy of the residual per cotangent, one backward (not vmap: an encoder may hold ops it refuses)
             copies = x.detach()[None].expand((k + 1,) + x.shape).clone().requires_grad_(True)  # [kept + 1, b, pos, d]
-            sites = self.parts.mlp_sites(self.where.layer, copies.flatten(0, 1),
-                                         output=self.where.hook_in == self.where.hook)
+            sites = self.sites(copies.flatten(0, 1), output=self.where.hook_in == self.where.hook)
             f_copies = adapter.sae.encode(sites[self.where.hook_in])  # [(kept + 1) batch, pos, d_sae]
             (dx,) = torch.autograd.grad(f_copies, copies, cot.flatten(0, 1).to(f_copies.dtype))
         if self._gated is None:  # the first batch decides: the shortcut where it gives the full backward's reads
@@ -291,9 +321,8 @@ class Dictionary:
     def _assemble(self, dx: torch.Tensor, values: Values, grads: Values, dtype: torch.dtype) -> torch.Tensor:
         """The reads ``[batch, pos, kept + 2, d]`` from the kept features' and all features' gradients
         ``dx`` ``[kept + 1, batch, pos, d]``."""
-        assert self.mlp is not None
         k = self.n_kept
-        error = self.mlp.input_grad(values, grads, dtype) - dx[k]
+        error = self.input_grad(values, grads, dtype) - dx[k]
         rest = dx[k] - dx[:k].sum(0)
         return torch.cat([dx[:k].permute(1, 2, 0, 3), error[:, :, None], rest[:, :, None]], dim=2)
 
@@ -301,22 +330,20 @@ class Dictionary:
         return DenseSum(self, dtype)
 
     def patches(self, run: PatchedRun) -> dict[str, Patch]:
-        assert self.mlp is not None
         where, k = self.where, self.n_kept
         members = list(range(k + 2))
-        site = self.mlp.site
 
         def fn(a: torch.Tensor) -> torch.Tensor:
             got = run.deltas(self, members)
             if got is None:
                 return a
             delta, patched = got
-            x = run.live[site]
+            x = run.live[self.site] if self.mlp is not None else a  # on the residual stream: what it reads
             feats, err, rest = self.nodes(a if where.hook_in == where.hook else run.live[where.hook_in], a)
             for m in patched.any(0).nonzero().flatten().tolist():
                 rows = patched[:, m].nonzero().flatten()
                 changed = x[rows] + delta[rows, :, m].to(x.dtype)
-                sites = run.recompute(lambda: self.parts.mlp_sites(where.layer, changed))  # noqa: B023 - run at once
+                sites = run.recompute(lambda: self.sites(changed))  # noqa: B023 - run at once
                 f_new, err_new, rest_new = self.nodes(sites[where.hook_in], sites[where.hook])
                 if m < k:
                     feats[rows, :, m] = f_new[..., m]

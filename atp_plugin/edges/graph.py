@@ -23,6 +23,7 @@ node (``mlp1.error``) and the rest of its features (``mlp1.rest``) write in plac
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -36,7 +37,7 @@ class Sender:
     kind: str  # "embed" | "head" | "mlp" | "feature" | "error" | "rest"
     layer: int  # -1 for the embedding
     head: int  # -1 unless a head
-    stage: int
+    stage: float  # an int, or k + 0.5 for a dictionary on the residual stream between stages k and k + 1
     index: int = -1  # a feature's number in its dictionary
 
 
@@ -46,7 +47,7 @@ class Receiver:
     kind: str  # "q" | "k" | "v" | "mlp" | "logits" | "feature" | "error" | "rest"
     layer: int  # n_layers for the logits
     head: int  # query head for q, kv-head for k/v, -1 otherwise
-    stage: int
+    stage: float
     through: tuple[int, ...] = ()  # the senders its component writes through (none: the logits, terminal)
     across: bool = False  # what it reads at s reaches its component's write at every t >= s (keys, values)
     index: int = -1  # a feature's number in its dictionary
@@ -62,6 +63,7 @@ class Graph:
     n_heads: int
     n_kv: int
     d_model: int = 0
+    cuts: tuple[float, ...] = ()  # stages of dictionaries on the residual stream: bottlenecks
     writers: tuple[Any, ...] = field(default=(), repr=False, compare=False)  # ``groups.Writers``, in stage order
     readers: tuple[Any, ...] = field(default=(), repr=False, compare=False)  # ``groups.Readers``, in stage order
 
@@ -96,14 +98,16 @@ class Graph:
 
     @cached_property
     def _pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        s_stage = torch.tensor([s.stage for s in self.senders])
-        r_stage = torch.tensor([r.stage for r in self.receivers])
-        r, s = (s_stage[None, :] < r_stage[:, None]).nonzero(as_tuple=True)
+        s_stage = torch.tensor([s.stage for s in self.senders], dtype=torch.float64)
+        r_stage = torch.tensor([r.stage for r in self.receivers], dtype=torch.float64)
+        lo = torch.tensor([self.cut_before(r.stage) for r in self.receivers], dtype=torch.float64)
+        r, s = ((s_stage[None, :] < r_stage[:, None]) & (s_stage[None, :] >= lo[:, None])).nonzero(as_tuple=True)
         return s, r
 
     @cached_property
     def receiver_start(self) -> torch.Tensor:
-        """Receiver -> its first edge ``[n_receivers]`` (its edges are the next senders_before(stage))."""
+        """Receiver -> its first edge ``[n_receivers]`` (its edges are the next ones, one per sender of
+        ``senders_before(stage)``)."""
         counts = torch.bincount(self.receiver_index, minlength=len(self.receivers))
         return torch.cumsum(counts, 0) - counts
 
@@ -134,6 +138,14 @@ class Graph:
                 out[s].append(r)
         return tuple(tuple(x) for x in out)
 
-    def senders_before(self, stage: int) -> int:
-        """How many senders write before ``stage`` (senders are in stage order, so a prefix)."""
-        return sum(1 for s in self.senders if s.stage < stage)
+    def cut_before(self, stage: float) -> float:
+        """The stage of the last bottleneck before ``stage`` (-inf without one): what reads at
+        ``stage`` reads only the senders from there on."""
+        return max((c for c in self.cuts if c < stage), default=-math.inf)
+
+    def senders_before(self, stage: float) -> tuple[int, int]:
+        """The senders a receiver at ``stage`` reads, ``range(*senders_before(stage))``: those that
+        write before it and not before a bottleneck in between (senders are in stage order, so a
+        window)."""
+        lo = self.cut_before(stage)
+        return (sum(1 for s in self.senders if s.stage < lo), sum(1 for s in self.senders if s.stage < stage))

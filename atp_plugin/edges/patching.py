@@ -80,12 +80,12 @@ class _Deltas:
         or None when no copy patches any of the group's receivers ``members``."""
         g, copies, t = self.graph, self.state.copies, self.state.t
         receivers = [g.reader_start[id(group)] + m for m in members]
-        n = g.senders_before(g.receivers[receivers[0]].stage)
+        lo, n = g.senders_before(g.receivers[receivers[0]].stage)
         if isinstance(self.plan, Complement):
-            m = self.dense[:n, receivers]  # [senders, receivers(, pos)]
+            m = self.dense[lo:n, receivers]  # [senders, receivers(, pos)]
             if not bool(m.any()):
                 return None
-            diff = sender_deltas(g, self.noise, self._live(n), self.dtype, n)
+            diff = sender_deltas(g, self.noise, self._live(n), self.dtype, (lo, n))
             spec = "ctsd,srt->ctrd" if m.ndim == 3 else "ctsd,sr->ctrd"
             delta = torch.einsum(spec, diff, m) * self.mask[:, :, None, None]
             patched = (m.flatten(2).any(-1) if m.ndim == 3 else m.bool()).any(0)

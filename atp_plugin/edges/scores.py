@@ -113,13 +113,15 @@ def _qk_fix(parts: Structure, graph: Graph, layer: int, geom: AttentionGeometry,
     position when the residual read there gains u's change (``_read_changes``), rotary applied,
     then the attention rows exactly through the softmax, dotted with G (``edges.qk``).
     """
-    n_s, n_q = graph.senders_before(2 * layer + 1), parts.n_heads
+    (lo, hi), n_q = graph.senders_before(2 * layer + 1), parts.n_heads
+    n_s = hi - lo
     w = torch.cat([parts.weights(layer, which)[0] for which in "qk"]).to(dtype)  # [n_q + n_kv, d_model, d_head]
     x = values[hook_names(layer).resid_pre]  # [batch, pos, d_model]
     b, t = x.shape[:2]
-    heads = {start: (g.layer, g.z_change(noise.values, clean.values, dtype) * mask[:, :, None, None])
-             for g, start in zip(graph.writers, graph.writer_start) if isinstance(g, HeadWrites) and start < n_s}
-    change = _read_changes(parts, layer, x, delta[:, :, :n_s], heads, w.permute(1, 0, 2).flatten(1), dtype)
+    heads = {start - lo: (g.layer, g.z_change(noise.values, clean.values, dtype) * mask[:, :, None, None])
+             for g, start in zip(graph.writers, graph.writer_start)
+             if isinstance(g, HeadWrites) and lo <= start < hi}
+    change = _read_changes(parts, layer, x, delta[:, :, lo:hi], heads, w.permute(1, 0, 2).flatten(1), dtype)
     # [senders, batch, pos, q + kv, d_head]: rotary is linear, so the rotated change is the change rotated
     change = parts.rotate(layer, change.view(n_s, b, t, -1, w.shape[2]), mask, values)
     q, k = geom.dotted("q", values).to(dtype), geom.dotted("k", values).to(dtype)  # [batch, pos, heads, d_head]

@@ -92,36 +92,38 @@ def circuit_svg(circuit: Circuit, weights: torch.Tensor, title: str = "", notes:
             for target in _component(g, int(g.receiver_index[e]))]
     used = sorted({"embed", "logits"} | {n for s, t, _ in ends for n in (s, t)})
 
-    # rows: 0 embedding, 2l + 1 heads of layer l, 2l + 2 MLP l, 2L + 1 logits; a column per head some
-    # layer uses, the MLPs in the last
+    # rows: 0 embedding, 2l + 1 heads of layer l, 2l + 2 MLP l, 2L + 1 logits (and a residual-stream
+    # dictionary's between two); a column per head some layer uses, the MLPs in the last
     heads = sorted({int(n.split(".H")[1]) for n in used if n.startswith("L")})
     column = {h: i for i, h in enumerate(heads)}
     kind = {s.name: s for s in g.senders}
     apart = {n for n in used if n in kind and kind[n].kind in ("error", "rest")}
-    rows: dict[int, list[str]] = {}  # a row's dictionary nodes, in drawing order
+    rows: dict[float, list[str]] = {}  # a row's dictionary nodes, in drawing order
     for n in sorted((n for n in used if n in kind and kind[n].kind in ("feature", "error", "rest")),
                     key=lambda n: (kind[n].kind != "feature", kind[n].kind, kind[n].index)):
         rows.setdefault(kind[n].stage, []).append(n)
     mlp = any(n in kind and kind[n].kind == "mlp" for n in used)
-    n_rows = 2 * g.n_layers + 2
-    n_cols = max([len(heads) + mlp] + [len(r) + (len(heads) if stage % 2 else 0) for stage, r in rows.items()])
+    # one row per stage, a residual-stream dictionary's between the two it sits between
+    row_of = {stage: i for i, stage in enumerate(sorted(set(range(2 * g.n_layers + 2)) | set(g.cuts)))}
+    n_rows = len(row_of)
+    n_cols = max([len(heads) + mlp] + [len(r) + (len(heads) if stage % 2 == 1 else 0) for stage, r in rows.items()])
     label = max(len(n) for n in used)
     radius = math.ceil(math.hypot(CHAR_EM * FONT * label / 2, FONT / 2)) + 2
     width = max(2 * SIDE + 2 * radius + (radius * 2 + GAP * radius) * max(n_cols - 1, 0),
                 math.ceil(TITLE_EM * 12 * len(title)) + 2 * SIDE)
     col = (width - 2 * SIDE - 2 * radius) / max(n_cols - 1, 1)
-    step = ROW + (2 * FONT if notes else 0)  # room under each row for the notes
+    step = max(ROW, 2 * radius + 2 * CLEAR) + (2 * FONT if notes else 0)  # circles apart, room for the notes
     height = 2 * MARGIN + step * (n_rows - 1) + (24 if title else 0)
-    y = lambda row: height - MARGIN - step * row  # noqa: E731 - one line of geometry
+    y = lambda stage: height - MARGIN - step * row_of[stage]  # noqa: E731 - one line of geometry
     x = lambda c: SIDE + radius + col * c if n_cols > 1 else width / 2  # noqa: E731
     at: dict[str, tuple[float, float]] = {"embed": (x((n_cols - 1) / 2), y(0)),
-                                          "logits": (x((n_cols - 1) / 2), y(n_rows - 1))}
+                                          "logits": (x((n_cols - 1) / 2), y(2 * g.n_layers + 1))}
     for layer in range(g.n_layers):
         for h in heads:
             at[f"L{layer}.H{h}"] = (x(column[h]), y(2 * layer + 1))
         at[f"mlp{layer}"] = (x(n_cols - 1), y(2 * layer + 2))
     for stage, names in rows.items():
-        first = len(heads) if stage % 2 else 0  # an attention row's features right of its heads
+        first = len(heads) if stage % 2 == 1 else 0  # an attention row's features right of its heads
         for i, n in enumerate(names):
             at[n] = (x(first + i), y(stage))
     lines = []

@@ -35,15 +35,17 @@ def record(graph: Graph, values: Values) -> Writes:
     return Writes(out)
 
 
-def sender_deltas(graph: Graph, new: Writes, old: Writes, dtype: torch.dtype, n: int | None = None) -> torch.Tensor:
-    """write(new) - write(old) of the first ``n`` senders (all by default), in graph order:
+def sender_deltas(graph: Graph, new: Writes, old: Writes, dtype: torch.dtype, window: tuple[int, int] | None = None
+                  ) -> torch.Tensor:
+    """write(new) - write(old) of the senders ``range(*window)`` (all by default), in graph order:
     ``[batch, pos, senders, d_model]``."""
-    n = len(graph.senders) if n is None else n
+    lo, hi = (0, len(graph.senders)) if window is None else window
     out = []
     for w, start in zip(graph.writers, graph.writer_start):
-        if start >= n:
-            break
-        members = None if start + len(w.senders) <= n else list(range(n - start))
+        end = start + len(w.senders)
+        if end <= lo or start >= hi:
+            continue
+        members = None if lo <= start and end <= hi else list(range(max(lo, start) - start, min(hi, end) - start))
         out.append(w.delta(new.values, old.values, dtype, members))
     return torch.cat(out, dim=2)
 
@@ -73,11 +75,11 @@ class ReadSums:
 def edge_products(graph: Graph, writes: torch.Tensor, reads: Iterable[torch.Tensor]) -> torch.Tensor:
     """write(sender) . read(receiver) for every edge at every position: ``[batch, edge, pos]`` from
     ``writes`` ``[batch, pos, sender, d]`` and the blocks of ``receiver_grads``. Edges run receiver by
-    receiver, each over the senders before it (a prefix), so a block's edges are one contiguous run."""
+    receiver, each over the senders it reads (a window), so a block's edges are one contiguous run."""
     out, r0 = [], 0
     for block in reads:  # [batch, pos, receivers, d]
-        n = graph.senders_before(graph.receivers[r0].stage)
-        prod = torch.einsum("btsd,btrd->brst", writes[:, :, :n], block)  # [batch, receivers, senders, pos]
+        lo, hi = graph.senders_before(graph.receivers[r0].stage)
+        prod = torch.einsum("btsd,btrd->brst", writes[:, :, lo:hi], block)  # [batch, receivers, senders, pos]
         out.append(prod.flatten(1, 2))
         r0 += block.shape[2]
     return torch.cat(out, dim=1)
