@@ -11,6 +11,11 @@ its decoder, the site ``a = decode(f) + e`` splits exactly into
 * the error node: writes ``e = a - decode(f)``;
 * and the decoder's bias, the same in every run.
 
+An SAE on the residual stream (``hook_resid_pre`` of a later layer, ``hook_resid_post``) is a
+bottleneck of the graph: its nodes read the residual at its hook (``x -> f_i(x)``; the error
+``x -> x - decode(f(x))``) and their writes are the residual after it, so what was written before
+it reaches what reads after it only through them (``Graph.cuts``).
+
 At an MLP (an SAE on ``hook_mlp_out``, a transcoder into it) each node also reads the residual
 the MLP reads: feature ``i`` as ``x -> f_i(u(x))``, the rest as the other features, the error as
 ``x -> a(x) - decode(f(u(x)))``; their reads sum to the MLP's. An SAE on ``hook_attn_out`` writes

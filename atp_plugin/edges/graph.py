@@ -18,7 +18,9 @@ logits at 2L + 1. An edge exists iff the sender's stage is below the receiver's.
 A dictionary of features (an SAE at ``hook_mlp_out`` or ``hook_attn_out``, a transcoder into
 ``hook_mlp_out``) replaces the component it splits: its kept features (``mlp1.f12``), its error
 node (``mlp1.error``) and the rest of its features (``mlp1.rest``) write in place of the MLP
-(or the layer's heads) and, at an MLP, read in place of it.
+(or the layer's heads) and, at an MLP, read in place of it. An SAE on the residual stream
+(``resid_pre2.f5``) reads and writes at a half stage between two (2l + 0.5 before layer l's heads)
+and is a bottleneck: a receiver after it reads no sender before it (``cuts``, ``senders_before``).
 """
 
 from __future__ import annotations
