@@ -127,10 +127,6 @@ class Graph:
     def edge_of(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.names)}
 
-    def receivers_of(self, kind: str, layer: int) -> list[int]:
-        """Receiver numbers of one kind in one layer, in head order."""
-        return [i for i, r in enumerate(self.receivers) if r.kind == kind and r.layer == layer]
-
     @cached_property
     def reads_of(self) -> tuple[tuple[int, ...], ...]:
         """Sender -> the receivers its component reads through (none: the embedding, a source)."""

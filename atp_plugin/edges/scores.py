@@ -27,7 +27,7 @@ from ..hosts.structure import Structure, hook_names
 from . import qk as qkfix
 from .build import check_graph, check_hooks
 from .graph import Graph
-from .groups import HeadWrites, Writes
+from .groups import AttentionReads, HeadWrites, Writes
 from .values import (
     ReadSums,
     edge_products,
@@ -114,6 +114,7 @@ def _qk_fix(parts: Structure, graph: Graph, layer: int, geom: AttentionGeometry,
     then the attention rows exactly through the softmax, dotted with G (``edges.qk``).
     """
     (lo, hi), n_q = graph.senders_before(2 * layer + 1), parts.n_heads
+    reads = next(r for r in graph.readers if isinstance(r, AttentionReads) and r.layer == layer)
     n_s = hi - lo
     w = torch.cat([parts.weights(layer, which)[0] for which in "qk"]).to(dtype)  # [n_q + n_kv, d_model, d_head]
     x = values[hook_names(layer).resid_pre]  # [batch, pos, d_model]
@@ -132,7 +133,8 @@ def _qk_fix(parts: Structure, graph: Graph, layer: int, geom: AttentionGeometry,
     # per query head: [batch, head, d_head, senders, pos]
     dk = change[..., n_q:, :].repeat_interleave(geom.group, dim=3).permute(1, 3, 4, 0, 2)
     for which, eff in (("q", qkfix.query_effects(rw, dq, k, geom)), ("k", qkfix.key_effects(rw, q, dk, geom))):
-        rs = torch.tensor(graph.receivers_of(which, layer))
+        first = graph.reader_start[id(reads)] + (0 if which == "q" else n_q)  # the group's queries, then keys
+        rs = torch.arange(first, first + (n_q if which == "q" else parts.n_kv))
         edges = graph.receiver_start[rs][None, :] + torch.arange(n_s)[:, None]  # [senders, receivers]
         out[:, edges.flatten()] = eff.transpose(2, 3).flatten(1, 2)  # eff [batch, senders, pos, receivers]
 
