@@ -1,5 +1,6 @@
 """Features as edge nodes: an SAE or a transcoder splits the component it sits on into its kept
-features, an error node and the rest of its features, each a sender and (at an MLP) a receiver.
+features, an error node and the rest of its features, each a sender and (at an MLP or on the
+residual stream) a receiver.
 
 With ``f = encode(u)`` the dictionary's features at a position (``u``: what it encodes; the site
 value ``a`` for an SAE, the MLP's input for a transcoder), ``K`` the kept features and ``W_dec``
@@ -152,8 +153,9 @@ _GATED: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
 class Dictionary:
-    """One dictionary's nodes as a writer group and, at an MLP, a reader group: its kept features
-    (in ``kept`` order), then its error node, then the rest (see the module's docstring)."""
+    """One dictionary's nodes as a writer group and, at an MLP or on the residual stream, a reader
+    group: its kept features (in ``kept`` order), then its error node, then the rest (see the
+    module's docstring)."""
 
     def __init__(self, parts: Structure, where: Placement, kept: Sequence[int], stage_read: float,
                  first_sender: int, attention: AttentionReads | None = None):
