@@ -24,7 +24,15 @@ except ImportError:
 import feature_reference as ref
 from atp_plugin import attribute
 from atp_plugin.adapters import SAEFeatures, TranscoderFeatures
-from atp_plugin.edges import Circuit, attribute_edges, evaluate_edges, faithfulness_of, left_out
+from atp_plugin.edges import (
+    Circuit,
+    attribute_edges,
+    evaluate_edges,
+    faithfulness,
+    faithfulness_of,
+    left_out,
+    top_circuit,
+)
 from atp_plugin.edges.features import _GATED
 from atp_plugin.errors import UnsupportedModelError
 from atp_plugin.saes import SimpleSAE
@@ -184,6 +192,9 @@ def test_the_feature_graph_is_complete() -> None:
     full = Circuit(result.graph, torch.ones(n, dtype=torch.bool))
     empty = Circuit(result.graph, torch.zeros(n, dtype=torch.bool))
     assert faithfulness_of(result, [full, empty]) == [1.0, 0.0]
+    circuit = top_circuit(result, 40)  # faithfulness() runs a feature circuit on its own graph
+    assert faithfulness(model, clean, corrupt, metric, circuit) == pytest.approx(faithfulness_of(result, [circuit])[0],
+                                                                              rel=1e-12)
     mean = faithfulness_of(result, [full], ablation="mean", mean_tokens=make_pairs(4, T, seed=9)[0])
     assert abs(mean[0] - 1) <= 1e-12
 

@@ -223,3 +223,23 @@ def test_select_keeps_the_first_pairs_and_finds_others_in_one_pass(model):
         before = len(reads)
     with pytest.raises(IndexError, match=r"in \[0, 20\)"):
         streamed.engine.pairs.select(torch.tensor([20]))
+
+
+def test_feature_edges_on_a_stream_equal_the_lists(model):
+    """features= on a stream: the node run that keeps the features and the edge run both read the
+    stream; the same kept features and numbers as from lists."""
+    from atp_plugin.adapters import TranscoderFeatures
+    from atp_plugin.saes import SimpleSAE
+    g = torch.Generator().manual_seed(5)
+    tc = SimpleSAE(torch.randn(32, 24, generator=g, dtype=torch.float64) / 4, torch.randn(24, generator=g,
+                   dtype=torch.float64) * 0.3, torch.randn(24, 32, generator=g, dtype=torch.float64) / 4,
+                   torch.zeros(32, dtype=torch.float64), hook_name="blocks.0.ln2.hook_normalized",
+                   hook_name_out="blocks.0.hook_mlp_out").to(next(model.parameters()).dtype)
+    features = [TranscoderFeatures(tc)]
+    lists = attribute_edges(model, CLEAN, CORRUPT, metrics.logit_diff(ANSWERS, WRONGS), features=features, keep=3,
+                            batch_size=2)
+    streamed = attribute_edges(model, PairStream(labelled()), metric=metrics.logit_diff_labels(), features=features,
+                               keep=3, batch_size=3)
+    assert streamed.graph.names == lists.graph.names and any(".f" in n for n in lists.graph.names)
+    same({"scores": lists.scores, "signed": lists.signed}, {"scores": streamed.scores, "signed": streamed.signed})
+    assert (streamed.forward_passes, streamed.backward_passes) == (lists.forward_passes, lists.backward_passes)
