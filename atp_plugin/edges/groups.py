@@ -105,9 +105,8 @@ class PatchedRun:
     piece of the model without firing the patches (a Bridge's modules fire hooks of their own)."""
 
     def __init__(self, deltas: Callable[[Readers, list[int]], tuple[torch.Tensor, torch.Tensor] | None],
-                 copies: int, t: int):
-        self.deltas, self.copies, self.t = deltas, copies, t
-        self.live: Values = {}
+                 live: Values):
+        self.deltas, self.live = deltas, live
         self.busy = False
 
     def recompute(self, fn: Callable[[], T]) -> T:

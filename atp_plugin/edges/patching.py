@@ -52,11 +52,12 @@ class _Deltas:
     """How each receiver's read changes in one patched run: delta ``[copies, pos, receivers, d]``
     for receivers of one reader group, from the noise writes and the writes live in this run."""
 
-    def __init__(self, graph: Graph, plan: SingleEdges | Complement, noise: Writes, state: PatchedRun,
+    def __init__(self, graph: Graph, plan: SingleEdges | Complement, noise: Writes, live: Values,
                  mask: torch.Tensor, dtype: torch.dtype):
-        self.graph, self.plan, self.noise, self.state, self.dtype = graph, plan, noise, state, dtype
+        """``live``: the hook values recorded so far in the patched run (filled as its hooks fire)."""
+        self.graph, self.plan, self.noise, self.live, self.dtype = graph, plan, noise, live, dtype
         self.mask = mask.to(dtype)  # [copies, pos]: padding positions are never patched
-        self.live: dict[int, Values] = {}  # writer group -> its record in this run, once its hooks have fired
+        self.records: dict[int, Values] = {}  # writer group -> its record in this run, once its hooks have fired
         if isinstance(plan, Complement):
             device = noise.device
             dense = torch.zeros((len(graph.senders), len(graph.receivers)) + plan.patched.shape[1:], dtype=dtype,
@@ -64,28 +65,28 @@ class _Deltas:
             dense[graph.sender_index.to(device), graph.receiver_index.to(device)] = plan.patched.to(device, dtype)
             self.dense = dense  # [sender, receiver(, pos)]
 
-    def _live(self, n: int) -> Writes:
-        """The records of the writer groups of the first ``n`` senders in this run."""
+    def _live(self, lo: int, hi: int) -> Writes:
+        """The records in this run of the writer groups of senders ``lo`` .. ``hi - 1`` (each group's
+        once: a dictionary's encodes its input)."""
         out: Values = {}
         for w, start in zip(self.graph.writers, self.graph.writer_start):
-            if start >= n:
-                break
-            if id(w) not in self.live:
-                self.live[id(w)] = w.record(self.state.live)
-            out.update(self.live[id(w)])
+            if start < hi and start + len(w.senders) > lo:
+                if id(w) not in self.records:
+                    self.records[id(w)] = w.record(self.live)
+                out.update(self.records[id(w)])
         return Writes(out)
 
     def __call__(self, group: Readers, members: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(delta ``[copies, pos, len(members), d_model]``, patched ``[copies, len(members)]`` bool),
         or None when no copy patches any of the group's receivers ``members``."""
-        g, copies, t = self.graph, self.state.copies, self.state.t
+        g, (copies, t) = self.graph, self.mask.shape
         receivers = [g.reader_start[id(group)] + m for m in members]
         lo, n = g.senders_before(g.receivers[receivers[0]].stage)
         if isinstance(self.plan, Complement):
             m = self.dense[lo:n, receivers]  # [senders, receivers(, pos)]
             if not bool(m.any()):
                 return None
-            diff = sender_deltas(g, self.noise, self._live(n), self.dtype, (lo, n))
+            diff = sender_deltas(g, self.noise, self._live(lo, n), self.dtype, (lo, n))
             spec = "ctsd,srt->ctrd" if m.ndim == 3 else "ctsd,sr->ctrd"
             delta = torch.einsum(spec, diff, m) * self.mask[:, :, None, None]
             patched = (m.flatten(2).any(-1) if m.ndim == 3 else m.bool()).any(0)
@@ -95,14 +96,15 @@ class _Deltas:
         hit = torch.tensor([int(r) in local for r in receiver.tolist()], dtype=torch.bool)
         if not bool(hit.any()):
             return None
-        live = self._live(n)
         delta = torch.zeros(copies, t, len(receivers), g.d_model, dtype=self.dtype, device=self.noise.device)
         patched = torch.zeros(copies, len(receivers), dtype=torch.bool)
         sender = g.sender_index[self.plan.edge]
         for s in sender[hit].unique().tolist():
             rows = (hit & (sender == s)).nonzero().flatten()
             w, start = g.writer_of(s)
-            diff = w.delta(self.noise.rows(rows).values, live.rows(rows).values, self.dtype, [s - start])[:, :, 0]
+            live = self._live(s, s + 1).values  # the sender's own group's record
+            new, old = ({k: v[k][rows] for k in live} for v in (self.noise.values, live))
+            diff = w.delta(new, old, self.dtype, [s - start])[:, :, 0]
             pos = self.plan.pos[rows]
             at = ((pos[:, None] < 0) | (torch.arange(t)[None] == pos[:, None])).to(diff.device)  # [rows, pos]
             at = at & self.mask[rows].bool()
@@ -117,9 +119,8 @@ def patched_logits(parts: Structure, graph: Graph, tokens: torch.Tensor, mask: t
     """Logits of ``tokens`` ``[copies, pos]`` with the edges of ``plan`` patched from ``noise``
     (the corrupt writes of each copy's pair, ``[copies, ...]``): each reader group's patches, and
     the hooks writers and readers read recorded as they fire (after any patch there)."""
-    copies, t = tokens.shape
-    state = PatchedRun(lambda group, members: deltas(group, members), copies, t)
-    deltas = _Deltas(graph, plan, noise, state, mask, dtype)
+    live: Values = {}
+    state = PatchedRun(_Deltas(graph, plan, noise, live, mask, dtype), live)
     patches: dict[str, list[Patch]] = {}
     for group in graph.readers:
         for hook, fn in group.patches(state).items():
