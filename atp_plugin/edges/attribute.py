@@ -18,7 +18,7 @@ from ..hosts.structure import Structure
 from ..metrics import check_metric
 from .build import build_graph
 from .context import Context
-from .features import Keep, Placement, kept_features, placement
+from .features import Keep, Placement, check_keep, kept_features, placement
 from .graph import Graph
 from .result import EdgeResult
 
@@ -130,7 +130,7 @@ def choose_features(model: Any, clean, corrupt, metric, placed: Sequence[Placeme
     names = [p.adapter.name for p in placed]
     if isinstance(keep, Mapping) or not placed:
         return kept_features(keep, {}, names), 0, 0.0
-    kept_features(keep, {n: torch.zeros(0) for n in names}, names)  # a bad keep= fails before the node run
+    check_keep(keep, names)  # before the node run
     from ..attribution import attribute
     node = attribute(model, clean, corrupt, metric, nodes=[p.adapter for p in placed], method="atp",
                      batch_size=batch_size, progress=progress)

@@ -23,6 +23,7 @@ from ..attribution import eval_mode
 from ..engine.pairs import Pairs, make_pairs
 from .attribute import make_context
 from .context import Context
+from .features import kept_of
 from .graph import Graph
 from .groups import Writes
 from .result import EdgeResult
@@ -170,10 +171,9 @@ def faithfulness(model: Any, clean, corrupt, metric, circuit: Circuit | Sequence
     with eval_mode(model, "faithfulness()"):
         # a feature circuit's graph holds the features it kept: run on it (an edge graph of the model's own
         # components is built afresh, so that a circuit of another model is refused by its edges)
-        graph = circuit.graph if isinstance(circuit, Circuit) else None
-        features = graph is not None and any(s.kind in ("feature", "error", "rest") for s in graph.senders)
+        graph = circuit.graph if isinstance(circuit, Circuit) and kept_of(circuit.graph) else None
         ctx = make_context(model, clean, corrupt, metric, batch_size=batch_size, patch_batch_size=patch_batch_size,
-                           graph=graph if features else None)
+                           graph=graph)
         mean = ablation_writes(ctx, ablation, mean_tokens)
         ctx.check_structure()
         return _faithfulness(ctx, [_as_circuit(ctx.graph, circuit)], mean)[0][0]

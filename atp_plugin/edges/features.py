@@ -120,18 +120,25 @@ def _mlp_reads(parts: Structure, layer: int) -> set[str]:
     return set(parts.mlp_hooks(layer)) - {hook_names(layer).mlp_out}
 
 
-def kept_features(keep: Keep, scores: Mapping[str, torch.Tensor], names: Sequence[str]) -> dict[str, list[int]]:
-    """The features each dictionary keeps: ``keep`` an int (the top k of each by ``scores``, a
-    dictionary name -> ``[d_sae]`` node score), a float (every feature scoring at least it) or a
-    mapping name -> feature numbers."""
+def check_keep(keep: Keep, names: Sequence[str]) -> None:
+    """A clear error for a ``keep=`` that is neither a count, a threshold nor a mapping of the
+    dictionaries ``names`` to feature numbers."""
     if isinstance(keep, Mapping):
         unknown = sorted(set(keep) - set(names))
         if unknown:
             raise ValueError(f"keep= names dictionaries {unknown} that features= does not hold; known: {list(names)}")
-        return {name: sorted({int(i) for i in keep.get(name, ())}) for name in names}
-    if isinstance(keep, bool) or not isinstance(keep, numbers.Real) or keep != keep or keep < 0:
+    elif isinstance(keep, bool) or not isinstance(keep, numbers.Real) or keep != keep or keep < 0:
         raise ValueError(f"keep= must be a number of features per dictionary (int >= 0), a node-score threshold "
                          f"(float >= 0) or a dict dictionary name -> feature numbers, got {keep!r}")
+
+
+def kept_features(keep: Keep, scores: Mapping[str, torch.Tensor], names: Sequence[str]) -> dict[str, list[int]]:
+    """The features each dictionary keeps: ``keep`` an int (the top k of each by ``scores``, a
+    dictionary name -> ``[d_sae]`` node score), a float (every feature scoring at least it) or a
+    mapping name -> feature numbers (``scores`` unused)."""
+    check_keep(keep, names)
+    if isinstance(keep, Mapping):
+        return {name: sorted({int(i) for i in keep.get(name, ())}) for name in names}
     out = {}
     for name in names:
         s = scores[name]
