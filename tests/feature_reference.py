@@ -28,8 +28,6 @@ from dataclasses import dataclass
 
 import torch
 
-from edge_reference import split_model
-
 
 @dataclass
 class Dict:
@@ -170,6 +168,7 @@ def effects(model, clean: torch.Tensor, corrupt: torch.Tensor, metric, dicts: li
             ) -> dict[str, tuple[float, float]]:
     """Edge name -> (mean over pairs of I, mean over pairs of |I|): the exact effect of patching
     the edge at every position, or (``first_order``) its derivative in the size of the change."""
+    from edge_reference import split_model  # TransformerLens 3: Dict and bound serve TransformerLens 4 tests too
     ref = split_model(model)
     metric = bound(metric)
     w_clean, w_noise = writes(ref, model, clean, dicts), writes(ref, model, corrupt, dicts)

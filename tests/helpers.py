@@ -14,6 +14,7 @@ The random models and pairs themselves (``make_model``, ``make_pairs``, ...) are
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -415,3 +416,35 @@ def bridge_pairs(n: int = 3, t: int = 6, seed: int = 1):
     metric = metrics.logit_diff(torch.randint(2, D_VOCAB, (n,), generator=g),
                                 torch.randint(2, D_VOCAB, (n,), generator=g))
     return clean, corrupt, metric
+
+
+def random_simple_sae(seed: int, hook_in: str, hook_out: str | None = None, *, d: int = 32, d_sae: int = 16,
+                      activation: Callable[[torch.Tensor], torch.Tensor] = torch.relu):
+    """A random float64 ``saes.SimpleSAE`` of width ``d`` reading ``hook_in`` (a transcoder with
+    ``hook_out``), biased so that features are on for some inputs and off for others."""
+    from atp_plugin.saes import SimpleSAE
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    return SimpleSAE(r(d, d_sae) / 4, r(d_sae) * 0.3, r(d_sae, d) / 4, r(d) * 0.1, activation=activation,
+                     hook_name=hook_in, hook_name_out=hook_out)
+
+
+def sparsify_coder(transcoder: bool = False, *, activation: str = "topk", skip: bool = False, seed: int = 0,
+                   d: int = 32, d_sae: int = 24, k: int = 4):
+    """A random float64 sparsify ``SparseCoder`` (an SAE, or a transcoder with ``transcoder``) of width
+    d -> d, k of d_sae latents active; biases and decoder randomised (sparsify starts them at 0)."""
+    import pytest
+    sparsify = pytest.importorskip("sparsify", reason="needs EleutherAI's sparsify: pip install eai-sparsify (part of "
+                                   "atp-plugin[test])")
+    make = sparsify.TranscoderConfig if transcoder else sparsify.SaeConfig
+    torch.manual_seed(seed)
+    coder = sparsify.Sae(d, make(num_latents=d_sae, k=k, activation=activation, skip_connection=skip),
+                         dtype=torch.float64)
+    with torch.no_grad():  # every weight drawn here, so that the coder does not change with sparsify's own init
+        coder.encoder.weight.copy_(torch.randn(d_sae, d, dtype=torch.float64) * 3.0 / math.sqrt(3 * d))
+        coder.encoder.bias.normal_(0, 0.3)
+        coder.b_dec.normal_(0, 0.3)
+        coder.W_dec.copy_(torch.randn(d_sae, d, dtype=torch.float64) * 0.3)
+        if skip:
+            coder.W_skip.normal_(0, 0.1)
+    return coder.eval()

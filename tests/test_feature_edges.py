@@ -35,18 +35,15 @@ from atp_plugin.edges import (
 )
 from atp_plugin.edges.features import _GATED
 from atp_plugin.errors import UnsupportedModelError
-from atp_plugin.saes import SimpleSAE
 from conftest import logit_diff_metric, make_model, make_pairs
 from edge_reference import linear_model, split_model
+from helpers import random_simple_sae
 
 N, T, D_SAE = 3, 5, 16
 
 
-def simple(seed: int, hook: str, hook_out: str | None = None, activation=torch.relu) -> SimpleSAE:
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    return SimpleSAE(r(32, D_SAE) / 4, r(D_SAE) * 0.3, r(D_SAE, 32) / 4, r(32) * 0.1, activation=activation,
-                     hook_name=hook, hook_name_out=hook_out)
+def simple(seed: int, hook: str, hook_out: str | None = None, activation=torch.relu):
+    return random_simple_sae(seed, hook, hook_out, d_sae=D_SAE, activation=activation)
 
 
 def sae_lens_dicts() -> list:

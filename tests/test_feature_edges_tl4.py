@@ -1,6 +1,7 @@
 """Feature edges on a TransformerLens 4 TransformerBridge (float64 GPT-2, SAE-Lens-free
 ``saes.SimpleSAE`` dictionaries: an SAE on layer 0's attention output, a transcoder from layer 0's
-ln2 input into its MLP output, an SAE on layer 1's MLP output) against a naive reference written
+ln2 input into its MLP output, an SAE on layer 1's MLP output; the transcoder also a sparsify one)
+against a naive reference written
 here with the Bridge's own hooks and modules: every edge into a dictionary node or the logits, EAP
 (the derivative of the patched metric in the size of the change, by autograd) and exact patching;
 a feature's node AtP is the sum of its outgoing edges; every edge patched is the corrupt run."""
@@ -11,10 +12,11 @@ import pytest
 import torch
 
 pytest.importorskip("transformer_lens.model_bridge", reason="needs TransformerLens 4's TransformerBridge")
+import feature_reference as ref  # noqa: E402
 from atp_plugin import attribute, metrics  # noqa: E402
 from atp_plugin.adapters import SAEFeatures, TranscoderFeatures  # noqa: E402
 from atp_plugin.edges import attribute_edges  # noqa: E402
-from atp_plugin.saes import SimpleSAE  # noqa: E402
+from helpers import random_simple_sae, sparsify_coder  # noqa: E402
 from hf_models import D_VOCAB, load_bridge, save_gpt2  # noqa: E402
 
 N, T, D_SAE = 3, 5, 16
@@ -23,34 +25,14 @@ PLACES = [("attn", 0, "blocks.0.hook_attn_out", "blocks.0.hook_attn_out", [2, 5,
           ("mlp", 1, "blocks.1.hook_mlp_out", "blocks.1.hook_mlp_out", [0, 7, 8])]
 
 
-def simple(seed: int, hook_in: str, hook: str) -> SimpleSAE:
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    return SimpleSAE(r(32, D_SAE) / 4, r(D_SAE) * 0.3, r(D_SAE, 32) / 4, r(32) * 0.1, hook_name=hook_in,
-                     hook_name_out=None if hook_in == hook else hook)
-
-
-def sparsify_transcoder(seed: int, hook_in: str, hook: str):
-    """A random float64 sparsify transcoder (top-k, 16 latents, 4 active; no W_enc of ours: the
-    reads take the full backward through its encoder)."""
-    sparsify = pytest.importorskip("sparsify", reason="needs eai-sparsify (pip install eai-sparsify)")
-    torch.manual_seed(seed)
-    coder = sparsify.Sae(32, sparsify.TranscoderConfig(num_latents=D_SAE, k=4), dtype=torch.float64)
-    with torch.no_grad():
-        coder.encoder.weight.copy_(torch.randn(D_SAE, 32, dtype=torch.float64) / 3)
-        coder.encoder.bias.normal_(0, 0.3)
-        coder.b_dec.normal_(0, 0.1)
-        coder.W_dec.copy_(torch.randn(D_SAE, 32, dtype=torch.float64) / 4)
-    return coder.eval()
-
-
 @pytest.fixture(scope="module", params=["simple", "sparsify"])
 def setup(request, tmp_path_factory):
     """The dictionaries, with layer 0's transcoder a ``SimpleSAE`` or a sparsify transcoder."""
     model = load_bridge(save_gpt2(tmp_path_factory.mktemp("gpt2")))
-    coders = [simple(i, hook_in, hook) for i, (_, _, hook_in, hook, _) in enumerate(PLACES)]
-    if request.param == "sparsify":
-        coders[1] = sparsify_transcoder(1, *PLACES[1][2:4])
+    coders = [random_simple_sae(i, hook_in, None if hook_in == hook else hook, d_sae=D_SAE)
+              for i, (_, _, hook_in, hook, _) in enumerate(PLACES)]
+    if request.param == "sparsify":  # no W_enc of ours: its reads take the full backward through its encoder
+        coders[1] = sparsify_coder(transcoder=True, seed=1)
     adapters = [TranscoderFeatures(s, hook_in=hook_in, hook_out=hook) if hook_in != hook else SAEFeatures(s)
                 for s, (_, _, hook_in, hook, _) in zip(coders, PLACES)]
     saes = [a.sae for a in adapters]  # sparsify's coder wrapped: dense encode, decode and W_dec
@@ -63,14 +45,10 @@ def setup(request, tmp_path_factory):
     return model, saes, adapters, keep, clean, corrupt, metric
 
 
-def node_writes(sae, prefix: str, kept: list[int], u: torch.Tensor, a: torch.Tensor) -> dict[str, torch.Tensor]:
-    f = sae.encode(u)
-    out = {f"{prefix}.f{i}": f[..., i, None] * sae.W_dec[i] for i in kept}
-    out[f"{prefix}.error"] = a - sae.decode(f)
-    rest = f.clone()
-    rest[..., kept] = 0
-    out[f"{prefix}.rest"] = rest @ sae.W_dec
-    return out
+def node_writes(sae, place: str, layer: int, kept: list[int], u: torch.Tensor, a: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+    """Each node's write, by ``feature_reference``'s definition."""
+    return ref.Dict(place, layer, sae, "", "", kept).nodes(u, a)
 
 
 def writes(model, saes, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -81,7 +59,7 @@ def writes(model, saes, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         for h in range(4):
             out[f"L1.H{h}"] = cache["blocks.1.attn.hook_z"][:, :, h] @ model.blocks[1].attn.W_O[h]
         for sae, (place, layer, hook_in, hook, kept) in zip(saes, PLACES):
-            out |= node_writes(sae, f"{place}{layer}", kept, cache[hook_in], cache[hook])
+            out |= node_writes(sae, place, layer, kept, cache[hook_in], cache[hook])
     return out
 
 
@@ -107,8 +85,8 @@ def patched_metric(model, saes, tokens, receiver: str, d: torch.Tensor, metric) 
         finally:
             busy[0] = False
         u, u2 = (a, a2) if hook_in == hook.name else (seen[hook_in, False], seen[hook_in, True])
-        new = node_writes(saes[i], f"{place}{layer}", kept, u2, a2)[receiver]
-        return a + new - node_writes(saes[i], f"{place}{layer}", kept, u, a)[receiver]
+        new = node_writes(saes[i], place, layer, kept, u2, a2)[receiver]
+        return a + new - node_writes(saes[i], place, layer, kept, u, a)[receiver]
     hooks = [(f"blocks.{layer}.hook_resid_mid", grab), (hook, swap)] + ([(hook_in, grab)] if hook_in != hook else [])
     return metric(model.run_with_hooks(tokens, fwd_hooks=hooks), torch.arange(len(tokens)))
 

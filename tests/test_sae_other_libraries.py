@@ -18,7 +18,6 @@ Models, SAEs and transcoders have random float64 weights (no downloads).
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Callable
 
@@ -29,7 +28,7 @@ import transformers
 from atp_plugin import attribute
 from atp_plugin.adapters import SAEFeatures, TranscoderFeatures
 from atp_plugin.saes import SimpleSAE, SparsifySAE
-from helpers import bridge_pairs, close
+from helpers import bridge_pairs, close, sparsify_coder
 from hf_models import load_bridge, save_gpt2
 
 N, T, D, D_SAE, K = 3, 6, 32, 24, 4
@@ -37,7 +36,6 @@ MID = "blocks.0.hook_resid_post"
 LINEAR = "ln_final.hook_normalized"  # feeds the unembedding: the metric is linear in it
 MLP_IN, MLP_OUT = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"
 LAST = "blocks.1.hook_resid_post"
-SPARSIFY_MISSING = "needs EleutherAI's sparsify: pip install eai-sparsify (part of atp-plugin[test])"
 
 
 @pytest.fixture(scope="module")
@@ -48,24 +46,6 @@ def bridge(tmp_path_factory):
 
 
 # --- the SAEs -----------------------------------------------------------------------------------
-def sparsify_coder(transcoder: bool = False, *, activation: str = "topk", skip: bool = False, seed: int = 0):
-    """A random float64 sparsify ``SparseCoder`` (an SAE, or a transcoder with ``transcoder``) of width
-    D -> D, K of D_SAE latents active; biases and decoder randomised (sparsify starts them at 0)."""
-    sparsify = pytest.importorskip("sparsify", reason=SPARSIFY_MISSING)
-    make = sparsify.TranscoderConfig if transcoder else sparsify.SaeConfig
-    torch.manual_seed(seed)
-    coder = sparsify.Sae(D, make(num_latents=D_SAE, k=K, activation=activation, skip_connection=skip),
-                         dtype=torch.float64)
-    with torch.no_grad():  # every weight drawn here, so that the coder does not change with sparsify's own init
-        coder.encoder.weight.copy_(torch.randn(D_SAE, D, dtype=torch.float64) * 3.0 / math.sqrt(3 * D))
-        coder.encoder.bias.normal_(0, 0.3)
-        coder.b_dec.normal_(0, 0.3)
-        coder.W_dec.copy_(torch.randn(D_SAE, D, dtype=torch.float64) * 0.3)
-        if skip:
-            coder.W_skip.normal_(0, 0.1)
-    return coder.eval()
-
-
 class ModuleTranscoder(torch.nn.Module):
     """A user's own transcoder: a JumpReLU encoder ``[d_in, d_sae]`` and a linear decoder, nothing else."""
 

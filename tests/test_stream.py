@@ -229,12 +229,9 @@ def test_feature_edges_on_a_stream_equal_the_lists(model):
     """features= on a stream: the node run that keeps the features and the edge run both read the
     stream; the same kept features and numbers as from lists."""
     from atp_plugin.adapters import TranscoderFeatures
-    from atp_plugin.saes import SimpleSAE
-    g = torch.Generator().manual_seed(5)
-    tc = SimpleSAE(torch.randn(32, 24, generator=g, dtype=torch.float64) / 4, torch.randn(24, generator=g,
-                   dtype=torch.float64) * 0.3, torch.randn(24, 32, generator=g, dtype=torch.float64) / 4,
-                   torch.zeros(32, dtype=torch.float64), hook_name="blocks.0.ln2.hook_normalized",
-                   hook_name_out="blocks.0.hook_mlp_out").to(next(model.parameters()).dtype)
+    from helpers import random_simple_sae
+    tc = random_simple_sae(5, "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out", d_sae=24)
+    tc = tc.to(next(model.parameters()).dtype)
     features = [TranscoderFeatures(tc)]
     lists = attribute_edges(model, CLEAN, CORRUPT, metrics.logit_diff(ANSWERS, WRONGS), features=features, keep=3,
                             batch_size=2)
