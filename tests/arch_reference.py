@@ -6,7 +6,8 @@ model and compares it with its reference (the ``tests/test_architectures.py`` ma
 
 Edges (``atp_plugin.edges.graph``): a sender's change is its write on the corrupt prompt less its
 write on the clean one: the embedding's at ``blocks.0.hook_resid_pre``, a head's as the change of
-``hook_attn_out`` when that head's ``hook_z`` alone takes its corrupt value, an MLP's at
+``hook_attn_out`` when that head's ``hook_z`` alone takes its corrupt value (for the first-order
+methods its derivative along that change: they differ behind a post-norm), an MLP's at
 ``hook_mlp_out``. A receiver reads the residual plus that change and nothing else does: an MLP
 through ``ln2.hook_in``, the logits through ``ln_final.hook_in``, a head's q/k/v by a first run with
 ``ln1.hook_in`` changed, whose ``hook_q/k/v`` value for that head alone then replaces the clean one
@@ -106,8 +107,11 @@ def node_ap(model: Any, clean: torch.Tensor, corrupt: torch.Tensor, metric) -> d
 
 # --- edges ----------------------------------------------------------------------------------------
 
-def sender_changes(model: Any, graph: Any, clean: torch.Tensor, corrupt: torch.Tensor) -> list[torch.Tensor]:
-    """Each sender's change ``[batch, pos, d_model]``, in ``graph.senders`` order."""
+def sender_changes(model: Any, graph: Any, clean: torch.Tensor, corrupt: torch.Tensor, first_order: bool = False
+                   ) -> list[torch.Tensor]:
+    """Each sender's change ``[batch, pos, d_model]``, in ``graph.senders`` order; with
+    ``first_order``, a head's is the derivative of ``hook_attn_out`` along its z's change (by a
+    double backward), which differs from the change itself only behind a post-norm."""
     layers = range(model.cfg.n_layers)
     names = [EMBED] + [f"blocks.{ly}.{h}" for ly in layers for h in ("attn.hook_z", "hook_attn_out", "hook_mlp_out")]
     with torch.no_grad():
@@ -122,13 +126,23 @@ def sender_changes(model: Any, graph: Any, clean: torch.Tensor, corrupt: torch.T
             else:
                 z = f"blocks.{s.layer}.attn.hook_z"
 
-                def patch(x, hook, head=s.head, v=n[z]):
-                    x = x.clone()
-                    x[:, :, head] = v[:, :, head]
-                    return x
                 out_hook = f"blocks.{s.layer}.hook_attn_out"
-                _, p = _run(model, clean, [(z, patch)], [out_hook])
-                out.append(p[out_hook] - c[out_hook])
+                with torch.enable_grad():
+                    eps = torch.tensor(0.0 if first_order else 1.0, dtype=c[z].dtype, requires_grad=first_order)
+
+                    def patch(x, hook, head=s.head, v=n[z], eps=eps):
+                        x = x.clone()
+                        x[:, :, head] = x[:, :, head] + eps * (v[:, :, head] - x[:, :, head])
+                        return x
+                    _, p = _run(model, clean, [(z, patch)], [out_hook])
+                    if first_order:
+                        y = p[out_hook]
+                        u = torch.zeros_like(y, requires_grad=True)
+                        (g,) = torch.autograd.grad(y, eps, u, create_graph=True)
+                        (jvp,) = torch.autograd.grad(g, u)
+                        out.append(jvp.detach())
+                    else:
+                        out.append(p[out_hook].detach() - c[out_hook])
     return out
 
 
@@ -138,10 +152,17 @@ def _read(model: Any, tokens: torch.Tensor, receiver: Any, delta: torch.Tensor, 
     add = lambda x, hook: x + delta  # noqa: E731
     if receiver.kind == "logits":
         return [("ln_final.hook_in", add)]
+    block = f"blocks.{receiver.layer}"
     if receiver.kind == "mlp":
-        return [(f"blocks.{receiver.layer}.ln2.hook_in", add)]
-    hook = f"blocks.{receiver.layer}.attn.hook_{receiver.kind}"
-    _, acts = _run(model, tokens, path + [(f"blocks.{receiver.layer}.ln1.hook_in", add)], [hook])
+        if f"{block}.ln2.hook_in" in model.hook_dict:
+            return [(f"{block}.ln2.hook_in", add)]
+        # no pre-norm (OLMo 2): the MLP's output with the whole residual it reads changed, then alone
+        _, acts = _run(model, tokens, path + [(f"{block}.hook_resid_mid", add)], [f"{block}.hook_mlp_out"])
+        new_out = acts[f"{block}.hook_mlp_out"]
+        return [(f"{block}.hook_mlp_out", lambda x, hook: new_out)]
+    hook = f"{block}.attn.hook_{receiver.kind}"
+    read = f"{block}.ln1.hook_in" if f"{block}.ln1.hook_in" in model.hook_dict else f"{block}.hook_resid_pre"
+    _, acts = _run(model, tokens, path + [(read, add)], [hook])
     new = acts[hook]
     where = torch.zeros(new.shape[1:3], dtype=torch.bool)
     where[slice(None) if pos is None else pos, receiver.head] = True
@@ -153,7 +174,8 @@ def edges(model: Any, graph: Any, clean: torch.Tensor, corrupt: torch.Tensor, me
     """Signed I of every edge of ``graph`` (each patched at every position), mean over pairs: ``[edge]``.
     ``metric(logits, pair indices) -> [batch]``. The edges into one receiver run as copies of the
     batch, one per sender."""
-    changes = torch.stack(sender_changes(model, graph, clean, corrupt))  # [senders, batch, pos, d_model]
+    # [senders, batch, pos, d_model]
+    changes = torch.stack(sender_changes(model, graph, clean, corrupt, first_order=method != "ap"))
     n = clean.shape[0]
     with torch.no_grad():
         _, ends = _run(model, clean, [], [EMBED])

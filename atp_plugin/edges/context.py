@@ -79,8 +79,8 @@ class Context:
     def check_qk(self) -> None:
         """Fail before any run where the edge QK fix cannot serve a layer's attention."""
         for layer in range(self.parts.n_layers):
+            self.parts.check_qk(layer)  # what the structure shows, before the host's probe of the pattern
             fixable(self.host.attention(layer), "use method='atp' for edges")
-            self.parts.check_qk(layer)
 
     def first_order(self, desc: str, per_position: bool, forward: int, backward: int, estimate: Estimator
                     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,7 +44,7 @@ from ..errors import UnsupportedModelError
 from ..hosts import rounding
 from ..hosts.structure import Structure, hook_names
 from .graph import Receiver, Sender
-from .groups import AttentionReads, DenseSum, MLPReads, Patch, PatchedRun, ReadSum, Values
+from .groups import AttentionReads, DenseSum, MLPReads, Patch, PatchedRun, ReadSum, Values, summed
 
 #: what ``keep=`` takes: the top k features of each dictionary by node AtP, every feature whose node
 #: score reaches a threshold, or the features of each dictionary by name
@@ -269,6 +269,11 @@ class Dictionary:
         parts = {m: f[:, :, m, None] * w[j] for j, m in enumerate(feats)}
         parts.update({m: err if m == k else rest for m in members if m >= k})
         return torch.stack([parts[m] for m in members], dim=2)
+
+    def change(self, new: Values, old: Values, dtype: torch.dtype, members: list[int], weights: torch.Tensor
+               ) -> torch.Tensor:
+        """Its nodes' writes add up (the decoder is linear in the features)."""
+        return summed(self.delta(new, old, dtype, members), weights)
 
     # --- readers (at an MLP or on the residual stream) ---------------------------------------------------
     @property

@@ -2,8 +2,12 @@
 
 A *writer* group is senders that write into the residual stream at one stage. It names the hook
 values its writes come from (``hooks``), keeps what it needs of a run (``record``) and gives each
-sender's change of write between two runs (``delta``: what patching the sender adds to the
-residual a receiver reads, ``[batch, pos, senders, d_model]``).
+sender's change of write between two runs to first order (``delta``, ``[batch, pos, senders,
+d_model]``: what the gradient methods dot with a receiver's gradient) and, exactly, the change of
+its write when a set of its senders is patched (``change``: what a patched receiver reads). The
+two are the same where the writes are additive; after a post-norm (Gemma 2/3, OLMo 2) the heads of
+a layer write ``ln1_post(sum of their outputs)``, and a set of heads' change is that of the
+normalised output with those heads alone patched.
 
 A *reader* group is receivers that read the residual stream at one stage. It gives dL/d(the
 residual as each receiver alone reads it) from one run's values and gradients (``reads``), their
@@ -46,7 +50,14 @@ class Writers(Protocol):
 
     def delta(self, new: Values, old: Values, dtype: torch.dtype, members: list[int] | None = None) -> torch.Tensor:
         """write(new) - write(old) of each sender (``members``: of those, by their number in the
-        group), from two runs' ``record``s: ``[batch, pos, senders, d_model]``."""
+        group), from two runs' ``record``s, to first order at ``old``: ``[batch, pos, senders, d_model]``."""
+
+    def change(self, new: Values, old: Values, dtype: torch.dtype, members: list[int], weights: torch.Tensor
+               ) -> torch.Tensor:
+        """For each column r of ``weights`` (``[members, cols]`` or ``[members, cols, pos]``, 0 or 1:
+        which of ``members`` are patched, at which positions), the exact change of the group's write
+        when those senders take their ``new`` values and the others keep their ``old`` ones:
+        ``[batch, pos, cols, d_model]``."""
 
 
 class Readers(Protocol):
@@ -106,18 +117,29 @@ class PatchedRun:
 
     def __init__(self, deltas: Callable[[Readers, list[int]], tuple[torch.Tensor, torch.Tensor] | None],
                  live: Values):
-        self.deltas, self.live = deltas, live
+        self._deltas, self.live = deltas, live
         self.busy = False
 
+    def deltas(self, group: Readers, members: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        # a writer's change may run a piece of the model (a post-norm)
+        return self.recompute(lambda: self._deltas(group, members))
+
     def recompute(self, fn: Callable[[], T]) -> T:
-        self.busy = True
+        busy, self.busy = self.busy, True
         try:
             return fn()
         finally:
-            self.busy = False
+            self.busy = busy
 
 
 # --- writers -------------------------------------------------------------------------------------
+def summed(per_sender: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``per_sender`` ``[batch, pos, senders, d]`` summed under ``weights`` ``[senders, cols]`` or
+    ``[senders, cols, pos]``: ``[batch, pos, cols, d]`` (an additive group's ``change``)."""
+    spec = "ctsd,srt->ctrd" if weights.ndim == 3 else "ctsd,sr->ctrd"
+    return torch.einsum(spec, per_sender, weights.to(per_sender))
+
+
 @dataclass(frozen=True)
 class HookWrites:
     """Senders whose write is a hook's value itself: the embedding (``blocks.0.hook_resid_pre``) or
@@ -135,10 +157,19 @@ class HookWrites:
     def delta(self, new: Values, old: Values, dtype: torch.dtype, members: list[int] | None = None) -> torch.Tensor:
         return (new[self.hook].to(dtype) - old[self.hook].to(dtype))[:, :, None]
 
+    def change(self, new: Values, old: Values, dtype: torch.dtype, members: list[int], weights: torch.Tensor
+               ) -> torch.Tensor:
+        return summed(self.delta(new, old, dtype), weights)
+
 
 @dataclass(frozen=True)
 class HeadWrites:
-    """A layer's heads: head h writes ``z_h @ W_O[h]``; kept compact (z) until a delta is asked."""
+    """A layer's heads: head h writes ``z_h @ W_O[h]``; kept compact (z) until a delta is asked.
+
+    Behind a post-norm (``Structure.post_normed``) the layer writes ``ln1_post(a)``, a = sum_h z_h
+    W_O[h] + b_O: head h's write is then the change of that normalised output with head h alone
+    patched, exact for patching (``change``) and J(a) z_h W_O[h] for the gradient methods
+    (``delta``), so a head's edges still sum to its node AtP at ``hook_z``."""
 
     senders: tuple[Sender, ...]
     parts: Structure
@@ -158,11 +189,37 @@ class HeadWrites:
         """z(new) - z(old) ``[batch, pos, head, d_head]``."""
         return new[self.hook].to(dtype) - old[self.hook].to(dtype)
 
-    def delta(self, new: Values, old: Values, dtype: torch.dtype, members: list[int] | None = None) -> torch.Tensor:
+    @property
+    def additive(self) -> bool:
+        """Whether each head's write is ``z_h @ W_O[h]`` itself (no post-norm)."""
+        return not self.parts.post_normed(self.layer)
+
+    def output(self, values: Values, dtype: torch.dtype) -> torch.Tensor:
+        """The attention output before any post-norm, ``z @ W_O + b_O`` ``[batch, pos, d_model]``."""
+        b_O = self.parts.b_O(self.layer)
+        a = torch.einsum("bthe,hed->btd", values[self.hook].to(dtype), self.parts.W_O(self.layer).to(dtype))
+        return a if b_O is None else a + b_O.to(dtype)
+
+    def _raw(self, new: Values, old: Values, dtype: torch.dtype, members: list[int] | None) -> torch.Tensor:
+        """z_h(new) - z_h(old) through W_O[h] ``[batch, pos, senders, d_model]``."""
         dz, w_o = self.z_change(new, old, dtype), self.parts.W_O(self.layer).to(dtype)
         if members is not None:
             dz, w_o = dz[:, :, members], w_o[members]
         return torch.einsum("bthe,hed->bthd", dz, w_o)
+
+    def delta(self, new: Values, old: Values, dtype: torch.dtype, members: list[int] | None = None) -> torch.Tensor:
+        raw = self._raw(new, old, dtype, members)
+        return raw if self.additive else self.parts.attn_write_jvp(self.layer, self.output(old, dtype), raw)
+
+    def change(self, new: Values, old: Values, dtype: torch.dtype, members: list[int], weights: torch.Tensor
+               ) -> torch.Tensor:
+        raw = summed(self._raw(new, old, dtype, members), weights)  # [batch, pos, cols, d_model]
+        if self.additive:
+            return raw
+        a = self.output(old, dtype)[:, :, None]
+        host = self.parts.host.dtype
+        return (self.parts.attn_write(self.layer, (a + raw).to(host)).to(dtype)
+                - self.parts.attn_write(self.layer, a.to(host)).to(dtype))
 
 
 # --- readers -------------------------------------------------------------------------------------

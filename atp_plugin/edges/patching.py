@@ -23,7 +23,7 @@ from ..engine.runs import run
 from ..hosts.structure import Structure
 from .graph import Graph
 from .groups import Patch, PatchedRun, Readers, Values, Writes
-from .values import receiver_hooks, record, sender_deltas, sender_hooks
+from .values import receiver_hooks, record, sender_hooks
 
 
 @dataclass
@@ -58,6 +58,7 @@ class _Deltas:
         self.graph, self.plan, self.noise, self.live, self.dtype = graph, plan, noise, live, dtype
         self.mask = mask.to(dtype)  # [copies, pos]: padding positions are never patched
         self.records: dict[int, Values] = {}  # writer group -> its record in this run, once its hooks have fired
+        self.one = torch.ones(1, 1, dtype=dtype)  # one sender patched, for one receiver
         if isinstance(plan, Complement):
             device = noise.device
             dense = torch.zeros((len(graph.senders), len(graph.receivers)) + plan.patched.shape[1:], dtype=dtype,
@@ -86,9 +87,12 @@ class _Deltas:
             m = self.dense[lo:n, receivers]  # [senders, receivers(, pos)]
             if not bool(m.any()):
                 return None
-            diff = sender_deltas(g, self.noise, self._live(lo, n), self.dtype, (lo, n))
-            spec = "ctsd,srt->ctrd" if m.ndim == 3 else "ctsd,sr->ctrd"
-            delta = torch.einsum(spec, diff, m) * self.mask[:, :, None, None]
+            live = self._live(lo, n).values
+            delta = sum(w.change(self.noise.values, live, self.dtype, list(range(len(w.senders))),
+                                 m[start - lo:start - lo + len(w.senders)])
+                        for w, start in zip(g.writers, g.writer_start) if lo <= start < n)
+            assert isinstance(delta, torch.Tensor)
+            delta = delta * self.mask[:, :, None, None]
             patched = (m.flatten(2).any(-1) if m.ndim == 3 else m.bool()).any(0)
             return delta, patched[None].expand(copies, -1)
         receiver = g.receiver_index[self.plan.edge]  # [copies]
@@ -104,7 +108,7 @@ class _Deltas:
             w, start = g.writer_of(s)
             live = self._live(s, s + 1).values  # the sender's own group's record
             new, old = ({k: v[k][rows] for k in live} for v in (self.noise.values, live))
-            diff = w.delta(new, old, self.dtype, [s - start])[:, :, 0]
+            diff = w.change(new, old, self.dtype, [s - start], self.one)[:, :, 0]
             pos = self.plan.pos[rows]
             at = ((pos[:, None] < 0) | (torch.arange(t)[None] == pos[:, None])).to(diff.device)  # [rows, pos]
             at = at & self.mask[rows].bool()

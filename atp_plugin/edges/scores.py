@@ -8,9 +8,10 @@ clean + (k/m)(noise - clean), k = 1..m (Hanna et al.'s "inputs" variant, right-e
 the k = m run is the corrupt prompt's, which also gives the corrupt writes).
 ``atp+qk``: for an edge into a query or key, v's q (or k) recomputed from resid + (u(noise) -
 u(clean)) through ln1, W and rotary, the attention row(s) recomputed exactly through the softmax
-(``edges.qk``: the node fix's formulas, every sender of a layer at once) and dotted with G = dL/dA;
-the clean scores are recomputed from q and k as the node fix recomputes them (``engine.qk.scores``:
-one numerical contract, so a score bias such as ALiBi is refused by both).
+(``engine.qk``: the one QK fix, of which a node's is the one-sender case; here every sender of a
+layer at once) and dotted with G = dL/dA; the clean scores are recomputed from q and k as for the
+node fix (``engine.qk.scores``: one numerical contract, so a score bias such as ALiBi is refused by
+both).
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ from typing import Callable
 
 import torch
 
+from ..engine import qk as qkfix
 from ..engine.path import interpolate, path_points
-from ..engine.qk import scores, unmasked
 from ..engine.runs import run
 from ..hosts import AttentionGeometry
 from ..hosts.structure import Structure, hook_names
-from . import qk as qkfix
 from .build import check_graph, check_hooks
 from .graph import Graph
 from .groups import AttentionReads, HeadWrites, Writes
@@ -111,7 +111,7 @@ def _qk_fix(parts: Structure, graph: Graph, layer: int, geom: AttentionGeometry,
 
     Every sender u before the layer at once: the change of every head's q and kv-head's k at each
     position when the residual read there gains u's change (``_read_changes``), rotary applied,
-    then the attention rows exactly through the softmax, dotted with G (``edges.qk``).
+    then the attention rows exactly through the softmax, dotted with G (``engine.qk``).
     """
     (lo, hi), n_q = graph.senders_before(2 * layer + 1), parts.n_heads
     reads = next(r for r in graph.readers if isinstance(r, AttentionReads) and r.layer == layer)
@@ -121,18 +121,18 @@ def _qk_fix(parts: Structure, graph: Graph, layer: int, geom: AttentionGeometry,
     b, t = x.shape[:2]
     heads = {start - lo: (g.layer, g.z_change(noise.values, clean.values, dtype) * mask[:, :, None, None])
              for g, start in zip(graph.writers, graph.writer_start)
-             if isinstance(g, HeadWrites) and lo <= start < hi}
+             if isinstance(g, HeadWrites) and g.additive and lo <= start < hi}
     change = _read_changes(parts, layer, x, delta[:, :, lo:hi], heads, w.permute(1, 0, 2).flatten(1), dtype)
     # [senders, batch, pos, q + kv, d_head]: rotary is linear, so the rotated change is the change rotated
     change = parts.rotate(layer, change.view(n_s, b, t, -1, w.shape[2]), mask, values)
     q, k = geom.dotted("q", values).to(dtype), geom.dotted("k", values).to(dtype)  # [batch, pos, heads, d_head]
     # only which of the model's scores are masked is read: the scores are recomputed as the node fix forms them
-    seen = unmasked(values[geom.scores_hook])
-    rw = qkfix.rows(scores(q, k, seen, geom), q, k, grads[geom.pattern_hook].to(dtype), geom)
+    seen = qkfix.unmasked(values[geom.scores_hook])
+    rw, G = qkfix.rows(qkfix.scores(q, k, seen, geom), q, k, geom), grads[geom.pattern_hook].to(dtype)
     dq = change[..., :n_q, :].permute(1, 3, 0, 2, 4)  # [batch, head, senders, pos, d_head]
     # per query head: [batch, head, d_head, senders, pos]
     dk = change[..., n_q:, :].repeat_interleave(geom.group, dim=3).permute(1, 3, 4, 0, 2)
-    for which, eff in (("q", qkfix.query_effects(rw, dq, k, geom)), ("k", qkfix.key_effects(rw, q, dk, geom))):
+    for which, eff in (("q", qkfix.query_effects(rw, dq, k, G, geom)), ("k", qkfix.key_effects(rw, q, dk, G, geom))):
         first = graph.reader_start[id(reads)] + (0 if which == "q" else n_q)  # the group's queries, then keys
         rs = torch.arange(first, first + (n_q if which == "q" else parts.n_kv))
         edges = graph.receiver_start[rs][None, :] + torch.arange(n_s)[:, None]  # [senders, receivers]

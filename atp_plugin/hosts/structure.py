@@ -11,6 +11,11 @@ per-head result hooks never have to be switched on), a head's query/key/value re
 changed residual (``ln1(x) @ W + b``, for exact edge patching and the QK fix), and an MLP
 recomputed from a changed residual (``mlp(ln2(x))``). ``check_structure`` verifies on a real run
 that these recomputations reproduce the model's own values before any number is reported.
+
+Post-norm blocks (Gemma 2 and 3: a norm before and after attention and MLP; OLMo 2: after only) add
+``ln1_post(attention output)`` and ``ln2_post(mlp output)`` to the residual: the heads' writes are
+then not additive, and ``attn_write`` / ``attn_write_jvp`` give the normalised write of a changed
+attention output and its first-order form. A block without a pre-norm reads the residual as it is.
 """
 
 from __future__ import annotations
@@ -58,15 +63,47 @@ class Structure:
     def block(self, layer: int) -> Any:
         return self.model.blocks[layer]
 
+    def _norm(self, layer: int, name: str) -> Any:
+        """The block's norm module ``name`` (``ln1``, ``ln2``, ``ln1_post``, ``ln2_post``), None where it has none."""
+        return getattr(self.block(layer), name, None)
+
     def ln1(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """The layer's attention input norm applied to ``x`` ``[..., d_model]`` as the model applies it."""
-        return self.block(layer).ln1(x)
+        """The layer's attention input norm applied to ``x`` ``[..., d_model]`` as the model applies it
+        (``x`` itself in a block without one)."""
+        ln = self._norm(layer, "ln1")
+        return x if ln is None else ln(x)
+
+    def post_normed(self, layer: int) -> bool:
+        """Whether the layer's attention output passes through a norm before it joins the residual."""
+        return self._norm(layer, "ln1_post") is not None
+
+    def attn_write(self, layer: int, a: torch.Tensor) -> torch.Tensor:
+        """What the layer's attention adds to the residual when its output (``z @ W_O + b_O``) is
+        ``a`` ``[..., d_model]``: ``ln1_post(a)``, or ``a`` itself without a post-norm."""
+        ln = self._norm(layer, "ln1_post")
+        return a if ln is None else ln(a)
+
+    def attn_write_jvp(self, layer: int, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """The first-order change of ``attn_write`` at ``a`` ``[batch, pos, d_model]`` along each of
+        the changes ``d`` ``[batch, pos, n, d_model]``: J(a) d, ``d``'s shape and dtype (``d`` itself
+        without a post-norm). By autograd through the model's own norm module (a double backward)."""
+        if not self.post_normed(layer):
+            return d
+        with torch.enable_grad():
+            x = a.detach()[:, :, None].expand(d.shape).to(self.host.dtype).requires_grad_(True)
+            y = self.attn_write(layer, x)
+            u = torch.zeros_like(y, requires_grad=True)
+            (gx,) = torch.autograd.grad(y, x, u, create_graph=True)
+            (out,) = torch.autograd.grad(gx, u, d.to(gx.dtype))
+        return out.to(d.dtype)
 
     def ln1_stats(self, layer: int, x: torch.Tensor, dtype: torch.dtype) -> NormStats | None:
         """ln1 at ``x`` ``[batch, pos, d_model]`` as its Jacobian needs it, for TransformerLens's own
         norms (their forward: x - mean for LayerNorm, scale = sqrt(mean(x^2) + eps), x / scale, times
         w; ``nn.Identity`` without one); None for any other module."""
-        ln = self.block(layer).ln1
+        ln = self._norm(layer, "ln1")
+        if ln is None:
+            return NormStats(None, None, None, False)
         kind = type(ln).__name__ if type(ln).__module__.startswith(("transformer_lens.components", "torch.nn")) else ""
         if kind == "Identity":
             return NormStats(None, None, None, False)
@@ -98,9 +135,15 @@ class Structure:
         return out.permute(1, 2, 0, 3).to(g.dtype)
 
     def mlp_of(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """The layer's MLP output for the residual ``x`` ``[batch, pos, d_model]`` (its norm included)."""
-        block = self.block(layer)
-        return block.mlp(block.ln2(x))
+        """The layer's MLP output at ``hook_mlp_out`` for the residual ``x`` ``[batch, pos, d_model]``
+        (its norms, before and after, included)."""
+        return self._mlp_out(layer, self._norm(layer, "ln2"), x)
+
+    def _mlp_out(self, layer: int, ln2: Any, x: torch.Tensor) -> torch.Tensor:
+        """``ln2_post(mlp(ln2(x)))``, each norm where the block has it."""
+        out = self.block(layer).mlp(x if ln2 is None else ln2(x))
+        post = self._norm(layer, "ln2_post")
+        return out if post is None else post(out)
 
     def mlp_hooks(self, layer: int) -> tuple[str, ...]:
         """The MLP block's hooks ``mlp_sites`` gives values of: the residual it reads
@@ -115,19 +158,19 @@ class Structure:
         """The values of ``mlp_hooks`` for the residual ``x`` ``[batch, pos, d_model]`` the MLP reads
         (ln2's normalised input as its ``hook_normalized`` module sees it in this forward); without
         ``output``, all but the MLP's output (the MLP is not run)."""
-        block = self.block(layer)
-        point = getattr(block.ln2, "hook_normalized", None)
+        ln2 = self._norm(layer, "ln2")
+        point = getattr(ln2, "hook_normalized", None)
         seen: list[torch.Tensor] = []
         handle = point.register_forward_hook(lambda m, i, out: seen.append(out)) \
             if isinstance(point, torch.nn.Module) else None
         try:
-            normed = block.ln2(x)
+            normed = x if ln2 is None else ln2(x)
         finally:
             if handle is not None:
                 handle.remove()
         resid, copy, normalized, mlp_out = self.mlp_hooks(layer)
         return ({resid: x, copy: x} | ({normalized: seen[0]} if seen else {})
-                | ({mlp_out: block.mlp(normed)} if output else {}))
+                | ({mlp_out: self._mlp_out(layer, None, normed)} if output else {}))
 
     def weights(self, layer: int, which: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W, b)`` of the layer's ``"q"``, ``"k"`` or ``"v"`` projection: ``[heads, d_model, d_head]``,
@@ -155,7 +198,7 @@ class Structure:
 
     def ln1_bias(self, layer: int) -> torch.Tensor | None:
         """ln1's additive bias ``[d_model]`` (None for RMSNorm and folded norms)."""
-        return getattr(self.block(layer).ln1, "b", None)
+        return getattr(self._norm(layer, "ln1"), "b", None)
 
     def rotation(self, layer: int) -> Rotation | None:
         """The host's rotation of changed q/k vectors with the cos and sin one run used (a
@@ -174,7 +217,7 @@ class Structure:
         attn = self.block(layer).attn
         if any(getattr(attn, n, None) is not None for n in ("q_norm", "k_norm", "q_ln", "k_ln")):
             raise UnsupportedModelError("the QK fix for edges cannot follow the q/k norm this model applies between "
-                                        "the projection and the scores (e.g. Qwen 3); use method='atp' for edges")
+                                        "the projection and the scores (e.g. Qwen 3, Gemma 3, OLMo 2); use method='atp' for edges")
         if self.rotary and self.rotation(layer) is None and not hasattr(attn, "apply_rotary"):
             raise UnsupportedModelError("the QK fix for edges needs the attention's rotary embedding for changed "
                                         "queries and keys (HookedTransformer's apply_rotary, or a TransformerBridge's "
@@ -197,18 +240,16 @@ class Structure:
 
 
 def structure_of(host: Host) -> Structure:
-    """The model's parts, or a clear error for architectures whose residual writes are not
-    ``z @ W_O`` and ``mlp_out`` added as they are (post-norms, q/k norms, shortformer embeddings)."""
+    """The model's parts, or a clear error for architectures whose residual writes are not the
+    (post-normed) attention output ``z @ W_O + b_O`` and ``mlp_out`` added as they are (q/k norms
+    in a HookedTransformer, shortformer embeddings, per-head attention inputs)."""
     cfg = host.model.cfg
     block = host.model.blocks[0]
-    missing = [n for n in ("ln1", "ln2")[: 1 if cfg.attn_only else 2] if not hasattr(block, n)]
-    post = [n for n in ("ln1_post", "ln2_post") if hasattr(block, n)]
+    if getattr(cfg, "use_normalization_before_and_after", False) and not hasattr(block, "ln1_post"):
+        raise UnsupportedModelError("edge attribution cannot find this model's norms after attention and MLP "
+                                    "(use_normalization_before_and_after without blocks[l].ln1_post); node methods "
+                                    "(attribute()) serve it")
     unsupported = [
-        (getattr(cfg, "use_normalization_before_and_after", False) or bool(post),
-         f"a norm after attention/MLP ({', '.join(post) or 'ln1_post'}; Gemma 2/3, OLMo 2: a head's write is not "
-         "z @ W_O, and the writes are not additive)"),
-        (bool(missing), f"a block without the pre-norm(s) {missing} the edge engine recomputes q/k/v and MLP inputs "
-                        "through (post-norm only, e.g. OLMo 2)"),
         (getattr(cfg, "use_qk_norm", False), "q/k normalisation"),
         (getattr(cfg, "positional_embedding_type", "standard") == "shortformer", "shortformer positional embeddings"),
         (getattr(cfg, "use_attn_in", False) or getattr(cfg, "use_split_qkv_input", False),
@@ -226,8 +267,8 @@ def structure_of(host: Host) -> Structure:
 def check_structure(parts: Structure, values: dict[str, torch.Tensor], mask: torch.Tensor) -> None:
     """Check on one run's values (every layer's resid_pre/mid/post, q, k, v, z and MLP output) that
     the recomputations the edge engine relies on reproduce the model: q/k/v from ``ln1(resid_pre)``, the MLP output from
-    ``mlp(ln2(resid))``, and the residual as the sum of embedding, head writes, MLP writes and
-    constant biases. Relative tolerance 1e-9 in float64, 1e-4 in float32, 3e-2 in half precision;
+    ``ln2_post(mlp(ln2(resid)))``, and the residual as the sum of embedding, (post-normed)
+    attention outputs and MLP writes. Relative tolerance 1e-9 in float64, 1e-4 in float32, 3e-2 in half precision;
     padding positions skipped."""
     tol = rounding(parts.host.dtype)
     real = mask[:, :, None]
@@ -239,8 +280,8 @@ def check_structure(parts: Structure, values: dict[str, torch.Tensor], mask: tor
         if not err <= tol:
             raise UnsupportedModelError(
                 f"this model's {what} is not what the edge engine recomputes (relative mismatch {err:.2g}); "
-                "edges need q/k/v = ln1(resid) @ W + b, MLP out = mlp(ln2(resid)) and residual writes z @ W_O and "
-                "mlp_out added as they are")
+                "edges need q/k/v = ln1(resid) @ W + b, MLP out = ln2_post(mlp(ln2(resid))) and residual writes "
+                "ln1_post(z @ W_O + b_O) and mlp_out added as they are (each norm where the block has it)")
 
     with torch.no_grad():
         for layer in range(parts.n_layers):
@@ -251,8 +292,8 @@ def check_structure(parts: Structure, values: dict[str, torch.Tensor], mask: tor
                 normed = parts.ln1(layer, x)[:, :, None].expand(-1, -1, heads, -1)
                 close(parts.project(layer, which, normed), values[h.qkv(which)], f"layer {layer} hook_{which}")
             b_O = parts.b_O(layer)
-            write = torch.einsum("bthe,hed->btd", values[h.z], parts.W_O(layer)) + (0.0 if b_O is None else b_O)
-            after = x + write
+            a = torch.einsum("bthe,hed->btd", values[h.z], parts.W_O(layer)) + (0.0 if b_O is None else b_O)
+            after = x + parts.attn_write(layer, a)
             if not parts.attn_only:
                 mlp_in = x if parts.parallel else after
                 close(parts.mlp_of(layer, mlp_in), values[h.mlp_out], f"layer {layer} MLP output")
