@@ -150,8 +150,8 @@ def _read(model: Any, tokens: torch.Tensor, receiver: Any, delta: torch.Tensor, 
           pos: int | None = None) -> Hooks:
     """Hooks that make ``receiver`` alone read the residual plus ``delta`` (at ``pos`` only, for q/k)."""
     add = lambda x, hook: x + delta  # noqa: E731
-    if receiver.kind == "logits":
-        return [("ln_final.hook_in", add)]
+    if receiver.kind == "logits":  # only the logits read the last residual
+        return [(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", add)]
     block = f"blocks.{receiver.layer}"
     if receiver.kind == "mlp":
         if f"{block}.ln2.hook_in" in model.hook_dict:

@@ -124,9 +124,9 @@ def test_bad_input_fails_before_any_run():
 def test_unsupported_models_are_clear_errors():
     from atp_plugin.errors import UnsupportedModelError
     clean, corrupt = make_pairs(N, T)
-    post_norm = make_model(0, n_layers=2, normalization_type="RMS", use_normalization_before_and_after=True)
-    with pytest.raises(UnsupportedModelError, match="a norm after attention/MLP"):
-        attribute_edges(post_norm, clean, corrupt, logit_diff_metric(N))
+    shortformer = make_model(0, n_layers=2, positional_embedding_type="shortformer")
+    with pytest.raises(UnsupportedModelError, match="shortformer positional embeddings"):
+        attribute_edges(shortformer, clean, corrupt, logit_diff_metric(N))
     model = make_model(0, n_layers=2)
     # a residual that is no longer embedding + writes: caught on the first batch
     model.blocks[1].hook_resid_post.add_hook(lambda x, hook: x * 1.5)
