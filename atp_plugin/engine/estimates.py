@@ -224,11 +224,11 @@ class _Batch:
                                                                    z[:, rows].to(acc), g.group)
             else:
                 self.grad_z.pop(layer, None)
-                for rows, keys, delta, fix in self._fixes(layer):
+                for rows, keys, fix in self._fixes(layer):
                     Gb = G[:, :, rows, :keys].to(acc)
-                    if delta is not None:
-                        q_rows.append(qkfix.query_effect(delta, Gb))
-                    if fix is not None:
+                    if fix.delta is not None:
+                        q_rows.append(qkfix.query_effect(fix, Gb))
+                    if fix.coeff is not None:
                         per_key[:, :keys] += qkfix.key_effect(fix, Gb, g.group)
             for n, s in enumerate(self.sites):
                 if s.qk_fixed and s.pos.layer == layer:
@@ -244,10 +244,11 @@ class _Batch:
             return scores
         return observe
 
-    def _fixes(self, layer: int) -> Iterator[tuple[slice, int, torch.Tensor | None, qkfix.KeyFix | None]]:
+    def _fixes(self, layer: int) -> Iterator[tuple[slice, int, qkfix.Fix]]:
         """Layer ``layer``'s QK fix from the clean run, per block of query rows (the rows, how many
-        leading keys any of them sees, the query delta and the key fix on those, each None where
-        the layer has no such sites). When GradDrop will need it again, its factored form is kept."""
+        leading keys any of them sees, and the fix of its query and key nodes on those: ``qk.node_fix``,
+        the edge fix with one sender, each node's own change; no query or key part where the layer has
+        no such sites). When GradDrop will need it again, its factored form is kept."""
         g, acc, clean = self.geoms[layer], self.acc, self.clean
         seen, A = self.seen.pop(layer), clean[g.pattern_hook].detach()  # [batch, 1 or head, t, s], [batch, head, t, s]
         q, k = g.dotted("q", clean).detach(), g.dotted("k", clean).detach()  # [batch, pos, (kv-)head, d_head]
@@ -258,12 +259,13 @@ class _Batch:
         for rows, keys in qkfix.row_blocks(seen, ROW_BLOCKS if seen.shape[2] >= BLOCKED_FROM else 1):
             qb, kb, Ab = q[:, rows].to(acc), k[:, :keys].to(acc), A[:, :, rows, :keys].to(acc)
             sc = qkfix.scores(qb, kb, seen[:, :, rows, :keys], g)  # [batch, head, rows, keys]
-            delta = qkfix.query_delta(sc, qb, q_n[:, rows].to(acc), kb, g) if "q" in kinds else None
-            fix = qkfix.key_fix(sc, Ab, qb, kb, k_n[:, :keys].to(acc), g) if "k" in kinds else None
+            rw = qkfix.rows(sc, qb, kb, g, Ab)
+            fix = qkfix.node_fix(rw, qb, kb, q_n[:, rows].to(acc) if "q" in kinds else None,
+                                 k_n[:, :keys].to(acc) if "k" in kinds else None, g)
             if v is not None:  # [batch, pos, head, d_head], kv-heads repeated
                 self._check_mixing(layer, Ab, v[:, :keys], clean[g.z_hook][:, rows])
-                kept.append((rows, keys, qkfix.keep(delta, fix, v[:, :keys])))
-            yield rows, keys, delta, fix
+                kept.append((rows, keys, qkfix.keep(fix, v[:, :keys])))  # before the effects use the fix up
+            yield rows, keys, fix
         if self.kept is not None:
             self.kept[layer] = kept
 
