@@ -152,11 +152,11 @@ QK_NORM = {"qwen3", "gemma3", "olmo2"}
 def refusal(name: str, kind: str, method: str, model) -> str | None:
     """The words the library's refusal of ``method`` on ``name`` names (a regex), or None where it
     serves it. TransformerLens 3.9's OLMo 2 Bridge names its post-norms ln1/ln2 (no ln1_post), so
-    there the run-time structure check refuses its edges."""
+    there the structure check on the first batch refuses its edges (after the QK fix's own check)."""
+    if kind == "edge" and method == "atp+qk" and name in QK_NORM:  # refused before any run
+        return "q/k norm"
     if kind == "edge" and name == "olmo2" and not hasattr(model.blocks[0], "ln1_post"):
         return "not what the edge engine recomputes"
-    if kind == "edge" and method == "atp+qk" and name in QK_NORM:
-        return "q/k norm"
     if method in ("atp+qk", "atp*") and name in REFUSED:
         return REFUSED[name]
     return None
