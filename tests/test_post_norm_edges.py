@@ -6,9 +6,10 @@ are not additive. The library's definition: a set of a layer's heads writes the 
 normalised output when those heads alone are patched; a single head's first-order write is its
 derivative. Checked here: a set of heads patched into one receiver against the model's own
 ``hook_attn_out`` with those heads' ``hook_z`` patched (the sum of each head's own change is not
-it; agreement to the float32 rounding of the Bridge's attention); every edge patched is the corrupt run (faithfulness 0) and none the clean run (1); a head's
-EAP over every receiver sums to its node AtP at ``hook_z``. ``test_architectures`` holds each
-method on each family against its single-edge reference.
+it; agreement to the float32 rounding of the Bridge's attention); every edge patched is the corrupt
+run (faithfulness 0) and none the clean run (1); a head's EAP over every receiver sums to its node
+AtP at ``hook_z``. ``test_architectures`` holds each method on each family against its single-edge
+reference.
 """
 
 from __future__ import annotations

@@ -217,7 +217,8 @@ class Structure:
         attn = self.block(layer).attn
         if any(getattr(attn, n, None) is not None for n in ("q_norm", "k_norm", "q_ln", "k_ln")):
             raise UnsupportedModelError("the QK fix for edges cannot follow the q/k norm this model applies between "
-                                        "the projection and the scores (e.g. Qwen 3, Gemma 3, OLMo 2); use method='atp' for edges")
+                                        "the projection and the scores (e.g. Qwen 3, Gemma 3, OLMo 2); use "
+                                        "method='atp' for edges")
         if self.rotary and self.rotation(layer) is None and not hasattr(attn, "apply_rotary"):
             raise UnsupportedModelError("the QK fix for edges needs the attention's rotary embedding for changed "
                                         "queries and keys (HookedTransformer's apply_rotary, or a TransformerBridge's "
