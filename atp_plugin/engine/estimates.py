@@ -258,8 +258,8 @@ class _Batch:
         kept = []
         for rows, keys in qkfix.row_blocks(seen, ROW_BLOCKS if seen.shape[2] >= BLOCKED_FROM else 1):
             qb, kb, Ab = q[:, rows].to(acc), k[:, :keys].to(acc), A[:, :, rows, :keys].to(acc)
-            sc = qkfix.scores(qb, kb, seen[:, :, rows, :keys], g)  # [batch, head, rows, keys]
-            rw = qkfix.rows(sc, qb, kb, g, Ab)
+            # the pattern too is recomputed (not Ab, rounded in the model's dtype), as for edges: one contract
+            rw = qkfix.rows(qkfix.scores(qb, kb, seen[:, :, rows, :keys], g), qb, kb, g)  # [batch, head, rows, keys]
             fix = qkfix.node_fix(rw, qb, kb, q_n[:, rows].to(acc) if "q" in kinds else None,
                                  k_n[:, :keys].to(acc) if "k" in kinds else None, g)
             if v is not None:  # [batch, pos, head, d_head], kv-heads repeated

@@ -20,8 +20,8 @@ One numerical contract for both:
   no digits of 1 - A), is reached through the others: minus their sum for a query, a factor
   (1 - A_top) taken from their log-sum-exp for a key;
 - p (e^d - 1) is formed without e^d overflowing and keeps p e^d where p alone underflows;
-- below float64, exponentials are floored at tiny / eps (``_exp_normal``): denormal arithmetic is
-  ~30x slower per entry on CPUs, and float32 reaches it at logit gaps of ~87;
+- below float64, exponentials are floored at tiny / eps (``_exp_normal``): denormal numbers, exp(-inf)
+  and underflows take slow paths on CPUs (~20x, ~4x), and float32 reaches them at logit gaps of ~87;
 - masked entries are no nodes, and a fully masked (padding) row changes by 0;
 - soft-capped scores change by softcap(raw + change) - softcap(raw).
 
@@ -144,7 +144,7 @@ def rows(scores: torch.Tensor, q: torch.Tensor, k: torch.Tensor, geom: Attention
          pattern: torch.Tensor | None = None) -> Rows:
     """What every sender's fix of one layer (block) shares, computed once: from ``scores`` ``[batch,
     head, t, s]`` (masked scores -inf), clean ``q`` ``[batch, t, head, d_head]`` and ``k`` ``[batch,
-    s, kv_head, d_head]``; ``pattern`` is A as the model computed it where at hand (else exp(log A))."""
+    s, kv_head, d_head]``; ``pattern``: A where the caller has it from the same scores (else exp(log A))."""
     raw = scores if geom.softcap is None else _products(q, k, geom)
     ninf = float("-inf")
     # fully masked rows: -inf (NaN from the softmax); masked entries stay -inf (nan_to_num's default
