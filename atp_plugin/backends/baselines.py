@@ -26,7 +26,8 @@ from typing import Callable, ClassVar
 import numpy as np
 import torch
 
-from ..engine import Engine, NodeSet, distributed
+from ..engine import Engine, distributed
+from ..engine.plans import NodePatches, NodeSet
 from ..hookspecs import hookimpl
 from .builtin import ActivationPatching
 
@@ -66,7 +67,7 @@ def joint_effects(engine: Engine, nodes: NodeSet, sets: SetRows, n_sets: int, de
         return set_of, node
 
     out = torch.zeros(n_sets, engine.pairs.n, dtype=torch.float64)
-    for got in engine.patch_sets(nodes, members, n_sets, desc):
+    for got in engine.patch_sets(NodePatches(engine, nodes, members, n_sets), desc):
         out[got.start:got.stop, got.idx.cpu()] = got.effect.double()
     return distributed.all_sum(out)  # every rank's share of the pairs
 

@@ -16,7 +16,7 @@ from ..hosts.structure import Structure
 from .build import check_graph, check_hooks
 from .graph import Graph
 from .groups import Writes
-from .patching import Complement, SingleEdges, noise_run, patched_logits
+from .patching import CircuitPatches, SingleEdgePatches, noise_run
 
 #: (batch number, batch, metric of the batch's logits) -> per-pair estimates [batch, edge, pos]
 Estimator = Callable[[int, Batch, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
@@ -99,49 +99,14 @@ class Context:
         count = self.pairs.counts.cpu().to(self.dtype).clamp(min=1) if per_position else float(self.pairs.n)
         return abs_sums / count, sums / count
 
-    def clean_metric(self, batch: Batch) -> torch.Tensor:
-        """The metric on the clean prompts of ``batch`` ``[batch]``."""
-        with torch.no_grad():
-            logits = self.host.run(batch.clean, batch.mask.long(), [])
-        self.forward_passes += len(batch.idx)
-        return self.engine.metric(logits, batch.key).to(self.dtype)
-
-    def noise(self, batch: Batch) -> tuple[torch.Tensor, Writes]:
-        """The metric on the corrupt prompts of ``batch`` and their sender writes."""
-        logits, writes = noise_run(self.parts, self.graph, batch.corrupt, batch.mask)
-        self.forward_passes += len(batch.idx)
-        return self.engine.metric(logits, batch.key).to(self.dtype), writes
-
-    def patched_metric(self, batch: Batch, noise: Writes, plan: SingleEdges | Complement) -> torch.Tensor:
-        """The metric on copies of ``batch``'s clean prompts ``[copies]`` with ``plan`` patched."""
-        logits = patched_logits(self.parts, self.graph, batch.clean, batch.mask, noise, plan, self.dtype)
-        self.forward_passes += len(batch.idx)
-        return self.engine.metric(logits, batch.key).to(self.dtype)
-
     def edge_effects(self, edges: torch.Tensor, pos: torch.Tensor, desc: str = "edge patching"
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean over pairs of the exact effect I = L(clean | edge patched) - L(clean) of each edge
         ``edges[i]`` at position ``pos[i]`` (-1: every position), and the mean over pairs of |I|;
-        one patched copy per (pair, edge), pairs where the position is padding skipped. ``[len(edges)]`` each."""
-        size = self.engine.patch_batch_size
-        assert size is not None  # attribute_edges() always gives one
-        sums, abs_sums = torch.zeros(len(edges), dtype=self.dtype), torch.zeros(len(edges), dtype=self.dtype)
-        count = torch.zeros(len(edges), dtype=self.dtype)
-        for batch in self.batches(desc):
-            base = self.clean_metric(batch).cpu()
-            _, noise = self.noise(batch)
-            mask = batch.mask.cpu()
-            real = (pos[None] < 0) | mask[:, pos.clamp(min=0)]  # [batch, edges]
-            pair, which = real.nonzero(as_tuple=True)
-            for chunk in torch.arange(len(pair)).split(size):
-                p, w = pair[chunk], which[chunk]
-                vals = self.patched_metric(batch.rows(p), noise.rows(p), SingleEdges(edges[w], pos[w])).cpu()
-                effect = vals - base[p]
-                sums.index_add_(0, w, effect)
-                abs_sums.index_add_(0, w, effect.abs())
-                count.index_add_(0, w, torch.ones(len(w), dtype=self.dtype))
-        count = distributed.all_sum(count).clamp(min=1)
-        return distributed.all_sum(sums) / count, distributed.all_sum(abs_sums) / count
+        one patched copy per (pair, edge), pairs where the position is padding skipped (the
+        engine's planner). ``[len(edges)]`` each."""
+        plan = SingleEdgePatches(self.parts, self.graph, edges, pos, self.pairs.width, self.dtype)
+        return self.engine.mean_effects(plan, desc)
 
     def mean_writes(self, tokens: torch.Tensor, mask: torch.Tensor) -> Writes:
         """Every sender's write averaged over the calibration prompts ``tokens`` ``[n, pos]`` (mask
@@ -163,13 +128,11 @@ class Context:
         edges marked in each of ``patched`` (``[edge]`` or ``[edge, pos]`` bool) patched at once: from
         the corrupt run, or with ``mean`` (``mean_writes``) from every sender's mean write."""
         sums = torch.zeros(2 + len(patched), dtype=self.dtype)  # clean, corrupt, each circuit
-        for batch in self.batches(desc):
-            sums[0] += self.clean_metric(batch).sum().cpu()
-            bad, noise = self.noise(batch)
-            sums[1] += bad.sum().cpu()
-            if mean is not None:
-                noise = mean.rows(torch.zeros(len(batch.idx), dtype=torch.long, device=mean.device))
-            for i, mask in enumerate(patched):
-                sums[2 + i] += self.patched_metric(batch, noise, Complement(mask)).sum().cpu()
+        plan = CircuitPatches(self.parts, self.graph, patched, self.pairs.width, self.dtype, mean)
+        for got in self.engine.patch_sets(plan, desc):  # one copy of each pair per circuit
+            if got.start == 0:  # a batch's first range
+                sums[0] += got.clean.sum()
+                sums[1] += got.corrupt.sum()
+            sums[2 + got.start:2 + got.stop] += got.value.sum(1)
         means = (distributed.all_sum(sums) / self.pairs.n).tolist()
         return means[0], means[1], means[2:]

@@ -15,10 +15,12 @@ and encoder at ``x + delta``, the logits by adding delta at the last ``resid_pos
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 
+from ..engine.pairs import Batch
 from ..engine.runs import run
 from ..hosts.structure import Structure
 from .graph import Graph
@@ -147,3 +149,100 @@ def patched_logits(parts: Structure, graph: Graph, tokens: torch.Tensor, mask: t
     with torch.no_grad():
         logits, _ = run(parts.host, tokens, mask, patches={h: hook_fn(h) for h in set(patches) | recorded})
     return logits
+
+
+class EdgePlan(ABC):
+    """Edge patches as a plan for the engine's planner (``engine.plans.PatchPlan``): the noise side of
+    a batch is the corrupt run's sender writes (or, with ``mean``, every sender's mean write), and
+    each copy runs ``patched_logits`` with what its set patches (``copies``). Subclasses say where
+    the sets patch (``touched``) and what they patch."""
+
+    whole_batches = False  # copies per pass from the engine's budget
+
+    def __init__(self, parts: Structure, graph: Graph, n_sets: int, width: int, dtype: torch.dtype,
+                 mean: Writes | None = None):
+        """``width``: the prompts' tokens; ``mean``: mean writes ``[1, pos, ...]`` to patch from
+        instead of the corrupt run's (mean ablation)."""
+        self.parts, self.graph, self._n_sets, self.width = parts, graph, n_sets, width
+        self.dtype, self.mean = dtype, mean
+
+    @property
+    def n_sets(self) -> int:
+        return self._n_sets
+
+    def noise(self, batch: Batch) -> tuple[torch.Tensor, Writes]:
+        logits, writes = noise_run(self.parts, self.graph, batch.corrupt, batch.mask)
+        if self.mean is not None:
+            writes = self.mean.rows(torch.zeros(len(batch.idx), dtype=torch.long, device=self.mean.device))
+        return logits, writes
+
+    def held(self, noise: Writes) -> int:
+        """A copy's corrupt writes, and the change fed to the receivers of a reader group with the
+        same-sized sum it is built from (``_Deltas``: ``[pos, receivers, d_model]`` each)."""
+        receivers = max((len(group.receivers) for group in self.graph.readers), default=0)
+        size = torch.empty((), dtype=self.dtype).element_size()
+        return sum(v[:1].numel() * v.element_size() for v in noise.values.values()) \
+            + 2 * self.width * receivers * self.graph.d_model * size
+
+    def sets(self, start: int, stop: int) -> EdgeRange:
+        return EdgeRange(self, start, stop)
+
+    @abstractmethod
+    def touched(self, start: int, stop: int) -> torch.Tensor:
+        """``[sets, pos]`` bool: the positions the sets ``start..stop-1`` patch."""
+
+    @abstractmethod
+    def copies(self, sets: torch.Tensor) -> SingleEdges | Complement:
+        """What copies patching the sets ``sets`` ``[copies]`` (ordered) patch."""
+
+
+class EdgeRange:
+    """An ``EdgePlan``'s sets ``start..stop-1`` (``engine.plans.SetRange``)."""
+
+    def __init__(self, plan: EdgePlan, start: int, stop: int):
+        self.plan, self.start = plan, start
+        self.touched = plan.touched(start, stop)  # [sets, pos]
+
+    def run(self, copies: Batch, noise: Writes, rows: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
+        p = self.plan
+        return patched_logits(p.parts, p.graph, copies.clean, copies.mask, noise.rows(rows.to(noise.device)),
+                              p.copies(self.start + sets), p.dtype)
+
+
+class SingleEdgePatches(EdgePlan):
+    """Set i patches edge ``edges[i]`` at position ``pos[i]`` (-1: at every position) alone."""
+
+    def __init__(self, parts: Structure, graph: Graph, edges: torch.Tensor, pos: torch.Tensor, width: int,
+                 dtype: torch.dtype):
+        super().__init__(parts, graph, len(edges), width, dtype)
+        self.edges, self.pos = edges.cpu().long(), pos.cpu().long()  # [sets] each
+
+    def touched(self, start: int, stop: int) -> torch.Tensor:
+        pos = self.pos[start:stop]
+        every = pos < 0
+        out = every[:, None].expand(-1, self.width).clone()  # [sets, pos]
+        out[(~every).nonzero().flatten(), pos[~every]] = True
+        return out
+
+    def copies(self, sets: torch.Tensor) -> SingleEdges:
+        return SingleEdges(self.edges[sets], self.pos[sets])
+
+
+class CircuitPatches(EdgePlan):
+    """Set i patches every edge ``patched[i]`` marks at once (a circuit's complement: faithfulness),
+    ``[edge]`` (every position) or ``[edge, pos]`` bool; it touches every position. A forward pass
+    runs one circuit over one whole batch of pairs (``whole_batches``), as the clean run does, so
+    that a circuit whose complement is empty gives the clean metric bit for bit."""
+
+    whole_batches = True
+
+    def __init__(self, parts: Structure, graph: Graph, patched: list[torch.Tensor], width: int, dtype: torch.dtype,
+                 mean: Writes | None = None):
+        super().__init__(parts, graph, len(patched), width, dtype, mean)
+        self.patched = patched
+
+    def touched(self, start: int, stop: int) -> torch.Tensor:
+        return torch.ones(stop - start, self.width, dtype=torch.bool)
+
+    def copies(self, sets: torch.Tensor) -> Complement:
+        return Complement(self.patched[int(sets[0])])  # a pass's copies are of one circuit

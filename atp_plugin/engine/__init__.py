@@ -8,7 +8,6 @@ import inspect
 import itertools
 import math
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
@@ -21,37 +20,13 @@ from . import qk as qkfix
 from .estimates import Site, check_order, estimate_batch, sites_of
 from .moments import Moments
 from .pairs import Batch, PairSource
-from .patching import Masks, patched_run
+from .plans import NodePatches, NodeSet, PatchPlan, SetEffects, SetRange, single_nodes
 from .runs import run
 
 if TYPE_CHECKING:  # annotations only: the engine does not import the adapters package at run time
     from ..adapters import NodeAdapter
 
 Metric = Callable[..., torch.Tensor]
-#: (site number, group) -> flat indices into that site's node grid ``[pos, *node]``. A node set of
-#: U nodes is ordered by concatenating its keys' indices in dict order.
-NodeSet = dict[tuple[int, str], torch.Tensor]
-#: ``members(start, stop) -> (set, node)``: the sets start..stop-1 as two long tensors ``[entries]``,
-#: set numbers counted from ``start`` and node numbers among the U. Called again for every batch
-#: of pairs, so it must list the same sets every time.
-Members = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
-
-
-def single_nodes(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``Members`` of the sets of one node each: set j holds node j (exact patching)."""
-    return torch.arange(stop - start), torch.arange(start, stop)
-
-
-@dataclass(frozen=True)
-class SetEffects:
-    """What ``Engine.patch_sets`` yields: the joint effects of sets ``start..stop-1`` in pairs ``idx``
-    (this rank's share of the pairs under ``torch.distributed``: sum what you take over ranks)."""
-
-    idx: torch.Tensor  # [batch] pair indices
-    start: int
-    stop: int
-    effect: torch.Tensor  # [sets, batch] L(clean | S <- noise) - L(clean), acc dtype, CPU; 0 where not patched
-    patched: torch.Tensor  # [sets, batch] bool: the set has a node at a real position of the pair
 
 
 def bind_metric(metric: Metric) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -276,12 +251,18 @@ class Engine:
         return self.mean_over_pairs(sums_abs), self.mean_over_pairs(sums), gd_mean
 
     # --- exact patching ----------------------------------------------------------------
-    def noise_values(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Site values (and the values of hooks adapters read) of the corrupt prompts of ``batch``."""
+    def corrupt_run(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and site values (and the values of hooks adapters read) of the corrupt prompts of
+        ``batch``; not counted (the callers count it)."""
         sites = self.sites()
         with torch.no_grad():
-            _, acts = run(self.host, batch.corrupt, batch.mask, {h for s in sites for h in s.needs})
+            logits, acts = run(self.host, batch.corrupt, batch.mask, {h for s in sites for h in s.needs})
         check_order(sites, acts)
+        return logits, acts
+
+    def noise_values(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Site values (and the values of hooks adapters read) of the corrupt prompts of ``batch``."""
+        _, acts = self.corrupt_run(batch)
         self.forward_passes += len(batch.idx)
         return acts
 
@@ -292,95 +273,75 @@ class Engine:
         self.forward_passes += len(batch.idx)
         return self.metric(logits, batch.key).to(self.acc)
 
-    def patched_metric(self, copies: Batch, noise: dict[str, torch.Tensor], masks: Masks) -> torch.Tensor:
-        """The metric on ``copies`` of clean prompts with ``masks`` patched in; ``noise`` holds the
-        matching corrupt values ``[copies, ...]`` of the patched sites' ``needs``."""
-        with torch.no_grad():
-            logits = patched_run(self.host, self.sites(), copies.clean, copies.mask, noise, masks)
-        self.forward_passes += len(copies.idx)
-        return self.metric(logits, copies.key).to(self.acc)
+    def patch_sets(self, plan: PatchPlan, desc: str) -> Iterator[SetEffects]:
+        """The one exact-patching planner: the metric with each of ``plan``'s sets patched from the
+        corrupt into the clean prompt of each pair, L(clean | S <- noise), yielded per batch of pairs
+        and range of sets, with the batch's clean and corrupt metrics. Node patches, edge patches
+        and circuits' complements (faithfulness) are plans (``plans``, ``edges.patching``).
 
-    def patch_sets(self, nodes: NodeSet, members: Members, n_sets: int, desc: str) -> Iterator[SetEffects]:
-        """Joint patching: the effect of patching each of ``n_sets`` sets of ``nodes`` jointly from
-        the corrupt into the clean prompt of each pair, L(clean | S <- noise) - L(clean), yielded
-        per batch of pairs and range of sets. Exact patching is the case of one node per set.
-
-        Many patched copies (set, pair) run in one forward pass (``copies_per_pass``). A copy whose
-        set has no node at a real (not padding) position of its pair would patch nothing: it is
-        skipped, with effect 0 and ``patched`` False. Each batch of pairs costs a noise and a clean
-        run; the node shapes come from the first noise run (no probe run). Under ``torch.distributed``
-        each rank patches its share of the batches of pairs.
+        Many patched copies (set, pair) run in one forward pass: ``copies_per_pass``, with what a
+        copy holds from ``plan.held`` (one set over one batch where ``plan.whole_batches``). A copy
+        whose set patches no real (not padding) position of its pair would patch nothing: it is
+        skipped, with ``patched`` False and the clean metric. Each batch of pairs costs a noise and
+        a clean run. Under ``torch.distributed`` each rank patches its share of the batches of pairs.
         """
         size, numbers = self.my_batches()
         batches = self.pairs.batches(size, numbers)  # read once: a stream's first batch is not read twice
         first = next(batches)
-        first_noise = self.noise_values(first)
-        shapes, sites = self.node_shapes(first_noise), self.sites()
-        keys = list(nodes)
-        flat = torch.cat([nodes[k].cpu().long() for k in keys])  # [U]: index into its site's grid
-        owner = torch.cat([torch.full((len(nodes[k]),), i, dtype=torch.long) for i, k in enumerate(keys)])  # [U]
-        per_pos = torch.tensor([math.prod(shapes[k][1:]) for k in keys], dtype=torch.long)
-        pos = flat // per_pos[owner]  # [U]: each node's token position
-        # held per copy: its corrupt values (noise[h][copies]) and one bool mask per site patched
-        held = sum(v[:1].numel() * v.element_size() for v in first_noise.values()) \
-            + sum(math.prod(shapes[k]) for k in keys)
-        per_pass = self.copies_per_pass(held)
-        planned = [int(patched.sum()) for mask in self.pairs.masks(size, numbers)  # copies per range of sets
-                   for *_, patched in self._set_ranges(mask, members, n_sets, pos, per_pass)]
-        copies, passes = sum(planned), sum(-(-c // per_pass) for c in planned)
+        first_noise = plan.noise(first)
+        budget = size if plan.whole_batches else self.copies_per_pass(plan.held(first_noise[1]))
+
+        def per_pass(pairs: int) -> int:
+            """Copies per forward pass in a batch of ``pairs`` pairs."""
+            return pairs if plan.whole_batches else budget
+
+        planned = [(int(patched.sum()), per_pass(len(mask))) for mask in self.pairs.masks(size, numbers)
+                   for *_, patched in self._set_ranges(mask, plan, per_pass(len(mask)))]  # copies per range
+        copies, passes = sum(c for c, _ in planned), sum(-(-c // n) for c, n in planned)
         announce = self.progress is not False and copies > progress.PROGRESS_MIN
         if announce:
-            progress.say(desc, f"{copies:,} patched prompts in {passes:,} forward passes of up to {per_pass}, plus "
+            progress.say(desc, f"{copies:,} patched prompts in {passes:,} forward passes of up to {budget}, plus "
                                f"a noise and a clean run of each of the {self.pairs.n} pairs")
         timed = announce  # the first patched pass is timed for an estimate of the rest
         with self.progress_bar(copies, desc, unit="prompt", exhaustive=True) as bar:
             for b, batch in enumerate(itertools.chain([first], batches)):
-                noise = first_noise if b == 0 else self.noise_values(batch)
-                base = self.clean_metric(batch).cpu()  # [batch]
-                real = batch.mask.cpu()  # [batch, T]
-                ranges = self._set_ranges(batch.mask, members, n_sets, pos, per_pass)
-                for start, stop, (set_of, node), patched in ranges:
-                    effect = torch.zeros(stop - start, len(batch.idx), dtype=self.acc)  # [sets, batch]
-                    grids = {}  # key number -> [sets, pos, *node] bool: each set's nodes at that site
-                    for i in owner[node].unique().tolist():
-                        sel = owner[node] == i
-                        grid = torch.zeros(stop - start, math.prod(shapes[keys[i]]), dtype=torch.bool)
-                        grid[set_of[sel], flat[node[sel]]] = True
-                        grids[i] = grid.reshape(stop - start, *shapes[keys[i]])
-                    copy_set, copy_pair = patched.nonzero(as_tuple=True)  # [copies]
-                    for chunk in torch.arange(len(copy_set)).split(per_pass) if len(copy_set) else ():  # none: no run
+                logits, noise = first_noise if b == 0 else plan.noise(batch)
+                self.forward_passes += len(batch.idx)
+                corrupt = self.metric(logits, batch.key).to(self.acc).cpu()  # [batch]
+                del logits
+                clean = self.clean_metric(batch).cpu()  # [batch]
+                n_pass = per_pass(len(batch.idx))
+                for start, stop, sets, patched in self._set_ranges(batch.mask, plan, n_pass):
+                    value = clean.repeat(stop - start, 1)  # [sets, batch]
+                    copy_set, copy_pair = patched.nonzero(as_tuple=True)  # [copies], ordered by set
+                    for chunk in torch.arange(len(copy_set)).split(n_pass) if len(copy_set) else ():  # none: no run
                         cs, cp = copy_set[chunk], copy_pair[chunk]
-                        masks: Masks = {}  # a copy patches its set's nodes at its pair's real positions
-                        for i, grid in grids.items():
-                            rows = grid[cs] & real[cp].reshape(len(cs), grid.shape[1], *(1,) * (grid.ndim - 2))
-                            masks.setdefault(keys[i][0], {})[keys[i][1]] = rows.to(self.host.device)
-                        hooks = {h for n in masks for h in sites[n].needs}
-                        rows_dev = cp.to(batch.idx.device)
+                        copies_of = batch.rows(cp)
                         began = time.perf_counter()
-                        vals = self.patched_metric(batch.rows(cp), {h: noise[h][rows_dev] for h in hooks}, masks)
-                        effect[cs, cp] = vals.cpu() - base[cp]
+                        with torch.no_grad():
+                            patched_logits = sets.run(copies_of, noise, cp, cs)
+                        self.forward_passes += len(cs)
+                        value[cs, cp] = self.metric(patched_logits, copies_of.key).to(self.acc).cpu()
                         if timed:
                             took, timed = time.perf_counter() - began, False
                             progress.say(desc, f"the first pass took {progress.duration(took)}: about "
                                                f"{progress.duration(took * (passes - 1))} for the other {passes - 1:,}")
                         bar.update(len(cs))
-                    yield SetEffects(batch.idx, start, stop, effect, patched)
+                    yield SetEffects(batch.idx, start, stop, clean, corrupt, value, patched)
 
-    def _set_ranges(self, mask: torch.Tensor, members: Members, n_sets: int, pos: torch.Tensor, per_pass: int
-                    ) -> Iterator[tuple[int, int, tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    def _set_ranges(self, mask: torch.Tensor, plan: PatchPlan, per_pass: int
+                    ) -> Iterator[tuple[int, int, SetRange, torch.Tensor]]:
         """For the pairs of a batch (its ``mask`` ``[batch, T]``): consecutive ranges ``start..stop-1``
-        of the sets with their members (set numbers from 0, node numbers) and which copies patch
+        of ``plan``'s sets (one empty range 0..0 where it has none) and which copies patch
         something, ``[sets, batch]`` bool.
         A range holds lcm(per_pass, batch) copies, so that it splits into full forward passes of
         ``per_pass`` copies (where none is skipped), with at most ``per_pass`` sets."""
         real = mask.cpu().float()  # [batch, T]
         step = per_pass // math.gcd(per_pass, len(mask))
-        for start in range(0, n_sets, step):
-            stop = min(start + step, n_sets)
-            set_of, node = members(start, stop)
-            touched = torch.zeros(stop - start, real.shape[1])  # [sets, T]: positions each set patches
-            touched[set_of, pos[node]] = 1.0
-            yield start, stop, (set_of, node), (touched @ real.T) > 0
+        for start in range(0, max(plan.n_sets, 1), step):
+            stop = min(start + step, plan.n_sets)
+            sets = plan.sets(start, stop)
+            yield start, stop, sets, (sets.touched.float() @ real.T) > 0
 
     def copies_per_pass(self, held: int = 0) -> int:
         """Patched copies per forward pass: ``patch_batch_size`` where given, else as many as fit
@@ -391,25 +352,32 @@ class Engine:
         budget = self.max_memory if self.max_memory is not None else memory.default_budget(self.host.device)
         return memory.copies_per_pass(memory.forward_bytes(self.host, self.pairs.width, held), budget)
 
-    def exact_effects(self, nodes: NodeSet, desc: str = "exact patching") -> tuple[NodeSet, NodeSet]:
-        """Mean over pairs of the exact effect I(n) = L(clean | n <- noise) - L(clean) of each node,
-        and the mean over pairs of |I(n)| (what AtP's score, a mean of per-pair magnitudes, estimates).
-
-        ``nodes``: (site number, group) -> flat indices into that site's ``[pos, *node]``. Joint
-        patching of single nodes (``patch_sets``): one patched copy per (pair, node), skipping
-        pairs where the node's position is padding; the means are over the other pairs.
-        """
-        n_nodes = sum(len(v) for v in nodes.values())
-        sums, abs_sums, count = torch.zeros(3, n_nodes, dtype=self.acc)
-        for got in self.patch_sets(nodes, single_nodes, n_nodes, desc):
-            sums[got.start:got.stop] += got.effect.sum(1)
-            abs_sums[got.start:got.stop] += got.effect.abs().sum(1)
+    def mean_effects(self, plan: PatchPlan, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Means over pairs of the effect I = L(clean | S <- noise) - L(clean) of each of ``plan``'s
+        sets and of |I| (what AtP's score, a mean of per-pair magnitudes, estimates), over the pairs
+        where the set patches something: ``[n_sets]`` each, summed over ranks."""
+        sums, abs_sums, count = torch.zeros(3, plan.n_sets, dtype=self.acc)
+        for got in self.patch_sets(plan, desc):
+            effect = got.effect  # [sets, batch]
+            sums[got.start:got.stop] += effect.sum(1)
+            abs_sums[got.start:got.stop] += effect.abs().sum(1)
             count[got.start:got.stop] += got.patched.sum(1)
         for total in (sums, abs_sums, count):
             distributed.all_sum(total)  # every rank's share of the pairs
+        return sums / count.clamp(min=1), abs_sums / count.clamp(min=1)
+
+    def exact_effects(self, nodes: NodeSet, desc: str = "exact patching") -> tuple[NodeSet, NodeSet]:
+        """Mean over pairs of the exact effect I(n) = L(clean | n <- noise) - L(clean) of each node,
+        and the mean over pairs of |I(n)|.
+
+        ``nodes``: (site number, group) -> flat indices into that site's ``[pos, *node]``. Joint
+        patching of single nodes (``mean_effects``): one patched copy per (pair, node), skipping
+        pairs where the node's position is padding; the means are over the other pairs.
+        """
+        n_nodes = sum(len(v) for v in nodes.values())
+        means, abs_means = self.mean_effects(NodePatches(self, nodes, single_nodes, n_nodes), desc)
         sizes = [len(v) for v in nodes.values()]
-        means, abs_means = (sums / count.clamp(min=1)).split(sizes), (abs_sums / count.clamp(min=1)).split(sizes)
-        return dict(zip(nodes, means)), dict(zip(nodes, abs_means))
+        return dict(zip(nodes, means.split(sizes))), dict(zip(nodes, abs_means.split(sizes)))
 
     def node_shapes(self, noise: dict[str, torch.Tensor] | None = None) -> dict[tuple[int, str], tuple[int, ...]]:
         """(site number, group) -> node grid ``(pos, *node)`` (cached): from ``noise`` (values of a
