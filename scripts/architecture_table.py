@@ -47,7 +47,8 @@ def short(reason: str) -> str:
 
 def main() -> None:
     logging.disable(logging.WARNING)
-    cols = [("node", m) for m in NODE_METHODS] + [("edge", m) for m in EDGE_METHODS]
+    cols = [("node", m) for m in NODE_METHODS] + [("edge", m) for m in EDGE_METHODS] \
+        + [("sae node", "atp"), ("sae edge", "atp"), ("sae edge", "ap")]
     notes: dict[str, int] = {}  # reason -> its number under the table
 
     def cell(result: float | str) -> str:

@@ -107,19 +107,25 @@ def node_ap(model: Any, clean: torch.Tensor, corrupt: torch.Tensor, metric) -> d
 
 # --- edges ----------------------------------------------------------------------------------------
 
-def sender_changes(model: Any, graph: Any, clean: torch.Tensor, corrupt: torch.Tensor, first_order: bool = False
-                   ) -> list[torch.Tensor]:
+def sender_changes(model: Any, graph: Any, clean: torch.Tensor, corrupt: torch.Tensor, first_order: bool = False,
+                   dicts: tuple = ()) -> list[torch.Tensor]:
     """Each sender's change ``[batch, pos, d_model]``, in ``graph.senders`` order; with
     ``first_order``, a head's is the derivative of ``hook_attn_out`` along its z's change (by a
-    double backward), which differs from the change itself only behind a post-norm."""
+    double backward), which differs from the change itself only behind a post-norm. ``dicts``:
+    the dictionaries (``feature_reference.Dict``) whose nodes are senders."""
     layers = range(model.cfg.n_layers)
     names = [EMBED] + [f"blocks.{ly}.{h}" for ly in layers for h in ("attn.hook_z", "hook_attn_out", "hook_mlp_out")]
+    names += [h for d in dicts for h in (d.hook_in, d.hook)]
     with torch.no_grad():
         _, c = _run(model, clean, [], names)
         _, n = _run(model, corrupt, [], names)
+        nodes_c = {k: v for d in dicts for k, v in d.nodes(c[d.hook_in], c[d.hook]).items()}
+        nodes_n = {k: v for d in dicts for k, v in d.nodes(n[d.hook_in], n[d.hook]).items()}
         out = []
         for s in graph.senders:
-            if s.kind == "embed":
+            if s.name in nodes_c:  # a dictionary's node: its write's change (linear in the features)
+                out.append(nodes_n[s.name] - nodes_c[s.name])
+            elif s.kind == "embed":
                 out.append(n[EMBED] - c[EMBED])
             elif s.kind == "mlp":
                 out.append(n[f"blocks.{s.layer}.hook_mlp_out"] - c[f"blocks.{s.layer}.hook_mlp_out"])
@@ -146,13 +152,29 @@ def sender_changes(model: Any, graph: Any, clean: torch.Tensor, corrupt: torch.T
     return out
 
 
+def _mlp_input(model: Any, layer: int) -> str:
+    """The hook of the residual stream a layer's MLP reads (in a parallel block, the layer's input)."""
+    return f"blocks.{layer}.hook_resid_{'pre' if getattr(model.cfg, 'parallel_attn_mlp', False) else 'mid'}"
+
+
 def _read(model: Any, tokens: torch.Tensor, receiver: Any, delta: torch.Tensor, path: Hooks,
-          pos: int | None = None) -> Hooks:
-    """Hooks that make ``receiver`` alone read the residual plus ``delta`` (at ``pos`` only, for q/k)."""
+          pos: int | None = None, dicts: tuple = ()) -> Hooks:
+    """Hooks that make ``receiver`` alone read the residual plus ``delta`` (at ``pos`` only, for q/k).
+    A node of a dictionary at an MLP (``dicts``): the MLP's output with the residual it reads
+    changed, the node's write recomputed from it, and only that write's change added at the
+    dictionary's hook."""
     add = lambda x, hook: x + delta  # noqa: E731
     if receiver.kind == "logits":  # only the logits read the last residual
         return [(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", add)]
     block = f"blocks.{receiver.layer}"
+    if receiver.kind in ("feature", "error", "rest"):
+        d = next(d for d in dicts if receiver.name in d.names())
+        hooks = list(dict.fromkeys([d.hook_in, d.hook]))
+        _, moved = _run(model, tokens, path + [(_mlp_input(model, d.layer), add)], hooks)
+        _, still = _run(model, tokens, path, hooks)
+        change = (d.nodes(moved[d.hook_in], moved[d.hook])[receiver.name]
+                  - d.nodes(still[d.hook_in], still[d.hook])[receiver.name])
+        return [(d.hook, lambda x, hook: x + change)]
     if receiver.kind == "mlp":
         if f"{block}.ln2.hook_in" in model.hook_dict:
             return [(f"{block}.ln2.hook_in", add)]
@@ -170,12 +192,12 @@ def _read(model: Any, tokens: torch.Tensor, receiver: Any, delta: torch.Tensor, 
 
 
 def edges(model: Any, graph: Any, clean: torch.Tensor, corrupt: torch.Tensor, metric, method: str,
-          steps: int = STEPS) -> torch.Tensor:
+          steps: int = STEPS, dicts: tuple = ()) -> torch.Tensor:
     """Signed I of every edge of ``graph`` (each patched at every position), mean over pairs: ``[edge]``.
     ``metric(logits, pair indices) -> [batch]``. The edges into one receiver run as copies of the
-    batch, one per sender."""
+    batch, one per sender. ``dicts``: the graph's dictionaries (``feature_reference.Dict``)."""
     # [senders, batch, pos, d_model]
-    changes = torch.stack(sender_changes(model, graph, clean, corrupt, first_order=method != "ap"))
+    changes = torch.stack(sender_changes(model, graph, clean, corrupt, first_order=method != "ap", dicts=dicts))
     n = clean.shape[0]
     with torch.no_grad():
         _, ends = _run(model, clean, [], [EMBED])
@@ -196,7 +218,8 @@ def edges(model: Any, graph: Any, clean: torch.Tensor, corrupt: torch.Tensor, me
         per_copy = torch.zeros(n_s * n, dtype=torch.float64)
         if method == "ap":
             with torch.no_grad():
-                per_copy = metric(model.run_with_hooks(tokens, fwd_hooks=_read(model, tokens, receiver, delta, [])),
+                per_copy = metric(model.run_with_hooks(tokens, fwd_hooks=_read(model, tokens, receiver, delta, [],
+                                                                                 dicts=dicts)),
                                   idx) - base.repeat(n_s)
         elif method == "atp+qk" and receiver.kind in "qk":
             pattern = patterns[receiver.layer]
@@ -211,7 +234,7 @@ def edges(model: Any, graph: Any, clean: torch.Tensor, corrupt: torch.Tensor, me
                 path = _embedding(ends[EMBED].repeat(n_s, 1, 1), noise[EMBED].repeat(n_s, 1, 1), alpha)
                 with torch.enable_grad():
                     eps = torch.zeros(n_s * n, 1, 1, dtype=delta.dtype, requires_grad=True)
-                    hooks = _read(model, tokens, receiver, eps * delta, path)
+                    hooks = _read(model, tokens, receiver, eps * delta, path, dicts=dicts)
                     logits = model.run_with_hooks(tokens, fwd_hooks=path + hooks)
                     (grad,) = torch.autograd.grad(metric(logits, idx).sum(), eps)
                 per_copy += grad.flatten() / len(alphas)
@@ -219,27 +242,77 @@ def edges(model: Any, graph: Any, clean: torch.Tensor, corrupt: torch.Tensor, me
     return out
 
 
+# --- SAE features ---------------------------------------------------------------------------------
+
+FEATURE_HOOK, KEPT = "blocks.0.hook_mlp_out", [1, 4, 9]
+
+
+def dictionary(model: Any) -> tuple[Any, Any]:
+    """A random float64 SAE on layer 0's MLP output: the library's adapter and the reference's
+    ``feature_reference.Dict`` of it (features ``KEPT`` kept in edge graphs)."""
+    from atp_plugin.adapters import SAEFeatures
+    from feature_reference import Dict
+    from helpers import random_simple_sae
+
+    sae = random_simple_sae(7, FEATURE_HOOK, d=model.cfg.d_model)
+    return SAEFeatures(sae), Dict("mlp", 0, sae, FEATURE_HOOK, FEATURE_HOOK, KEPT)
+
+
+def node_features(model: Any, clean: torch.Tensor, corrupt: torch.Tensor, metric, sae: Any
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signed AtP of every feature ``[pos, d_sae]`` and of the error node ``[pos]``, mean over pairs:
+    the site's value is decode(f) + e with f = encode(site) and e the error, both leaves, so their
+    gradients are the model's own; each node's change is its corrupt value less its clean one."""
+    with torch.no_grad():
+        _, n = _run(model, corrupt, [], [FEATURE_HOOK])
+    f_n = sae.encode(n[FEATURE_HOOK])
+    e_n = n[FEATURE_HOOK] - sae.decode(f_n)
+    leaves: dict[str, torch.Tensor] = {}
+
+    def splice(a, hook):
+        leaves["f"] = sae.encode(a).detach().requires_grad_(True)
+        leaves["e"] = (a - sae.decode(leaves["f"])).detach().requires_grad_(True)
+        return sae.decode(leaves["f"]) + leaves["e"]
+
+    with torch.enable_grad():
+        logits = model.run_with_hooks(clean, fwd_hooks=[(FEATURE_HOOK, splice)])
+        g_f, g_e = torch.autograd.grad(metric(logits, torch.arange(len(clean))).sum(), [leaves["f"], leaves["e"]])
+    f_c, e_c = leaves["f"].detach(), leaves["e"].detach()
+    return ((f_n - f_c) * g_f).mean(0), ((e_n - e_c) * g_e).sum(-1).mean(0)
+
+
 # --- one cell of the matrix -----------------------------------------------------------------------
 
 def check(model: Any, kind: str, method: str, clean: torch.Tensor, corrupt: torch.Tensor, metric) -> float | str:
-    """Run ``method`` (``kind`` "node" on attn_q/attn_k nodes, or "edge") on ``model`` in float64 and
-    compare it with its reference (``metric(logits, pair indices)``, as ``metrics`` builds them): the
-    largest difference relative to the reference's largest value, or the refusal's message where the
-    library refuses with an ``AtpError``. Any other exception propagates."""
+    """Run ``method`` (``kind`` "node" on attn_q/attn_k nodes, "edge", "sae node" on the features of
+    ``dictionary``'s SAE or "sae edge" on the edge graph with its features ``KEPT``) on ``model`` in
+    float64 and compare it with its reference (``metric(logits, pair indices)``, as ``metrics``
+    builds them): the largest difference relative to the reference's largest value, or the
+    refusal's message where the library refuses with an ``AtpError``. Any other exception propagates."""
+    adapter, d = dictionary(model) if kind.startswith("sae") else (None, None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the few-layers GradDrop warning
         try:
             if kind == "node":
                 got = attribute(model, clean, corrupt, metric, nodes=NODES, method=method, progress=False,
                                 **({"ig_steps": STEPS} if method == "ig" else {}))
+            elif kind == "sae node":
+                got = attribute(model, clean, corrupt, metric, nodes=[adapter], method=method, progress=False)
             else:
-                res = attribute_edges(model, clean, corrupt, metric, method=method, ig_steps=STEPS)
+                features = {"features": [adapter], "keep": {adapter.name: KEPT}} if adapter is not None else {}
+                res = attribute_edges(model, clean, corrupt, metric, method=method, ig_steps=STEPS, **features)
         except AtpError as err:
             return str(err).splitlines()[0]
     bound = lambda logits: metric(logits, torch.arange(logits.shape[0]))  # noqa: E731  # logits -> [batch]
-    if kind == "edge":
-        want, have = edges(model, res.graph, clean, corrupt, metric, method), res.signed
+    if kind in ("edge", "sae edge"):
+        dicts = (d,) if d is not None else ()
+        want, have = edges(model, res.graph, clean, corrupt, metric, method, dicts=dicts), res.signed
         return float((have - want).abs().max()) / float(want.abs().max())
+    if kind == "sae node":
+        assert method == "atp", method
+        pairs = list(zip((got.signed[adapter.name], got.signed[adapter.name + ".error"]),
+                         node_features(model, clean, corrupt, metric, d.sae)))
+        return max(float((a - b).abs().max()) / float(b.abs().max()) for a, b in pairs)
     if method in ("ig", "ap"):
         want = (node_ig if method == "ig" else node_ap)(model, clean, corrupt, bound)
         pairs = [(got.signed[nt], want[nt]) for nt in NODES]
