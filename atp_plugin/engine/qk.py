@@ -186,7 +186,8 @@ def query_changes(rw: Rows, dq: torch.Tensor, k: torch.Tensor, geom: AttentionGe
     digit of a 1e-17 change). Exact at every entry but each row's top and the masked ones (NaN in
     fully masked rows): the top's change is minus the sum of the others' (the row sums to 1 before
     and after), so contract with weights that are 0 there (``query_weights``) or complete the row
-    (``query_delta``).
+    (``query_delta``). d is the change of softcap(q . k / scale) where scores are soft-capped, and
+    the exponentials go through ``_exp_normal`` (no denormal numbers below float64).
     """
     kk = k.repeat_interleave(geom.group, dim=2).permute(0, 2, 3, 1) / geom.scale  # [batch, head, d_head, s]
     logp, pattern, raw = rw.logp[:, :, None], rw.pattern[:, :, None], rw.raw[:, :, None]  # [batch, head, 1, t, s]
@@ -244,7 +245,8 @@ def key_changes(rw: Rows, q: torch.Tensor, dk: torch.Tensor, geom: AttentionGeom
     log space: log Z = logaddexp(log(1 - p), log p + d), log(1 - p) = ``Rows.log_rest`` (no
     cancellation as p -> 1). ``coeff`` is exact at every entry but the top and the masked ones:
     contract with weights that are 0 there (``key_weights``). A row with one key cannot change,
-    nor can a fully masked one: ``coeff_top`` 0.
+    nor can a fully masked one: ``coeff_top`` 0. d is the change of softcap(q . k / scale) where
+    scores are soft-capped, and the exponentials go through ``_exp_normal``.
     """
     qq = q.permute(0, 2, 1, 3) / geom.scale  # [batch, head, t, d_head]
     b, h, e, n, s = dk.shape
