@@ -195,13 +195,16 @@ def query_changes(rw: Rows, dq: torch.Tensor, k: torch.Tensor, geom: AttentionGe
     s = kk.shape[-1]
     for chunk in dq.split(max(1, CHUNK // (b * h * t * s)), dim=2):
         u = chunk.shape[2]
+        still = (chunk == 0).all(-1, keepdim=True)  # [batch, head, senders, t, 1]: rows whose query does not move
         d = _softcapped(raw, torch.matmul(chunk.reshape(b, h, u * t, e), kk).view(b, h, u, t, s), geom)
         new = logp + d  # [batch, head, senders, t, s]: log A + d
         top = new.amax(-1, keepdim=True)
         w = _exp_normal(new.sub_(top))
         z = w.sum(-1, keepdim=True)
         changed = torch.maximum(w.div_(z), pattern)  # max(A', A)
-        r = d.sub_(z.log_().add_(top))  # log A' - log A
+        # log A' - log A; exactly 0 where the query does not move (log z + top is log sum_s A_s, which
+        # rounds off 0: a node that does not change must score exactly 0)
+        r = d.sub_(z.log_().add_(top)).masked_fill_(still, 0.0)
         yield _signed_expm1(r).mul_(changed)
 
 
