@@ -195,10 +195,8 @@ class HeadWrites:
         return not self.parts.post_normed(self.layer)
 
     def output(self, values: Values, dtype: torch.dtype) -> torch.Tensor:
-        """The attention output before any post-norm, ``z @ W_O + b_O`` ``[batch, pos, d_model]``."""
-        b_O = self.parts.b_O(self.layer)
-        a = torch.einsum("bthe,hed->btd", values[self.hook].to(dtype), self.parts.W_O(self.layer).to(dtype))
-        return a if b_O is None else a + b_O.to(dtype)
+        """The attention output before any post-norm ``[batch, pos, d_model]`` (``Structure.attn_output``)."""
+        return self.parts.attn_output(self.layer, values[self.hook].to(dtype))
 
     def _raw(self, new: Values, old: Values, dtype: torch.dtype, members: list[int] | None) -> torch.Tensor:
         """z_h(new) - z_h(old) through W_O[h] ``[batch, pos, senders, d_model]``."""

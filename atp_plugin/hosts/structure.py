@@ -77,6 +77,13 @@ class Structure:
         """Whether the layer's attention output passes through a norm before it joins the residual."""
         return self._norm(layer, "ln1_post") is not None
 
+    def attn_output(self, layer: int, z: torch.Tensor) -> torch.Tensor:
+        """The attention output before any post-norm, ``z @ W_O + b_O`` ``[batch, pos, d_model]``,
+        from the heads' outputs ``z`` ``[batch, pos, head, d_head]`` (in ``z``'s dtype)."""
+        b_O = self.b_O(layer)
+        a = torch.einsum("bthe,hed->btd", z, self.W_O(layer).to(z.dtype))
+        return a if b_O is None else a + b_O.to(z.dtype)
+
     def attn_write(self, layer: int, a: torch.Tensor) -> torch.Tensor:
         """What the layer's attention adds to the residual when its output (``z @ W_O + b_O``) is
         ``a`` ``[..., d_model]``: ``ln1_post(a)``, or ``a`` itself without a post-norm."""
@@ -292,9 +299,7 @@ def check_structure(parts: Structure, values: dict[str, torch.Tensor], mask: tor
                 heads = parts.n_heads if which == "q" else parts.n_kv
                 normed = parts.ln1(layer, x)[:, :, None].expand(-1, -1, heads, -1)
                 close(parts.project(layer, which, normed), values[h.qkv(which)], f"layer {layer} hook_{which}")
-            b_O = parts.b_O(layer)
-            a = torch.einsum("bthe,hed->btd", values[h.z], parts.W_O(layer)) + (0.0 if b_O is None else b_O)
-            after = x + parts.attn_write(layer, a)
+            after = x + parts.attn_write(layer, parts.attn_output(layer, values[h.z]))
             if not parts.attn_only:
                 mlp_in = x if parts.parallel else after
                 close(parts.mlp_of(layer, mlp_in), values[h.mlp_out], f"layer {layer} MLP output")
