@@ -144,11 +144,12 @@ class Structure:
     def mlp_of(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """The layer's MLP output at ``hook_mlp_out`` for the residual ``x`` ``[batch, pos, d_model]``
         (its norms, before and after, included)."""
-        return self._mlp_out(layer, self._norm(layer, "ln2"), x)
+        ln2 = self._norm(layer, "ln2")
+        return self._mlp_out(layer, x if ln2 is None else ln2(x))
 
-    def _mlp_out(self, layer: int, ln2: Any, x: torch.Tensor) -> torch.Tensor:
-        """``ln2_post(mlp(ln2(x)))``, each norm where the block has it."""
-        out = self.block(layer).mlp(x if ln2 is None else ln2(x))
+    def _mlp_out(self, layer: int, normed: torch.Tensor) -> torch.Tensor:
+        """``ln2_post(mlp(normed))`` from the MLP's normalised input (``ln2_post`` where the block has it)."""
+        out = self.block(layer).mlp(normed)
         post = self._norm(layer, "ln2_post")
         return out if post is None else post(out)
 
@@ -177,7 +178,7 @@ class Structure:
                 handle.remove()
         resid, copy, normalized, mlp_out = self.mlp_hooks(layer)
         return ({resid: x, copy: x} | ({normalized: seen[0]} if seen else {})
-                | ({mlp_out: self._mlp_out(layer, None, normed)} if output else {}))
+                | ({mlp_out: self._mlp_out(layer, normed)} if output else {}))
 
     def weights(self, layer: int, which: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W, b)`` of the layer's ``"q"``, ``"k"`` or ``"v"`` projection: ``[heads, d_model, d_head]``,
